@@ -1,0 +1,42 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv and install everything.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+STAMP := $(VENV)/.setup-stamp
+# DDS stays on loopback in everything we run; tests pick their own ROS_DOMAIN_ID.
+export ROS_AUTOMATIC_DISCOVERY_RANGE := LOCALHOST
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: setup test test-fast demo bench demo-policy clean
+
+setup: $(STAMP)
+
+# Re-runs only when the dependency lists change (idempotent, fast when nothing changed).
+$(STAMP): requirements.txt setup.py package.xml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip 2>&1 | grep -v 'is ignored' || true
+	# CPU build of torch (an unpinned torch pulls a multi-GB CUDA build); GPU users: see README.
+	$(PIP) install -q torch==2.13.0 2>&1 | grep -v 'is ignored' ; test $${PIPESTATUS[0]} -eq 0
+	$(PIP) install -q -r requirements.txt 2>&1 | grep -v 'is ignored' ; test $${PIPESTATUS[0]} -eq 0
+	$(PIP) install -q --no-deps -e . 2>&1 | grep -v 'is ignored' ; test $${PIPESTATUS[0]} -eq 0
+	$(PY) -c "import torch, transformers, onnxruntime, rosbags, rclpy, cv2" 
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q -ra test
+
+# Skips the slow end-to-end tests (marked `slow`).
+test-fast: setup
+	$(PY) -m pytest -q -ra -m "not slow" test
+
+demo: setup
+	ROS_DOMAIN_ID=$${ROS_DOMAIN_ID:-61} $(PY) -m blockvla_ros.demo
+
+bench: setup
+	mkdir -p out
+	$(PY) benchmarks/decode_latency.py --json out/decode_latency.json
+
+clean:
+	rm -rf build install log out .pytest_cache

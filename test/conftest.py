@@ -1,0 +1,25 @@
+"""Shared test set-up: DDS stays on loopback, each test session gets its own ROS domain."""
+import os
+
+os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
+os.environ.setdefault('ROS_DOMAIN_ID', str(100 + os.getpid() % 100))
+os.environ.setdefault('OMP_NUM_THREADS', '2')
+
+import pytest  # noqa: E402
+
+
+def _cuda_available():
+    try:
+        import torch
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if _cuda_available():
+        return
+    skip = pytest.mark.skip(reason='needs an NVIDIA GPU with CUDA and TensorRT')
+    for item in items:
+        if 'requires_cuda' in item.keywords:
+            item.add_marker(skip)
