@@ -1,0 +1,172 @@
+"""BlockVLAConfig: everything that defines a policy's shapes and decoding, validated and saved with it."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from ..io.atomic import atomic_write_text
+
+DECODERS = ('blockdiff', 'ar', 'fulldiff', 'fulldiff_nocache')
+SCHEDULES = ('fixed', 'threshold')
+LOGIT_SHIFTS = ('next', 'same')
+PREFIX_ORDERS = ('text_first', 'image_first')
+TRAIN_MODES = ('blockdiff', 'ar', 'fulldiff')
+
+
+@dataclass
+class BlockVLAConfig:
+    """One policy's architecture, action space and decoding. Saved as policy.yaml / config.json next to weights."""
+
+    # --- backbone -------------------------------------------------------------------------------------------
+    backbone: dict = field(default_factory=lambda: {  # HF config kwargs (model_type + sizes) for a random init
+        'model_type': 'qwen2', 'vocab_size': 512, 'hidden_size': 64, 'intermediate_size': 128,
+        'num_hidden_layers': 2, 'num_attention_heads': 4, 'num_key_value_heads': 2,
+        'max_position_embeddings': 1024})
+    backbone_path: Optional[str] = None  # local HF folder (save_pretrained layout); overrides `backbone`
+    text_tokenizer: str = 'byte'  # 'byte' (built-in, no files) or 'auto' (AutoTokenizer from backbone_path)
+    max_text_tokens: int = 48  # instruction tokens in the prefix (static shape); longer is an error
+    # --- vision ---------------------------------------------------------------------------------------------
+    vision: dict = field(default_factory=lambda: {'type': 'patch', 'patch_size': 8, 'dim': 64})
+    image_size: int = 64  # square input resolution; other sizes are resized by the runtime
+    image_mean: tuple = (0.5, 0.5, 0.5)  # per-channel normalization after /255
+    image_std: tuple = (0.5, 0.5, 0.5)
+    # --- action space ---------------------------------------------------------------------------------------
+    action_dim: int = 3  # D: values per timestep
+    chunk_len: int = 8  # H: timesteps per chunk; H*D action tokens
+    n_bins: int = 256  # uniform bins per dimension between the 1st and 99th percentile
+    state_dim: int = 0  # proprioceptive inputs (0 = none); one prefix token
+    action_names: list = field(default_factory=list)  # len D when given
+    state_names: list = field(default_factory=list)
+    # --- block diffusion ------------------------------------------------------------------------------------
+    block_size: int = 6  # B tokens per block; H*D must be a multiple (B = D makes a block one timestep)
+    decoder: str = 'blockdiff'  # default decoder at inference: blockdiff | ar | fulldiff | fulldiff_nocache
+    steps_per_block: int = 4  # refine passes per block (fixed schedule) or the maximum (threshold)
+    schedule: str = 'threshold'  # fixed: exactly the scheduled count per step; threshold: also all >= tau
+    threshold: float = 0.9  # tau for the threshold schedule
+    fulldiff_steps: int = 12  # refine passes over the whole chunk for the full-sequence diffusion baselines
+    logit_shift: str = 'next'  # 'next': token i is read at position i-1 (reuses AR pretraining); 'same': at i
+    prefix_order: str = 'text_first'  # text before image, so an unchanged instruction's KV can be reused
+    # --- training -------------------------------------------------------------------------------------------
+    train_mode: str = 'blockdiff'  # blockdiff | ar | fulldiff: which loss trains this policy
+    mask_eps: float = 1e-3  # mask ratio p = (1-eps) t + eps, t ~ U(0, 1)
+    loss_weighting: str = 'mean'  # 'mean' CE over masked tokens, or 'elbo' (1/t, clipped at t_min)
+    elbo_t_min: float = 0.1  # lower clip of t for the 1/t weight
+    seed: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.image_mean, list):
+            self.image_mean = tuple(self.image_mean)
+        if isinstance(self.image_std, list):
+            self.image_std = tuple(self.image_std)
+        self.validate()
+
+    # ------------------------------------------------------------------------------------------------------
+    @property
+    def n_action_tokens(self) -> int:
+        return self.chunk_len * self.action_dim
+
+    @property
+    def n_blocks(self) -> int:
+        return self.n_action_tokens // self.block_size
+
+    @property
+    def mask_token_id(self) -> int:
+        """Action token ids are 0..n_bins-1; the [MASK] id follows them."""
+        return self.n_bins
+
+    @property
+    def n_image_tokens(self) -> int:
+        if self.vision.get('type', 'patch') == 'patch':
+            return (self.image_size // int(self.vision['patch_size'])) ** 2
+        return int(self.vision['num_tokens'])
+
+    @property
+    def prefix_len(self) -> int:
+        """Static prefix length P: text slots + image tokens + one state token if any."""
+        return self.max_text_tokens + self.n_image_tokens + (1 if self.state_dim else 0)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.prefix_len + self.n_action_tokens
+
+    def validate(self):
+        def need(cond, msg):
+            if not cond:
+                raise ValueError(f'BlockVLAConfig: {msg}')
+
+        for name in ('action_dim', 'chunk_len', 'n_bins', 'block_size', 'steps_per_block', 'image_size',
+                     'max_text_tokens', 'fulldiff_steps'):
+            value = getattr(self, name)
+            need(isinstance(value, int) and value > 0, f'{name} must be a positive integer, got {value!r}')
+        need(self.state_dim >= 0, f'state_dim must be >= 0, got {self.state_dim}')
+        need(self.n_bins >= 2, f'n_bins must be >= 2, got {self.n_bins}')
+        need(self.n_action_tokens % self.block_size == 0,
+             f'chunk_len*action_dim = {self.chunk_len}*{self.action_dim} = {self.n_action_tokens} action tokens '
+             f'is not divisible by block_size {self.block_size}')
+        need(self.steps_per_block <= self.block_size,
+             f'steps_per_block {self.steps_per_block} > block_size {self.block_size}: a step must unmask a token')
+        need(self.decoder in DECODERS, f'decoder must be one of {DECODERS}, got {self.decoder!r}')
+        need(self.schedule in SCHEDULES, f'schedule must be one of {SCHEDULES}, got {self.schedule!r}')
+        need(0.0 < self.threshold <= 1.0, f'threshold must be in (0, 1], got {self.threshold}')
+        need(self.logit_shift in LOGIT_SHIFTS, f'logit_shift must be one of {LOGIT_SHIFTS}')
+        need(self.prefix_order in PREFIX_ORDERS, f'prefix_order must be one of {PREFIX_ORDERS}')
+        need(self.train_mode in TRAIN_MODES, f'train_mode must be one of {TRAIN_MODES}')
+        need(self.loss_weighting in ('mean', 'elbo'), "loss_weighting must be 'mean' or 'elbo'")
+        need(0.0 <= self.mask_eps < 1.0, 'mask_eps must be in [0, 1)')
+        need(self.action_names == [] or len(self.action_names) == self.action_dim,
+             f'action_names has {len(self.action_names)} names but action_dim is {self.action_dim}')
+        need(self.state_names == [] or len(self.state_names) == self.state_dim,
+             f'state_names has {len(self.state_names)} names but state_dim is {self.state_dim}')
+        vtype = self.vision.get('type', 'patch')
+        need(vtype in ('patch', 'hf'), f"vision.type must be 'patch' or 'hf', got {vtype!r}")
+        if vtype == 'patch':
+            patch = int(self.vision.get('patch_size', 0))
+            need(patch > 0 and self.image_size % patch == 0,
+                 f'image_size {self.image_size} must be a multiple of vision.patch_size {patch}')
+        else:
+            need('num_tokens' in self.vision, 'vision.num_tokens is required for an HF vision encoder')
+        need(self.backbone_path is not None or 'model_type' in self.backbone,
+             'either backbone_path or backbone.model_type must be given')
+        need(self.text_tokenizer in ('byte', 'auto'), "text_tokenizer must be 'byte' or 'auto'")
+
+    # ------------------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out['image_mean'] = list(self.image_mean)
+        out['image_std'] = list(self.image_std)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> 'BlockVLAConfig':
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f'BlockVLAConfig: unknown keys {unknown}')
+        return cls(**data)
+
+    def replace(self, **changes) -> 'BlockVLAConfig':
+        return BlockVLAConfig.from_dict({**self.to_dict(), **changes})
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write as YAML (.yaml/.yml) or JSON, atomically."""
+        path = Path(path)
+        text = (yaml.safe_dump(self.to_dict(), sort_keys=False) if path.suffix in ('.yaml', '.yml')
+                else json.dumps(self.to_dict(), indent=2))
+        atomic_write_text(path, text)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> 'BlockVLAConfig':
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f'config file not found: {path}')
+        data = yaml.safe_load(path.read_text())
+        if not isinstance(data, dict):
+            raise ValueError(f'{path}: expected a mapping of config keys')
+        return cls.from_dict(data)
+

@@ -1,0 +1,151 @@
+"""BlockVLAPolicy: vision encoder + projector + any HF causal-LM backbone + action embeddings/head over the bins.
+
+The backbone's own LM head (a 32k-150k vocabulary) is not kept: the action head predicts only the n_bins action
+tokens, and is initialised from the LM head rows of the last n_bins vocabulary ids (OpenVLA's action-token rows),
+so finetuning starts from what the AR checkpoint already knows.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .config import BlockVLAConfig
+from .vision import build_vision_encoder
+
+log = logging.getLogger(__name__)
+
+
+def build_backbone(config: BlockVLAConfig):
+    """The HF base model (no LM head) and the causal LM's output embedding (for head init), sdpa attention."""
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+    except ImportError as e:
+        raise ImportError('the model needs transformers: pip install transformers') from e
+    if config.backbone_path:
+        path = Path(config.backbone_path)
+        if not path.is_dir():
+            raise FileNotFoundError(f'backbone_path is not a folder: {path}')
+        lm = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, attn_implementation='sdpa',
+                                                  dtype=torch.float32)
+    else:
+        spec = dict(config.backbone)
+        hf_cfg = AutoConfig.for_model(spec.pop('model_type'), **spec)
+        hf_cfg._attn_implementation = 'sdpa'
+        torch.manual_seed(config.seed)
+        lm = AutoModelForCausalLM.from_config(hf_cfg)
+    head = lm.get_output_embeddings()
+    return lm.base_model, (head.weight.detach().clone() if head is not None else None)
+
+
+def backbone_spec(base_model) -> dict:
+    """A config dict that rebuilds `base_model` without the original folder (saved with checkpoints)."""
+    d = base_model.config.to_diff_dict()
+    for k in ('architectures', 'transformers_version', '_name_or_path', 'torch_dtype', 'dtype'):
+        d.pop(k, None)
+    d['model_type'] = base_model.config.model_type
+    return d
+
+
+class BlockVLAPolicy(nn.Module):
+    def __init__(self, config: BlockVLAConfig):
+        super().__init__()
+        self.config = config
+        self.llm, lm_head = build_backbone(config)
+        hidden = self.llm.config.hidden_size
+        self.hidden_size = hidden
+        self.vision = build_vision_encoder(config.vision, config.image_size)
+        self.projector = nn.Sequential(nn.Linear(self.vision.out_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+        self.state_proj = nn.Linear(config.state_dim, hidden) if config.state_dim else None
+        self.action_embed = nn.Embedding(config.n_bins + 1, hidden)  # bins + [MASK]
+        self.action_head = nn.Linear(hidden, config.n_bins)
+        self._init_action_rows(lm_head)
+
+    @torch.no_grad()
+    def _init_action_rows(self, lm_head: Optional[torch.Tensor]):
+        n = self.config.n_bins
+        emb = self.llm.get_input_embeddings().weight
+        if emb.shape[0] >= n:
+            self.action_embed.weight[:n] = emb[-n:]
+            self.action_embed.weight[n] = emb.mean(0)
+        if lm_head is not None and lm_head.shape[0] >= n and lm_head.shape[1] == self.hidden_size:
+            self.action_head.weight.copy_(lm_head[-n:])
+            self.action_head.bias.zero_()
+
+    # --------------------------------------------------------------------------------------------------------
+    @property
+    def kv_shape(self) -> tuple:
+        """(layers, kv_heads, head_dim) of the backbone's cache."""
+        c = self.llm.config
+        heads = c.num_attention_heads
+        head_dim = getattr(c, 'head_dim', None) or c.hidden_size // heads
+        return c.num_hidden_layers, getattr(c, 'num_key_value_heads', None) or heads, head_dim
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels [N, 3, S, S] (normalized) -> image tokens [N, n_image_tokens, hidden]."""
+        return self.projector(self.vision(pixels))
+
+    def embed_prefix(self, text_ids: torch.Tensor, text_valid: torch.Tensor, image_tokens: torch.Tensor,
+                     state: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> prefix embeddings [N, P, hidden] and validity [N, P] in the configured order (state last)."""
+        n = text_ids.shape[0]
+        text = self.llm.get_input_embeddings()(text_ids)  # [N, Lt, hidden]
+        img_valid = text_valid.new_ones(n, image_tokens.shape[1])
+        if self.config.prefix_order == 'text_first':
+            parts, valid = [text, image_tokens], [text_valid, img_valid]
+        else:
+            parts, valid = [image_tokens, text], [img_valid, text_valid]
+        if self.state_proj is not None:
+            if state is None:
+                raise ValueError(f'this policy reads a {self.config.state_dim}-dim proprioceptive state; none given')
+            parts.append(self.state_proj(state)[:, None])  # [N, S] -> [N, 1, hidden]
+            valid.append(text_valid.new_ones(n, 1))
+        return torch.cat(parts, 1), torch.cat(valid, 1)
+
+    def prefix_from_inputs(self, pixels, text_ids, text_valid, state=None):
+        return self.embed_prefix(text_ids, text_valid, self.encode_image(pixels), state)
+
+    def run_backbone(self, embeds: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache=None):
+        """One backbone pass with an explicit bool mask [N, 1, Q, K] (True = attend) -> (hidden, cache)."""
+        out = self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                       use_cache=cache is not None)
+        return out.last_hidden_state, out.past_key_values
+
+    def action_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.action_head(hidden)  # [..., hidden] -> [..., n_bins]
+
+    # --------------------------------------------------------------------------------------------------------
+    def save(self, folder: str | os.PathLike) -> None:
+        """config.json (with a self-contained backbone spec) + model.safetensors, each written atomically."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.portable_config().save(folder / 'config.json')
+        tmp = folder / '.model.safetensors.tmp'
+        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(tmp))
+        os.replace(tmp, folder / 'model.safetensors')
+
+    def portable_config(self) -> BlockVLAConfig:
+        """This policy's config with the backbone described inline (no dependency on the original folder)."""
+        return self.config.replace(backbone=backbone_spec(self.llm), backbone_path=None)
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike, config: Optional[BlockVLAConfig] = None) -> 'BlockVLAPolicy':
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        weights = folder / 'model.safetensors'
+        if not weights.is_file():
+            raise FileNotFoundError(f'no model.safetensors in {folder}')
+        config = config or BlockVLAConfig.load(folder / 'config.json')
+        policy = cls(config)
+        missing, unexpected = policy.load_state_dict(load_file(str(weights)), strict=False)
+        if missing or unexpected:
+            raise ValueError(f'{weights}: weights do not match the config (missing {missing[:5]}, '
+                             f'unexpected {unexpected[:5]})')
+        return policy.eval()

@@ -1,0 +1,57 @@
+"""Observation -> PrefixInputs in numpy (shared by every engine, the node, replay and training data)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from ..model.action_tokenizer import ActionTokenizer
+from ..model.config import BlockVLAConfig
+from .engine import PrefixInputs
+
+
+def prepare_image(image: np.ndarray, config: BlockVLAConfig) -> np.ndarray:
+    """RGB uint8 [H, W, 3] (any size) -> normalized float32 [1, 3, S, S]."""
+    img = np.asarray(image)
+    if img.ndim != 3 or img.shape[2] != 3:
+        raise ValueError(f'image must be RGB with shape [H, W, 3], got shape {img.shape}')
+    if img.shape[0] == 0 or img.shape[1] == 0:
+        raise ValueError(f'image is empty: shape {img.shape}')
+    if img.dtype != np.uint8:
+        raise ValueError(f'image must be uint8 RGB, got dtype {img.dtype}')
+    s = config.image_size
+    if img.shape[:2] != (s, s):
+        import cv2
+
+        shrink = img.shape[0] > s or img.shape[1] > s
+        img = cv2.resize(img, (s, s), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    x = img.astype(np.float32) / 255.0
+    x = (x - np.asarray(config.image_mean, np.float32)) / np.asarray(config.image_std, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1)[None])  # [S, S, 3] -> [1, 3, S, S]
+
+
+class Preprocessor:
+    def __init__(self, config: BlockVLAConfig, text_tokenizer, action_tokenizer: Optional[ActionTokenizer] = None):
+        self.config = config
+        self.text = text_tokenizer
+        self.actions = action_tokenizer
+        self._last_text = None
+
+    def __call__(self, image: np.ndarray, instruction: str, state=None) -> PrefixInputs:
+        ids, valid = self._tokenize(instruction)
+        st = None
+        if self.config.state_dim:
+            if state is None:
+                raise ValueError(f'this policy needs a {self.config.state_dim}-dim state (joint_states); none given')
+            if self.actions is None:
+                raise ValueError('normalizing the state needs stats.json')
+            st = self.actions.normalize_state(state)[None]  # [S] -> [1, S]
+        return PrefixInputs(pixels=prepare_image(image, self.config), text_ids=ids[None], text_valid=valid[None],
+                            state=st)
+
+    def _tokenize(self, instruction: str):
+        if self._last_text is not None and self._last_text[0] == instruction:
+            return self._last_text[1]
+        out = self.text.encode(instruction)
+        self._last_text = (instruction, out)
+        return out
