@@ -37,7 +37,6 @@ setup(
     maintainer_email='maintainers@blockvla-ros.dev',
     description='BlockVLA block-diffusion robot policies as a ROS 2 node (ONNX Runtime / TensorRT)',
     license='Apache-2.0',
-    tests_require=['pytest'],
     entry_points={
         'console_scripts': [
             'policy_node = blockvla_ros.ros.policy_node:main',
