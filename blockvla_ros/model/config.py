@@ -165,7 +165,11 @@ class BlockVLAConfig:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f'config file not found: {path}')
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text()
+        try:
+            data = json.loads(text) if path.suffix == '.json' else yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError) as e:
+            raise ValueError(f'{path}: cannot parse ({e})') from e
         if not isinstance(data, dict):
             raise ValueError(f'{path}: expected a mapping of config keys')
         return cls.from_dict(data)

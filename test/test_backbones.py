@@ -1,0 +1,59 @@
+"""Backbones from a local HF folder, HF vision towers, and policy save/load."""
+import numpy as np
+import torch
+
+from blockvla_ros.model.config import BlockVLAConfig
+from blockvla_ros.model.policy import BlockVLAPolicy
+from blockvla_ros.model.text_tokenizer import ByteTokenizer
+from blockvla_ros.runtime.decoding import Decoder
+from blockvla_ros.runtime.preprocess import Preprocessor
+from blockvla_ros.runtime.torch_engine import TorchEngine
+
+from tiny import QWEN2, tiny_config
+
+
+def _prefix(config):
+    pre = Preprocessor(config, ByteTokenizer(config.max_text_tokens, 512))
+    return pre(np.full((48, 40, 3), 90, np.uint8), 'open the drawer')  # another size: resized
+
+
+def test_backbone_from_local_folder_reuses_its_action_rows(tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = dict(QWEN2, tie_word_embeddings=False)
+    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(spec.pop('model_type'), **spec))
+    hf.save_pretrained(tmp_path / 'ar_ckpt')
+    config = tiny_config(backbone_path=str(tmp_path / 'ar_ckpt'))
+    policy = BlockVLAPolicy(config)
+    # the action head starts from the LM head rows of the last n_bins vocabulary ids
+    assert torch.equal(policy.action_head.weight, hf.lm_head.weight[-256:])
+    assert torch.equal(policy.action_embed.weight[:256], hf.model.embed_tokens.weight[-256:])
+    assert torch.equal(policy.llm.layers[0].mlp.up_proj.weight, hf.model.layers[0].mlp.up_proj.weight)
+    # saved with a self-contained backbone spec: reloads without the original folder
+    policy.save(tmp_path / 'policy')
+    (tmp_path / 'ar_ckpt' / 'model.safetensors').unlink()
+    again = BlockVLAPolicy.load(tmp_path / 'policy')
+    assert again.config.backbone_path is None and again.config.backbone['model_type'] == 'qwen2'
+    prefix = _prefix(config)
+    a = Decoder(config)(TorchEngine(policy.eval()), prefix).tokens
+    b = Decoder(again.config)(TorchEngine(again), prefix).tokens
+    assert np.array_equal(a, b)
+
+
+def test_hf_vision_tower_by_config():
+    vision = {'type': 'hf', 'num_tokens': 16, 'config': {
+        'model_type': 'siglip_vision_model', 'hidden_size': 32, 'intermediate_size': 64, 'num_hidden_layers': 1,
+        'num_attention_heads': 2, 'image_size': 32, 'patch_size': 8}}
+    config = tiny_config(vision=vision)
+    policy = BlockVLAPolicy(config).eval()
+    prefix = _prefix(config)
+    with torch.no_grad():
+        tokens = policy.encode_image(torch.from_numpy(prefix.pixels))
+    assert tokens.shape == (1, 16, 64)
+    res = Decoder(config)(TorchEngine(policy), prefix)
+    assert res.tokens.shape == (config.n_action_tokens,) and (res.tokens < 256).all()
+
+
+def test_config_describes_backbone_or_folder():
+    cfg = BlockVLAConfig()
+    assert cfg.backbone['model_type'] == 'qwen2' and cfg.prefix_len == cfg.max_text_tokens + 64
