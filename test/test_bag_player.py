@@ -1,0 +1,195 @@
+"""blockvla-bag-play over loopback DDS: real bags (mcap, sqlite3; raw and compressed images) -> rclpy
+subscribers receive every message unchanged, in recorded order, no faster than recorded, with /clock;
+the bag recorder node writes what it hears back into a bag."""
+import array
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import rclpy
+from rclpy.node import Node
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+from rosbags.highlevel import AnyReader
+
+from rosbags.typesys import Stores, get_typestore
+
+from blockvla_ros.io.bag_writer import RecordingWriter
+from blockvla_ros.ros.bag_player_node import PlaybackClock, message_class
+
+T0 = 1_700_000_000 * 1_000_000_000
+DT = 100_000_000
+N = 8
+NAMES = ['ee_dx', 'ee_dy', 'gripper']
+ENV = dict(os.environ, ROS_AUTOMATIC_DISCOVERY_RANGE='LOCALHOST')
+
+
+def _write_bag(path, storage, image_format, action_msg):
+    rng = np.random.default_rng(1)
+    with RecordingWriter(path, storage=storage, image_format=image_format, action_msg=action_msg) as w:
+        w.write_instruction(T0, 'touch the red block')
+        for k in range(N):
+            t = T0 + k * DT
+            w.write_image(t, rng.integers(0, 255, (16, 16, 3), dtype=np.uint8))
+            w.write_state(t, [0.1 * k, -0.1 * k], ['ee_x', 'ee_y'])
+            w.write_action(t, [0.5, -0.5, float(k % 2)], NAMES)
+    with AnyReader([path]) as reader:
+        return [(c.topic, c.msgtype, t, raw) for c, t, raw in reader.messages()]
+
+
+def _plain(msg):
+    """A rosbags or rclpy message as nested dicts / lists, for equality checks."""
+    if isinstance(msg, (np.ndarray, array.array)):
+        return [float(x) if isinstance(x, (float, np.floating)) else int(x) for x in msg]
+    if isinstance(msg, (bytes, bytearray)):
+        return list(msg)
+    if isinstance(msg, (list, tuple)):
+        return [_plain(m) for m in msg]
+    if hasattr(msg, '__dataclass_fields__'):
+        return {k: _plain(getattr(msg, k)) for k in msg.__dataclass_fields__ if k != '__msgtype__'}
+    if hasattr(msg, 'get_fields_and_field_types'):
+        return {k: _plain(getattr(msg, k)) for k in msg.get_fields_and_field_types()}
+    return msg
+
+
+def _player(bag, *args):
+    return subprocess.Popen([sys.executable, '-m', 'blockvla_ros.ros.bag_player_node', str(bag), *args],
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc, timeout=60):
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out
+    return out
+
+
+class _Listener:
+    """In-process rclpy node that keeps every received message with its arrival time."""
+
+    def __init__(self, topics: dict[str, str]):
+        self.ctx = rclpy.Context()
+        rclpy.init(context=self.ctx)
+        self.node = Node('listener', context=self.ctx)
+        self.got = {t: [] for t in topics}
+        self.clock = []
+        for topic, msgtype in topics.items():
+            latched = topic == '/instruction'
+            qos = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE,
+                             durability=DurabilityPolicy.TRANSIENT_LOCAL if latched else DurabilityPolicy.VOLATILE)
+            self.node.create_subscription(
+                message_class(msgtype), topic,
+                lambda m, t=topic: self.got[t].append((time.monotonic(), m)), qos)
+        self.node.create_subscription(message_class('rosgraph_msgs/msg/Clock'), '/clock',
+                                      lambda m: self.clock.append(m.clock.sec * 10**9 + m.clock.nanosec), 100)
+        self.executor = rclpy.executors.SingleThreadedExecutor(context=self.ctx)
+        self.executor.add_node(self.node)
+
+    def spin_until(self, done, proc, limit_s=60):
+        end = time.monotonic() + limit_s
+        while not done() and time.monotonic() < end:
+            self.executor.spin_once(timeout_sec=0.05)
+        proc.poll()
+
+    def close(self):
+        self.executor.shutdown()
+        self.node.destroy_node()
+        rclpy.shutdown(context=self.ctx)
+
+
+@pytest.mark.parametrize('storage,image_format,action_msg', [
+    ('mcap', 'raw', 'JointTrajectory'),
+    ('sqlite3', 'jpeg', 'JointState'),
+    ('mcap', 'png', 'Float32MultiArray'),
+])
+def test_player_republishes_bag_with_recorded_timing_and_clock(tmp_path, storage, image_format, action_msg):
+    bag = tmp_path / 'bag'
+    recorded = _write_bag(bag, storage, image_format, action_msg)
+    topics = {topic: msgtype for topic, msgtype, _, _ in recorded}
+    image_topic = next(t for t in topics if t.startswith('/camera'))
+    listener = _Listener(topics)
+    try:
+        launched = time.monotonic()
+        rate = 2.0
+        proc = _player(bag, '--rate', str(rate), '--wait-for-subscribers', *sorted(topics), '--linger', '0.5')
+        want = {t: sum(1 for r in recorded if r[0] == t) for t in topics}
+        last = T0 + (N - 1) * DT
+        listener.spin_until(lambda: all(len(listener.got[t]) >= n for t, n in want.items())
+                            and last in listener.clock, proc)
+        log = _finish(proc)
+    finally:
+        listener.close()
+    assert 'published %d messages' % len(recorded) in log
+    typestore = get_typestore(Stores.LATEST)
+    for topic, msgtype in topics.items():
+        sent = [_plain(typestore.deserialize_cdr(raw, msgtype)) for t, _, _, raw in recorded if t == topic]
+        got = [_plain(msg) for _, msg in listener.got[topic]]
+        assert got == sent, topic  # every field: header stamps, pixels, actions, in recorded order
+    # never faster than recorded: the last image cannot arrive before (span / rate) after launch
+    span_s = (N - 1) * DT / 1e9
+    assert listener.got[image_topic][-1][0] - launched >= span_s / rate
+    # /clock carried bag time: non-decreasing, from the first to the last recorded stamp
+    clock = np.array(listener.clock)
+    assert clock.size >= N and np.all(np.diff(clock) >= 0)
+    assert clock.min() >= T0 and clock.max() == T0 + (N - 1) * DT
+
+
+def test_recorder_writes_what_the_player_plays(tmp_path):
+    bag = tmp_path / 'bag'
+    recorded = _write_bag(bag, 'mcap', 'raw', 'JointTrajectory')
+    out, ready = tmp_path / 'out', tmp_path / 'ready'
+    recorder = subprocess.Popen(
+        [sys.executable, '-m', 'blockvla_ros.ros.bag_recorder_node', '--out', str(out), '--storage', 'sqlite3',
+         '--ready-file', str(ready), '/joint_command', '/camera/image_raw', '--ros-args', '-p', 'use_sim_time:=true'],
+        env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    player = _player(bag, '--rate', '4', '--wait-for-subscribers', '/joint_command', '/camera/image_raw')
+    try:
+        end = time.monotonic() + 60
+        while not ready.exists() and time.monotonic() < end and recorder.poll() is None:
+            time.sleep(0.05)
+        assert ready.read_text().split() == ['/camera/image_raw', '/joint_command']
+        _finish(player)
+    finally:
+        recorder.send_signal(2)  # SIGINT: the recorder closes the bag and moves it into place
+        log, _ = recorder.communicate(timeout=30)
+        player.kill() if player.poll() is None else None
+    assert recorder.returncode == 0, log
+    with AnyReader([out]) as reader:
+        assert {c.topic: c.msgtype for c in reader.connections} == {
+            '/camera/image_raw': 'sensor_msgs/msg/Image', '/joint_command': 'trajectory_msgs/msg/JointTrajectory'}
+        got = {}
+        for c, t, raw in reader.messages():
+            got.setdefault(c.topic, []).append((t, reader.deserialize(raw, c.msgtype)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['bag', 'out', 'ready']  # no temp dir left
+    actions = [m.points[0].positions.tolist() for _, m in got['/joint_command']]
+    assert actions == [[0.5, -0.5, float(k % 2)] for k in range(N)]
+    stamps = [m.header.stamp.sec * 10**9 + m.header.stamp.nanosec for _, m in got['/camera/image_raw']]
+    assert stamps == [T0 + k * DT for k in range(N)]
+    # stored with the sim time the player's /clock gave the recorder: inside the bag's time range, ordered
+    times = np.array([t for t, _ in got['/camera/image_raw']])
+    assert times.min() >= T0 and times.max() <= T0 + (N - 1) * DT and np.all(np.diff(times) >= 0)
+
+
+def test_player_errors_name_the_file(tmp_path):
+    broken = tmp_path / 'broken.mcap'
+    broken.write_bytes(b'\x89MCAP0\r\n' + b'\0' * 40)
+    for path, needle in ((tmp_path / 'missing', 'does not exist'), (broken, 'cannot open bag')):
+        proc = _player(path)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 2, out
+        assert str(path) in out and needle in out
+    bag = tmp_path / 'bag'
+    _write_bag(bag, 'mcap', 'raw', 'JointTrajectory')
+    proc = _player(bag, '--topics', '/nope')
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and "topics ['/nope'] are not in the bag" in out and str(bag) in out
+
+
+def test_playback_clock_maps_bag_time_to_wall_time():
+    clock = PlaybackClock(bag0_ns=T0, wall0=100.0, rate=2.0)
+    assert clock.deadline(T0) == 100.0
+    assert clock.deadline(T0 + 1_000_000_000) == pytest.approx(100.5)
+    assert clock.bag_now(100.5) == T0 + 1_000_000_000
+    with pytest.raises(ImportError, match='not installed'):
+        message_class('nonexistent_msgs/msg/Thing')
