@@ -1,0 +1,386 @@
+"""train(config) -> TrainResult: block-diffusion (or AR / full-diffusion) finetuning through `accelerate`.
+
+One code path for 1 process, DDP over N GPUs / nodes / CPU processes (gloo) and FSDP: start it with `python`,
+`accelerate launch` or `torchrun`. `train.batch_size` is the global batch; processes and grad_accum split it.
+Everything random is a function of (seed, step, global micro-batch index), so a resumed run continues the same
+loss curve, and one process with grad_accum=2 computes the same step as two processes with grad_accum=1.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .config import TrainConfig
+from .sampler import mix_seed
+
+log = logging.getLogger(__name__)
+
+TRAIN_SALT, DROPOUT_SALT = 0x7EA1, 0xD50
+
+
+@dataclass
+class TrainResult:
+    out_dir: str
+    checkpoint: Optional[str]  # newest checkpoint = a policy folder (config.json, model.safetensors, stats.json)
+    checkpoints: list  # [(step, path)] on disk at the end
+    step: int  # optimizer steps done (over all invocations)
+    stopped: str  # 'done' | 'max_steps' | 'time_budget' | 'signal' | 'nothing_to_do'
+    train_loss: Optional[float]  # last logged train loss (mean over processes)
+    val_loss: Optional[float]  # last validation loss
+    samples_per_s: Optional[float]  # training throughput of this invocation (data loading included)
+    data: dict = field(default_factory=dict)
+    history: list = field(default_factory=list)  # this invocation's metric records
+    metrics_path: Optional[str] = None
+    curve_path: Optional[str] = None
+
+
+def _loss_module(policy, mode: str):
+    import torch
+
+    class LossModule(torch.nn.Module):
+        """forward(batch, seed) -> (loss, info): the training loss, so DDP/FSDP wrap one module."""
+
+        def __init__(self):
+            super().__init__()
+            self.policy = policy
+
+        def forward(self, batch, seed: int):
+            from ..model.losses import compute_loss
+
+            gen = torch.Generator(device=batch.actions.device)
+            gen.manual_seed(seed)
+            return compute_loss(self.policy, batch, mode, generator=gen)
+
+    return LossModule()
+
+
+def _accelerator(opts, find_unused: bool):
+    import torch
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+
+    cpu = opts.device == 'cpu' or not torch.cuda.is_available()
+    precision = {'fp32': 'no', 'bf16': 'bf16', 'fp16': 'fp16'}.get(opts.precision)
+    if precision is None:  # auto
+        precision = 'bf16' if not cpu and torch.cuda.is_bf16_supported() else 'no'
+    return Accelerator(mixed_precision=precision, cpu=cpu,
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)])
+
+
+def _resume_from(opts, out_dir: Path) -> Optional[Path]:
+    from .checkpoint import latest_checkpoint
+
+    if opts.resume == 'never':
+        return None
+    if opts.resume == 'auto':
+        return latest_checkpoint(out_dir)
+    return Path(opts.resume)
+
+
+class _StopFlag:
+    """SIGTERM/SIGINT during training: finish the step, checkpoint, stop (a second signal is not caught)."""
+
+    def __init__(self):
+        self.reason = None
+        self._old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.reason = 'signal'
+        signal.signal(signum, self._old.get(signum, signal.SIG_DFL))
+        log.warning('signal %d: stopping after this step with a checkpoint', signum)
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def train(config: TrainConfig, episodes: Optional[Sequence] = None) -> TrainResult:
+    """Run (or resume) training as configured. `episodes` replaces the bags (in-memory Episode objects)."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from . import assemble
+    from .checkpoint import list_checkpoints, load_training_state, remove_partial_saves
+    from .dataset import collate
+    from .metrics import MetricsLog, plot_loss_curve
+    from .optim import build_optimizer, lr_at, set_lr
+    from .sampler import StepBatchSampler
+    from .validation import decode_error, val_indices, validation_loss
+
+    opts = config.train
+    accelerator = _accelerator(opts, find_unused=config.model.get('vision', {}).get('type') == 'hf')
+    main, rank, world, device = (accelerator.is_main_process, accelerator.process_index, accelerator.num_processes,
+                                 accelerator.device)
+    fsdp = accelerator.distributed_type.name == 'FSDP'
+    out_dir = Path(opts.out_dir)
+    try:
+        resume = _resume_from(opts, out_dir)
+        if main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            remove_partial_saves(out_dir)
+        trainable = opt_tensors = saved_stats = None
+        state: dict = {}
+        if resume is not None:
+            from ..model.action_tokenizer import NormStats
+
+            trainable, opt_tensors, state = load_training_state(resume)
+            saved_stats = NormStats.load(resume / 'stats.json')
+            log.info('resuming from %s (step %d)', resume, state['step'])
+
+        train_eps, val_eps, model_cfg, report = assemble.read_and_split(config, episodes, main and opts.progress)
+        stats = assemble.resolve_stats(train_eps, model_cfg, saved_stats)
+        policy = assemble.build_policy(model_cfg, config)
+        data = assemble.build_data(config, policy, train_eps, val_eps, stats, report)
+        del train_eps, val_eps
+        start = int(state.get('step', 0))
+        if resume is not None:
+            _check_resume(state, config, data, world)
+            _load_trainable(policy, trainable, resume)
+
+        module = _loss_module(policy, opts.mode)
+        if not fsdp:
+            module.to(device)
+        optimizer, names = build_optimizer(policy, opts)
+        module, optimizer = accelerator.prepare(module, optimizer)
+        if opt_tensors:
+            from .checkpoint import unflatten_optimizer
+
+            optimizer.load_state_dict(unflatten_optimizer(opt_tensors, state['optimizer_groups'], names))
+
+        stop = min(opts.steps, opts.max_steps or opts.steps)
+        sampler = StepBatchSampler(len(data.train), opts.batch_size, world, rank, opts.grad_accum, opts.seed,
+                                   start, stop)
+        loader = DataLoader(data.train, batch_sampler=sampler, collate_fn=collate,
+                            num_workers=config.data.num_workers, pin_memory=device.type == 'cuda')
+        metrics = MetricsLog(out_dir / 'metrics.jsonl', resume_step=start if resume is not None else None,
+                             enabled=main)
+        if main:
+            config.save(out_dir / 'train_config.yaml')
+            atomic_json(out_dir / 'data_summary.json', data.summary)
+
+        val_idx = val_indices(data.val, config.data.val_max_windows) if data.val is not None else None
+        val_batch = min(opts.batch_size, 64)  # fixed batches: the same masks whatever the process layout
+        unwrapped = accelerator.unwrap_model(module)
+
+        def evaluate(step: int) -> dict:
+            if data.val is None:
+                return {}
+            target = module if fsdp else unwrapped  # FSDP: every process runs every batch through the wrapper
+            out = validation_loss(target, data.val, val_idx, val_batch, opts.seed, device,
+                                  0 if fsdp else rank, 1 if fsdp else world,
+                                  None if fsdp else (lambda t: accelerator.reduce(t, 'sum')), accelerator.autocast)
+            if opts.eval_decode_samples and not fsdp and main:
+                out.update(decode_error(unwrapped.policy, data.val, val_idx[:: max(len(val_idx) //
+                                                                                   opts.eval_decode_samples, 1)]
+                                        [:opts.eval_decode_samples], device))
+            accelerator.wait_for_everyone()
+            if out:
+                metrics.write({'step': step, 'split': 'val', **out})
+            return out
+
+        saver = _Saver(accelerator, module, optimizer, names, policy, data, config, out_dir, fsdp)
+        last_train, last_val, rate = None, None, None
+        stopped = 'nothing_to_do' if start >= stop else None
+        if start == 0 and stop > 0:
+            last_val = evaluate(0).get('val_loss')
+        it = iter(loader)
+        t0 = time.monotonic()
+        window = {'samples': 0, 'time': 0.0, 'loss': [], 'acc': []}
+        bar = _progress(main and opts.progress, start, stop)
+        with _StopFlag() as flag:
+            for step in range(start, stop):
+                t_step = time.monotonic()
+                set_lr(optimizer, lr_at(step, opts))
+                losses, accs = [], []
+                for m in range(opts.grad_accum):
+                    g = m * world + rank  # global micro-batch index: same masks whatever the process layout
+                    batch = next(it).to(device)
+                    torch.manual_seed(mix_seed(opts.seed, DROPOUT_SALT, step, g))
+                    sync = contextlib.nullcontext() if m == opts.grad_accum - 1 else accelerator.no_sync(module)
+                    with sync:
+                        loss, info = module(batch, seed=mix_seed(opts.seed, TRAIN_SALT, step, g))
+                        accelerator.backward(loss / opts.grad_accum)
+                    losses.append(info['loss'])
+                    accs.append(info['masked_acc'])
+                grad_norm = (accelerator.clip_grad_norm_(module.parameters(), opts.grad_clip)
+                             if opts.grad_clip > 0 else None)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                done = step + 1
+                window['samples'] += opts.batch_size
+                window['time'] += time.monotonic() - t_step
+                window['loss'].append(sum(losses) / len(losses))
+                window['acc'].append(sum(accs) / len(accs))
+                if opts.time_budget_s is not None and time.monotonic() - t0 > opts.time_budget_s:
+                    flag.reason = flag.reason or 'time_budget'
+                stopping = _agree(accelerator, flag.reason is not None) or done == stop
+                if done % opts.log_interval == 0 or stopping:
+                    red = accelerator.reduce(torch.tensor([sum(window['loss']) / len(window['loss']),
+                                                           sum(window['acc']) / len(window['acc'])],
+                                                          device=device), 'mean').tolist()
+                    rate = window['samples'] / max(window['time'], 1e-9)
+                    last_train = red[0]
+                    metrics.write({'step': done, 'split': 'train', 'loss': red[0], 'masked_acc': red[1],
+                                   'lr': lr_at(step, opts), 'grad_norm': None if grad_norm is None else float(grad_norm),
+                                   'samples_per_s': rate, 'epoch': sampler.epoch_at(done),
+                                   'time_s': time.monotonic() - t0})
+                    window = {'samples': 0, 'time': 0.0, 'loss': [], 'acc': []}
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f'{losses[-1]:.4f}', samples_s=f'{rate or 0:.1f}')
+                if done % opts.eval_interval == 0 or stopping:
+                    last_val = evaluate(done).get('val_loss', last_val)
+                if done % opts.save_interval == 0 or stopping:
+                    saver.save(done)
+                if stopping:
+                    stopped = flag.reason or ('done' if done == opts.steps else 'max_steps')
+                    break
+        if bar is not None:
+            bar.close()
+        del it
+        curve = None
+        if main:
+            curve = plot_loss_curve(out_dir / 'metrics.jsonl', out_dir / 'loss_curve.png',
+                                    f'{opts.mode} - {out_dir.name}')
+        accelerator.wait_for_everyone()
+        ckpts = [(s, str(p)) for s, p in list_checkpoints(out_dir)]
+        result = TrainResult(out_dir=str(out_dir), checkpoint=ckpts[-1][1] if ckpts else None, checkpoints=ckpts,
+                             step=max(start, saver.last_step or 0), stopped=stopped or 'done',
+                             train_loss=last_train, val_loss=last_val, samples_per_s=rate, data=data.summary,
+                             history=metrics.records, metrics_path=str(out_dir / 'metrics.jsonl'),
+                             curve_path=str(curve) if curve else None)
+        if main:
+            atomic_json(out_dir / 'result.json', {k: v for k, v in asdict(result).items() if k != 'history'})
+        return result
+    finally:
+        _release(accelerator)
+
+
+class _Saver:
+    """Gathers weights + optimizer state (collective under FSDP) and writes one checkpoint on the main process."""
+
+    def __init__(self, accelerator, module, optimizer, names, policy, data, config, out_dir, fsdp):
+        self.acc, self.module, self.optimizer, self.names = accelerator, module, optimizer, names
+        self.policy, self.data, self.config, self.out_dir, self.fsdp = policy, data, config, out_dir, fsdp
+        self.trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
+        self.last_step = None
+
+    def save(self, step: int) -> None:
+        from .checkpoint import checkpoint_path, flatten_optimizer, prune, save_checkpoint
+
+        self.last_step = step
+        path = checkpoint_path(self.out_dir, step)
+        full = self.acc.get_state_dict(self.module)  # {'policy.<name>': tensor}; gathered under FSDP
+        state = {k[len('policy.'):]: v for k, v in full.items() if k.startswith('policy.')}
+        if self.fsdp:
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+            osd = FSDP.optim_state_dict(self.module, self.optimizer.optimizer)
+            osd = _named_to_indexed(osd, self.names)
+        else:
+            osd = self.optimizer.state_dict()
+        if self.acc.is_main_process and not path.exists():
+            opt_tensors, groups = flatten_optimizer(osd, self.names)
+            lora = self.config.train.lora
+            if lora.enabled:
+                from .lora import merge_lora_state
+
+                policy_state = merge_lora_state(state, lora)
+            else:
+                policy_state = state
+            trainable = {k: v for k, v in state.items() if k in self.trainable}
+            meta = {'step': step, 'seed': self.config.train.seed, 'mode': self.config.train.mode,
+                    'global_batch': self.config.train.batch_size, 'world_size': self.acc.num_processes,
+                    'samples_seen': step * self.config.train.batch_size, 'optimizer_groups': groups,
+                    'data_fingerprint': self.data.fingerprint, 'data': self.data.summary,
+                    'rng': 'reseeded from (seed, step, micro-batch) every step: nothing to restore'}
+            save_checkpoint(path, policy_config=self.policy.portable_config(), policy_state=policy_state,
+                            stats=self.data.stats, train_config=self.config, trainable=trainable,
+                            optimizer_tensors=opt_tensors, state=meta, extra_files=self._tokenizer_files)
+            prune(self.out_dir, self.config.train.keep_checkpoints)
+            log.info('checkpoint %s', path)
+        self.acc.wait_for_everyone()
+
+    def _tokenizer_files(self, folder: Path) -> None:
+        tok = getattr(self.data.text_tokenizer, 'tok', None)
+        if tok is not None:  # text_tokenizer: auto -> the policy folder carries the tokenizer
+            tok.save_pretrained(str(folder))
+
+
+def _named_to_indexed(osd: dict, names: list) -> dict:
+    """FSDP's full optimizer state (keyed by parameter name) -> the index-keyed layout flatten_optimizer reads."""
+    index = {n: i for i, n in enumerate(names)}
+    state = {index[k]: v for k, v in osd['state'].items()}
+    groups = [{**{k: v for k, v in g.items() if k != 'params'}, 'params': [index[p] for p in g['params']]}
+              for g in osd['param_groups']]
+    return {'state': state, 'param_groups': groups}
+
+
+def _check_resume(state: dict, config: TrainConfig, data, world: int) -> None:
+    if state.get('mode') != config.train.mode:
+        raise ValueError(f'the checkpoint was trained with mode {state.get("mode")!r}, this run is '
+                         f'{config.train.mode!r}; use another train.out_dir or train.resume=never')
+    if state.get('global_batch') != config.train.batch_size:
+        log.warning('resuming with batch_size %d (checkpoint: %s): the data order will not continue the old run',
+                    config.train.batch_size, state.get('global_batch'))
+    if state.get('data_fingerprint') != data.fingerprint:
+        log.warning('the episodes or their split differ from the checkpoint being resumed (dataset changed?)')
+    if state.get('world_size') != world:
+        log.info('resuming on %d processes (checkpoint: %s); same global batch and data order', world,
+                 state.get('world_size'))
+
+
+def _load_trainable(policy, trainable: dict, path: Path) -> None:
+    expected = {n for n, p in policy.named_parameters() if p.requires_grad}
+    missing, unexpected = sorted(expected - set(trainable)), sorted(set(trainable) - expected)
+    if missing or unexpected:
+        raise ValueError(f'{path}: trainable weights do not match this model (missing {missing[:5]}, unexpected '
+                         f'{unexpected[:5]}); was the model or LoRA config changed?')
+    policy.load_state_dict(trainable, strict=False)
+
+
+def _agree(accelerator, flag: bool) -> bool:
+    """True on every process if any process wants to stop."""
+    if accelerator.num_processes == 1:
+        return flag
+    import torch
+
+    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(t, 'sum').item() > 0)
+
+
+def _progress(enabled: bool, start: int, stop: int):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=stop, initial=start, desc='training', unit='step', dynamic_ncols=True)
+
+
+def _release(accelerator) -> None:
+    """Let a later train() in the same process pick other accelerate settings (single-process runs only)."""
+    import torch
+
+    if not torch.distributed.is_initialized():
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
+
+
+def atomic_json(path: Path, data: dict) -> None:
+    from ..io.atomic import atomic_write_text
+
+    atomic_write_text(path, json.dumps(data, indent=2, default=str))

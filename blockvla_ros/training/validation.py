@@ -1,0 +1,76 @@
+"""Validation: the training loss on held-out episodes (fixed masks, so passes are comparable over time), and a
+mode-independent check that decodes held-out windows with the policy's decoder and measures the action error.
+
+The loss runs in fixed batches, batch j with masks seeded by (seed, j) and batches dealt round-robin to the
+processes, so the value does not depend on how many processes share the work.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .dataset import ChunkDataset, collate, evenly_spaced
+from .sampler import mix_seed
+
+VAL_SEED_SALT = 0x7A1
+
+
+def val_indices(dataset: ChunkDataset, max_windows: int) -> np.ndarray:
+    return evenly_spaced(len(dataset), max_windows)
+
+
+def validation_loss(module, dataset: ChunkDataset, indices: np.ndarray, batch_size: int, seed: int, device,
+                    rank: int = 0, world: int = 1, reduce=None, autocast=None) -> dict:
+    """-> {'val_loss', 'val_masked_acc'} over `indices` (weighted by batch size). `module` is a LossModule."""
+    import contextlib
+
+    import torch
+
+    batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, acc sum, samples
+    was_training = module.training
+    module.eval()
+    with torch.no_grad(), (autocast() if autocast is not None else contextlib.nullcontext()):
+        for j in range(rank, len(batches), world):
+            batch = collate([dataset[int(i)] for i in batches[j]]).to(device)
+            loss, info = module(batch, seed=mix_seed(seed, VAL_SEED_SALT, j))
+            n = len(batches[j])
+            totals += torch.tensor([float(loss) * n, info['masked_acc'] * n, n], dtype=torch.float64, device=device)
+    module.train(was_training)
+    if reduce is not None:
+        totals = reduce(totals)
+    loss_sum, acc_sum, count = totals.tolist()
+    if count == 0:
+        return {}
+    return {'val_loss': loss_sum / count, 'val_masked_acc': acc_sum / count}
+
+
+def decode_error(policy, dataset: ChunkDataset, indices: np.ndarray, device) -> dict:
+    """Decode windows with the policy's default decoder (batch 1, torch engine) and compare with the truth.
+
+    val_action_err: mean |decoded - true| in normalized action units ([-1, 1] spans the 1st-99th percentile);
+    val_token_acc: share of exactly right action tokens; val_nfe: mean forward passes per chunk.
+    """
+    from ..runtime.decoding import Decoder
+    from ..runtime.engine import PrefixInputs
+    from ..runtime.torch_engine import TorchEngine
+
+    cfg = policy.config
+    was_training = policy.training
+    engine = TorchEngine(policy, device=str(device))
+    decoder = Decoder(cfg)
+    errs, accs, nfes = [], [], []
+    for i in indices:
+        item = dataset[int(i)]
+        state = item['state'][None] if 'state' in item else None  # [S] -> [1, S]
+        prefix = PrefixInputs(item['pixels'][None], item['text_ids'][None], item['text_valid'][None], state)
+        res = decoder(engine, prefix)
+        truth = item['actions']
+        width = 2.0 / cfg.n_bins  # one bin in normalized units
+        errs.append(float(np.abs(res.tokens - truth).mean() * width))
+        accs.append(float((res.tokens == truth).mean()))
+        nfes.append(res.nfe)
+    policy.train(was_training)
+    if not errs:
+        return {}
+    return {'val_action_err': float(np.mean(errs)), 'val_token_acc': float(np.mean(accs)),
+            'val_nfe': float(np.mean(nfes)), 'decoder': decoder.decoder}

@@ -1,0 +1,360 @@
+"""Training subpackage: real rosbag2 recordings (mcap + sqlite3, raw + compressed), tiny models, a few dozen steps."""
+import json
+import logging
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from blockvla_ros.io.bag_reader import BagError, Episode
+from blockvla_ros.model.action_tokenizer import ActionTokenizer, NormStats
+from blockvla_ros.model.policy import BlockVLAPolicy
+from blockvla_ros.model.text_tokenizer import load_text_tokenizer
+from blockvla_ros.runtime.decoding import Decoder
+from blockvla_ros.runtime.preprocess import Preprocessor, prepare_image
+from blockvla_ros.runtime.torch_engine import TorchEngine
+from blockvla_ros.tasks.recording import record_demonstrations
+from blockvla_ros.training import cli
+from blockvla_ros.training.bag_data import load_episodes
+from blockvla_ros.training.checkpoint import list_checkpoints
+from blockvla_ros.training.config import TrainConfig, load_train_config
+from blockvla_ros.training.dataset import ChunkDataset, fit_images, split_episodes
+from blockvla_ros.training.lora import merge_lora_state
+from blockvla_ros.training.metrics import read_metrics
+from blockvla_ros.training.sampler import StepBatchSampler
+from blockvla_ros.training.trainer import train
+
+from tiny import QWEN2
+
+MODEL = dict(backbone=dict(QWEN2), vision={'type': 'patch', 'patch_size': 16, 'dim': 32}, image_size=32,
+             max_text_tokens=40, action_dim=3, chunk_len=4, block_size=3, steps_per_block=3, state_dim=2)
+TOPICS = {'state': '/joint_states'}  # image / instruction / action: the recording defaults
+
+
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread is both faster and reproducible."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def record(out, storage='mcap', image_format='raw', action_msg='JointTrajectory', episodes=3, seed=0):
+    return record_demonstrations(out, tasks=['touch_red', 'touch_blue'], episodes_per_task=episodes, seed=seed,
+                                 storage=storage, image_format=image_format, action_msg=action_msg, progress=False)
+
+
+def make_config(out_dir, bags, model=None, data=None, **train_opts) -> TrainConfig:
+    opts = dict(steps=30, batch_size=8, lr=3e-3, warmup_steps=3, log_interval=1, eval_interval=10,
+                save_interval=10, out_dir=str(out_dir), progress=False, eval_decode_samples=2)
+    opts.update(train_opts)
+    return TrainConfig.from_dict({'model': {**MODEL, **(model or {})},
+                                  'data': {'bags': [str(b) for b in bags], 'topics': dict(TOPICS),
+                                           'val_fraction': 0.3, **(data or {})},
+                                  'train': opts})
+
+
+def train_losses(records, split='train', key='loss'):
+    return {r['step']: r[key] for r in records if r.get('split') == split}
+
+
+@pytest.fixture(scope='module')
+def bags(tmp_path_factory):
+    """One dataset directory holding both storage formats and both image kinds (and two action message types)."""
+    root = tmp_path_factory.mktemp('bags')
+    record(root / 'mcap_raw', 'mcap', 'raw', 'JointTrajectory', seed=0)
+    record(root / 'sqlite_jpeg', 'sqlite3', 'jpeg', 'Float32MultiArray', seed=1)
+    return root
+
+
+@pytest.fixture(scope='module')
+def ar_checkpoint(tmp_path_factory):
+    """A tiny AR backbone in a local HF folder (save_pretrained layout)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = dict(QWEN2)
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(spec.pop('model_type'), **spec))
+    path = tmp_path_factory.mktemp('ar') / 'qwen_tiny'
+    hf.save_pretrained(path)
+    return path
+
+
+# --- end to end ---------------------------------------------------------------------------------------------------
+def test_trains_on_both_bag_formats_from_an_ar_checkpoint_and_the_checkpoint_decodes(tmp_path, bags, ar_checkpoint):
+    config = make_config(tmp_path / 'run', [bags], model={'backbone_path': str(ar_checkpoint)}, steps=30)
+    result = train(config)
+
+    assert result.stopped == 'done' and result.step == 30
+    data = result.data
+    assert data['bags'] == 12 and data['episodes_train'] + data['episodes_val'] == 12 and data['episodes_val'] >= 2
+    val = train_losses(result.history, 'val', 'val_loss')
+    assert set(val) == {0, 10, 20, 30}
+    assert val[30] < 0.8 * val[0], val  # the held-out loss falls
+    train_loss = train_losses(result.history)
+    assert np.mean([train_loss[s] for s in range(26, 31)]) < 0.6 * np.mean([train_loss[s] for s in range(1, 6)])
+    assert all(r['samples_per_s'] > 0 for r in result.history if r['split'] == 'train')
+
+    # metrics file, curve, and one checkpoint per save interval (keep 2)
+    out = tmp_path / 'run'
+    assert [r['step'] for r in read_metrics(out / 'metrics.jsonl') if r['split'] == 'train'] == list(range(1, 31))
+    assert (out / 'loss_curve.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    assert [s for s, _ in list_checkpoints(out)] == [20, 30]
+    assert not [p for p in out.rglob('*') if p.suffix in ('.pt', '.pth', '.bin', '.pkl', '.tmp')]
+
+    # the checkpoint is a self-contained policy folder: reload without the AR folder, decode, denormalize
+    ckpt = tmp_path / 'ckpt'
+    shutil.copytree(result.checkpoint, ckpt)
+    policy = BlockVLAPolicy.load(ckpt)
+    assert policy.config.backbone_path is None and policy.config.decoder == 'blockdiff'
+    assert policy.config.action_names == ['ee_dx', 'ee_dy', 'gripper'] and policy.config.state_dim == 2
+    stats = NormStats.load(ckpt / 'stats.json')
+    tok = ActionTokenizer(stats, policy.config.n_bins)
+    pre = Preprocessor(policy.config, load_text_tokenizer('byte', 40, 512), tok)
+    episodes, _ = load_episodes(config.data, config.model_config(), progress=False)
+    ep = episodes[0]
+    res = Decoder(policy.config)(TorchEngine(policy), pre(ep.images[0], ep.instruction, ep.states[0]))
+    actions = tok.decode(res.tokens)
+    assert actions.shape == (4, 3) and np.all(np.isfinite(actions))
+    assert np.all(actions >= np.asarray(stats.action_low) - 1e-6) and np.all(actions <= np.asarray(stats.action_high) + 1e-6)
+    # statistics come from the training episodes only
+    state = json.loads((ckpt / 'training_state' / 'state.json').read_text())
+    assert state['step'] == 30 and stats.n_samples < sum(len(e.actions) for e in episodes)
+
+
+@pytest.mark.parametrize('mode', ['ar', 'fulldiff'])
+def test_baseline_modes_train_on_the_same_data_and_save_their_decoder(tmp_path, bags, mode):
+    config = make_config(tmp_path / mode, [bags / 'mcap_raw'], steps=8, eval_interval=8, save_interval=8, mode=mode)
+    result = train(config)
+    val = train_losses(result.history, 'val', 'val_loss')
+    assert val[8] < val[0]
+    saved = BlockVLAPolicy.load(result.checkpoint).config
+    assert saved.train_mode == mode and saved.decoder == mode
+    assert [r['decoder'] for r in result.history if 'decoder' in r] == [mode, mode]
+
+
+# --- resume --------------------------------------------------------------------------------------------------------
+def test_stopped_and_resumed_run_continues_the_same_loss_curve(tmp_path, bags):
+    full = train(make_config(tmp_path / 'full', [bags / 'mcap_raw'], steps=16, eval_interval=8, save_interval=8))
+    part = make_config(tmp_path / 'part', [bags / 'mcap_raw'], steps=16, eval_interval=8, save_interval=8)
+    first = train(part.replace({'train.max_steps': 10}))
+    assert first.stopped == 'max_steps' and first.step == 10
+    # a kill during the next save leaves a temporary directory behind: it must be ignored and cleaned up
+    (tmp_path / 'part' / 'checkpoints' / '.step_00000012.abc.tmp' / 'training_state').mkdir(parents=True)
+    second = train(part)
+    assert second.stopped == 'done' and second.step == 16
+    assert [r['step'] for r in second.history if r['split'] == 'train'] == list(range(11, 17))
+    a, b = train_losses(full.history), train_losses(read_metrics(tmp_path / 'part' / 'metrics.jsonl'))
+    assert sorted(b) == list(range(1, 17))  # one continuous curve in the metrics file
+    for step in range(11, 17):
+        assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-5), (step, a[step], b[step])
+    assert second.val_loss == pytest.approx(full.val_loss, rel=1e-4)
+    assert not list((tmp_path / 'part' / 'checkpoints').glob('.step_*'))
+    # nothing left to do: resuming a finished run returns at once
+    again = train(part)
+    assert again.stopped == 'nothing_to_do' and again.step == 16
+
+
+def test_time_budget_stops_with_a_checkpoint(tmp_path, bags):
+    result = train(make_config(tmp_path / 'tb', [bags / 'mcap_raw'], steps=1000, time_budget_s=1e-3))
+    assert result.stopped == 'time_budget' and result.step == 1
+    assert [s for s, _ in list_checkpoints(tmp_path / 'tb')] == [1]
+
+
+# --- bad input -------------------------------------------------------------------------------------------------------
+def _write_bag(path, actions, storage='mcap', with_messages=True, width=None):
+    """A bag written with rosbags directly (RecordingWriter refuses NaN): 32x32 images, state, Float32 actions."""
+    from rosbags.rosbag2 import StoragePlugin, Writer
+    from rosbags.typesys import Stores, get_typestore
+
+    ts = get_typestore(Stores.ROS2_HUMBLE)
+    T = ts.types
+    plugin = StoragePlugin.MCAP if storage == 'mcap' else StoragePlugin.SQLITE3
+    with Writer(path, version=9, storage_plugin=plugin) as w:
+        conns = {name: w.add_connection(topic, t, typestore=ts) for name, topic, t in (
+            ('image', '/camera/image_raw', 'sensor_msgs/msg/Image'), ('text', '/instruction', 'std_msgs/msg/String'),
+            ('state', '/joint_states', 'sensor_msgs/msg/JointState'),
+            ('action', '/joint_command', 'std_msgs/msg/Float32MultiArray'))}
+        if not with_messages:
+            return path
+        t0 = 1_700_000_000 * 10**9
+        for k, action in enumerate(actions):
+            t = t0 + k * 10**8
+            stamp = T['builtin_interfaces/msg/Time'](sec=t // 10**9, nanosec=t % 10**9)
+            header = T['std_msgs/msg/Header'](stamp=stamp, frame_id='')
+            msgs = {'image': T['sensor_msgs/msg/Image'](header=header, height=32, width=32, encoding='rgb8',
+                                                        is_bigendian=0, step=96,
+                                                        data=np.full(32 * 32 * 3, 10 * k % 250, np.uint8)),
+                    'state': T['sensor_msgs/msg/JointState'](header=header, name=['x', 'y'],
+                                                             position=np.array([0.1 * k, 0.0]),
+                                                             velocity=np.zeros(0), effort=np.zeros(0)),
+                    'action': T['std_msgs/msg/Float32MultiArray'](
+                        layout=T['std_msgs/msg/MultiArrayLayout'](dim=[], data_offset=0),
+                        data=np.asarray(action, np.float32))}
+            if k == 0:
+                msgs['text'] = T['std_msgs/msg/String'](data='touch the red block')
+            for name, msg in msgs.items():
+                w.write(conns[name], t, ts.serialize_cdr(msg, msg.__msgtype__))
+    return path
+
+
+def _data(bags, **kw):
+    return make_config('/nonexistent', bags, data=kw)
+
+
+def test_missing_topic_error_lists_the_topics_the_bag_has(tmp_path, bags):
+    config = _data([bags / 'mcap_raw'], topics={'state': '/joint_states', 'image': '/wrist_cam/image'})
+    with pytest.raises(BagError) as err:
+        load_episodes(config.data, config.model_config(), progress=False)
+    msg = str(err.value)
+    assert "'/wrist_cam/image'" in msg and 'touch_blue_seed0_ep0000' in msg
+    for topic in ('/camera/image_raw', '/instruction', '/joint_states', '/joint_command'):
+        assert topic in msg
+
+
+def test_wrong_action_width_names_the_bag_and_the_knob(tmp_path, bags):
+    config = make_config('/nonexistent', [bags / 'sqlite_jpeg'], model={'action_dim': 4, 'block_size': 4})
+    with pytest.raises(BagError, match=r'sqlite_jpeg.*has width 3 but model.action_dim is 4'):
+        load_episodes(config.data, config.model_config(), progress=False)
+
+
+def test_empty_and_corrupt_bags_are_errors_or_skipped_with_a_warning(tmp_path, bags, caplog):
+    root = tmp_path / 'mixed'
+    shutil.copytree(bags / 'mcap_raw', root / 'good')
+    _write_bag(root / 'empty', [], with_messages=False)
+    corrupt = root / 'corrupt'
+    shutil.copytree(bags / 'mcap_raw' / 'touch_red_seed0_ep0000', corrupt)
+    mcap = next(corrupt.glob('*.mcap'))
+    mcap.write_bytes(mcap.read_bytes()[:200] + b'\x00garbage' * 50)
+    model = TrainConfig.from_dict({'model': MODEL}).model_config()
+    with pytest.raises(BagError, match=r'corrupt'):
+        load_episodes(_data([corrupt]).data, model, progress=False)
+    with pytest.raises(BagError, match=r'empty.*bag is empty'):
+        load_episodes(_data([root / 'empty']).data, model, progress=False)
+    with caplog.at_level(logging.WARNING):
+        episodes, report = load_episodes(_data([root], on_bad_bag='skip').data, model, progress=False)
+    assert len(episodes) == 6 and report.bags == 8
+    assert sorted(p.rsplit('/', 1)[-1] for p, _ in report.skipped_bags) == ['corrupt', 'empty']
+    assert '2 of 8 bags skipped' in caplog.text
+    # a directory without a single bag is an error, not an empty training run
+    (tmp_path / 'nothing').mkdir()
+    with pytest.raises(ValueError, match='no rosbag2 recordings'):
+        load_episodes(_data([tmp_path / 'nothing']).data, model, progress=False)
+
+
+def test_nan_actions_are_skipped_counted_and_reported(tmp_path, caplog):
+    actions = np.tile(np.array([[0.1, -0.2, 0.0]], np.float32), (12, 1))
+    actions[[3, 7], 1] = np.nan
+    actions[9, 0] = np.inf
+    _write_bag(tmp_path / 'nan_bag', actions, storage='sqlite3')
+    config = _data([tmp_path / 'nan_bag'])
+    with caplog.at_level(logging.WARNING):
+        episodes, report = load_episodes(config.data, config.model_config(), progress=False)
+    assert report.counts['dropped_nan_action'] == 3 and len(episodes[0].actions) == 9
+    assert np.all(np.isfinite(episodes[0].actions))
+    assert 'skipped 3 ticks with NaN/inf actions' in caplog.text
+
+
+def test_cli_reports_bad_input_without_a_traceback(tmp_path, bags, capsys):
+    cfg = tmp_path / 'train.yaml'
+    make_config(tmp_path / 'run', [bags / 'mcap_raw']).save(cfg)
+    assert cli.main(['--config', str(cfg), 'data.topics.action=/arm/command', '--no-progress']) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('blockvla-train: error:') and "'/arm/command'" in err and '/joint_command' in err
+    assert cli.main(['--config', str(cfg), 'train.batch_size=7', 'train.grad_accum=2']) == 2
+    assert 'divisible' in capsys.readouterr().err
+    assert cli.main(['--config', str(cfg), 'train.lr']) == 2
+    assert 'key.sub=value' in capsys.readouterr().err
+    assert cli.main(['--config', str(tmp_path / 'missing.yaml')]) == 2
+
+
+# --- config, data pieces -------------------------------------------------------------------------------------------
+def test_yaml_config_overrides_and_print(tmp_path, capsys):
+    path = tmp_path / 'c.yaml'
+    make_config(tmp_path / 'o', ['x']).save(path)
+    config = load_train_config(path, ['train.lr=3e-4', 'train.mode=ar', 'model.backbone.hidden_size=32',
+                                      'data.bags=[a, b]', 'train.lora.r=4'])
+    assert config.train.lr == 3e-4 and config.data.bags == ['a', 'b'] and config.train.lora.r == 4
+    model = config.model_config()
+    assert model.train_mode == 'ar' and model.decoder == 'ar' and model.backbone['hidden_size'] == 32
+    with pytest.raises(ValueError, match=r"train: unknown keys \['lrr'\]"):
+        load_train_config(path, ['train.lrr=1'])
+    with pytest.raises(ValueError, match='model section.*not divisible by block_size 5'):
+        load_train_config(path, ['model.block_size=5'])  # 4 x 3 = 12 action tokens
+    with pytest.raises(ValueError, match='contradicts train.mode'):
+        load_train_config(path, ['model.train_mode=ar'])
+    assert cli.main(['--config', str(path), 'train.steps=7', '--print-config']) == 0
+    assert 'steps: 7' in capsys.readouterr().out
+
+
+def test_the_shipped_example_config_is_valid():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / 'config' / 'train'
+    config = load_train_config(root / 'example.yaml')
+    assert config.train.mode == 'blockdiff' and config.model_config().n_action_tokens % config.model_config().block_size == 0
+
+
+def test_windows_split_and_tail_policy():
+    rng = np.random.default_rng(0)
+    eps = [Episode(f'ep{i}', f'touch {i}', rng.integers(0, 255, (n, 48, 40, 3), dtype=np.uint8),
+                   rng.normal(size=(n, 3)).astype(np.float32), rng.normal(size=(n, 2)).astype(np.float32),
+                   np.arange(n)) for i, n in enumerate([2, 6, 9, 5, 7])]
+    train_eps, val_eps = split_episodes(eps, 0.4, seed=3)
+    assert len(val_eps) == 2 and not {e.bag_path for e in train_eps} & {e.bag_path for e in val_eps}
+    assert split_episodes(eps, 0.4, seed=3)[1][0].bag_path == val_eps[0].bag_path  # deterministic
+    config = TrainConfig.from_dict({'model': MODEL}).model_config()
+    stats = NormStats.from_data(np.concatenate([e.actions for e in eps]), np.concatenate([e.states for e in eps]))
+    text = load_text_tokenizer('byte', 40, 512)
+    repeat = ChunkDataset(eps, config, text, ActionTokenizer(stats), 'repeat')
+    drop = ChunkDataset(eps, config, text, ActionTokenizer(stats), 'drop')
+    assert len(repeat) == 29 and len(drop) == 0 + 3 + 6 + 2 + 4  # H = 4
+    last = repeat.window_actions(1)  # episode 0 (2 ticks), window at tick 1: the last action repeated
+    assert np.array_equal(last, np.repeat(eps[0].actions[1:2], 4, axis=0))
+    item = repeat[3]
+    assert item['pixels'].shape == (3, 32, 32) and item['actions'].shape == (12,) and item['state'].shape == (2,)
+    # frames are resized once at load, exactly as the runtime would resize the camera image
+    assert np.array_equal(prepare_image(fit_images(eps[1].images, 32)[0], config), prepare_image(eps[1].images[0], config))
+    with pytest.raises(ValueError, match=r"ep0 \('touch x+'\): instruction is 41 tokens"):
+        ChunkDataset([Episode('ep0', 'touch ' + 'x' * 34, *[getattr(eps[0], k) for k in ('images', 'actions', 'states',
+                                                                                       'stamps_ns')])],
+                     config, text, ActionTokenizer(stats))
+
+
+def test_data_order_is_a_function_of_the_step_and_independent_of_the_process_layout():
+    one = StepBatchSampler(50, 8, world=1, rank=0, accum=2, seed=1, start=0, stop=20)
+    two = [StepBatchSampler(50, 8, world=2, rank=r, accum=1, seed=1, start=0, stop=20) for r in range(2)]
+    for step in range(20):
+        assert one.indices(step, 0) == two[0].indices(step, 0) and one.indices(step, 1) == two[1].indices(step, 0)
+    batches = list(one)
+    resumed = list(StepBatchSampler(50, 8, world=1, rank=0, accum=2, seed=1, start=7, stop=20))
+    assert resumed == batches[14:]
+    epoch0 = [i for b in batches[:13] for i in b][:50]  # the first 50 samples are one permutation
+    assert sorted(epoch0) == list(range(50))
+
+
+def test_lora_needs_peft_or_merges_like_peft(tmp_path, bags):
+    try:
+        import peft  # noqa: F401
+        has_peft = True
+    except ImportError:
+        has_peft = False
+    config = make_config(tmp_path / 'lora', [bags / 'mcap_raw'], steps=4, eval_interval=4, save_interval=4,
+                         lora={'enabled': True, 'r': 4, 'alpha': 8})
+    if not has_peft:
+        with pytest.raises(ImportError, match='`peft` package'):
+            train(config)
+    else:  # pragma: no cover - peft is optional
+        result = train(config)
+        policy = BlockVLAPolicy.load(result.checkpoint)  # merged, plain names
+        assert not any('lora' in k for k in policy.state_dict())
+    # merge arithmetic on a peft-layout state dict
+    w, a, b, bias = torch.randn(5, 6), torch.randn(2, 6), torch.randn(5, 2), torch.randn(5)
+    merged = merge_lora_state({'llm.q.base_layer.weight': w, 'llm.q.base_layer.bias': bias,
+                               'llm.q.lora_A.default.weight': a, 'llm.q.lora_B.default.weight': b,
+                               'head.weight': w}, config.train.lora)
+    assert sorted(merged) == ['head.weight', 'llm.q.bias', 'llm.q.weight']
+    x = torch.randn(3, 6)
+    assert torch.allclose(x @ merged['llm.q.weight'].T, x @ w.T + (x @ a.T @ b.T) * 2.0, atol=1e-5)
