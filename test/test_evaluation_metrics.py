@@ -66,9 +66,13 @@ def test_seam_jumps_with_and_without_offset():
     _, chunks, starts = _example()
     # chunk 1 starts at tick 2; chunk 0 planned [5, 20] for tick 2 -> |2.5 - 5|, |20 - 20|
     np.testing.assert_allclose(metrics.seam_jumps(chunks, starts), [[2.5, 0.]])
-    # with one known step, the seam is at tick 3, which chunk 0 (H = 3) no longer covers
-    assert metrics.seam_jumps(chunks, starts, offset=1).shape == (0, 2)
+    # with one known step the seam is at tick 3, past chunk 0's plan (H = 3): its last step counts
+    np.testing.assert_allclose(metrics.seam_jumps(chunks, starts, offset=1), [[abs(3 - 5), abs(27 - 20)]])
     np.testing.assert_allclose(metrics.seam_jumps(chunks, np.array([0, 1]), offset=1), [[abs(3 - 5), abs(27 - 20)]])
+    np.testing.assert_allclose(metrics.seam_jumps(chunks, np.array([0, 1]), offset=0), [[abs(2.5 - 1), abs(20 - 12)]])
+    assert metrics.seam_jumps(chunks[:1], starts[:1]).shape == (0, 2)
+    with pytest.raises(ValueError, match='seam offset'):
+        metrics.seam_jumps(chunks, starts, offset=3)
     seams = metrics.SeamStats(2)
     seams.add(metrics.seam_jumps(chunks, starts))
     seams.add(np.array([[0.5, 4.0]]))

@@ -5,8 +5,10 @@ Conventions (one episode, T ticks at the control rate, chunks of H steps x D dim
   ``starts[i] + h`` (steps past the episode end are not compared);
 - the *executed* trajectory is what a robot executing ``execute_steps`` of each chunk would send:
   tick t takes the latest chunk started at or before t (if t is still inside it);
-- the *seam jump* of chunk i > 0 is |chunk_i[k] - chunk_{i-1}[starts[i] + k - starts[i-1]]| where
-  k = ``offset`` (the first step the new chunk decided itself; 0 without real-time chunking).
+- the *seam jump* of chunk i > 0 is |chunk_i[k] - chunk_{i-1}[j]| with k = ``offset`` (the first step
+  the new chunk decided itself; 0 without real-time chunking) and j = starts[i] + k - starts[i-1], the
+  previous chunk's plan for the same tick; when the previous chunk planned nothing that far
+  (execute_steps = H), j is its last step, i.e. the jump between consecutive commanded actions.
 Sums and counts are kept (``ErrorStats``) so that per-bag and overall figures pool every compared
 pair exactly instead of averaging averages.
 """
@@ -56,17 +58,18 @@ def executed_trajectory(chunks: np.ndarray, starts: np.ndarray, n_ticks: int, ex
 
 
 def seam_jumps(chunks: np.ndarray, starts: np.ndarray, offset: int = 0) -> np.ndarray:
-    """[M, D] |new chunk's step ``offset`` - what the previous chunk planned for that tick|, one row per
-    seam the previous chunk still covered (M <= N - 1)."""
+    """[N - 1, D] |new chunk's step ``offset`` - the previous chunk's plan for that tick (or its last
+    step when it planned nothing that far)|, one row per seam."""
     chunks = np.asarray(chunks, dtype=np.float64)
     starts = np.asarray(starts, dtype=np.int64)
-    horizon = chunks.shape[1]
+    horizon = chunks.shape[1] if chunks.ndim == 3 else 0
+    if not 0 <= offset < max(horizon, 1):
+        raise ValueError(f'seam offset must be in [0, {horizon}), got {offset}')
     rows = []
     for i in range(1, len(starts)):
-        k = int(starts[i] - starts[i - 1]) + offset
-        if offset < horizon and 0 <= k < horizon:
-            rows.append(np.abs(chunks[i, offset] - chunks[i - 1, k]))
-    return np.asarray(rows).reshape(-1, chunks.shape[2])
+        j = min(int(starts[i] - starts[i - 1]) + offset, horizon - 1)
+        rows.append(np.abs(chunks[i, offset] - chunks[i - 1, j]))
+    return np.asarray(rows).reshape(-1, chunks.shape[-1])
 
 
 @dataclass

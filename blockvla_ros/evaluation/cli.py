@@ -1,0 +1,160 @@
+"""`blockvla-replay`: offline open-loop evaluation of one or more policies on recorded rosbags.
+
+    blockvla-replay --bag PATH [--bag ...] --policy NAME [--policy NAME2] [--decoder D ...] --out DIR
+
+Reads mcap or sqlite3 bags directly (no ROS needed), steps through them at the control rate on
+recorded time, predicts a chunk every --execute-steps ticks with the node's runner and compares it
+with the recorded actions. Two policies, or one policy with two decoders, give one side-by-side
+report. Writes DIR/report.json, DIR/report.md and PNG plots.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_POLICY_DIR = Path(__file__).resolve().parents[2] / 'models'
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog='blockvla-replay', description=__doc__.split('\n\n')[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split('\n\n', 2)[2])
+    p.add_argument('--bag', action='append', required=True, metavar='PATH',
+                   help='a bag directory, a .mcap/.db3 file, or a directory of bags (repeatable)')
+    p.add_argument('--policy', action='append', required=True, metavar='NAME',
+                   help='policy folder name under --policy-dir, or a path to one (repeat to compare policies)')
+    p.add_argument('--decoder', action='append', default=None,
+                   choices=('blockdiff', 'ar', 'fulldiff', 'fulldiff_nocache'),
+                   help="decoder override (repeat to compare decoders; default: the policy's own)")
+    p.add_argument('--engine', default='onnxruntime', help='inference engine (default onnxruntime)')
+    p.add_argument('--policy-dir', action='append', default=None, metavar='DIR',
+                   help=f'directories policies are looked up in (default {DEFAULT_POLICY_DIR})')
+    p.add_argument('--threads', type=int, default=None, help='ONNX Runtime intra-op threads (default: runtime)')
+    p.add_argument('--out', required=True, help='output directory for report.json, report.md and plots')
+    p.add_argument('--rate-hz', type=float, default=10.0, help='control rate of the replay (default 10)')
+    p.add_argument('--execute-steps', type=int, default=None,
+                   help='ticks between predictions, as executed on the robot (default: the chunk length)')
+    p.add_argument('--known-steps', type=int, default=0,
+                   help='real-time chunking: previous-chunk actions fed to each new chunk (default 0)')
+    p.add_argument('--image-topic', default='/camera/image_raw',
+                   help="camera topic (Image; '<topic>/compressed' is used when only that exists)")
+    p.add_argument('--instruction-topic', default='/instruction', help='std_msgs/String instruction topic')
+    p.add_argument('--action-topic', default='/joint_command',
+                   help='recorded action topic (JointTrajectory, JointState, Float32/64MultiArray)')
+    p.add_argument('--action-field', default='position', choices=('position', 'velocity'),
+                   help='JointState actions: which field holds the action (default position)')
+    p.add_argument('--state-topic', default='/joint_states',
+                   help='proprioception topic, read only for policies with state inputs')
+    p.add_argument('--max-plots', type=int, default=20, help='trajectory plots for at most this many episodes')
+    p.add_argument('--quiet', action='store_true', help='no progress bars')
+    return p
+
+
+def _variants(args) -> list[tuple[str, str | None, str]]:
+    """(policy, decoder, label) for every policy x decoder combination."""
+    decoders = args.decoder or [None]
+    out = []
+    for policy, decoder in itertools.product(args.policy, decoders):
+        label = Path(policy).name if len(args.policy) > 1 or decoder is None else ''
+        if decoder is not None:
+            label = f'{label}/{decoder}' if label else decoder
+        out.append((policy, decoder, label))
+    labels = [lab for _, _, lab in out]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f'--policy / --decoder combinations are not distinct: {labels}')
+    return out
+
+
+def _load_runner(policy: str, decoder: str | None, args):
+    from blockvla_ros.runtime.policy_folder import resolve_policy
+    from blockvla_ros.runtime.runner import PolicyRunner
+
+    dirs = [Path(d) for d in (args.policy_dir or [DEFAULT_POLICY_DIR])]
+    given = Path(policy).expanduser()
+    if given.is_dir() and not args.policy_dir:
+        dirs.append(given.resolve().parent)  # an explicit folder path is allowed from the command line
+        policy = str(given.resolve())
+    folder = resolve_policy(policy, dirs)
+    return PolicyRunner.load(folder, engine=args.engine, decoder=decoder, threads=args.threads)
+
+
+def run(args) -> dict:
+    """Load, replay, summarize, write; returns the report dict."""
+    from blockvla_ros.evaluation import plots
+    from blockvla_ros.evaluation.replay import ReplaySettings, load_bags, replay_variant
+    from blockvla_ros.evaluation.report import build_report, summarize, write_report
+    from blockvla_ros.io.bag_reader import TopicMap
+
+    progress = False if args.quiet else None
+    variants = _variants(args)
+    runners = [(_load_runner(policy, decoder, args), label) for policy, decoder, label in variants]
+    dims = {r.config.action_dim for r, _ in runners}
+    if len(dims) != 1:
+        raise ValueError(f'the compared policies predict different action sizes {sorted(dims)}; '
+                         f'compare policies of one robot')
+    state_dims = {r.config.state_dim for r, _ in runners if r.config.state_dim}
+    if len(state_dims) > 1:
+        raise ValueError(f'the compared policies read different state sizes {sorted(state_dims)}')
+    settings = ReplaySettings(args.rate_hz, args.execute_steps, args.known_steps)
+    for runner, _ in runners:
+        settings.resolve(int(runner.config.chunk_len))  # bad --execute-steps fails before reading bags
+
+    topic_map = TopicMap(image=args.image_topic, instruction=args.instruction_topic, action=args.action_topic,
+                         state=args.state_topic if state_dims else None, action_field=args.action_field)
+    began = time.perf_counter()
+    bags = load_bags(args.bag, topic_map, args.rate_hz, action_dim=dims.pop(),
+                     state_dim=state_dims.pop() if state_dims else None, progress=progress)
+    read_s = time.perf_counter() - began
+    results = [replay_variant(runner, bags, settings, label or runner.name, progress=progress)
+               for runner, label in runners]
+    report = build_report(results, bags, settings, read_s)
+    summaries = [v['overall'] for v in report['variants']]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report['plots'] = plots.write_plots(results, summaries, args.rate_hz, out, max_episodes=args.max_plots)
+    write_report(report, out)
+    return report
+
+
+def _print_summary(report: dict, out: str) -> None:
+    for v in report['variants']:
+        o = v['overall']
+        line = f'{v["label"]}: {o["episodes"]} episodes, {o["chunks"]} chunks'
+        if o['errors']:
+            arm, grip = o['errors']['arm'], o['errors']['gripper']
+            line += f', arm MAE {arm["mae"]:.4g}'
+            if grip:
+                line += f', gripper MAE {grip["mae"]:.4g}'
+        else:
+            line += f' ({o["error_note"]})'
+        lat = o['latency_ms']['total']
+        if lat:
+            line += f', latency p50 {lat["p50"]:.1f} ms p99 {lat["p99"]:.1f} ms'
+        if o['nfe']:
+            line += f', NFE {o["nfe"]["mean"]:.1f}'
+        print(line)
+        sp = v['speed']
+        print(f'  replay speed: {sp["realtime_factor"]:.1f}x real time '
+              f'({sp["recorded_s"]:.1f} s recorded in {sp["replay_wall_s"]:.2f} s)')
+    sp = report['speed']
+    print(f'overall speed incl. bag reading: {sp["realtime_factor"]:.1f}x real time')
+    print(f'wrote {Path(out) / "report.json"}, {Path(out) / "report.md"} and {len(report["plots"])} plots')
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')
+    try:
+        report = run(args)
+    except (ValueError, FileNotFoundError, ImportError) as err:  # BagError / PolicyFolderError are ValueErrors
+        print(f'blockvla-replay: error: {err}', file=sys.stderr)
+        return 2
+    _print_summary(report, args.out)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,240 @@
+"""blockvla-replay end to end on bags the test records (mcap + sqlite3, raw + compressed images, every action
+message type) with a tiny random policy exported to a real policy folder and run on ONNX Runtime.
+
+The report's numbers are checked against values computed here independently: the bag is read with rosbags
+directly, images decoded with OpenCV, the runner called at the same ticks, errors computed with plain numpy.
+"""
+import json
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from rosbags.highlevel import AnyReader
+from rosbags.rosbag2 import Reader, Writer
+from rosbags.typesys import Stores, get_typestore
+
+from blockvla_ros.evaluation import cli
+from blockvla_ros.tasks.recording import record_demonstrations
+from blockvla_ros.tasks.spec import ACTION_NAMES, STATE_NAMES
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny import tiny_config  # noqa: E402
+
+pytestmark = pytest.mark.slow  # the session fixture records bags and exports a policy (~30 s)
+
+H, D, EXECUTE = 4, 3, 2
+COMBOS = [('mcap', 'raw', 'JointTrajectory'), ('sqlite3', 'jpeg', 'JointState'),
+          ('mcap', 'png', 'Float32MultiArray'), ('sqlite3', 'raw', 'JointTrajectory')]
+
+
+@pytest.fixture(scope='session')
+def bags(tmp_path_factory):
+    """One recorded tabletop episode per (storage, image format, action message) combination."""
+    root = tmp_path_factory.mktemp('bags')
+    out = {}
+    for i, (storage, image_format, action_msg) in enumerate(COMBOS):
+        [path] = record_demonstrations(root / f'{storage}_{image_format}_{action_msg}', tasks=['touch_red'],
+                                       episodes_per_task=1, seed=i, storage=storage, image_format=image_format,
+                                       action_msg=action_msg, progress=False)
+        out[(storage, image_format, action_msg)] = path
+    return out
+
+
+@pytest.fixture(scope='session')
+def policy_dir(tmp_path_factory, bags):
+    """models/tiny: a random tiny BlockVLA (64 px, patch 16, D=3, S=2, H=4) exported with stats from the bags."""
+    import torch
+
+    from blockvla_ros.export.policy_writer import export_policy
+    from blockvla_ros.model.action_tokenizer import NormStats
+    from blockvla_ros.model.policy import BlockVLAPolicy
+
+    root = tmp_path_factory.mktemp('policies')
+    actions, states = [], []
+    for path in bags.values():
+        rec = _read_bag(path)
+        actions.append(rec['actions'])
+        states.append(rec['states'])
+    cfg = tiny_config(state_dim=2, image_size=64, chunk_len=H, block_size=3, action_names=ACTION_NAMES,
+                      state_names=STATE_NAMES)
+    torch.manual_seed(0)
+    BlockVLAPolicy(cfg).save(root / 'ckpt')
+    NormStats.from_data(np.concatenate(actions), np.concatenate(states)).save(root / 'ckpt' / 'stats.json')
+    export_policy(root / 'ckpt', root / 'models' / 'tiny', parity_samples=1, progress=False)
+    return root / 'models'
+
+
+def _read_bag(path):
+    """Independent reader: per-tick image (RGB), state, action, instruction, straight from rosbags."""
+    by_topic = {}
+    with AnyReader([path]) as reader:
+        for conn, t, raw in reader.messages():
+            by_topic.setdefault(conn.topic, []).append((t, reader.deserialize(raw, conn.msgtype), conn.msgtype))
+    images = []
+    for _, msg, msgtype in sorted(by_topic.get('/camera/image_raw', []) +
+                                  by_topic.get('/camera/image_raw/compressed', []), key=lambda x: x[0]):
+        if msgtype.endswith('/Image'):
+            images.append(np.asarray(msg.data, np.uint8).reshape(msg.height, msg.width, 3))
+        else:
+            images.append(cv2.cvtColor(cv2.imdecode(np.asarray(msg.data, np.uint8), cv2.IMREAD_COLOR),
+                                       cv2.COLOR_BGR2RGB))
+    actions = []
+    for _, msg, msgtype in sorted(by_topic.get('/joint_command', []), key=lambda x: x[0]):
+        if msgtype.endswith('JointTrajectory'):
+            actions.append(msg.points[0].positions)
+        elif msgtype.endswith('JointState'):
+            actions.append(msg.position)
+        else:
+            actions.append(msg.data)
+    states = [m.position for _, m, _ in sorted(by_topic['/joint_states'], key=lambda x: x[0])]
+    return {'images': np.stack(images), 'states': np.asarray(states, np.float32),
+            'actions': np.asarray(actions, np.float64) if actions else None,
+            'instruction': by_topic['/instruction'][0][1].data}
+
+
+def _expected(runner, rec, execute=EXECUTE):
+    """Chunks at ticks 0, E, 2E, ... and their errors, computed with plain numpy."""
+    T = len(rec['images'])
+    starts = list(range(0, T, execute))
+    preds = [runner.predict(rec['images'][t], rec['instruction'], state=rec['states'][t]) for t in starts]
+    chunks = np.stack([p.actions for p in preds]).astype(np.float64)
+    abs_err, sq_err, by_step, exec_err = [], [], [[] for _ in range(H)], []
+    for t, chunk in zip(starts, chunks):
+        for h in range(H):
+            if t + h < T and rec['actions'] is not None:
+                e = chunk[h] - rec['actions'][t + h]
+                abs_err.append(np.abs(e))
+                sq_err.append(e ** 2)
+                by_step[h].append(np.abs(e))
+                if h < execute:
+                    exec_err.append(np.abs(e))
+    seams = [np.abs(chunks[i][0] - chunks[i - 1][execute]) for i in range(1, len(chunks))]
+    return {'starts': starts, 'chunks': chunks, 'nfe': [p.nfe for p in preds], 'mae': np.mean(abs_err, axis=0),
+            'mse': np.mean(sq_err, axis=0), 'pairs': len(abs_err), 'exec_mae': np.mean(exec_err, axis=0),
+            'by_step': [np.mean(s, axis=0) for s in by_step], 'seams': np.asarray(seams)}
+
+
+def _run(capsys, *args):
+    code = cli.main([*map(str, args), '--quiet'])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_report_numbers_match_an_independent_computation(bags, policy_dir, tmp_path, capsys):
+    from blockvla_ros.runtime.runner import PolicyRunner
+
+    out = tmp_path / 'report'
+    args = []
+    for path in bags.values():
+        args += ['--bag', path]
+    code, stdout, stderr = _run(capsys, *args, '--policy', 'tiny', '--policy-dir', policy_dir, '--out', out,
+                                '--execute-steps', EXECUTE, '--max-plots', 2)
+    assert code == 0, stderr
+    assert 'x real time' in stdout and 'replay speed' in stdout
+    report = json.loads((out / 'report.json').read_text())
+    [variant] = report['variants']
+    runner = PolicyRunner.load(policy_dir / 'tiny')
+    pooled_abs, pooled_pairs, nfes = np.zeros(D), 0, []
+    for path in bags.values():
+        rec = _read_bag(path)
+        exp = _expected(runner, rec)
+        got = variant['per_bag'][str(path)]
+        assert got['chunks'] == len(exp['starts']) and got['ticks'] == len(rec['images'])
+        assert got['errors']['pairs'] == exp['pairs']
+        for i, name in enumerate(ACTION_NAMES):
+            assert got['errors']['per_dim'][name]['mae'] == pytest.approx(exp['mae'][i], rel=1e-5, abs=1e-6)
+            assert got['errors']['per_dim'][name]['mse'] == pytest.approx(exp['mse'][i], rel=1e-5, abs=1e-6)
+            assert got['executed_errors']['per_dim'][name]['mae'] == pytest.approx(exp['exec_mae'][i], rel=1e-5,
+                                                                                   abs=1e-6)
+            assert got['seam_jump']['per_dim'][name]['max'] == pytest.approx(exp['seams'][:, i].max(), abs=1e-6)
+            for h in range(H):
+                assert got['errors']['by_step']['mae'][h][i] == pytest.approx(exp['by_step'][h][i], rel=1e-5,
+                                                                               abs=1e-6)
+        assert got['errors']['gripper']['mae'] == pytest.approx(exp['mae'][2], rel=1e-5, abs=1e-6)
+        assert got['errors']['arm']['mae'] == pytest.approx(exp['mae'][:2].mean(), rel=1e-5, abs=1e-6)
+        assert got['nfe']['mean'] == pytest.approx(np.mean(exp['nfe']))
+        assert got['latency_ms']['total']['p50'] > 0
+        pooled_abs += exp['mae'] * exp['pairs']
+        pooled_pairs += exp['pairs']
+        nfes += exp['nfe']
+    overall = variant['overall']
+    assert overall['errors']['pairs'] == pooled_pairs
+    for i, name in enumerate(ACTION_NAMES):
+        assert overall['errors']['per_dim'][name]['mae'] == pytest.approx(pooled_abs[i] / pooled_pairs, rel=1e-5)
+    assert overall['nfe']['total'] == sum(nfes)
+    assert variant['speed']['realtime_factor'] > 0
+    md = (out / 'report.md').read_text()
+    assert 'arm MAE / MSE (all steps)' in md and 'gripper' in md
+    assert {'error_vs_horizon.png', 'latency.png'} <= set(report['plots'])
+    for name in report['plots']:
+        assert (out / name).read_bytes()[:4] == b'\x89PNG'
+
+
+def test_two_decoders_side_by_side(bags, policy_dir, tmp_path, capsys):
+    bag = bags[('mcap', 'raw', 'JointTrajectory')]
+    out = tmp_path / 'cmp'
+    code, stdout, stderr = _run(capsys, '--bag', bag, '--policy', 'tiny', '--policy-dir', policy_dir, '--out', out,
+                                '--decoder', 'blockdiff', '--decoder', 'ar', '--max-plots', 1)
+    assert code == 0, stderr
+    report = json.loads((out / 'report.json').read_text())
+    assert [v['label'] for v in report['variants']] == ['blockdiff', 'ar']
+    assert [v['policy']['decoder'] for v in report['variants']] == ['blockdiff', 'ar']
+    ar = report['variants'][1]['overall']
+    assert ar['nfe']['min'] == ar['nfe']['max'] == H * D  # AR: one pass per action token
+    assert all(v['overall']['errors']['pairs'] > 0 for v in report['variants'])
+    assert '| figure | blockdiff | ar |' in (out / 'report.md').read_text()
+    assert stdout.count('replay speed') == 2
+
+
+def _without_topic(src, dst, topic):
+    """Copy a bag without one topic (rosbags Reader -> Writer, same storage)."""
+    typestore = get_typestore(Stores.LATEST)
+    with Reader(src) as reader, Writer(dst, version=9) as writer:
+        conns = {}
+        for c in reader.connections:
+            if c.topic != topic:
+                conns[c.id] = writer.add_connection(c.topic, c.msgtype, typestore=typestore)
+        for c, t, raw in reader.messages():
+            if c.id in conns:
+                writer.write(conns[c.id], t, raw)
+
+
+def test_bag_without_actions_still_predicts_and_says_why(bags, policy_dir, tmp_path, capsys):
+    bag = tmp_path / 'no_actions'
+    _without_topic(bags[('mcap', 'png', 'Float32MultiArray')], bag, '/joint_command')
+    out = tmp_path / 'out'
+    code, stdout, stderr = _run(capsys, '--bag', bag, '--policy', 'tiny', '--policy-dir', policy_dir, '--out', out)
+    assert code == 0, stderr
+    assert 'no recorded actions: error not computed' in stdout
+    report = json.loads((out / 'report.json').read_text())
+    overall = report['variants'][0]['overall']
+    assert overall['errors'] is None and overall['error_note'] == 'no recorded actions: error not computed'
+    assert overall['chunks'] > 0 and overall['latency_ms']['total']['max'] > 0 and overall['nfe']['min'] > 0
+    assert "no action topic '/joint_command'" in report['bags'][0]['no_actions_reason']
+    assert 'error not computed' in (out / 'report.md').read_text()
+    assert any(p.startswith('trajectory_') for p in report['plots']) and 'latency.png' in report['plots']
+    assert 'error_vs_horizon.png' not in report['plots']
+
+
+def test_bad_input_gives_a_clear_error(bags, policy_dir, tmp_path, capsys):
+    bag = bags[('mcap', 'raw', 'JointTrajectory')]
+    base = ['--policy', 'tiny', '--policy-dir', policy_dir, '--out', tmp_path / 'out']
+    code, _, err = _run(capsys, '--bag', bag, '--image-topic', '/front_camera', *base)
+    assert code == 2 and str(bag) in err and "'/front_camera' is not in the bag" in err
+    [mcap] = list(bag.glob('*.mcap'))
+    truncated = tmp_path / 'truncated.mcap'
+    truncated.write_bytes(mcap.read_bytes()[:len(mcap.read_bytes()) // 2])
+    garbage = tmp_path / 'garbage.mcap'
+    garbage.write_bytes(b'not a bag at all' * 10)
+    for path in (truncated, garbage):
+        code, _, err = _run(capsys, '--bag', path, *base)
+        assert code == 2 and str(path) in err and ('corrupt' in err or 'truncated' in err), err
+    code, _, err = _run(capsys, '--bag', tmp_path / 'missing', *base)
+    assert code == 2 and 'missing' in err and 'does not exist' in err
+    code, _, err = _run(capsys, '--bag', bag, '--policy', 'nope', '--policy-dir', policy_dir, '--out', tmp_path / 'o')
+    assert code == 2 and "'nope' not found" in err
+    code, _, err = _run(capsys, '--bag', bag, *base, '--execute-steps', H + 1)
+    assert code == 2 and 'execute_steps' in err
+    assert not (tmp_path / 'out').exists()
