@@ -1,0 +1,150 @@
+"""ONNX Runtime engine vs torch on the same weights; IO binding; instruction K/V reuse; no torch import; GPU paths."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from blockvla_ros.export.parity import compare_engines, random_observations
+from blockvla_ros.export.policy_writer import load_checkpoint
+from blockvla_ros.runtime.cuda_memory import cuda_device_count
+from blockvla_ros.runtime.decoding import Decoder
+from blockvla_ros.runtime.engine_factory import GPUUnavailableError, create_engine
+from blockvla_ros.runtime.ort_engine import OrtEngine
+from blockvla_ros.runtime.policy_folder import load_policy_folder
+from blockvla_ros.runtime.runner import PolicyRunner, build_preprocessor
+from blockvla_ros.runtime.torch_engine import TorchEngine
+
+from tiny_policy import export_tiny
+
+DECODERS = ('blockdiff', 'ar', 'fulldiff', 'fulldiff_nocache')
+
+
+@pytest.fixture(scope='module')
+def folder(tmp_path_factory):
+    return export_tiny(tmp_path_factory.mktemp('ort'), schedule='fixed')
+
+
+@pytest.fixture(scope='module')
+def reference(folder):
+    import torch
+
+    torch.set_num_threads(1)
+    policy, _ = load_checkpoint(folder.parent.parent / 'ckpt_tiny')
+    return TorchEngine(policy)
+
+
+@pytest.mark.parametrize('reuse', [True, False], ids=['split-prefill-reused', 'one-call-prefill'])
+def test_ort_matches_torch_on_20_observations(folder, reference, reuse):
+    spec = load_policy_folder(folder)
+    pre = build_preprocessor(spec.config, spec.stats, folder)
+    obs = random_observations(spec.config, spec.stats, 20, seed=7, tokenizer=pre.text)
+    engine = OrtEngine(spec, threads=1, reuse_text_kv=reuse)
+    report = compare_engines(spec.config, reference, engine, obs, pre, 'onnxruntime', decoders=DECODERS)
+    assert report.graph_calls > 20 * 4 * 5
+    assert report.tokens_equal, report.mismatches
+    assert report.max_abs_diff <= 1e-3
+    assert engine.reuse_text_kv == reuse
+
+
+def test_threshold_schedule_and_overrides_match_torch(folder, reference):
+    spec = load_policy_folder(folder)
+    config = spec.config.replace(schedule='threshold', threshold=0.005, steps_per_block=2)
+    pre = build_preprocessor(spec.config, spec.stats, folder)
+    engine = OrtEngine(spec, threads=1)
+    for image, text, state in random_observations(spec.config, spec.stats, 4, seed=3, tokenizer=pre.text):
+        prefix = pre(image, text, state)
+        a, b = Decoder(config, 'blockdiff')(reference, prefix), Decoder(config, 'blockdiff')(engine, prefix)
+        assert np.array_equal(a.tokens, b.tokens) and a.nfe == b.nfe and a.steps == b.steps
+
+
+def test_instruction_kv_is_reused_while_the_instruction_is_unchanged(folder):
+    runner = PolicyRunner.load(folder, threads=1)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(3)]
+    first = runner.predict(images[0], 'stack the cups')
+    second = runner.predict(images[1], 'stack the cups')
+    third = runner.predict(images[2], 'open the drawer')
+    assert not first.instruction_kv_reused and second.instruction_kv_reused and not third.instruction_kv_reused
+    fresh = PolicyRunner.load(folder, threads=1, engine_options={'reuse_text_kv': False})
+    assert np.array_equal(fresh.predict(images[1], 'stack the cups').tokens, second.tokens)
+    assert fresh.describe()['reuse_text_kv'] is False
+
+
+def test_io_binding_shares_preallocated_buffers(folder):
+    spec = load_policy_folder(folder)
+    engine = OrtEngine(spec, threads=1)
+    pre = build_preprocessor(spec.config, spec.stats, folder)
+    image, text, state = random_observations(spec.config, spec.stats, 1, seed=1, tokenizer=pre.text)[0]
+    cache_buffer = engine.cache.buffer
+    Decoder(spec.config, 'blockdiff')(engine, pre(image, text, state))
+    step = engine.graph(spec.step_key(spec.config.block_size))
+    new_kv, logits = step.buffer('new_kv'), step.buffer('logits')
+    Decoder(spec.config, 'blockdiff')(engine, pre(image, text, state))
+    assert engine.cache.buffer is cache_buffer and step.buffer('new_kv') is new_kv and step.buffer('logits') is logits
+    assert step.buffers['kv'] is cache_buffer and step.buffers['kv_valid'] is engine.cache.valid
+    # the OrtValue bound as `kv` reads the numpy cache in place: zeroing the cache changes the step's output
+    engine.prefill(pre(image, text, state))
+    before = engine.step(np.zeros(spec.config.block_size, np.int64))
+    cache_buffer[:] = 0.0
+    after = engine.step(np.zeros(spec.config.block_size, np.int64))
+    assert not np.allclose(before, after)
+
+
+def test_runtime_and_ort_engine_never_import_torch(folder):
+    code = ('import sys, numpy as np\n'
+            'import blockvla_ros.runtime\n'
+            'from blockvla_ros.runtime.runner import PolicyRunner\n'
+            f'r = PolicyRunner.load({str(folder)!r}, threads=1)\n'
+            'r.warmup(1)\n'
+            'p = r.predict(np.zeros((20, 30, 3), np.uint8), "push the block", known_actions=np.zeros((1, 3)))\n'
+            'assert p.actions.shape == (4, 3)\n'
+            'print(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers")))\n')
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == '[]', out.stdout
+
+
+def test_onnxruntime_cuda_falls_back_or_fails_with_require_gpu(folder, caplog):
+    import onnxruntime
+
+    if 'CUDAExecutionProvider' in onnxruntime.get_available_providers() and cuda_device_count()[0]:
+        pytest.skip('this machine has a usable CUDA provider')
+    spec = load_policy_folder(folder)
+    with pytest.raises(GPUUnavailableError, match="'onnxruntime'"):
+        create_engine(spec, 'onnxruntime-cuda', require_gpu=True)
+    engine = create_engine(spec, 'onnxruntime-cuda', threads=1)
+    assert engine.describe()['provider'] == 'CPUExecutionProvider'
+    assert any('CPU' in r.getMessage() or 'CUDA' in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.skipif(cuda_device_count()[0] > 0, reason='this machine has a GPU')
+def test_tensorrt_without_gpu_fails_at_once(folder):
+    with pytest.raises(GPUUnavailableError) as e:
+        PolicyRunner.load(folder, engine='tensorrt')
+    assert 'GPU' in str(e.value) and "'onnxruntime'" in str(e.value)
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize('cuda_graphs', [False, True])
+def test_tensorrt_matches_torch_on_20_observations(folder, reference, tmp_path, cuda_graphs):
+    from blockvla_ros.runtime.trt_engine import TrtEngine
+
+    spec = load_policy_folder(folder)
+    pre = build_preprocessor(spec.config, spec.stats, folder)
+    obs = random_observations(spec.config, spec.stats, 20, seed=7, tokenizer=pre.text)
+    engine = TrtEngine(spec, fp16=False, cache_dir=str(tmp_path / 'trt'), cuda_graphs=cuda_graphs)
+    report = compare_engines(spec.config, reference, engine, obs, pre, 'tensorrt', decoders=DECODERS)
+    assert report.tokens_equal, report.mismatches
+    assert report.max_abs_diff <= 1e-3
+    assert list((tmp_path / 'trt').glob('*.engine'))  # cached for the next load
+
+
+@pytest.mark.requires_cuda
+def test_onnxruntime_cuda_matches_torch(folder, reference):
+    spec = load_policy_folder(folder)
+    pre = build_preprocessor(spec.config, spec.stats, folder)
+    obs = random_observations(spec.config, spec.stats, 20, seed=7, tokenizer=pre.text)
+    engine = create_engine(spec, 'onnxruntime-cuda', require_gpu=True)
+    report = compare_engines(spec.config, reference, engine, obs, pre, 'onnxruntime-cuda', decoders=DECODERS)
+    assert report.tokens_equal and report.max_abs_diff <= 1e-3
