@@ -289,12 +289,25 @@ def test_yaml_config_overrides_and_print(tmp_path, capsys):
     assert 'steps: 7' in capsys.readouterr().out
 
 
-def test_the_shipped_example_config_is_valid():
+def test_the_shipped_configs_are_valid():
     from pathlib import Path
+
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from blockvla_ros.tasks.spec import TASKS
 
     root = Path(__file__).resolve().parents[1] / 'config' / 'train'
     config = load_train_config(root / 'example.yaml')
-    assert config.train.mode == 'blockdiff' and config.model_config().n_action_tokens % config.model_config().block_size == 0
+    model = config.model_config()
+    assert config.train.mode == 'blockdiff' and model.decoder == 'blockdiff' and model.block_size == model.action_dim
+    text = load_text_tokenizer(model.text_tokenizer, model.max_text_tokens, model.backbone['vocab_size'])
+    for task in TASKS.values():  # every tabletop instruction fits the prefix
+        for shape in ('circle', 'square'):
+            for instruction in task.instructions({c: shape for c in task.targets}):
+                text.encode(instruction)
+    assert load_config_from_file(str(root / 'accelerate_ddp.yaml')).distributed_type == 'MULTI_GPU'
+    fsdp = load_config_from_file(str(root / 'accelerate_fsdp.yaml'))
+    assert fsdp.distributed_type == 'FSDP' and fsdp.fsdp_config['fsdp_state_dict_type'] == 'FULL_STATE_DICT'
 
 
 def test_windows_split_and_tail_policy():

@@ -41,7 +41,7 @@ class TrainResult:
     curve_path: Optional[str] = None
 
 
-def _loss_module(policy, mode: str):
+def make_loss_module(policy, mode: str):
     import torch
 
     class LossModule(torch.nn.Module):
@@ -117,6 +117,7 @@ def train(config: TrainConfig, episodes: Optional[Sequence] = None) -> TrainResu
     from .metrics import MetricsLog, plot_loss_curve
     from .optim import build_optimizer, lr_at, set_lr
     from .sampler import StepBatchSampler
+    from .train_state import Saver, load_optimizer, load_trainable
     from .validation import decode_error, val_indices, validation_loss
 
     opts = config.train
@@ -147,17 +148,15 @@ def train(config: TrainConfig, episodes: Optional[Sequence] = None) -> TrainResu
         start = int(state.get('step', 0))
         if resume is not None:
             _check_resume(state, config, data, world)
-            _load_trainable(policy, trainable, resume)
+            load_trainable(policy, trainable, resume)
 
-        module = _loss_module(policy, opts.mode)
+        module = make_loss_module(policy, opts.mode)
         if not fsdp:
             module.to(device)
         optimizer, names = build_optimizer(policy, opts)
         module, optimizer = accelerator.prepare(module, optimizer)
         if opt_tensors:
-            from .checkpoint import unflatten_optimizer
-
-            optimizer.load_state_dict(unflatten_optimizer(opt_tensors, state['optimizer_groups'], names))
+            load_optimizer(module, optimizer, opt_tensors, state['optimizer_groups'], names, fsdp)
 
         stop = min(opts.steps, opts.max_steps or opts.steps)
         sampler = StepBatchSampler(len(data.train), opts.batch_size, world, rank, opts.grad_accum, opts.seed,
@@ -190,7 +189,7 @@ def train(config: TrainConfig, episodes: Optional[Sequence] = None) -> TrainResu
                 metrics.write({'step': step, 'split': 'val', **out})
             return out
 
-        saver = _Saver(accelerator, module, optimizer, names, policy, data, config, out_dir, fsdp)
+        saver = Saver(accelerator, module, optimizer, names, policy, data, config, out_dir, fsdp)
         last_train, last_val, rate = None, None, None
         stopped = 'nothing_to_do' if start >= stop else None
         if start == 0 and stop > 0:
@@ -268,66 +267,6 @@ def train(config: TrainConfig, episodes: Optional[Sequence] = None) -> TrainResu
         _release(accelerator)
 
 
-class _Saver:
-    """Gathers weights + optimizer state (collective under FSDP) and writes one checkpoint on the main process."""
-
-    def __init__(self, accelerator, module, optimizer, names, policy, data, config, out_dir, fsdp):
-        self.acc, self.module, self.optimizer, self.names = accelerator, module, optimizer, names
-        self.policy, self.data, self.config, self.out_dir, self.fsdp = policy, data, config, out_dir, fsdp
-        self.trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
-        self.last_step = None
-
-    def save(self, step: int) -> None:
-        from .checkpoint import checkpoint_path, flatten_optimizer, prune, save_checkpoint
-
-        self.last_step = step
-        path = checkpoint_path(self.out_dir, step)
-        full = self.acc.get_state_dict(self.module)  # {'policy.<name>': tensor}; gathered under FSDP
-        state = {k[len('policy.'):]: v for k, v in full.items() if k.startswith('policy.')}
-        if self.fsdp:
-            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-            osd = FSDP.optim_state_dict(self.module, self.optimizer.optimizer)
-            osd = _named_to_indexed(osd, self.names)
-        else:
-            osd = self.optimizer.state_dict()
-        if self.acc.is_main_process and not path.exists():
-            opt_tensors, groups = flatten_optimizer(osd, self.names)
-            lora = self.config.train.lora
-            if lora.enabled:
-                from .lora import merge_lora_state
-
-                policy_state = merge_lora_state(state, lora)
-            else:
-                policy_state = state
-            trainable = {k: v for k, v in state.items() if k in self.trainable}
-            meta = {'step': step, 'seed': self.config.train.seed, 'mode': self.config.train.mode,
-                    'global_batch': self.config.train.batch_size, 'world_size': self.acc.num_processes,
-                    'samples_seen': step * self.config.train.batch_size, 'optimizer_groups': groups,
-                    'data_fingerprint': self.data.fingerprint, 'data': self.data.summary,
-                    'rng': 'reseeded from (seed, step, micro-batch) every step: nothing to restore'}
-            save_checkpoint(path, policy_config=self.policy.portable_config(), policy_state=policy_state,
-                            stats=self.data.stats, train_config=self.config, trainable=trainable,
-                            optimizer_tensors=opt_tensors, state=meta, extra_files=self._tokenizer_files)
-            prune(self.out_dir, self.config.train.keep_checkpoints)
-            log.info('checkpoint %s', path)
-        self.acc.wait_for_everyone()
-
-    def _tokenizer_files(self, folder: Path) -> None:
-        tok = getattr(self.data.text_tokenizer, 'tok', None)
-        if tok is not None:  # text_tokenizer: auto -> the policy folder carries the tokenizer
-            tok.save_pretrained(str(folder))
-
-
-def _named_to_indexed(osd: dict, names: list) -> dict:
-    """FSDP's full optimizer state (keyed by parameter name) -> the index-keyed layout flatten_optimizer reads."""
-    index = {n: i for i, n in enumerate(names)}
-    state = {index[k]: v for k, v in osd['state'].items()}
-    groups = [{**{k: v for k, v in g.items() if k != 'params'}, 'params': [index[p] for p in g['params']]}
-              for g in osd['param_groups']]
-    return {'state': state, 'param_groups': groups}
-
-
 def _check_resume(state: dict, config: TrainConfig, data, world: int) -> None:
     if state.get('mode') != config.train.mode:
         raise ValueError(f'the checkpoint was trained with mode {state.get("mode")!r}, this run is '
@@ -340,15 +279,6 @@ def _check_resume(state: dict, config: TrainConfig, data, world: int) -> None:
     if state.get('world_size') != world:
         log.info('resuming on %d processes (checkpoint: %s); same global batch and data order', world,
                  state.get('world_size'))
-
-
-def _load_trainable(policy, trainable: dict, path: Path) -> None:
-    expected = {n for n, p in policy.named_parameters() if p.requires_grad}
-    missing, unexpected = sorted(expected - set(trainable)), sorted(set(trainable) - expected)
-    if missing or unexpected:
-        raise ValueError(f'{path}: trainable weights do not match this model (missing {missing[:5]}, unexpected '
-                         f'{unexpected[:5]}); was the model or LoRA config changed?')
-    policy.load_state_dict(trainable, strict=False)
 
 
 def _agree(accelerator, flag: bool) -> bool:
