@@ -220,7 +220,7 @@ def test_bag_without_actions_still_predicts_and_says_why(bags, policy_dir, tmp_p
 
 def test_bad_input_gives_a_clear_error(bags, policy_dir, tmp_path, capsys):
     bag = bags[('mcap', 'raw', 'JointTrajectory')]
-    base = ['--policy', 'tiny', '--policy-dir', policy_dir, '--out', tmp_path / 'out']
+    base = ['--policy', 'tiny', '--policy-dir', policy_dir, '--out', tmp_path / 'out', '--warmup', 0]
     code, _, err = _run(capsys, '--bag', bag, '--image-topic', '/front_camera', *base)
     assert code == 2 and str(bag) in err and "'/front_camera' is not in the bag" in err
     [mcap] = list(bag.glob('*.mcap'))
@@ -238,3 +238,36 @@ def test_bad_input_gives_a_clear_error(bags, policy_dir, tmp_path, capsys):
     code, _, err = _run(capsys, '--bag', bag, *base, '--execute-steps', H + 1)
     assert code == 2 and 'execute_steps' in err
     assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.ros
+def test_live_path_player_node_recorder(bags, policy_dir, tmp_path):
+    """bag player + the real policy node (sim time) + recorder over loopback: the output bag holds the node's
+    chunks, and the first one continues an offline prediction on one of the bag's observations."""
+    from blockvla_ros.evaluation.live import run_live
+    from blockvla_ros.runtime.runner import PolicyRunner
+
+    bag = bags[('sqlite3', 'jpeg', 'JointState')]
+    result = run_live(bag, 'tiny', tmp_path / 'live', policy_dirs=[str(policy_dir)], control_rate_hz=10.0,
+                      settle_s=1.0)
+    assert result.output_bag == tmp_path / 'live' and result.counts['/action_chunk'] > 0
+    assert result.counts['/action'] > 0 and result.counts['/diagnostics'] > 0
+    chunks = []
+    with AnyReader([result.output_bag]) as reader:
+        conns = [c for c in reader.connections if c.topic == '/action_chunk']
+        assert conns[0].msgtype == 'trajectory_msgs/msg/JointTrajectory'
+        for c, t, raw in reader.messages(connections=conns):
+            chunks.append((t, reader.deserialize(raw, c.msgtype)))
+    rec = _read_bag(bag)
+    t0, t_end = 1_700_000_000 * 10**9, 1_700_000_000 * 10**9 + len(rec['images']) * 100_000_000
+    for t, msg in chunks:
+        assert list(msg.joint_names) == ACTION_NAMES and 1 <= len(msg.points) <= H
+        stamp = msg.header.stamp.sec * 10**9 + msg.header.stamp.nanosec
+        assert t0 <= stamp <= t_end and t0 <= t <= t_end  # sim time from the player's /clock
+    runner = PolicyRunner.load(policy_dir / 'tiny')
+    first = np.array([p.positions for p in chunks[0][1].points])  # [k, D] remaining part of the first chunk
+    # the node pairs the newest image with the newest state, which may be one tick apart
+    T = len(rec['images'])
+    offline = [runner.predict(rec['images'][k], rec['instruction'], state=rec['states'][j]).actions
+               for k in range(T) for j in range(max(k - 1, 0), min(k + 2, T))]
+    assert any(np.allclose(first, pred[H - len(first):], atol=1e-5) for pred in offline)

@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--policy-dir', action='append', default=None, metavar='DIR',
                    help=f'directories policies are looked up in (default {DEFAULT_POLICY_DIR})')
     p.add_argument('--threads', type=int, default=None, help='ONNX Runtime intra-op threads (default: runtime)')
+    p.add_argument('--warmup', type=int, default=2,
+                   help='untimed predictions per policy before the replay, as the node does (default 2)')
     p.add_argument('--out', required=True, help='output directory for report.json, report.md and plots')
     p.add_argument('--rate-hz', type=float, default=10.0, help='control rate of the replay (default 10)')
     p.add_argument('--execute-steps', type=int, default=None,
@@ -78,7 +80,10 @@ def _load_runner(policy: str, decoder: str | None, args):
         dirs.append(given.resolve().parent)  # an explicit folder path is allowed from the command line
         policy = str(given.resolve())
     folder = resolve_policy(policy, dirs)
-    return PolicyRunner.load(folder, engine=args.engine, decoder=decoder, threads=args.threads)
+    runner = PolicyRunner.load(folder, engine=args.engine, decoder=decoder, threads=args.threads)
+    if args.warmup > 0:
+        runner.warmup(args.warmup)  # first calls allocate arenas; keep them out of the latency figures
+    return runner
 
 
 def run(args) -> dict:

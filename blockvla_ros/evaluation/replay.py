@@ -50,7 +50,7 @@ class BagEpisodes:
 
     path: str
     episodes: list[Episode]
-    topics: dict[str, str]
+    topics: dict[str, str]  # filled only for bags without recorded actions (to say what they hold)
     no_actions_reason: str = ''  # '' when the bag has recorded actions
 
 
@@ -107,14 +107,15 @@ def load_bags(paths: list[str | Path], topic_map: TopicMap, rate_hz: float, acti
         raise BagError(f'no bags found in {", ".join(map(str, paths))}')
     bags = []
     for path in tqdm(found, desc='reading bags', unit='bag', disable=None if progress is None else not progress):
-        topics = list_topics(path)
         episodes = read_episodes(path, topic_map, rate_hz, require_actions=False, action_dim=action_dim,
                                  state_dim=state_dim, progress=False)
-        reason = ''
+        reason, topics = '', {}
         if topic_map.action is None:
             reason = 'no action topic was given'
-        elif topic_map.action not in topics:
-            reason = f'the bag has no action topic {topic_map.action!r} (topics: {", ".join(sorted(topics))})'
+        elif not episodes or any(ep.actions is None for ep in episodes):
+            topics = list_topics(path)  # opened again only to say what the bag holds instead
+            if topic_map.action not in topics:
+                reason = f'the bag has no action topic {topic_map.action!r} (topics: {", ".join(sorted(topics))})'
         if not episodes:
             logger.warning('%s: no episodes to replay', path)
         bags.append(BagEpisodes(str(path), episodes, topics, reason))
@@ -147,7 +148,11 @@ def replay_episode(runner: Any, episode: Episode, settings: ReplaySettings, epis
             known = chunks[-1][k:k + s.known_steps]  # [K, D]
         state = episode.states[t] if needs_state else None
         began = time.perf_counter()
-        pred = runner.predict(episode.images[t], episode.instruction, state=state, known_actions=known)
+        try:
+            pred = runner.predict(episode.images[t], episode.instruction, state=state, known_actions=known)
+        except ValueError as err:  # e.g. an instruction longer than the policy accepts: say where
+            raise ValueError(f'{episode.bag_path}: episode {episode_index} ({episode.instruction!r}), tick {t}: '
+                             f'policy {runner.name!r} refused the observation: {err}') from err
         wall_ms = 1e3 * (time.perf_counter() - began)
         actions = np.asarray(pred.actions, dtype=np.float32)
         if actions.shape != (horizon, dim):

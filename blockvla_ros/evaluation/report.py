@@ -69,7 +69,7 @@ def build_report(variants: list[VariantReplay], bags: list[BagEpisodes], setting
     for bag in bags:
         bag_list.append({
             'path': bag.path,
-            'topics': bag.topics,
+            'topics': bag.topics or None,  # only listed for bags without recorded actions
             'no_actions_reason': bag.no_actions_reason or None,
             'episodes': [{'instruction': ep.instruction, 'ticks': len(ep),
                           'has_actions': ep.actions is not None, 'action_names': ep.action_names}
