@@ -124,6 +124,28 @@ def test_trains_on_both_bag_formats_from_an_ar_checkpoint_and_the_checkpoint_dec
     assert state['step'] == 30 and stats.n_samples < sum(len(e.actions) for e in episodes)
 
 
+def test_auto_tokenizer_travels_with_the_checkpoint_of_a_bf16_run(tmp_path, bags, ar_checkpoint):
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    folder = tmp_path / 'ar_with_tokenizer'  # an AR checkpoint with its own (byte-level BPE, 300 ids) tokenizer
+    shutil.copytree(ar_checkpoint, folder)
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(['touch the red block', 'press the blue object', 'tap the red circle'] * 5, vocab_size=300,
+                            min_frequency=1, special_tokens=['<|endoftext|>'])
+    PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token='<|endoftext|>',
+                            pad_token='<|endoftext|>').save_pretrained(folder)
+    config = make_config(tmp_path / 'run', [bags / 'mcap_raw'], steps=3, eval_interval=3, save_interval=3,
+                         precision='bf16', model={'backbone_path': str(folder), 'text_tokenizer': 'auto'})
+    result = train(config)
+    assert result.stopped == 'done' and np.isfinite(result.val_loss)
+    ckpt = result.checkpoint
+    assert BlockVLAPolicy.load(ckpt).config.text_tokenizer == 'auto'
+    ids, valid = load_text_tokenizer('auto', 40, 512, ckpt).encode('tap the blue circle')
+    assert 3 <= valid.sum() < len('tap the blue circle') and ids.max() < 300  # BPE ids, not bytes
+    assert np.array_equal(ids, load_text_tokenizer('auto', 40, 512, folder).encode('tap the blue circle')[0])
+
+
 @pytest.mark.parametrize('mode', ['ar', 'fulldiff'])
 def test_baseline_modes_train_on_the_same_data_and_save_their_decoder(tmp_path, bags, mode):
     config = make_config(tmp_path / mode, [bags / 'mcap_raw'], steps=8, eval_interval=8, save_interval=8, mode=mode)
@@ -137,30 +159,54 @@ def test_baseline_modes_train_on_the_same_data_and_save_their_decoder(tmp_path, 
 
 # --- resume --------------------------------------------------------------------------------------------------------
 def test_stopped_and_resumed_run_continues_the_same_loss_curve(tmp_path, bags):
-    full = train(make_config(tmp_path / 'full', [bags / 'mcap_raw'], steps=16, eval_interval=8, save_interval=8))
-    part = make_config(tmp_path / 'part', [bags / 'mcap_raw'], steps=16, eval_interval=8, save_interval=8)
-    first = train(part.replace({'train.max_steps': 10}))
-    assert first.stopped == 'max_steps' and first.step == 10
+    full = train(make_config(tmp_path / 'full', [bags / 'mcap_raw'], steps=12, eval_interval=6, save_interval=6))
+    part = make_config(tmp_path / 'part', [bags / 'mcap_raw'], steps=12, eval_interval=6, save_interval=6,
+                       data={'num_workers': 1})  # a loader worker process: the same batches in the same order
+    first = train(part.replace({'train.max_steps': 7}))
+    assert first.stopped == 'max_steps' and first.step == 7
     # a kill during the next save leaves a temporary directory behind: it must be ignored and cleaned up
-    (tmp_path / 'part' / 'checkpoints' / '.step_00000012.abc.tmp' / 'training_state').mkdir(parents=True)
+    (tmp_path / 'part' / 'checkpoints' / '.step_00000009.abc.tmp' / 'training_state').mkdir(parents=True)
     second = train(part)
-    assert second.stopped == 'done' and second.step == 16
-    assert [r['step'] for r in second.history if r['split'] == 'train'] == list(range(11, 17))
+    assert second.stopped == 'done' and second.step == 12
+    assert [r['step'] for r in second.history if r['split'] == 'train'] == list(range(8, 13))
     a, b = train_losses(full.history), train_losses(read_metrics(tmp_path / 'part' / 'metrics.jsonl'))
-    assert sorted(b) == list(range(1, 17))  # one continuous curve in the metrics file
-    for step in range(11, 17):
+    assert sorted(b) == list(range(1, 13))  # one continuous curve in the metrics file
+    for step in range(8, 13):
         assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-5), (step, a[step], b[step])
     assert second.val_loss == pytest.approx(full.val_loss, rel=1e-4)
     assert not list((tmp_path / 'part' / 'checkpoints').glob('.step_*'))
     # nothing left to do: resuming a finished run returns at once
     again = train(part)
-    assert again.stopped == 'nothing_to_do' and again.step == 16
+    assert again.stopped == 'nothing_to_do' and again.step == 12
 
 
 def test_time_budget_stops_with_a_checkpoint(tmp_path, bags):
     result = train(make_config(tmp_path / 'tb', [bags / 'mcap_raw'], steps=1000, time_budget_s=1e-3))
     assert result.stopped == 'time_budget' and result.step == 1
     assert [s for s, _ in list_checkpoints(tmp_path / 'tb')] == [1]
+
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint(tmp_path, bags):
+    import os
+    import signal
+    import threading
+
+    out = tmp_path / 'term'
+
+    def terminate_after_first_checkpoint():
+        for _ in range(6000):
+            if list_checkpoints(out):
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            threading.Event().wait(0.01)
+
+    thread = threading.Thread(target=terminate_after_first_checkpoint, daemon=True)
+    thread.start()
+    result = train(make_config(out, [bags / 'mcap_raw'], steps=1000, save_interval=2, eval_interval=1000))
+    thread.join()
+    assert result.stopped == 'signal' and 2 < result.step < 1000
+    assert list_checkpoints(out)[-1][0] == result.step  # the step it stopped at was saved
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handler restored
 
 
 # --- bad input -------------------------------------------------------------------------------------------------------
