@@ -271,3 +271,23 @@ def test_live_path_player_node_recorder(bags, policy_dir, tmp_path):
     offline = [runner.predict(rec['images'][k], rec['instruction'], state=rec['states'][j]).actions
                for k in range(T) for j in range(max(k - 1, 0), min(k + 2, T))]
     assert any(np.allclose(first, pred[H - len(first):], atol=1e-5) for pred in offline)
+
+
+def test_real_time_chunking_feeds_the_previous_plan(bags, policy_dir):
+    """--known-steps K: each new chunk starts with the K actions the previous chunk planned for its ticks."""
+    from blockvla_ros.evaluation.replay import ReplaySettings, load_bags, replay_variant
+    from blockvla_ros.io.bag_reader import TopicMap
+    from blockvla_ros.runtime.runner import PolicyRunner
+
+    runner = PolicyRunner.load(policy_dir / 'tiny')
+    loaded = load_bags([bags[('mcap', 'raw', 'JointTrajectory')]], TopicMap(state='/joint_states'), 10.0,
+                       action_dim=D, state_dim=2, progress=False)
+    [ep] = replay_variant(runner, loaded, ReplaySettings(10.0, EXECUTE, 1), progress=False).episodes
+    assert len(ep.starts) >= 3 and np.all(np.diff(ep.starts) == EXECUTE)
+    for i in range(1, len(ep.starts)):
+        np.testing.assert_allclose(ep.chunks[i, 0], ep.chunks[i - 1, EXECUTE], atol=1e-6)
+    # the seam is measured at the first step the new chunk decided itself
+    jumps = np.abs(ep.chunks[1:, 1] - ep.chunks[:-1, EXECUTE + 1])
+    np.testing.assert_allclose(ep.seams.max, jumps.max(axis=0), atol=1e-9)
+    with pytest.raises(ValueError, match='known_steps'):
+        replay_variant(runner, loaded, ReplaySettings(10.0, H, 1), progress=False)
