@@ -113,12 +113,12 @@ def train(config: TrainConfig, episodes: Optional[Sequence] = None) -> TrainResu
 
     from . import assemble
     from .checkpoint import list_checkpoints, load_training_state, remove_partial_saves
-    from .dataset import collate
+    from .dataset import collate, evenly_spaced
     from .metrics import MetricsLog, plot_loss_curve
     from .optim import build_optimizer, lr_at, set_lr
     from .sampler import StepBatchSampler
     from .train_state import Saver, load_optimizer, load_trainable
-    from .validation import decode_error, val_indices, validation_loss
+    from .validation import decode_error, validation_loss
 
     opts = config.train
     accelerator = _accelerator(opts, find_unused=config.model.get('vision', {}).get('type') == 'hf')
@@ -169,7 +169,8 @@ def train(config: TrainConfig, episodes: Optional[Sequence] = None) -> TrainResu
             config.save(out_dir / 'train_config.yaml')
             atomic_json(out_dir / 'data_summary.json', data.summary)
 
-        val_idx = val_indices(data.val, config.data.val_max_windows) if data.val is not None else None
+        val_idx = None if data.val is None else evenly_spaced(len(data.val), config.data.val_max_windows)
+        decode_idx = None if val_idx is None else val_idx[evenly_spaced(len(val_idx), opts.eval_decode_samples)]
         val_batch = min(opts.batch_size, 64)  # fixed batches: the same masks whatever the process layout
         unwrapped = accelerator.unwrap_model(module)
 
@@ -181,9 +182,7 @@ def train(config: TrainConfig, episodes: Optional[Sequence] = None) -> TrainResu
                                   0 if fsdp else rank, 1 if fsdp else world,
                                   None if fsdp else (lambda t: accelerator.reduce(t, 'sum')), accelerator.autocast)
             if opts.eval_decode_samples and not fsdp and main:
-                out.update(decode_error(unwrapped.policy, data.val, val_idx[:: max(len(val_idx) //
-                                                                                   opts.eval_decode_samples, 1)]
-                                        [:opts.eval_decode_samples], device))
+                out.update(decode_error(unwrapped.policy, data.val, decode_idx, device))
             accelerator.wait_for_everyone()
             if out:
                 metrics.write({'step': step, 'split': 'val', **out})
@@ -244,7 +243,7 @@ def train(config: TrainConfig, episodes: Optional[Sequence] = None) -> TrainResu
                 if done % opts.save_interval == 0 or stopping:
                     saver.save(done)
                 if stopping:
-                    stopped = flag.reason or ('done' if done == opts.steps else 'max_steps')
+                    stopped = 'done' if done == opts.steps else flag.reason or 'max_steps'
                     break
         if bar is not None:
             bar.close()

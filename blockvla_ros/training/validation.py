@@ -8,14 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .dataset import ChunkDataset, collate, evenly_spaced
+from .dataset import ChunkDataset, collate
 from .sampler import mix_seed
 
 VAL_SEED_SALT = 0x7A1
-
-
-def val_indices(dataset: ChunkDataset, max_windows: int) -> np.ndarray:
-    return evenly_spaced(len(dataset), max_windows)
 
 
 def validation_loss(module, dataset: ChunkDataset, indices: np.ndarray, batch_size: int, seed: int, device,
