@@ -13,7 +13,6 @@ import argparse
 import itertools
 import logging
 import sys
-import time
 from pathlib import Path
 
 DEFAULT_POLICY_DIR = Path(__file__).resolve().parents[2] / 'models'
@@ -89,13 +88,13 @@ def _load_runner(policy: str, decoder: str | None, args):
 def run(args) -> dict:
     """Load, replay, summarize, write; returns the report dict."""
     from blockvla_ros.evaluation import plots
-    from blockvla_ros.evaluation.replay import ReplaySettings, load_bags, replay_variant
+    from blockvla_ros.evaluation.replay import ReplaySettings, replay_bags
     from blockvla_ros.evaluation.report import build_report, summarize, write_report
     from blockvla_ros.io.bag_reader import TopicMap
 
     progress = False if args.quiet else None
     variants = _variants(args)
-    runners = [(_load_runner(policy, decoder, args), label) for policy, decoder, label in variants]
+    runners = [(_load_runner(policy, decoder, args), label or None) for policy, decoder, label in variants]
     dims = {r.config.action_dim for r, _ in runners}
     if len(dims) != 1:
         raise ValueError(f'the compared policies predict different action sizes {sorted(dims)}; '
@@ -109,13 +108,10 @@ def run(args) -> dict:
 
     topic_map = TopicMap(image=args.image_topic, instruction=args.instruction_topic, action=args.action_topic,
                          state=args.state_topic if state_dims else None, action_field=args.action_field)
-    began = time.perf_counter()
-    bags = load_bags(args.bag, topic_map, args.rate_hz, action_dim=dims.pop(),
-                     state_dim=state_dims.pop() if state_dims else None, progress=progress)
-    read_s = time.perf_counter() - began
-    results = [replay_variant(runner, bags, settings, label or runner.name, progress=progress)
-               for runner, label in runners]
-    report = build_report(results, bags, settings, read_s)
+    run = replay_bags(runners, args.bag, topic_map, settings, action_dim=dims.pop(),
+                      state_dim=state_dims.pop() if state_dims else None, progress=progress)
+    results = run.variants
+    report = build_report(results, run.bags, settings, run.read_s, wall_s=run.wall_s)
     summaries = [v['overall'] for v in report['variants']]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -145,7 +141,8 @@ def _print_summary(report: dict, out: str) -> None:
         print(f'  replay speed: {sp["realtime_factor"]:.1f}x real time '
               f'({sp["recorded_s"]:.1f} s recorded in {sp["replay_wall_s"]:.2f} s)')
     sp = report['speed']
-    print(f'overall speed incl. bag reading: {sp["realtime_factor"]:.1f}x real time')
+    print(f'whole run incl. bag reading: {sp["realtime_factor"]:.1f}x real time '
+          f'({sp["recorded_s"]:.1f} s recorded in {sp["total_wall_s"]:.2f} s)')
     print(f'wrote {Path(out) / "report.json"}, {Path(out) / "report.md"} and {len(report["plots"])} plots')
 
 

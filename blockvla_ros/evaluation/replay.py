@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,9 +50,20 @@ class BagEpisodes:
     """The episodes of one bag, plus why errors cannot be computed for it (if so)."""
 
     path: str
-    episodes: list[Episode]
+    episodes: list[Episode]  # emptied by release() once every policy has replayed them
     topics: dict[str, str]  # filled only for bags without recorded actions (to say what they hold)
     no_actions_reason: str = ''  # '' when the bag has recorded actions
+    infos: list[dict] = field(default_factory=list)  # per episode: instruction, ticks, has_actions, action_names
+    read_s: float = 0.0  # time spent reading the bag
+
+    def __post_init__(self):
+        if not self.infos:
+            self.infos = [{'instruction': ep.instruction, 'ticks': len(ep), 'has_actions': ep.actions is not None,
+                           'action_names': list(ep.action_names)} for ep in self.episodes]
+
+    def release(self) -> None:
+        """Drop the images (the report keeps only ``infos``), so long datasets stream in bounded memory."""
+        self.episodes = []
 
 
 @dataclass
@@ -95,31 +107,40 @@ class VariantReplay:
         return self.recorded_s / self.wall_s if self.wall_s > 0 else float('inf')
 
 
-def load_bags(paths: list[str | Path], topic_map: TopicMap, rate_hz: float, action_dim: int | None = None,
-              state_dim: int | None = None, progress: bool | None = None) -> list[BagEpisodes]:
-    """Read every bag under ``paths`` (bag dirs, .mcap/.db3 files, or dataset dirs) into episodes.
-
-    A bag without the action topic still replays (errors are then not computed); a missing image /
-    instruction / state topic, a corrupt or truncated file raises BagError naming the file.
-    """
+def find_bags(paths: list[str | Path]) -> list[Path]:
+    """Every bag under ``paths`` (bag dirs, .mcap/.db3 files, or dataset dirs); BagError if none."""
     found = [path for given in paths for path in iter_bag_paths(given)]
     if not found:
         raise BagError(f'no bags found in {", ".join(map(str, paths))}')
-    bags = []
-    for path in tqdm(found, desc='reading bags', unit='bag', disable=None if progress is None else not progress):
-        episodes = read_episodes(path, topic_map, rate_hz, require_actions=False, action_dim=action_dim,
-                                 state_dim=state_dim, progress=False)
-        reason, topics = '', {}
-        if topic_map.action is None:
-            reason = 'no action topic was given'
-        elif not episodes or any(ep.actions is None for ep in episodes):
-            topics = list_topics(path)  # opened again only to say what the bag holds instead
-            if topic_map.action not in topics:
-                reason = f'the bag has no action topic {topic_map.action!r} (topics: {", ".join(sorted(topics))})'
-        if not episodes:
-            logger.warning('%s: no episodes to replay', path)
-        bags.append(BagEpisodes(str(path), episodes, topics, reason))
-    return bags
+    return found
+
+
+def read_bag(path: str | Path, topic_map: TopicMap, rate_hz: float, action_dim: int | None = None,
+             state_dim: int | None = None) -> BagEpisodes:
+    """One bag's episodes. A bag without the action topic still replays (errors are then not
+    computed); a missing image / instruction / state topic, a corrupt or truncated file raises
+    BagError naming the file."""
+    began = time.perf_counter()
+    episodes = read_episodes(path, topic_map, rate_hz, require_actions=False, action_dim=action_dim,
+                             state_dim=state_dim, progress=False)
+    reason, topics = '', {}
+    if topic_map.action is None:
+        reason = 'no action topic was given'
+    elif not episodes or any(ep.actions is None for ep in episodes):
+        topics = list_topics(path)  # opened again only to say what the bag holds instead
+        if topic_map.action not in topics:
+            reason = f'the bag has no action topic {topic_map.action!r} (topics: {", ".join(sorted(topics))})'
+    if not episodes:
+        logger.warning('%s: no episodes to replay', path)
+    return BagEpisodes(str(path), episodes, topics, reason, read_s=time.perf_counter() - began)
+
+
+def load_bags(paths: list[str | Path], topic_map: TopicMap, rate_hz: float, action_dim: int | None = None,
+              state_dim: int | None = None, progress: bool | None = None) -> list[BagEpisodes]:
+    """Every bag under ``paths`` read into memory (see ``replay_bags`` for datasets of any size)."""
+    found = find_bags(paths)
+    return [read_bag(path, topic_map, rate_hz, action_dim, state_dim)
+            for path in tqdm(found, desc='reading bags', unit='bag', disable=None if progress is None else not progress)]
 
 
 def _ticks(episode: Episode, execute_steps: int) -> list[int]:
@@ -189,23 +210,86 @@ def replay_episode(runner: Any, episode: Episode, settings: ReplaySettings, epis
         executed=executed, errors=errors, executed_errors=executed_errors, seams=seams)
 
 
+def _replay_bag(runner: Any, result: VariantReplay, bag: BagEpisodes, settings: ReplaySettings, bar) -> None:
+    """Append one bag's episode replays to ``result``, timing them."""
+    began = time.perf_counter()
+    for i, episode in enumerate(bag.episodes):
+        result.episodes.append(replay_episode(runner, episode, settings, i, on_chunk=lambda: bar.update(1)))
+        result.recorded_s += len(episode) / settings.rate_hz
+    result.wall_s += time.perf_counter() - began
+
+
+def _new_result(runner: Any, label: str | None) -> VariantReplay:
+    return VariantReplay(label or runner.name, dict(runner.describe()), list(runner.action_names),
+                         int(runner.config.chunk_len))
+
+
+def _bar(progress: bool | None, desc: str, total: int):
+    return tqdm(total=total, desc=desc, unit='chunk', disable=None if progress is None else not progress)
+
+
 def replay_variant(runner: Any, bags: list[BagEpisodes], settings: ReplaySettings, label: str | None = None,
                    progress: bool | None = None) -> VariantReplay:
-    """Replay every episode of ``bags`` through one runner."""
-    cfg = runner.config
-    s = settings.resolve(int(cfg.chunk_len))
-    label = label or runner.name
-    result = VariantReplay(label, dict(runner.describe()), list(runner.action_names), int(cfg.chunk_len))
+    """Replay every episode of ``bags`` (in memory) through one runner."""
+    s = settings.resolve(int(runner.config.chunk_len))
+    result = _new_result(runner, label)
     total = sum(len(_ticks(ep, s.execute_steps)) for bag in bags for ep in bag.episodes)
-    began = time.perf_counter()
-    with tqdm(total=total, desc=f'replay {label}', unit='chunk', disable=None if progress is None else not progress) as bar:
+    with _bar(progress, f'replay {result.label}', total) as bar:
         for bag in bags:
-            for i, episode in enumerate(bag.episodes):
-                result.episodes.append(replay_episode(runner, episode, s, i, on_chunk=lambda: bar.update(1)))
-                result.recorded_s += len(episode) / s.rate_hz
-                elapsed = time.perf_counter() - began
-                bar.set_postfix_str(f'{result.recorded_s / max(elapsed, 1e-9):.1f}x real time')
-    result.wall_s = time.perf_counter() - began
-    logger.info('%s: replayed %.1f s of recordings in %.2f s (%.1fx real time)', label, result.recorded_s,
+            _replay_bag(runner, result, bag, s, bar)
+    logger.info('%s: replayed %.1f s of recordings in %.2f s (%.1fx real time)', result.label, result.recorded_s,
                 result.wall_s, result.realtime_factor)
     return result
+
+
+@dataclass
+class ReplayRun:
+    """Every variant over every bag, plus how long reading and the whole run took."""
+
+    variants: list[VariantReplay]
+    bags: list[BagEpisodes]  # released: infos only, no images
+    read_s: float  # time spent reading bags (overlaps with prediction: read ahead on a thread)
+    wall_s: float  # the whole run
+
+    @property
+    def recorded_s(self) -> float:
+        return sum(v.recorded_s for v in self.variants)
+
+    @property
+    def realtime_factor(self) -> float:
+        return self.recorded_s / self.wall_s if self.wall_s > 0 else float('inf')
+
+
+def replay_bags(runners: list[tuple[Any, str | None]], paths: list[str | Path], topic_map: TopicMap,
+                settings: ReplaySettings, action_dim: int | None = None, state_dim: int | None = None,
+                progress: bool | None = None) -> ReplayRun:
+    """Stream the bags under ``paths`` through every (runner, label): bag by bag, each bag read on a
+    thread while the previous one is replayed (ONNX Runtime releases the GIL), its images dropped
+    once every runner has seen it."""
+    found = find_bags(paths)
+    for runner, _ in runners:
+        settings.resolve(int(runner.config.chunk_len))
+    results = [_new_result(runner, label) for runner, label in runners]
+    bags: list[BagEpisodes] = []
+    began = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix='bag_reader') as pool, \
+            _bar(progress, 'replay', 0) as bar:
+        pending = pool.submit(read_bag, found[0], topic_map, settings.rate_hz, action_dim, state_dim)
+        for k in range(len(found)):
+            bag = pending.result()  # BagError from the reader thread surfaces here
+            if k + 1 < len(found):  # read ahead one bag
+                pending = pool.submit(read_bag, found[k + 1], topic_map, settings.rate_hz, action_dim, state_dim)
+            for (runner, _), result in zip(runners, results):
+                s = settings.resolve(int(runner.config.chunk_len))
+                bar.total += sum(len(_ticks(ep, s.execute_steps)) for ep in bag.episodes)
+                bar.refresh()
+                _replay_bag(runner, result, bag, s, bar)
+            bag.release()
+            bags.append(bag)
+            recorded = sum(r.recorded_s for r in results)
+            bar.set_postfix_str(f'bag {k + 1}/{len(found)}, {recorded / (time.perf_counter() - began):.1f}x real time')
+    run = ReplayRun(results, bags, sum(b.read_s for b in bags), time.perf_counter() - began)
+    for r in results:
+        logger.info('%s: replayed %.1f s of recordings in %.2f s of prediction (%.1fx real time)', r.label,
+                    r.recorded_s, r.wall_s, r.realtime_factor)
+    return run
