@@ -188,6 +188,23 @@ def test_two_decoders_side_by_side(bags, policy_dir, tmp_path, capsys):
     assert stdout.count('replay speed') == 2
 
 
+def test_two_policies_side_by_side(bags, policy_dir, tmp_path, capsys):
+    import shutil
+    dirs = tmp_path / 'models'
+    shutil.copytree(policy_dir / 'tiny', dirs / 'tiny')
+    shutil.copytree(policy_dir / 'tiny', dirs / 'tiny_copy')  # same weights: identical figures expected
+    out = tmp_path / 'cmp'
+    code, stdout, stderr = _run(capsys, '--bag', bags[('sqlite3', 'raw', 'JointTrajectory')], '--policy', 'tiny',
+                                '--policy', 'tiny_copy', '--policy-dir', dirs, '--out', out, '--max-plots', 1)
+    assert code == 0, stderr
+    report = json.loads((out / 'report.json').read_text())
+    a, b = report['variants']
+    assert (a['label'], b['label']) == ('tiny', 'tiny_copy')
+    assert a['policy']['folder'].endswith('tiny') and b['policy']['folder'].endswith('tiny_copy')
+    assert a['overall']['errors'] == b['overall']['errors'] and a['overall']['errors']['pairs'] > 0
+    assert '| figure | tiny | tiny_copy |' in (out / 'report.md').read_text()
+
+
 def _without_topic(src, dst, topic):
     """Copy a bag without one topic (rosbags Reader -> Writer, same storage)."""
     typestore = get_typestore(Stores.LATEST)
