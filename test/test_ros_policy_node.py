@@ -251,6 +251,11 @@ def running(models):
     spinner.start()
     peer = Peer(context)
     peer.wait_diag(lambda d: d['lifecycle_state'] == 'unconfigured')
+    assert peer.set_param('policy', 'nope').successful  # unconfigured: checked when configure loads it
+    assert not peer.transition(Transition.TRANSITION_CONFIGURE)
+    diag = peer.wait_diag(lambda d: 'configure failed' in d['_message'])
+    assert diag['_level'] == b'\x02' and 'not found' in diag['last_error'] and diag['lifecycle_state'] == 'unconfigured'
+    assert peer.set_param('policy', 'alpha').successful
     assert peer.transition(Transition.TRANSITION_CONFIGURE)
     assert peer.transition(Transition.TRANSITION_ACTIVATE)
     peer.make_frame = peer.good_raw
@@ -278,9 +283,11 @@ def test_actions_and_chunks_at_the_control_rate(running):
     time.sleep(2.5)
     got = peer.since(mark)
     window = [m for m in got if stamp(got[0]) + 0.25 <= stamp(m) <= stamp(got[0]) + 2.25]
-    assert 0.85 * 2 * RATE <= len(window) <= 1.15 * 2 * RATE, f'{len(window)} actions in 2 s at {RATE} Hz'
+    # the median period is the rate; the count allows for ticks a heavily shared CPU did not schedule in time
     stamps = np.array([stamp(m) for m in got])
     assert np.all(np.diff(stamps) > 0)
+    assert np.median(np.diff(stamps)) == pytest.approx(1 / RATE, abs=0.001)
+    assert 0.75 * 2 * RATE <= len(window) <= 1.1 * 2 * RATE, f'{len(window)} actions in 2 s at {RATE} Hz'
     assert all(m.name == NAMES and len(m.position) == 3 for m in got)
     holds = sum(is_hold(m) for m in got)  # a loaded CPU may starve a chunk now and then; a hold is the fallback
     assert holds <= 0.05 * len(got), f'{holds} of {len(got)} ticks held although the inputs were good'
@@ -318,10 +325,14 @@ def test_swap_policy_through_the_parameter_service(running):
     holds = sum(is_hold(m) for m in swap)
     assert holds <= 0.1 * len(swap), (f'{holds} of {len(swap)} ticks held during the swap', [i for i, m in enumerate(swap) if is_hold(m)], first_beta - mark, node.inference_s.values()[-20:], peer.diag)
     span = stamp(swap[-1]) - stamp(swap[0])
-    assert len(swap) - 1 >= 0.8 * RATE * span, f'{len(swap)} actions in {span:.2f} s during the swap'
+    assert len(swap) - 1 >= 0.75 * RATE * span, f'{len(swap)} actions in {span:.2f} s during the swap'
     diag = peer.wait_diag(lambda d: d['policy'] == 'beta')
     assert int(diag['policy_swaps']) >= 1
 
+    result = peer.set_param('engine', 'torch')  # read at configure: refused while configured
+    assert not result.successful and 'read at configure' in result.reason
+    result = peer.set_param('chunk_threshold', 2.0)  # outside the declared range
+    assert not result.successful
     refusals = {'nope': 'not found', 'tampered': 'sha256 mismatch', 'renamed': 'cannot replace',
                 '/etc': 'outside the policy directories'}
     mark = peer.mark()
@@ -384,6 +395,11 @@ def test_silent_camera_bad_instructions_and_failing_inference(running):
     diag = peer.wait_diag(lambda d: 'max_instruction_chars' in d['hold_reason'])
     assert int(diag['instructions_rejected']) >= 2
     restore(peer)
+
+    volatile = peer.node.create_publisher(String, 'instruction', 1)  # cannot reach a transient_local subscriber
+    diag = peer.wait_diag(lambda d: int(d['qos_incompatible_events']) > 0)
+    assert 'incompatible QoS on instruction' in diag['last_error']
+    peer.node.destroy_publisher(volatile)
 
     errors = node.inference_errors
     peer.say('an instruction longer than the forty byte text budget of the tiny policy')

@@ -307,6 +307,8 @@ class PolicyNode(PolicyParameters, LifecycleNode):
         self._worker.submit(lambda: self._infer(obs))
 
     def _on_tick_error(self, error: Exception) -> None:
+        if not self.context.ok():  # Ctrl-C shut the context down under a running tick: nothing to report
+            return
         self._fail('control tick', error)
 
     # --- inference (worker thread) ------------------------------------------------------------------------------
