@@ -159,7 +159,7 @@ class OrtEngine(GraphEngine):
     def _device_array(self, shape, dtype):
         from .cuda_memory import DeviceArray
 
-        value = self.ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, 'cuda', 0)
+        value = self.ort.OrtValue.ortvalue_from_shape_and_type(list(shape), np.dtype(dtype).type, 'cuda', 0)
         arr = DeviceArray(shape, dtype, ptr=value.data_ptr(), owner=value)
         arr.zero()
         return arr

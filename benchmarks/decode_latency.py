@@ -1,0 +1,302 @@
+#!/usr/bin/env python3
+"""Decode latency of every decoder on torch and ONNX Runtime, same weights, ratios measured in one run.
+
+    python benchmarks/decode_latency.py --json out/decode_latency.json [--runs 30] [--small-config small]
+
+A random policy of the chosen size is saved as a checkpoint, exported with blockvla-export (parity-checked),
+and then decoded with: block diffusion (ours), AR with KV cache, full diffusion with the prefix cached, and full
+diffusion with the prefix recomputed every pass (the paper's baseline). Latency = median over --runs decodes of
+one action chunk (prefill included), on identical observations for every engine/decoder. Also measured: the
+instruction K/V reuse (prefill with an unchanged vs a new instruction) and the RSS after 100 and after 1,000
+predictions through PolicyRunner. Timings are printed, never asserted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+CONFIGS = {
+    # hidden 512, 8 layers (~27 M params); prefix = 44 text + 256 image tokens = 300; H*D = 8*7 = 56; B = 8
+    'small': dict(backbone={'model_type': 'qwen2', 'vocab_size': 1024, 'hidden_size': 512, 'intermediate_size': 1408,
+                            'num_hidden_layers': 8, 'num_attention_heads': 8, 'num_key_value_heads': 4,
+                            'max_position_embeddings': 1024},
+                  vision={'type': 'patch', 'patch_size': 8, 'dim': 256}, image_size=128, max_text_tokens=44,
+                  action_dim=7, chunk_len=8, block_size=8, steps_per_block=4, schedule='fixed'),
+    'tiny': dict(backbone={'model_type': 'qwen2', 'vocab_size': 512, 'hidden_size': 64, 'intermediate_size': 128,
+                           'num_hidden_layers': 2, 'num_attention_heads': 4, 'num_key_value_heads': 2,
+                           'max_position_embeddings': 1024},
+                 vision={'type': 'patch', 'patch_size': 16, 'dim': 32}, image_size=32, max_text_tokens=40,
+                 action_dim=3, chunk_len=4, block_size=3, steps_per_block=3, schedule='fixed'),
+}
+DECODERS = ('blockdiff', 'ar', 'fulldiff', 'fulldiff_nocache')
+INSTRUCTIONS = ('put the red block on the plate', 'open the top drawer', 'stack the green cup')
+
+
+def rss_mb() -> float:
+    """Current resident set size of this process (Linux /proc; psutil elsewhere)."""
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith('VmRSS:'):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def make_policy_folder(work: Path, size: str, fulldiff_steps: int | None, exporter: str, threads: int):
+    """Random checkpoint of `size` -> exported policy folder. -> (policy, folder, export report)."""
+    from blockvla_ros.export.policy_writer import export_policy
+    from blockvla_ros.model.action_tokenizer import NormStats
+    from blockvla_ros.model.config import BlockVLAConfig
+    from blockvla_ros.model.policy import BlockVLAPolicy
+
+    kw = dict(CONFIGS[size])
+    probe = BlockVLAConfig(**kw)
+    # full diffusion gets the same refine budget per token as block diffusion (n_blocks * steps_per_block)
+    kw['fulldiff_steps'] = fulldiff_steps or probe.n_blocks * probe.steps_per_block
+    config = BlockVLAConfig(**kw)
+    policy = BlockVLAPolicy(config).eval()
+    ckpt = work / f'ckpt_{size}'
+    policy.save(ckpt)
+    rng = np.random.default_rng(0)
+    NormStats.from_data(rng.normal(size=(500, config.action_dim))).save(ckpt / 'stats.json')
+    report = export_policy(ckpt, work / 'models' / size, exporter=exporter, parity_samples=2, threads=threads,
+                           progress=True)
+    return policy, work / 'models' / size, report
+
+
+class Timed:
+    """Engine wrapper measuring the time spent in prefill calls."""
+
+    def __init__(self, engine):
+        self.engine, self.prefill_s = engine, 0.0
+
+    def prefill(self, prefix):
+        t = time.perf_counter()
+        out = self.engine.prefill(prefix)
+        self.prefill_s += time.perf_counter() - t
+        return out
+
+    def step(self, tokens, commit=False):
+        return self.engine.step(tokens, commit)
+
+
+def bench_all(engines: dict, config, prefixes, runs, warmup) -> dict:
+    """Median latency per (engine, decoder). Runs are interleaved (run i of every variant, then run i + 1), so
+    load changes on the machine hit every variant alike and the ratios stay comparable."""
+    from blockvla_ros.runtime.decoding import Decoder
+
+    variants = [(e, d) for e in engines for d in DECODERS]
+    decoders = {d: Decoder(config, d) for d in DECODERS}
+    times = {v: ([], []) for v in variants}
+    last = {}
+    for i in range(warmup + runs):
+        for ename, dec in variants:
+            timed = Timed(engines[ename])
+            t = time.perf_counter()
+            res = decoders[dec](timed, prefixes[i % len(prefixes)])
+            if i >= warmup:
+                times[(ename, dec)][0].append((time.perf_counter() - t) * 1e3)
+                times[(ename, dec)][1].append(timed.prefill_s * 1e3)
+            last[(ename, dec)] = res
+        if i >= warmup:
+            print(f'  run {i - warmup + 1}/{runs}: ' + '  '.join(
+                f'{e}/{d} {times[(e, d)][0][-1]:.0f}' for e, d in variants), flush=True)
+    results = {e: {} for e in engines}
+    for (ename, dec), (total, prefill) in times.items():
+        res, med = last[(ename, dec)], statistics.median(total)
+        results[ename][dec] = {
+            'decoder': dec, 'median_ms': med, 'p10_ms': float(np.percentile(total, 10)),
+            'p90_ms': float(np.percentile(total, 90)), 'prefill_ms': statistics.median(prefill), 'nfe': res.nfe,
+            'calls': res.calls, 'tokens_per_nfe': res.tokens_per_nfe,
+            'action_tokens_per_s': config.n_action_tokens / (med / 1e3), 'runs': runs}
+    return results
+
+
+def ratios(rows: dict) -> dict:
+    b = rows['blockdiff']['median_ms']
+    return {'blockdiff_vs_fulldiff_speedup': rows['fulldiff_nocache']['median_ms'] / b,
+            'blockdiff_vs_fulldiff_cached_speedup': rows['fulldiff']['median_ms'] / b,
+            'blockdiff_vs_ar_speedup': rows['ar']['median_ms'] / b}
+
+
+def instruction_reuse(folder, threads, prefixes_same, prefixes_new, runs):
+    """ORT prefill with the instruction K/V reused (unchanged instruction) vs recomputed (it changes every call)."""
+    from blockvla_ros.runtime.ort_engine import OrtEngine
+    from blockvla_ros.runtime.policy_folder import load_policy_folder
+
+    engine = OrtEngine(load_policy_folder(folder), threads=threads, reuse_text_kv=True)
+    if not engine.reuse_text_kv:
+        return {'implemented': False, 'reason': 'no text_prefill/obs_prefill graphs (image-first prefix)'}
+    out = {'implemented': True}
+    for name, prefixes in (('prefill_ms_reused', prefixes_same), ('prefill_ms_new_instruction', prefixes_new)):
+        engine.prefill(prefixes[0])
+        times = []
+        for i in range(runs):
+            t = time.perf_counter()
+            engine.prefill(prefixes[(i + 1) % len(prefixes)])
+            times.append((time.perf_counter() - t) * 1e3)
+            assert engine.text_kv_reused == (name == 'prefill_ms_reused')
+        out[name] = statistics.median(times)
+    out['saving_ms'] = out['prefill_ms_new_instruction'] - out['prefill_ms_reused']
+    out['speedup'] = out['prefill_ms_new_instruction'] / out['prefill_ms_reused']
+    return out
+
+
+def memory_check(folder, threads, predictions, seed=0):
+    from blockvla_ros.runtime.runner import PolicyRunner
+
+    runner = PolicyRunner.load(folder, threads=threads)
+    s = runner.config.image_size
+    rng = np.random.default_rng(seed)
+    images = [rng.integers(0, 256, (s + 16, s + 8, 3), dtype=np.uint8) for _ in range(8)]
+    marks, prev = {}, None
+    for i in range(1, predictions + 1):
+        known = prev.actions[:1] if prev is not None and i % 3 == 0 else None
+        prev = runner.predict(images[i % 8], INSTRUCTIONS[(i // 10) % 3], known_actions=known)
+        if i in (100, predictions):
+            marks[i] = rss_mb()
+    after_100, after_n = marks.get(100, float('nan')), marks[predictions]
+    growth = (after_n - after_100) / after_100 * 100
+    return {'predictions': predictions, 'rss_mb_after_100': after_100, f'rss_mb_after_{predictions}': after_n,
+            'growth_pct': growth, 'within_5pct': bool(abs(growth) <= 5.0)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--json', type=Path, required=True, help='write the results here')
+    p.add_argument('--runs', type=int, default=30, help='timed decodes per engine/decoder (medians)')
+    p.add_argument('--warmup', type=int, default=2)
+    p.add_argument('--small-config', choices=sorted(CONFIGS), default='small', help='policy size to time')
+    p.add_argument('--threads', type=int, default=min(2, os.cpu_count() or 1),
+                   help='CPU threads for torch and ONNX Runtime (use 1 on a machine shared with other jobs)')
+    p.add_argument('--fulldiff-steps', type=int, help='refine passes of full diffusion (default n_blocks*steps)')
+    p.add_argument('--exporter', choices=('legacy', 'dynamo'), default='legacy')
+    p.add_argument('--memory-predictions', type=int, default=1000, help='predictions for the RSS check (0: skip)')
+    p.add_argument('--memory-config', choices=sorted(CONFIGS), default='tiny',
+                   help='policy size for the RSS check (the same runtime code paths; tiny keeps it minutes)')
+    p.add_argument('--work', type=Path, help='keep the checkpoints and policy folders here (default: temp dir)')
+    args = p.parse_args(argv)
+
+    import torch
+
+    from blockvla_ros.runtime.ort_engine import OrtEngine
+    from blockvla_ros.runtime.policy_folder import load_policy_folder
+    from blockvla_ros.runtime.runner import build_preprocessor
+    from blockvla_ros.runtime.torch_engine import TorchEngine
+
+    torch.set_num_threads(args.threads)
+    tmp = None if args.work else tempfile.TemporaryDirectory(prefix='blockvla_bench_')
+    work = args.work or Path(tmp.name)
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+
+    policy, folder, export = make_policy_folder(work, args.small_config, args.fulldiff_steps, args.exporter,
+                                                args.threads)
+    spec = load_policy_folder(folder)
+    config = spec.config
+    pre = build_preprocessor(config, spec.stats, folder)
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 256, (config.image_size, config.image_size, 3), dtype=np.uint8) for _ in range(8)]
+    prefixes = [pre(img, INSTRUCTIONS[0]) for img in images]
+    prefixes_new = [pre(img, INSTRUCTIONS[i % 3]) for i, img in enumerate(images)]
+    print(f'policy: {args.small_config} ({sum(x.numel() for x in policy.parameters()) / 1e6:.1f} M params), '
+          f'prefix {config.prefix_len} tokens, H*D = {config.n_action_tokens}, B = {config.block_size}, '
+          f'{config.steps_per_block} steps/block, full diffusion {config.fulldiff_steps} passes; '
+          f'{args.threads} threads, {args.runs} runs', flush=True)
+
+    engines = {'torch': TorchEngine(policy),
+               'onnxruntime': OrtEngine(spec, threads=args.threads, reuse_text_kv=False)}  # every call pays prefill
+    results = bench_all(engines, config, prefixes, args.runs, args.warmup)
+    reuse = instruction_reuse(folder, args.threads, prefixes, prefixes_new, args.runs)
+    del engines
+
+    memory = None
+    if args.memory_predictions:
+        mem_folder = folder
+        if args.memory_config != args.small_config:
+            _, mem_folder, _ = make_policy_folder(work, args.memory_config, None, args.exporter, args.threads)
+        print(f'memory: {args.memory_predictions} predictions through PolicyRunner ({args.memory_config})...',
+              flush=True)
+        memory = memory_check(mem_folder, args.threads, args.memory_predictions)
+        memory['config'] = args.memory_config
+
+    ort, tch = ratios(results['onnxruntime']), ratios(results['torch'])
+    out = {
+        'config': args.small_config, 'threads': args.threads, 'runs': args.runs, 'machine': platform.machine(),
+        'processor': platform.processor() or platform.machine(), 'cpu_count': os.cpu_count(),
+        'policy': {'params_m': sum(x.numel() for x in policy.parameters()) / 1e6, 'prefix_len': config.prefix_len,
+                   'action_tokens': config.n_action_tokens, 'block_size': config.block_size,
+                   'steps_per_block': config.steps_per_block, 'schedule': config.schedule,
+                   'fulldiff_steps': config.fulldiff_steps},
+        'results': {e: list(rows.values()) for e, rows in results.items()},
+        **ort,  # headline ratios: ONNX Runtime (the deployed engine)
+        'ort_vs_torch_speedup': results['torch']['blockdiff']['median_ms'] / results['onnxruntime']['blockdiff'][
+            'median_ms'],
+        'ort_vs_torch_speedup_per_decoder': {d: results['torch'][d]['median_ms'] / results['onnxruntime'][d][
+            'median_ms'] for d in DECODERS},
+        'torch_ratios': tch,
+        'nfe_blockdiff': results['onnxruntime']['blockdiff']['nfe'], 'nfe_ar': results['onnxruntime']['ar']['nfe'],
+        'nfe_fulldiff': results['onnxruntime']['fulldiff']['nfe'],
+        'nfe_fulldiff_nocache': results['onnxruntime']['fulldiff_nocache']['nfe'],
+        'tokens_per_nfe': {d: results['onnxruntime'][d]['tokens_per_nfe'] for d in DECODERS},
+        'instruction_kv_reuse': reuse,
+        'memory': memory,
+        'export_parity': export.parity,
+        'seconds': time.perf_counter() - started,
+    }
+    out['targets'] = {'blockdiff_vs_fulldiff_speedup >= 3.3 (paper)': out['blockdiff_vs_fulldiff_speedup'] >= 3.3,
+                      'blockdiff faster than AR with cache': out['blockdiff_vs_ar_speedup'] > 1.0,
+                      'ONNX Runtime faster than torch': out['ort_vs_torch_speedup'] > 1.0,
+                      'RSS after 1000 within 5 % of after 100': None if memory is None else memory['within_5pct']}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(out, indent=2))
+    print_table(out, results)
+    if tmp is not None:
+        tmp.cleanup()
+    return 0
+
+
+def print_table(out: dict, results: dict) -> None:
+    print()
+    print(f'{"engine":<12} {"decoder":<17} {"median ms":>10} {"p90 ms":>9} {"prefill ms":>11} {"NFE":>5} '
+          f'{"tok/NFE":>8} {"tok/s":>8}')
+    for ename, rows in results.items():
+        for r in rows.values():
+            print(f'{ename:<12} {r["decoder"]:<17} {r["median_ms"]:10.1f} {r["p90_ms"]:9.1f} {r["prefill_ms"]:11.1f} '
+                  f'{r["nfe"]:5d} {r["tokens_per_nfe"]:8.2f} {r["action_tokens_per_s"]:8.1f}')
+    print()
+    for k in ('blockdiff_vs_fulldiff_speedup', 'blockdiff_vs_fulldiff_cached_speedup', 'blockdiff_vs_ar_speedup',
+              'ort_vs_torch_speedup'):
+        print(f'{k:<40} {out[k]:6.2f}x   (torch: {out["torch_ratios"].get(k, float("nan")):.2f}x)'
+              if k in out['torch_ratios'] else f'{k:<40} {out[k]:6.2f}x')
+    reuse = out['instruction_kv_reuse']
+    if reuse.get('implemented'):
+        print(f'instruction K/V reuse (ORT prefill): {reuse["prefill_ms_new_instruction"]:.1f} ms new instruction -> '
+              f'{reuse["prefill_ms_reused"]:.1f} ms unchanged ({reuse["speedup"]:.2f}x)')
+    else:
+        print(f'instruction K/V reuse: not implemented ({reuse.get("reason")})')
+    mem = out['memory']
+    if mem:
+        n = mem['predictions']
+        print(f'RSS ({mem["config"]}): after 100 predictions {mem["rss_mb_after_100"]:.1f} MB, after {n} '
+              f'{mem[f"rss_mb_after_{n}"]:.1f} MB ({mem["growth_pct"]:+.2f} %)')
+    for k, v in out['targets'].items():
+        print(f'target: {k:<45} {"met" if v else ("n/a" if v is None else "NOT met")}')
+    print(f'total {out["seconds"]:.0f} s')
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""Smoke run of benchmarks/decode_latency.py (tiny config, 2 runs): the JSON holds every promised field.
+
+Timings are never asserted; only that they were measured and the NFE accounting is consistent.
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_decode_latency_smoke(tmp_path):
+    out = tmp_path / 'bench.json'
+    cmd = [sys.executable, str(ROOT / 'benchmarks' / 'decode_latency.py'), '--json', str(out), '--runs', '2',
+           '--warmup', '1', '--small-config', 'tiny', '--threads', '1', '--memory-predictions', '120']
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    for key in ('blockdiff_vs_fulldiff_speedup', 'blockdiff_vs_fulldiff_cached_speedup', 'blockdiff_vs_ar_speedup',
+                'ort_vs_torch_speedup'):
+        assert data[key] > 0
+    # tiny: L = 12, B = 3, 3 steps per block, full diffusion 4 blocks * 3 = 12 passes
+    assert data['nfe_ar'] == 12 and data['nfe_blockdiff'] == 1 + 4 * 3 + 3 and data['nfe_fulldiff'] == 1 + 12
+    assert {r['decoder'] for r in data['results']['onnxruntime']} == {'blockdiff', 'ar', 'fulldiff',
+                                                                      'fulldiff_nocache'}
+    assert data['instruction_kv_reuse']['implemented'] is True
+    assert data['memory']['rss_mb_after_100'] > 0 and data['memory']['rss_mb_after_120'] > 0
+    assert 'median ms' in proc.stdout and 'RSS' in proc.stdout
