@@ -69,6 +69,7 @@ def main(argv=None) -> int:
     ap.add_argument('--tiny-dir', type=Path, help='with --tiny: export into (or reuse) this directory')
     ap.add_argument('--engine', default='onnxruntime')
     ap.add_argument('--threads', type=int, default=0, help='ONNX Runtime intra-op threads (0: default)')
+    ap.add_argument('--priority', type=int, default=0, help='control_thread_priority (SCHED_FIFO, needs rtprio)')
     ap.add_argument('--camera-hz', type=float, default=30.0)
     ap.add_argument('--width', type=int, default=640)
     ap.add_argument('--height', type=int, default=480)
@@ -98,7 +99,7 @@ def main(argv=None) -> int:
     cmd = [sys.executable, '-m', 'blockvla_ros.ros.policy_node', '--ros-args', '--log-level', 'warn',
            '-p', f'policy:={policy}', '-p', f'policy_dirs:={json.dumps(policy_dirs)}', '-p', 'autostart:=true',
            '-p', f'control_rate_hz:={float(args.rate)}', '-p', f'engine:={args.engine}',
-           '-p', f'threads:={args.threads}']
+           '-p', f'threads:={args.threads}', '-p', f'control_thread_priority:={args.priority}']
     node_proc = subprocess.Popen(cmd, env=dict(os.environ))
     rclpy.init()
     node = rclpy.create_node('blockvla_control_loop_bench')
@@ -181,6 +182,8 @@ def main(argv=None) -> int:
 
     result = {
         'rate_hz': args.rate, 'seconds': args.seconds, 'policy': policy, 'engine': args.engine,
+        'threads': args.threads, 'control_thread_priority': args.priority,
+        'priority_error': diag.get('control_thread_priority_error', ''),
         'backend': diag.get('backend'), 'runtime_provider': diag.get('runtime.provider'),
         'ticks': int(window.size), 'expected_ticks': int(round(args.seconds * args.rate)),
         'period_p50_ms': percentile(gaps * 1e3, 50), 'period_p99_ms': percentile(gaps * 1e3, 99),

@@ -3,8 +3,9 @@
 One node runs in this process (its own executor thread) next to a peer node that plays camera and operator:
 it publishes images and instructions, drives the lifecycle and the parameter service, and records what the
 node publishes. A second test starts ``python -m blockvla_ros.ros.policy_node`` as a process (compressed images,
-autostart, Ctrl-C). Policies: ``alpha`` (a tiny random policy exported to ONNX, actions in [-1, 1]) and ``beta`` (the same graphs
-with limits moved to [9, 11], so its output is recognisable), plus folders that must be refused or fail to load.
+autostart, Ctrl-C). Policies: ``alpha`` (a tiny random policy exported to ONNX, actions in [-1, 1]) and ``beta``
+(the same graphs with limits moved to [9, 11], so its output is recognisable), plus folders that must be refused
+or fail to load.
 """
 import array
 import json
@@ -323,7 +324,7 @@ def test_swap_policy_through_the_parameter_service(running):
     before = swap[:first_beta - mark - 1]
     assert sum(policy_action(-1, 1)(m) for m in before) > 0, 'alpha did not keep running while beta loaded'
     holds = sum(is_hold(m) for m in swap)
-    assert holds <= 0.1 * len(swap), (f'{holds} of {len(swap)} ticks held during the swap', [i for i, m in enumerate(swap) if is_hold(m)], first_beta - mark, node.inference_s.values()[-20:], peer.diag)
+    assert holds <= 0.1 * len(swap), f'{holds} of {len(swap)} ticks held during the swap'
     span = stamp(swap[-1]) - stamp(swap[0])
     assert len(swap) - 1 >= 0.75 * RATE * span, f'{len(swap)} actions in {span:.2f} s during the swap'
     diag = peer.wait_diag(lambda d: d['policy'] == 'beta')

@@ -9,6 +9,7 @@ grid when the clock jumps back (a looping bag).
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from typing import Callable
@@ -20,8 +21,10 @@ class ControlLoop:
     """``start()`` / ``stop()``; ``tick`` gets the node-clock time of the tick in nanoseconds."""
 
     def __init__(self, clock, period_s: float, tick: Callable[[int], None],
-                 on_error: Callable[[Exception], None], name: str = 'blockvla-control'):
+                 on_error: Callable[[Exception], None], name: str = 'blockvla-control', priority: int = 0):
         self._clock = clock
+        self._priority = int(priority)
+        self.priority_error = ''  # why the requested real-time priority could not be set (reported in diagnostics)
         self._period_ns = int(round(period_s * 1e9))
         self._tick = tick
         self._on_error = on_error
@@ -67,7 +70,20 @@ class ControlLoop:
                 time.sleep((target_ns - now) * 1e-9)
         return False
 
+    def _set_priority(self) -> None:
+        """SCHED_FIFO at ``priority`` for this thread only (needs CAP_SYS_NICE or an rtprio limit, as ros2_control)."""
+        if self._priority <= 0:
+            return
+        try:
+            os.sched_setscheduler(threading.get_native_id(), os.SCHED_FIFO, os.sched_param(self._priority))
+            log.info('control thread runs SCHED_FIFO priority %d', self._priority)
+        except (AttributeError, OSError) as e:  # no permission (ulimit -r), or not Linux
+            self.priority_error = (f'cannot set SCHED_FIFO priority {self._priority} ({e}); running with normal '
+                                   'priority (grant rtprio, e.g. in /etc/security/limits.conf)')
+            log.warning(self.priority_error)
+
     def _run(self, stop: threading.Event) -> None:
+        self._set_priority()
         next_ns = self._now()
         while not stop.is_set():
             next_ns += self._period_ns

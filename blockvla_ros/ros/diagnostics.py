@@ -35,6 +35,9 @@ def collect(node: Any) -> tuple:
         values.update(node.ticks.summary_ms())
         values['missed_ticks'] = node.ticks.missed
         values['ticks'] = node.ticks.ticks
+    loop = getattr(node, '_loop', None)
+    if loop is not None and loop.priority_error:
+        values['control_thread_priority_error'] = loop.priority_error
     values['inference_latency_last_ms'] = _ms(node.inference_s.last)
     values['inference_latency_p50_ms'] = _ms(node.inference_s.percentile(50))
     values['inference_latency_p99_ms'] = _ms(node.inference_s.percentile(99))

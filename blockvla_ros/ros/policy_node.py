@@ -1,10 +1,11 @@
 """blockvla_policy: the lifecycle node that runs a BlockVLA policy at a fixed control rate.
 
-    camera (Image | CompressedImage) ─┐   convert + store latest        control thread, every 1/rate s:
-    instruction (String) ─────────────┼─► InputStore ──snapshot──►  pop ActionQueue ─► action (JointState)
-    joint_states (if the policy has a state) ┘        │                          └──► action_chunk (JointTrajectory)
-                                                      ▼ (queue below threshold)
-                                  inference worker thread: PolicyRunner.predict(known = RTC prefix) ─► push
+    camera (Image | CompressedImage), instruction (String), joint_states (if the policy has a state)
+        -> callbacks convert + validate -> InputStore (latest of each)
+    control thread, every 1/control_rate_hz s (not on the executor):
+        pop ActionQueue -> publish action (JointState) + action_chunk (JointTrajectory), or a hold
+        queue below threshold -> hand a snapshot to the inference worker
+    inference worker thread: PolicyRunner.predict(known_actions = RTC prefix) -> clamp -> ActionQueue.push_chunk
 configure = load + verify + warm up; activate = start the control thread; deactivate = stop and publish a hold.
 Stale camera, no instruction or no plan -> hold (repeat the last action with zero velocity) and say why in
 /diagnostics. Setting ``policy`` validates in the set-callback and swaps in the background between chunks.
@@ -147,7 +148,8 @@ class PolicyNode(PolicyParameters, LifecycleNode):
         self.queue.reset()
         self.ticks = TickMonitor(self.dt, window=5000)
         self._last_chunk_id, self._retry_at, self._chunks_at_hold = 0, 0.0, self.queue.stats.chunks_pushed
-        self._loop = ControlLoop(self.get_clock(), self.dt, self._tick, self._on_tick_error)
+        self._loop = ControlLoop(self.get_clock(), self.dt, self._tick, self._on_tick_error,
+                                 priority=self.params['control_thread_priority'])
         self._loop.start()
         self.lifecycle_state, self.hold_reason = 'active', 'starting'
         self.get_logger().info(f'active: ticking at {1.0 / self.dt:g} Hz')
