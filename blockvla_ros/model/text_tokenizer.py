@@ -31,6 +31,8 @@ class _FixedLength:
             raise ValueError(f'instruction is {len(text.encode("utf-8", "replace"))} bytes; the limit is '
                              f'{MAX_INSTRUCTION_BYTES}')
         ids = self._ids(text)
+        if not ids:
+            raise ValueError(f'instruction "{text[:60]}" encodes to no tokens with this tokenizer')
         if len(ids) > self.max_len:
             raise ValueError(f'instruction is {len(ids)} tokens long; this policy accepts at most {self.max_len} '
                              f'(max_text_tokens): "{text[:60]}..."')

@@ -10,6 +10,16 @@ from ..model.config import BlockVLAConfig
 from .engine import PrefixInputs
 
 
+def resize_rgb(image: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [H, W, 3] -> [size, size, 3]: area averaging when shrinking, bilinear when growing."""
+    if image.shape[:2] == (size, size):
+        return image
+    import cv2
+
+    shrink = image.shape[0] > size or image.shape[1] > size
+    return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+
 def prepare_image(image: np.ndarray, config: BlockVLAConfig) -> np.ndarray:
     """RGB uint8 [H, W, 3] (any size) -> normalized float32 [1, 3, S, S]."""
     img = np.asarray(image)
@@ -19,13 +29,7 @@ def prepare_image(image: np.ndarray, config: BlockVLAConfig) -> np.ndarray:
         raise ValueError(f'image is empty: shape {img.shape}')
     if img.dtype != np.uint8:
         raise ValueError(f'image must be uint8 RGB, got dtype {img.dtype}')
-    s = config.image_size
-    if img.shape[:2] != (s, s):
-        import cv2
-
-        shrink = img.shape[0] > s or img.shape[1] > s
-        img = cv2.resize(img, (s, s), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-    x = img.astype(np.float32) / 255.0
+    x = resize_rgb(img, config.image_size).astype(np.float32) / 255.0
     x = (x - np.asarray(config.image_mean, np.float32)) / np.asarray(config.image_std, np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1)[None])  # [S, S, 3] -> [1, 3, S, S]
 

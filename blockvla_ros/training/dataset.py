@@ -15,7 +15,7 @@ import numpy as np
 
 from ..model.action_tokenizer import ActionTokenizer, NormStats
 from ..model.config import BlockVLAConfig
-from ..runtime.preprocess import prepare_image
+from ..runtime.preprocess import prepare_image, resize_rgb
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +49,7 @@ def fit_images(images: np.ndarray, size: int) -> np.ndarray:
     """
     if images.shape[1:3] == (size, size):
         return images
-    import cv2
-
-    shrink = images.shape[1] > size or images.shape[2] > size
-    interp = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
-    return np.stack([cv2.resize(img, (size, size), interpolation=interp) for img in images])
-
+    return np.stack([resize_rgb(img, size) for img in images])
 
 @dataclass
 class _Ep:
