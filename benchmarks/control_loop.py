@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     ap.add_argument('--tiny', action='store_true', help='export a small random policy and run it')
     ap.add_argument('--tiny-dir', type=Path, help='with --tiny: export into (or reuse) this directory')
     ap.add_argument('--engine', default='onnxruntime')
-    ap.add_argument('--threads', type=int, default=0, help='ONNX Runtime intra-op threads (0: default)')
+    ap.add_argument('--threads', type=int, default=1, help="ONNX Runtime intra-op threads (the node's default: 1)")
     ap.add_argument('--priority', type=int, default=0, help='control_thread_priority (SCHED_FIFO, needs rtprio)')
     ap.add_argument('--camera-hz', type=float, default=30.0)
     ap.add_argument('--width', type=int, default=640)
