@@ -304,8 +304,8 @@ class PolicyNode(PolicyParameters, LifecycleNode):
         if self.queue.depth() > threshold or now < self._retry_at or self._worker.busy:
             return
         obs = self.inputs.snapshot()
-        if obs is None or now - obs.stamp + self.delay.expected() >= horizon * self.dt:
-            return  # its whole chunk would be over before it arrives: wait for a newer image
+        if obs is None or now - obs.stamp >= horizon * self.dt:
+            return  # its whole chunk is already over: wait for a newer image
         self._worker.submit(lambda: self._infer(obs))
 
     def _on_tick_error(self, error: Exception) -> None:
