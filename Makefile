@@ -37,6 +37,8 @@ demo: setup
 bench: setup
 	mkdir -p out
 	$(PY) benchmarks/decode_latency.py --json out/decode_latency.json
+	$(PY) benchmarks/control_loop.py --rate 50 --seconds 20 --json out/control_loop.json
+	$(PY) benchmarks/data_pipeline.py
 
 clean:
 	rm -rf build install log out .pytest_cache
