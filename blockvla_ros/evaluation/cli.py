@@ -31,7 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--engine', default='onnxruntime', help='inference engine (default onnxruntime)')
     p.add_argument('--policy-dir', action='append', default=None, metavar='DIR',
                    help=f'directories policies are looked up in (default {DEFAULT_POLICY_DIR})')
-    p.add_argument('--threads', type=int, default=None, help='ONNX Runtime intra-op threads (default: runtime)')
+    p.add_argument('--threads', type=int, default=1,
+                   help='ONNX Runtime intra-op threads (default 1: small policies gain nothing from more, and the '
+                        'bag reader runs on another core; 0 = the runtime default)')
     p.add_argument('--warmup', type=int, default=2,
                    help='untimed predictions per policy before the replay, as the node does (default 2)')
     p.add_argument('--out', required=True, help='output directory for report.json, report.md and plots')
@@ -79,7 +81,7 @@ def _load_runner(policy: str, decoder: str | None, args):
         dirs.append(given.resolve().parent)  # an explicit folder path is allowed from the command line
         policy = str(given.resolve())
     folder = resolve_policy(policy, dirs)
-    runner = PolicyRunner.load(folder, engine=args.engine, decoder=decoder, threads=args.threads)
+    runner = PolicyRunner.load(folder, engine=args.engine, decoder=decoder, threads=args.threads or None)
     if args.warmup > 0:
         runner.warmup(args.warmup)  # first calls allocate arenas; keep them out of the latency figures
     return runner
@@ -115,7 +117,8 @@ def run(args) -> dict:
     summaries = [v['overall'] for v in report['variants']]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    report['plots'] = plots.write_plots(results, summaries, args.rate_hz, out, max_episodes=args.max_plots)
+    report['plots'] = plots.write_plots(results, summaries, args.rate_hz, out, max_episodes=args.max_plots,
+                                        progress=progress)
     write_report(report, out)
     return report
 

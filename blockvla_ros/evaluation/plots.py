@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from blockvla_ros.evaluation.replay import EpisodeReplay, VariantReplay
 from blockvla_ros.io.atomic import atomic_write_bytes
@@ -117,7 +118,7 @@ def latency_plot(variants: list[VariantReplay], path: Path) -> None:
 
 
 def write_plots(variants: list[VariantReplay], summaries: list[dict], rate_hz: float, out_dir: str | Path,
-                max_episodes: int = 20) -> list[str]:
+                max_episodes: int = 20, progress: bool | None = None) -> list[str]:
     """Every plot of a replay under ``out_dir``; returns their paths relative to ``out_dir``."""
     out_dir = Path(out_dir)
     if not variants:
@@ -132,7 +133,8 @@ def write_plots(variants: list[VariantReplay], summaries: list[dict], rate_hz: f
     n_episodes = len(variants[0].episodes)
     if n_episodes > max_episodes:
         logger.info('plotting the first %d of %d episodes', max_episodes, n_episodes)
-    for k in range(min(n_episodes, max_episodes)):
+    for k in tqdm(range(min(n_episodes, max_episodes)), desc='plots', unit='episode',
+                  disable=None if progress is None else not progress):
         eps = [v.episodes[k] for v in variants]
         ep = eps[0]
         name = f'trajectory_{k:03d}_{_slug(Path(ep.bag_path).name)}_ep{ep.episode_index}.png'
