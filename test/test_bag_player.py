@@ -19,6 +19,8 @@ from rosbags.typesys import Stores, get_typestore
 from blockvla_ros.io.bag_writer import RecordingWriter
 from blockvla_ros.ros.bag_player_node import PlaybackClock, message_class
 
+pytestmark = pytest.mark.ros
+
 T0 = 1_700_000_000 * 1_000_000_000
 DT = 100_000_000
 N = 8
