@@ -45,6 +45,8 @@ setup(
             'blockvla-train = blockvla_ros.training.cli:main',
             'blockvla-export = blockvla_ros.export.cli:main',
             'blockvla-replay = blockvla_ros.evaluation.cli:main',
+            'blockvla-live-replay = blockvla_ros.evaluation.live:main',
+            'bag_record = blockvla_ros.ros.bag_recorder_node:main',
             'blockvla-task = blockvla_ros.tasks.cli:main',
         ],
     },

@@ -415,3 +415,32 @@ def test_importing_io_loads_no_rclpy():
             'bad = [m for m in sys.modules if m.startswith("rclpy") or m.endswith("_msgs")]; '
             'assert not bad, bad')
     subprocess.run([sys.executable, '-c', code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_empty_action_topic_without_required_actions_gives_episodes_without_actions(tmp_path):
+    """A bag whose action topic exists but holds nothing replays like a bag without the topic."""
+    from rosbags.rosbag2 import StoragePlugin, Writer
+    from rosbags.typesys import Stores, get_typestore
+
+    from blockvla_ros.io.bag_reader import BagError, TopicMap, read_episodes
+
+    ts = get_typestore(Stores.ROS2_HUMBLE)
+    Image, String = ts.types['sensor_msgs/msg/Image'], ts.types['std_msgs/msg/String']
+    JT = ts.types['trajectory_msgs/msg/JointTrajectory']
+    Header, Time = ts.types['std_msgs/msg/Header'], ts.types['builtin_interfaces/msg/Time']
+    path = tmp_path / 'no_actions'
+    with Writer(path, version=9, storage_plugin=StoragePlugin.MCAP) as w:
+        img = w.add_connection('/camera/image_raw', Image.__msgtype__, typestore=ts)
+        ins = w.add_connection('/instruction', String.__msgtype__, typestore=ts)
+        w.add_connection('/joint_command', JT.__msgtype__, typestore=ts)
+        for i in range(5):
+            t = 1_000_000_000 + i * 100_000_000
+            msg = Image(header=Header(stamp=Time(sec=t // 10**9, nanosec=t % 10**9), frame_id='cam'), height=4,
+                        width=4, encoding='rgb8', is_bigendian=0, step=12, data=np.full(48, i, np.uint8))
+            w.write(img, t, ts.serialize_cdr(msg, Image.__msgtype__))
+            if i == 0:
+                w.write(ins, t, ts.serialize_cdr(String(data='touch red'), String.__msgtype__))
+    episodes = read_episodes(path, TopicMap(), 10.0, require_actions=False)
+    assert len(episodes) == 1 and episodes[0].actions is None and len(episodes[0].images) == 5
+    with pytest.raises(BagError, match='has no messages'):
+        read_episodes(path, TopicMap(), 10.0)

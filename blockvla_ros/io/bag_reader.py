@@ -176,12 +176,12 @@ def _resolve_topics(path: Path, topics: dict[str, str], counts: dict[str, int], 
             raise missing('state', topic_map.state)
         roles['state'] = topic_map.state
     if topic_map.action is not None:
-        if topic_map.action in topics:
+        if topic_map.action in topics and (require_actions or counts.get(topic_map.action, 0) > 0):
             roles['action'] = topic_map.action
         elif require_actions:
             raise missing('action', topic_map.action)
         else:
-            logger.info('%s: no action topic %s, episodes without actions', path, topic_map.action)
+            logger.info('%s: no (or an empty) action topic %s, episodes without actions', path, topic_map.action)
 
     allowed = {'image': (IMAGE, COMPRESSED_IMAGE), 'instruction': (STRING,),
                'state': vec.VECTOR_TYPES, 'action': vec.VECTOR_TYPES}
