@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -174,6 +175,17 @@ def memory_check(folder, threads, predictions, seed=0):
             'growth_pct': growth, 'within_5pct': bool(abs(growth) <= 5.0)}
 
 
+def memory_check_subprocess(folder, threads, predictions) -> dict:
+    """Run memory_check in a fresh interpreter (only the ONNX Runtime runner loaded; no torch, no other engines)."""
+    code = ('import json, sys; sys.path.insert(0, sys.argv[1]); import decode_latency as b; '
+            'print(json.dumps(b.memory_check(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))))')
+    proc = subprocess.run([sys.executable, '-c', code, str(Path(__file__).resolve().parent), str(folder),
+                           str(threads), str(predictions)], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f'memory check failed: {proc.stderr[-2000:]}')
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--json', type=Path, required=True, help='write the results here')
@@ -228,9 +240,9 @@ def main(argv=None) -> int:
         mem_folder = folder
         if args.memory_config != args.small_config:
             _, mem_folder, _ = make_policy_folder(work, args.memory_config, None, args.exporter, args.threads)
-        print(f'memory: {args.memory_predictions} predictions through PolicyRunner ({args.memory_config})...',
-              flush=True)
-        memory = memory_check(mem_folder, args.threads, args.memory_predictions)
+        print(f'memory: {args.memory_predictions} predictions through PolicyRunner ({args.memory_config}), in a '
+              'fresh process so its RSS is the runner alone...', flush=True)
+        memory = memory_check_subprocess(mem_folder, args.threads, args.memory_predictions)
         memory['config'] = args.memory_config
 
     ort, tch = ratios(results['onnxruntime']), ratios(results['torch'])
