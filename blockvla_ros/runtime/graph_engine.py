@@ -3,11 +3,11 @@
 Buffers are bound once per graph and reused for every call; a few are shared between graphs so nothing is
 copied between them:
 
-    vision       pixels ──────────────────────────► image_tokens ─┐ (shared)
-    prefill      text_ids, text_valid, image_tokens, (state) ─────► logits, kv [.., P, ..]
-    text_prefill text_ids, text_valid ────────────► text_kv ──────┐ (shared; rerun only when the text changes)
-    obs_prefill  image_tokens, (state), text_kv, text_valid ──────► logits, kv [.., P - Lt, ..]
-    step_<n>     tokens, positions, kv (= the KV cache buffer), kv_valid (= cache.valid) ─► logits, new_kv
+    vision        pixels -> image_tokens (shared)
+    prefill       text_ids, text_valid, image_tokens, (state) -> logits, kv [.., P, ..]
+    text_prefill  text_ids, text_valid -> text_kv (shared; rerun only when the instruction changes)
+    obs_prefill   image_tokens, text_kv, text_valid, (state) -> logits, kv [.., P - Lt, ..]
+    step_<n>      tokens, positions, kv (= the KV cache buffer), kv_valid (= cache.valid) -> logits, new_kv
 
 With `reuse_text_kv` (and a text-first prefix) the instruction's K/V is computed once and reused while the
 instruction does not change; otherwise the one-call `prefill` graph runs.
