@@ -87,3 +87,6 @@ def test_installed_package_imports_and_finds_its_share(install):
     module_file, share = out.stdout.split()
     assert Path(module_file).is_relative_to(site), f'imported {module_file}, not the installed copy'
     assert Path(share) == install / 'share' / PACKAGE
+    # data the code reads at run time travels with the installed package
+    ops = Path(module_file).parent.parent / 'export' / 'tensorrt_onnx_ops.txt'
+    assert ops.is_file(), 'export/tensorrt_onnx_ops.txt is not installed (setup.py package_data)'
