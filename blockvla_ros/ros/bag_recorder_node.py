@@ -50,6 +50,7 @@ class TopicRecorder(Node):
         self._tmp = Path(tempfile.mkdtemp(prefix=f'.{self.out.name}.', suffix='.tmp', dir=self.out.parent))
         plugin = StoragePlugin.MCAP if storage == 'mcap' else StoragePlugin.SQLITE3
         self._writer = Writer(self._tmp / self.out.name, version=9, storage_plugin=plugin)
+        self._unstamped: list = []  # (connection, topic, raw) received before the first /clock
         self._writer.open()
         self._pending = [self.resolve_topic_name(t) for t in topics]
         self._subs: dict[str, object] = {}
@@ -91,12 +92,25 @@ class TopicRecorder(Node):
     def _store(self, connection, topic: str, raw: bytes) -> None:
         if self._writer is None:
             return
-        stamp = self.get_clock().now().nanoseconds
-        self._writer.write(connection, max(int(stamp), 0), bytes(raw))
+        stamp = int(self.get_clock().now().nanoseconds)
+        if stamp <= 0:  # sim time before the first /clock: keep it until the clock is known
+            self._unstamped.append((connection, topic, bytes(raw)))
+            return
+        self._flush_unstamped(stamp)
+        self._writer.write(connection, stamp, bytes(raw))
         self.counts[topic] += 1
+
+    def _flush_unstamped(self, stamp: int) -> None:
+        """Messages that arrived before /clock get the first known time (their order is kept)."""
+        pending, self._unstamped = self._unstamped, []
+        for connection, topic, raw in pending:
+            self._writer.write(connection, stamp, raw)
+            self.counts[topic] += 1
 
     def close(self) -> Path | None:
         """Finish the bag and move it to ``out``; None if nothing was subscribed (no bag is left)."""
+        if self._writer is not None and self._unstamped:
+            self._flush_unstamped(0)  # the clock never came: time 0 rather than losing the messages
         writer, self._writer = self._writer, None
         if writer is None:
             return None
