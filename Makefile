@@ -10,6 +10,7 @@ export ROS_AUTOMATIC_DISCOVERY_RANGE := LOCALHOST
 export PYTHONDONTWRITEBYTECODE := 1
 
 .PHONY: setup test test-fast demo bench demo-policy clean
+DEMO_STEPS ?= 3000
 
 setup: $(STAMP)
 
@@ -33,6 +34,16 @@ test-fast: setup
 
 demo: setup
 	ROS_DOMAIN_ID=$${ROS_DOMAIN_ID:-61} $(PY) -m blockvla_ros.demo
+
+# The shipped demo policy and sample recording (config/train/demo.yaml; fixed seeds; CPU).
+demo-policy: setup
+	rm -rf data/demo_train runs/demo
+	$(VENV)/bin/blockvla-task record --out data/demo_train --episodes 30 --seed 0
+	$(VENV)/bin/blockvla-train --config config/train/demo.yaml train.steps=$(DEMO_STEPS) --no-progress
+	$(VENV)/bin/blockvla-export --checkpoint $$(ls -d runs/demo/checkpoints/step_* | tail -n 1) --out models/demo \
+		--no-torch-weights --no-split-prefill
+	rm -rf data/demo_recording
+	$(VENV)/bin/blockvla-task record --out data/demo_recording --episodes 1 --tasks touch_red_then_blue --seed 1
 
 bench: setup
 	mkdir -p out

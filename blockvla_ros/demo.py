@@ -152,9 +152,13 @@ def main(argv=None) -> int:
     except (PolicyFolderError, FileNotFoundError, ValueError) as e:
         print(f'demo: the demo policy is not usable: {e}\n(build it with `make demo-policy`)', file=sys.stderr)
         return 2
-    if not bag.exists():
-        print(f'demo: sample recording {bag} not found (build it with `make demo-policy`)', file=sys.stderr)
+    from .io.bag_reader import iter_bag_paths
+
+    bags = list(iter_bag_paths(bag)) if bag.exists() else []
+    if not bags:
+        print(f'demo: no sample recording at {bag} (build it with `make demo-policy`)', file=sys.stderr)
         return 2
+    bag = bags[0]
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     started = time.perf_counter()
