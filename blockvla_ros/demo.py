@@ -125,6 +125,8 @@ def print_summary(summary: dict) -> None:
     for task, res in ours['per_task'].items():
         print(f"   {task:28s} {res['success_rate'] * 100:5.1f} %   (random {rand['per_task'][task]['success_rate'] * 100:4.1f} %)")
     print(f"   {'overall':28s} {ours['success_rate'] * 100:5.1f} %   (random {rand['success_rate'] * 100:4.1f} %)")
+    if ours['success_rate'] <= 2 * rand['success_rate'] + 0.05:
+        print('   -> not clearly better than random: this policy has not learned the task (see README, Demo policy)')
     print(f"total {summary['wall_s']:.0f} s; details in {summary['out']}")
 
 

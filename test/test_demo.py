@@ -1,0 +1,50 @@
+"""The shipped demo: the policy folder verifies, loads on ONNX Runtime and runs; `make demo` works end to end."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO = REPO / 'models' / 'demo'
+RECORDING = REPO / 'data' / 'demo_recording'
+
+
+def test_shipped_demo_folder_verifies_and_predicts():
+    from blockvla_ros.runtime.policy_folder import load_policy_folder
+    from blockvla_ros.runtime.runner import PolicyRunner
+    from blockvla_ros.tasks import ACTION_NAMES, TabletopEnv
+
+    size = sum(f.stat().st_size for f in DEMO.rglob('*') if f.is_file())
+    assert size <= 10 * 2**20, f'models/demo is {size / 2**20:.1f} MB; the limit is 10 MB'
+    load_policy_folder(DEMO)  # raises on any hash mismatch or missing file
+    runner = PolicyRunner.load(DEMO, engine='onnxruntime', threads=1)
+    assert runner.action_names == ACTION_NAMES and runner.config.decoder == 'blockdiff'
+    obs = TabletopEnv('touch_red', seed=3).reset()
+    pred = runner.predict(obs.image, obs.instruction, state=obs.state)
+    assert pred.actions.shape == (runner.config.chunk_len, 3) and np.isfinite(pred.actions).all()
+    assert np.all(pred.actions >= runner.action_low - 1e-6) and np.all(pred.actions <= runner.action_high + 1e-6)
+
+
+def test_sample_recording_is_small_and_readable():
+    from blockvla_ros.io.bag_reader import TopicMap, iter_bag_paths, read_episodes
+
+    size = sum(f.stat().st_size for f in RECORDING.rglob('*') if f.is_file())
+    assert size <= 5 * 2**20, f'the sample recording is {size / 2**20:.1f} MB; the limit is 5 MB'
+    bags = list(iter_bag_paths(RECORDING))
+    assert bags
+    episodes = read_episodes(bags[0], TopicMap(state='/joint_states'), 10.0)
+    assert episodes and episodes[0].actions.shape[1] == 3
+
+
+@pytest.mark.slow
+@pytest.mark.ros
+def test_make_demo_runs_end_to_end(tmp_path):
+    env = dict(os.environ, ROS_DOMAIN_ID=str(150 + os.getpid() % 50), ROS_AUTOMATIC_DISCOVERY_RANGE='LOCALHOST')
+    out = subprocess.run([sys.executable, '-m', 'blockvla_ros.demo', '--out', str(tmp_path / 'demo'),
+                          '--episodes-per-task', '1'], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert 'published at' in out.stdout and 'overall' in out.stdout
+    assert (tmp_path / 'demo' / 'summary.json').is_file()
