@@ -93,12 +93,22 @@ class TopicRecorder(Node):
         if self._writer is None:
             return
         stamp = int(self.get_clock().now().nanoseconds)
-        if stamp <= 0:  # sim time before the first /clock: keep it until the clock is known
+        if stamp <= 0:  # sim time before the first /clock (it may be discovered late): the header's own stamp
+            stamp = self._header_stamp(connection, raw)
+        if stamp <= 0:  # no header either: keep it until the clock is known
             self._unstamped.append((connection, topic, bytes(raw)))
             return
         self._flush_unstamped(stamp)
         self._writer.write(connection, stamp, bytes(raw))
         self.counts[topic] += 1
+
+    def _header_stamp(self, connection, raw) -> int:
+        try:
+            msg = self._typestore.deserialize_cdr(bytes(raw), connection.msgtype)
+            st = msg.header.stamp
+            return int(st.sec) * 10**9 + int(st.nanosec)
+        except (AttributeError, ValueError, KeyError, TypeError):
+            return 0
 
     def _flush_unstamped(self, stamp: int) -> None:
         """Messages that arrived before /clock get the first known time (their order is kept)."""
