@@ -4,14 +4,20 @@
     python benchmarks/control_loop.py --tiny ...        # export a small random policy first (no demo needed)
 
 Starts ``policy_node`` in its own process (autostart, ONNX Runtime by default), publishes a camera (30 Hz,
-640x480 rgb8) and an instruction, records every per-tick ``action`` for ``--seconds`` and reports:
+640x480 rgb8), an instruction and (for a policy with proprioception) joint states, records every per-tick ``action`` for ``--seconds`` and reports:
 
 - period_p50_ms / period_p99_ms / period_error_p99_ms: gaps between the header stamps of consecutive actions
   (the node stamps each tick with its clock when the tick starts), and the p99 of |gap - 1/rate|;
 - missed_ticks: a gap of k periods counts k - 1;
 - e2e_latency_p50_ms / e2e_latency_p99_ms: image header stamp -> the tick that executes the first action
   computed from it (measured by the node, read from its last /diagnostics);
-- hold_ticks: ticks that held instead of executing a planned action (velocity = zeros).
+- hold_ticks: ticks that held instead of executing a planned action (velocity = zeros);
+- reference_timer: the same figures for a bare sleep loop in its own process at the same rate and priority,
+  run during the same window: what the machine allows at all (a VM whose host takes CPU time shows it here,
+  and in cpu_steal_ms, the time the hypervisor took from this VM during the window).
+The window starts ``--settle`` seconds after the first planned action. The control thread runs SCHED_FIFO
+(``--priority``, the node's default 50) when the user may (root, or an rtprio limit); `priority_error` says
+when it could not.
 Target: period_error_p99_ms < 2 and missed_ticks == 0 at 50 Hz.
 """
 from __future__ import annotations
@@ -54,6 +60,59 @@ def make_tiny_policy(folder: Path) -> Path:
     return folder / 'models'
 
 
+REFERENCE_TIMER = r"""
+import os, sys, threading, time, json
+period, seconds, priority = float(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
+if priority > 0:
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
+    except OSError:
+        pass
+stamps, next_t = [], time.monotonic()
+end = next_t + seconds
+while next_t < end:
+    next_t += period
+    time.sleep(max(0.0, next_t - time.monotonic()))
+    stamps.append(time.monotonic())
+print(json.dumps(stamps))
+"""
+
+
+def start_reference_timer(period: float, seconds: float, priority: int) -> subprocess.Popen:
+    """A bare sleep loop in its own process at the node's rate and priority: what this machine allows at all."""
+    return subprocess.Popen([sys.executable, '-c', REFERENCE_TIMER, str(period), str(seconds), str(priority)],
+                            stdout=subprocess.PIPE, text=True)
+
+
+def period_figures(stamps, period: float) -> dict:
+    gaps = np.diff(np.asarray(stamps, dtype=np.float64))
+    return {'period_p99_ms': percentile(gaps * 1e3, 99), 'period_max_ms': float(gaps.max() * 1e3) if gaps.size else None,
+            'period_error_p99_ms': percentile(np.abs(gaps - period) * 1e3, 99),
+            'missed_ticks': int(np.sum(np.maximum(np.rint(gaps / period) - 1, 0)))}
+
+
+def cpu_steal_ms() -> float | None:
+    """CPU time the hypervisor took from this VM (all CPUs), from /proc/stat; None off Linux."""
+    try:
+        fields = Path('/proc/stat').read_text().split('\n', 1)[0].split()
+        return int(fields[8]) * 1000.0 / os.sysconf('SC_CLK_TCK')
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def policy_state_names(policy_dirs, policy) -> list[str]:
+    """The proprioception joint names the policy expects (policy.yaml), [] for none."""
+    import yaml
+
+    for d in policy_dirs:
+        spec = Path(d) / policy / 'policy.yaml'
+        if spec.is_file():
+            config = (yaml.safe_load(spec.read_text()) or {}).get('config', {})
+            names = list(config.get('state_names') or [])
+            return names or [f'state{i}' for i in range(int(config.get('state_dim') or 0))]
+    return []
+
+
 def percentile(values, q):
     return float(np.percentile(values, q)) if len(values) else None
 
@@ -69,7 +128,10 @@ def main(argv=None) -> int:
     ap.add_argument('--tiny-dir', type=Path, help='with --tiny: export into (or reuse) this directory')
     ap.add_argument('--engine', default='onnxruntime')
     ap.add_argument('--threads', type=int, default=1, help="ONNX Runtime intra-op threads (the node's default: 1)")
-    ap.add_argument('--priority', type=int, default=0, help='control_thread_priority (SCHED_FIFO, needs rtprio)')
+    ap.add_argument('--priority', type=int, default=50,
+                    help="control_thread_priority (SCHED_FIFO, needs rtprio; the node's default: 50; 0: normal)")
+    ap.add_argument('--settle', type=float, default=2.0,
+                    help='seconds between the first planned action and the measurement window (first-use costs)')
     ap.add_argument('--camera-hz', type=float, default=30.0)
     ap.add_argument('--width', type=int, default=640)
     ap.add_argument('--height', type=int, default=480)
@@ -123,6 +185,8 @@ def main(argv=None) -> int:
     instruction = node.create_publisher(String, 'instruction', QoSProfile(
         depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL))
     instruction.publish(String(data='pick up the red block'))
+    state_names = policy_state_names(policy_dirs, policy)
+    joint_states = node.create_publisher(JointState, 'joint_states', 10) if state_names else None
     frames = []
     rng = np.random.default_rng(0)
     for _ in range(4):  # a few prebuilt frames: building a 900 kB message costs more than publishing it
@@ -135,6 +199,9 @@ def main(argv=None) -> int:
         msg = frames[count[0] % len(frames)]
         msg.header.stamp = node.get_clock().now().to_msg()
         camera.publish(msg)
+        if joint_states is not None:  # a policy with proprioception holds until it has a joint state
+            joint_states.publish(JointState(header=msg.header, name=state_names,
+                                            position=[0.0] * len(state_names)))
         count[0] += 1
 
     node.create_timer(1.0 / args.camera_hz, publish_frame)
@@ -148,12 +215,19 @@ def main(argv=None) -> int:
             if time.monotonic() > deadline or node_proc.poll() is not None:
                 raise SystemExit(f'the node produced no action within {args.startup_timeout:.0f} s '
                                  f'(exit code {node_proc.poll()}); last diagnostics: {diag}')
+        settle_end = time.monotonic() + args.settle
+        while time.monotonic() < settle_end:
+            executor.spin_once(timeout_sec=0.05)
         print(f'node running; measuring {args.seconds:g} s at {args.rate:g} Hz ...', flush=True)
+        reference = start_reference_timer(1.0 / args.rate, args.seconds, args.priority)
+        steal_start = cpu_steal_ms()
         start = len(stamps)
         end = time.monotonic() + args.seconds
         while time.monotonic() < end:
             executor.spin_once(timeout_sec=0.05)
         stop = len(stamps)
+        steal_end = cpu_steal_ms()
+        reference_out, _ = reference.communicate(timeout=30)
         final = time.monotonic() + 2.5  # one more /diagnostics after the window
         diag.clear()
         while time.monotonic() < final and not diag:
@@ -181,7 +255,7 @@ def main(argv=None) -> int:
             return None
 
     result = {
-        'rate_hz': args.rate, 'seconds': args.seconds, 'policy': policy, 'engine': args.engine,
+        'rate_hz': args.rate, 'seconds': args.seconds, 'settle_s': args.settle, 'policy': policy, 'engine': args.engine,
         'threads': args.threads, 'control_thread_priority': args.priority,
         'priority_error': diag.get('control_thread_priority_error', ''),
         'backend': diag.get('backend'), 'runtime_provider': diag.get('runtime.provider'),
@@ -196,6 +270,8 @@ def main(argv=None) -> int:
         'chunks': num('chunks'), 'node_period_error_p99_ms': num('period_error_p99_ms'),
         'camera': f'{args.width}x{args.height} rgb8 at {args.camera_hz:g} Hz', 'node_exit_code': code,
         'loadavg_at_start': [round(x, 2) for x in load], 'cpu_count': os.cpu_count(),
+        'cpu_steal_ms': None if steal_start is None or steal_end is None else round(steal_end - steal_start, 1),
+        'reference_timer': period_figures(json.loads(reference_out), period),
     }
     result['target_met'] = bool(result['period_error_p99_ms'] is not None and result['period_error_p99_ms'] < 2.0
                                 and missed == 0)

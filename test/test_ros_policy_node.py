@@ -26,7 +26,7 @@ from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
 from lifecycle_msgs.msg import Transition  # noqa: E402
 from lifecycle_msgs.srv import ChangeState  # noqa: E402
 from rcl_interfaces.srv import GetParameters, SetParameters  # noqa: E402
-from rclpy.executors import MultiThreadedExecutor, SingleThreadedExecutor  # noqa: E402
+from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy  # noqa: E402
 from sensor_msgs.msg import CompressedImage, Image, JointState  # noqa: E402
@@ -246,7 +246,7 @@ def running(models):
         Parameter('control_rate_hz', value=RATE), Parameter('max_image_age_s', value=0.5),
         Parameter('diagnostics_period_s', value=0.2), Parameter('warmup_runs', value=1),
         Parameter('threads', value=1)])  # no spinning ONNX Runtime pool next to the control thread on 2 cores
-    executor = MultiThreadedExecutor(num_threads=2, context=context)  # as main() runs it
+    executor = SingleThreadedExecutor(context=context)  # as main() runs it
     executor.add_node(node)
     spinner = threading.Thread(target=executor.spin, daemon=True)
     spinner.start()

@@ -67,8 +67,9 @@ SPECS = [
          low=0, high=100),
     Spec('control_rate_hz', 50.0, 'Rate of the control tick that publishes action and action_chunk; must '
          'match the rate the policy was trained at.', low=0.1, high=1000.0),
-    Spec('control_thread_priority', 0, 'SCHED_FIFO priority of the control thread (1-99; 0: normal scheduling). '
-         'Keeps the tick on time on a busy CPU; needs an rtprio limit (as ros2_control).', low=0, high=99),
+    Spec('control_thread_priority', 50, 'SCHED_FIFO priority of the control thread (1-99; 0: normal scheduling). '
+         'Keeps the tick on time on a busy CPU; needs an rtprio limit (as ros2_control, whose default is also '
+         '50); without one the node runs at normal priority and says so in diagnostics.', low=0, high=99),
     Spec('camera_topic', 'camera/image_raw', 'Camera topic (sensor_msgs/Image, or CompressedImage).'),
     Spec('image_transport', 'auto', "'raw' (Image), 'compressed' (CompressedImage) or 'auto' (compressed when "
          "camera_topic ends in /compressed).", choices=IMAGE_TRANSPORTS),

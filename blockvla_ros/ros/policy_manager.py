@@ -8,6 +8,7 @@ A failed load leaves the old policy running and is reported through ``on_swap_do
 """
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -97,6 +98,10 @@ class PolicyManager:
             runner.warmup(self.warmup_runs)
         self.load_seconds = time.monotonic() - start
         log.info('policy %s ready in %.2f s', runner.name, self.load_seconds)
+        # Everything loaded so far lives as long as the policy: move it out of the collector's reach, so a
+        # full collection (tens of ms with the GIL held, stalling the control thread) stays short.
+        gc.collect()
+        gc.freeze()
         return runner
 
     def load(self, name: str) -> Any:

@@ -20,9 +20,8 @@ from typing import Optional
 import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
-from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.event_handler import SubscriptionEventCallbacks
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from sensor_msgs.msg import CompressedImage, Image, JointState
 from std_msgs.msg import String
@@ -125,21 +124,20 @@ class PolicyNode(PolicyParameters, LifecycleNode):
         def events(topic):
             return SubscriptionEventCallbacks(incompatible_qos=lambda event: self._on_incompatible_qos(topic, event))
 
-        group = MutuallyExclusiveCallbackGroup()  # inputs keep flowing while a parameter callback hashes a policy
         image_type = CompressedImage if p.compressed else Image
         self._camera_topic = p['camera_topic']
         self._max_pixels = int(p['max_image_pixels'])
         self._subs = [
             self.create_subscription(image_type, p['camera_topic'], self._on_image,
                                      P.image_qos(p['image_qos'], p['image_qos_depth']),
-                                     event_callbacks=events(p['camera_topic']), callback_group=group),
+                                     event_callbacks=events(p['camera_topic'])),
             self.create_subscription(String, p['instruction_topic'], self._on_instruction,
                                      P.instruction_qos(p['instruction_qos']),
-                                     event_callbacks=events(p['instruction_topic']), callback_group=group),
+                                     event_callbacks=events(p['instruction_topic'])),
         ]
         if state_dim:
             self._subs.append(self.create_subscription(JointState, p['joint_states_topic'], self._on_joint_state,
-                                                       P.image_qos('sensor_data', 1), callback_group=group))
+                                                       P.image_qos('sensor_data', 1)))
         self._action_pub = self.create_lifecycle_publisher(JointState, p['action_topic'], P.output_qos())
         self._chunk_pub = self.create_lifecycle_publisher(JointTrajectory, p['action_chunk_topic'], P.output_qos())
 
@@ -380,7 +378,12 @@ def main(args=None) -> None:
     package_log = logging.getLogger('blockvla_ros')
     package_log.addHandler(handler)
     package_log.setLevel(logging.INFO)
-    executor = MultiThreadedExecutor(num_threads=2)  # inputs | services + diagnostics (see _create_io)
+    # One executor thread. rclpy's MultiThreadedExecutor re-polls its wait set in a tight Python loop while a ready
+    # callback waits for a busy callback group, holding the GIL: measured here, it starved the control thread (up
+    # to 500 ms late ticks, 100+ missed in 20 s at 50 Hz) and doubled inference p99. The price: a parameter
+    # callback that hashes a swapped-in policy's files (~1 s per GB) pauses image intake meanwhile; the control
+    # thread and inference keep running.
+    executor = SingleThreadedExecutor()
     executor.add_node(node)
     try:
         if node.get_parameter('autostart').value and node.trigger_configure() == SUCCESS:

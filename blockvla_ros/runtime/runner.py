@@ -151,10 +151,11 @@ class PolicyRunner:
             raise ValueError(f'known_actions must have shape [k, {d}] with k <= {h} (chunk_len), got {a.shape}')
         return self.action_tokenizer.encode(a)  # [k, D] -> [k*D]
 
-    def warmup(self, n: int = 2) -> None:
-        """Run n predictions on a gray image (first calls allocate arenas / build kernels)."""
-        s = self.config.image_size
-        image = np.full((s, s, 3), 128, np.uint8)
+    def warmup(self, n: int = 2, image_shape=(480, 640)) -> None:
+        """Run n predictions on a gray camera-sized image: the first calls allocate arenas, build kernels and load
+        the resize code, which would otherwise stall the first real inference (and, through the GIL, the node's
+        control tick)."""
+        image = np.full((*image_shape, 3), 128, np.uint8)
         state = None
         if self.config.state_dim:
             state = (np.asarray(self.spec.stats.state_low) + np.asarray(self.spec.stats.state_high)) / 2
