@@ -1,4 +1,5 @@
 """Backbones from a local HF folder, HF vision towers, and policy save/load."""
+import pytest
 import numpy as np
 import torch
 
@@ -57,3 +58,34 @@ def test_hf_vision_tower_by_config():
 def test_config_describes_backbone_or_folder():
     cfg = BlockVLAConfig()
     assert cfg.backbone['model_type'] == 'qwen2' and cfg.prefix_len == cfg.max_text_tokens + 64
+
+
+def _word_level_folder(folder, model_type):
+    """A folder holding a word-level tokenizer.json and a `model_type` config (no weights needed to tokenize)."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(['[PAD]', '[UNK]', '[BOS]', 'touch', 'the', 'red', 'blue', 'block'])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token='[UNK]'))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single='[BOS] $A', special_tokens=[('[BOS]', 2)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token='[PAD]', unk_token='[UNK]',
+                            bos_token='[BOS]').save_pretrained(folder)
+    (folder / 'config.json').write_text(json.dumps({'model_type': model_type}))
+    return folder
+
+
+def test_tokenizer_that_drops_the_instruction_is_refused(tmp_path):
+    """A word-level tokenizer in a qwen2 folder loads as Qwen2Tokenizer and encodes every instruction to [BOS]
+    alone: training on it would be blind to the instruction, so encoding says so instead."""
+    from blockvla_ros.model.text_tokenizer import load_text_tokenizer
+
+    good = load_text_tokenizer('auto', 8, 8, _word_level_folder(tmp_path / 'llama', 'llama'))
+    red, _ = good.encode('touch the red block')
+    blue, valid = good.encode('touch the blue block')
+    assert valid.sum() == 5 and (red != blue).any()
+    bad = load_text_tokenizer('auto', 8, 8, _word_level_folder(tmp_path / 'qwen2', 'qwen2'))
+    with pytest.raises(ValueError, match='special tokens only'):
+        bad.encode('touch the red block')

@@ -68,11 +68,20 @@ class HFTextTokenizer(_FixedLength):
         except ImportError as e:
             raise ImportError('text_tokenizer: auto needs the transformers package (pip install transformers)') from e
         self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.path = path
         self.max_len = int(max_len)
         self.pad_id = int(self.tok.pad_token_id if self.tok.pad_token_id is not None else 0)
 
     def _ids(self, text: str) -> list:
-        return list(self.tok(text.strip(), add_special_tokens=True)['input_ids'])
+        ids = list(self.tok(text.strip(), add_special_tokens=True)['input_ids'])
+        special = set(self.tok.all_special_ids)
+        if ids and all(i in special for i in ids):
+            # e.g. a word-level tokenizer.json in a qwen2 folder: AutoTokenizer forces Qwen2Tokenizer, which then
+            # maps every instruction to the same special tokens: a policy would train blind to its instruction
+            raise ValueError(f'instruction "{text[:60]}" encodes to special tokens only ({ids}) with the '
+                             f'{type(self.tok).__name__} loaded from {self.path}: the tokenizer files do not '
+                             'match the tokenizer class this folder selects (tokenizer_config.json / model_type)')
+        return ids
 
 
 def load_text_tokenizer(kind: str, max_len: int, vocab_size: int, folder: Optional[str | os.PathLike] = None):
