@@ -1,0 +1,198 @@
+"""Training convergence: closed-loop success against training steps for blockdiff, fulldiff and ar.
+
+    python benchmarks/convergence.py --json out/convergence.json            # the figures in the README
+    python benchmarks/convergence.py --json out/c.json --steps 600 --eval-every 200 --episodes 5   # a quick look
+
+One training config (default config/train/convergence.yaml: a small cousin of the demo policy), one set
+of recorded demonstrations, one seed; only ``train.mode`` differs between the runs. Every ``--eval-every`` steps
+the checkpoint is run in closed loop on the tabletop benchmark (``--episodes`` per task, the 'eval' seed stream,
+torch engine, the mode's own decoder). OUT holds the curves, ``steps_to_target`` per mode (the first evaluated step
+whose success reaches ``--target``; null if none did), the target used, and ``speedup_vs_fulldiff`` (fulldiff's
+steps to target over blockdiff's) when both reached it. A PNG of the curves is written next to OUT.
+
+Runs resume: the recordings and each mode's checkpoints stay in ``--work`` (default out/convergence_work), and a
+rerun with more ``--steps`` continues training instead of starting over (the LR schedule spans ``--steps``, so
+change it only together with a fresh ``--work``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MODES = ('blockdiff', 'fulldiff', 'ar')
+
+
+def record(work: Path, tasks, episodes: int, noise: float, seed: int) -> Path:
+    from blockvla_ros.tasks.recording import record_demonstrations
+
+    bags = work / 'demonstrations'
+    done = bags / '.complete'
+    if not done.is_file():
+        if bags.exists():
+            import shutil
+            shutil.rmtree(bags)  # an interrupted recording: start it again
+        print(f'recording {episodes} expert episodes per task into {bags} ...', flush=True)
+        record_demonstrations(bags, tasks=tasks, episodes_per_task=episodes, seed=seed, expert_noise=noise,
+                              progress=False)
+        done.write_text('ok\n')
+    return bags
+
+
+def train_mode(config_path: Path, mode: str, bags: Path, work: Path, args) -> Path:
+    from blockvla_ros.training import load_train_config, train
+
+    out = work / mode
+    overrides = [f'train.mode={mode}', f'train.steps={args.steps}', f'train.out_dir={out}',
+                 f'train.save_interval={args.eval_every}', 'train.keep_checkpoints=0',
+                 f'train.eval_interval={args.steps}', 'train.eval_decode_samples=0', 'train.progress=false',
+                 f'train.seed={args.seed}', 'train.resume=auto', f'data.bags=[{bags}]']
+    config = load_train_config(config_path, overrides)
+    start = time.monotonic()
+    print(f'[{mode}] training {args.steps} steps into {out} ...', flush=True)
+    train(config)
+    print(f'[{mode}] trained in {time.monotonic() - start:.0f} s', flush=True)
+    return out / 'checkpoints'
+
+
+def closed_loop(checkpoint: Path, tasks, episodes: int, seed: int) -> dict:
+    """Success of one checkpoint in closed loop, with the decoder its training mode implies."""
+    import torch
+
+    from blockvla_ros.model.action_tokenizer import NormStats
+    from blockvla_ros.model.policy import BlockVLAPolicy
+    from blockvla_ros.runtime.decoding import Decoder
+    from blockvla_ros.runtime.runner import build_preprocessor
+    from blockvla_ros.runtime.torch_engine import TorchEngine
+    from blockvla_ros.tasks import evaluate_closed_loop
+
+    policy = BlockVLAPolicy.load(checkpoint).eval()
+    config = policy.config
+    stats = NormStats.load(checkpoint / 'stats.json')
+    pre = build_preprocessor(config, stats, folder=checkpoint)
+    engine, decoder = TorchEngine(policy), Decoder(config)
+
+    def predict_chunk(image, instruction, state):
+        with torch.no_grad():
+            result = decoder(engine, pre(image, instruction, state))
+        return pre.actions.decode(result.tokens).reshape(-1, config.action_dim)  # [H, D]
+
+    return evaluate_closed_loop(predict_chunk, tasks=tasks, episodes_per_task=episodes, seed=seed,
+                                image_size=config.image_size, progress=False)
+
+
+def evaluate_mode(checkpoints: Path, tasks, episodes: int, seed: int, cache: dict) -> list[dict]:
+    curve = []
+    for folder in sorted(checkpoints.glob('step_*')):
+        step = int(folder.name.split('_')[1])
+        key = str(folder)
+        if key not in cache:
+            start = time.monotonic()
+            result = closed_loop(folder, tasks, episodes, seed)
+            cache[key] = {'step': step, 'success_rate': result['success_rate'],
+                          'per_task': {t: r['success_rate'] for t, r in result['per_task'].items()},
+                          'eval_s': round(time.monotonic() - start, 1)}
+            print(f'  {folder.parent.parent.name:9s} step {step:6d}: success {result["success_rate"]:.3f}', flush=True)
+        curve.append(cache[key])
+    return curve
+
+
+def steps_to(curve: list[dict], target: float):
+    return next((p['step'] for p in curve if p['success_rate'] >= target), None)
+
+
+def plot(curves: dict, target: float, path: Path) -> None:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for mode, curve in curves.items():
+        ax.plot([p['step'] for p in curve], [p['success_rate'] for p in curve], marker='o', label=mode)
+    ax.axhline(target, color='gray', linestyle='--', linewidth=1, label=f'target {target:.0%}')
+    ax.set_xlabel('training step')
+    ax.set_ylabel('closed-loop success')
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title('tabletop benchmark: success vs training steps')
+    fig.tight_layout()
+    tmp = path.with_name(path.name + '.tmp.png')
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    ap.add_argument('--json', type=Path, required=True, help='write the results here')
+    ap.add_argument('--png', type=Path, help='the curves (default: OUT with .png)')
+    ap.add_argument('--config', type=Path, default=REPO / 'config/train/convergence.yaml', help='training config')
+    ap.add_argument('--modes', nargs='+', default=list(MODES), choices=MODES)
+    ap.add_argument('--steps', type=int, default=2000, help='training steps per mode')
+    ap.add_argument('--eval-every', type=int, default=500, help='steps between closed-loop evaluations')
+    ap.add_argument('--episodes', type=int, default=10, help='closed-loop episodes per task per evaluation')
+    ap.add_argument('--tasks', nargs='+', default=['touch_red'],
+                    help='tasks recorded and evaluated (default: touch_red, what a CPU run can learn; see README)')
+    ap.add_argument('--train-episodes', type=int, default=300, help='recorded expert episodes per task')
+    ap.add_argument('--noise', type=float, default=0.1, help='expert direction noise of the recordings')
+    ap.add_argument('--target', type=float, default=0.5, help='success rate that counts as converged')
+    ap.add_argument('--seed', type=int, default=0, help='recording, training and evaluation seed')
+    ap.add_argument('--work', type=Path, default=REPO / 'out/convergence_work', help='recordings + checkpoints')
+    args = ap.parse_args(argv)
+    if args.steps < 1 or args.eval_every < 1 or args.episodes < 1 or not 0 < args.target <= 1:
+        ap.error('--steps, --eval-every and --episodes must be positive, --target in (0, 1]')
+
+    import torch
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    args.work.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    bags = record(args.work, args.tasks, args.train_episodes, args.noise, args.seed)
+    cache_path = args.work / 'evaluations.json'
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    curves, train_s = {}, {}
+    for mode in args.modes:
+        t = time.monotonic()
+        checkpoints = train_mode(args.config, mode, bags, args.work, args)
+        train_s[mode] = round(time.monotonic() - t, 1)
+        curves[mode] = evaluate_mode(checkpoints, args.tasks, args.episodes, args.seed, cache)
+        tmp = cache_path.with_name(cache_path.name + '.tmp')
+        tmp.write_text(json.dumps(cache, indent=1))
+        os.replace(tmp, cache_path)
+    reached = {mode: steps_to(curve, args.target) for mode, curve in curves.items()}
+    result = {
+        'target': args.target, 'steps_to_target': reached,
+        'speedup_vs_fulldiff': (reached['fulldiff'] / reached['blockdiff']
+                                if reached.get('fulldiff') and reached.get('blockdiff') else None),
+        'best': {mode: max((p['success_rate'] for p in curve), default=None) for mode, curve in curves.items()},
+        'curves': curves, 'train_wall_s': train_s, 'config': str(args.config), 'steps': args.steps,
+        'eval_every': args.eval_every, 'episodes_per_task': args.episodes, 'tasks': args.tasks,
+        'train_episodes_per_task': args.train_episodes, 'expert_noise': args.noise, 'seed': args.seed,
+        'wall_s': round(time.monotonic() - start, 1), 'cpu_count': os.cpu_count(),
+    }
+    png = args.png or args.json.with_suffix('.png')
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    plot(curves, args.target, png)
+    tmp = args.json.with_name(args.json.name + '.tmp')
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, args.json)
+
+    steps = sorted({p['step'] for curve in curves.values() for p in curve})
+    print('\nclosed-loop success by training step (' + ', '.join(args.tasks) + f'; {args.episodes} episodes each)')
+    print(f'{"step":>8s} ' + ' '.join(f'{m:>10s}' for m in curves))
+    for s in steps:
+        row = [next((f'{p["success_rate"]:.3f}' for p in curves[m] if p['step'] == s), '-') for m in curves]
+        print(f'{s:8d} ' + ' '.join(f'{v:>10s}' for v in row))
+    print(f'steps to {args.target:.0%}: ' + ', '.join(f'{m} {v}' for m, v in reached.items())
+          + (f'; blockdiff {result["speedup_vs_fulldiff"]:.2f}x earlier than fulldiff'
+             if result['speedup_vs_fulldiff'] else ''))
+    print(f'wrote {args.json} and {png}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
