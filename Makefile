@@ -10,7 +10,7 @@ export ROS_AUTOMATIC_DISCOVERY_RANGE := LOCALHOST
 export PYTHONDONTWRITEBYTECODE := 1
 
 .PHONY: setup test test-fast demo bench demo-policy clean
-DEMO_STEPS ?= 3000
+DEMO_STEPS ?= 2000
 
 setup: $(STAMP)
 
@@ -38,7 +38,7 @@ demo: setup
 # The shipped demo policy and sample recording (config/train/demo.yaml; fixed seeds; CPU).
 demo-policy: setup
 	rm -rf data/demo_train runs/demo
-	$(VENV)/bin/blockvla-task record --out data/demo_train --episodes 30 --seed 0
+	$(VENV)/bin/blockvla-task record --out data/demo_train --tasks touch_red --episodes 300 --noise 0.1 --seed 0
 	$(VENV)/bin/blockvla-train --config config/train/demo.yaml train.steps=$(DEMO_STEPS) --no-progress
 	$(VENV)/bin/blockvla-export --checkpoint $$(ls -d runs/demo/checkpoints/step_* | tail -n 1) --out models/demo \
 		--no-torch-weights --no-split-prefill
