@@ -89,7 +89,7 @@ def evaluate_mode(checkpoints: Path, tasks, episodes: int, seed: int, cache: dic
     curve = []
     for folder in sorted(checkpoints.glob('step_*')):
         step = int(folder.name.split('_')[1])
-        key = str(folder)
+        key = f'{folder}|{",".join(tasks)}|{episodes}|{seed}'  # a result holds only for these settings
         if key not in cache:
             start = time.monotonic()
             result = closed_loop(folder, tasks, episodes, seed)
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
     ap.add_argument('--modes', nargs='+', default=list(MODES), choices=MODES)
     ap.add_argument('--steps', type=int, default=2000, help='training steps per mode')
     ap.add_argument('--eval-every', type=int, default=500, help='steps between closed-loop evaluations')
-    ap.add_argument('--episodes', type=int, default=10, help='closed-loop episodes per task per evaluation')
+    ap.add_argument('--episodes', type=int, default=30, help='closed-loop episodes per task per evaluation')
     ap.add_argument('--tasks', nargs='+', default=['touch_red'],
                     help='tasks recorded and evaluated (default: touch_red, what a CPU run can learn; see README)')
     ap.add_argument('--train-episodes', type=int, default=300, help='recorded expert episodes per task')
