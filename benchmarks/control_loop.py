@@ -61,7 +61,7 @@ def make_tiny_policy(folder: Path) -> Path:
 
 
 REFERENCE_TIMER = r"""
-import os, sys, threading, time, json
+import os, sys, time, json
 period, seconds, priority = float(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
 if priority > 0:
     try:
@@ -85,8 +85,10 @@ def start_reference_timer(period: float, seconds: float, priority: int) -> subpr
 
 
 def period_figures(stamps, period: float) -> dict:
+    """Gaps between consecutive stamps (seconds): p50/p99/max, p99 of |gap - period|, missed ticks."""
     gaps = np.diff(np.asarray(stamps, dtype=np.float64))
-    return {'period_p99_ms': percentile(gaps * 1e3, 99), 'period_max_ms': float(gaps.max() * 1e3) if gaps.size else None,
+    return {'period_p50_ms': percentile(gaps * 1e3, 50), 'period_p99_ms': percentile(gaps * 1e3, 99),
+            'period_max_ms': float(gaps.max() * 1e3) if gaps.size else None,
             'period_error_p99_ms': percentile(np.abs(gaps - period) * 1e3, 99),
             'missed_ticks': int(np.sum(np.maximum(np.rint(gaps / period) - 1, 0)))}
 
@@ -101,16 +103,11 @@ def cpu_steal_ms() -> float | None:
 
 
 def policy_state_names(policy_dirs, policy) -> list[str]:
-    """The proprioception joint names the policy expects (policy.yaml), [] for none."""
-    import yaml
+    """The proprioception joint names the policy expects, [] for none (the folder as the node resolves it)."""
+    from blockvla_ros.runtime.policy_folder import load_policy_folder, resolve_policy
 
-    for d in policy_dirs:
-        spec = Path(d) / policy / 'policy.yaml'
-        if spec.is_file():
-            config = (yaml.safe_load(spec.read_text()) or {}).get('config', {})
-            names = list(config.get('state_names') or [])
-            return names or [f'state{i}' for i in range(int(config.get('state_dim') or 0))]
-    return []
+    config = load_policy_folder(resolve_policy(policy, policy_dirs)).config
+    return list(config.state_names or []) or [f'state{i}' for i in range(config.state_dim)]
 
 
 def percentile(values, q):
@@ -244,9 +241,8 @@ def main(argv=None) -> int:
         tmp.cleanup()
 
     period = 1.0 / args.rate
-    window = np.asarray(stamps[start:stop])
-    gaps = np.diff(window)
-    missed = int(np.sum(np.maximum(np.rint(gaps / period) - 1, 0)))
+    window = stamps[start:stop]
+    figures = period_figures(window, period)
 
     def num(key):
         try:
@@ -259,10 +255,7 @@ def main(argv=None) -> int:
         'threads': args.threads, 'control_thread_priority': args.priority,
         'priority_error': diag.get('control_thread_priority_error', ''),
         'backend': diag.get('backend'), 'runtime_provider': diag.get('runtime.provider'),
-        'ticks': int(window.size), 'expected_ticks': int(round(args.seconds * args.rate)),
-        'period_p50_ms': percentile(gaps * 1e3, 50), 'period_p99_ms': percentile(gaps * 1e3, 99),
-        'period_max_ms': float(gaps.max() * 1e3) if gaps.size else None,
-        'period_error_p99_ms': percentile(np.abs(gaps - period) * 1e3, 99), 'missed_ticks': missed,
+        'ticks': len(window), 'expected_ticks': int(round(args.seconds * args.rate)), **figures,
         'hold_ticks': int(np.sum(holds[start:stop])),
         'e2e_latency_p50_ms': num('e2e_latency_p50_ms'), 'e2e_latency_p99_ms': num('e2e_latency_p99_ms'),
         'inference_latency_p50_ms': num('inference_latency_p50_ms'),
@@ -274,7 +267,7 @@ def main(argv=None) -> int:
         'reference_timer': period_figures(json.loads(reference_out), period),
     }
     result['target_met'] = bool(result['period_error_p99_ms'] is not None and result['period_error_p99_ms'] < 2.0
-                                and missed == 0)
+                                and figures['missed_ticks'] == 0)
     for key, value in result.items():
         print(f'{key:28s} {value}')
     if args.json:
