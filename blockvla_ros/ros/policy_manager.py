@@ -99,9 +99,7 @@ class PolicyManager:
         self.load_seconds = time.monotonic() - start
         log.info('policy %s ready in %.2f s', runner.name, self.load_seconds)
         # Everything loaded so far lives as long as the policy: move it out of the collector's reach, so a
-        # full collection (tens of ms with the GIL held, stalling the control thread) stays short. Unfreeze
-        # first, so cycles left by a policy an earlier swap replaced are still collected (one pause per load).
-        gc.unfreeze()
+        # full collection (tens of ms with the GIL held, stalling the control thread) stays short.
         gc.collect()
         gc.freeze()
         return runner
