@@ -129,8 +129,14 @@ class BlockVLAConfig:
             patch = int(self.vision.get('patch_size', 0))
             need(patch > 0 and self.image_size % patch == 0,
                  f'image_size {self.image_size} must be a multiple of vision.patch_size {patch}')
+            pos = self.vision.get('pos_embed', 'learned')
+            need(pos in ('learned', 'sincos'), f"vision.pos_embed must be 'learned' or 'sincos', got {pos!r}")
+            need(pos != 'sincos' or int(self.vision.get('dim', 0)) % 4 == 0,
+                 f"vision.pos_embed sincos needs vision.dim divisible by 4, got {self.vision.get('dim')}")
         else:
             need('num_tokens' in self.vision, 'vision.num_tokens is required for an HF vision encoder')
+        init = self.vision.get('init_from')
+        need(init is None or isinstance(init, str), f'vision.init_from must be a file path, got {init!r}')
         need(self.backbone_path is not None or 'model_type' in self.backbone,
              'either backbone_path or backbone.model_type must be given')
         need(self.text_tokenizer in ('byte', 'auto'), "text_tokenizer must be 'byte' or 'auto'")

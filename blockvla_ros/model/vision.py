@@ -5,14 +5,38 @@ import torch
 from torch import nn
 
 
-class PatchEncoder(nn.Module):
-    """ViT-style patchify + one pre-norm MLP mixer layer: [B, 3, S, S] -> [B, (S/p)^2, dim]."""
+POS_EMBEDS = ('learned', 'sincos')
 
-    def __init__(self, image_size: int, patch_size: int, dim: int):
+
+def sincos_grid(grid: int, dim: int) -> torch.Tensor:
+    """A fixed 2-D sin/cos position code [grid*grid, dim] (row-major patches): dim/4 frequencies each of
+    sin(x), cos(x), sin(y), cos(y), x and y the patch centre in [-1, 1] (y up). Nearby patches get nearby codes,
+    so an object's position reads off linearly from the start (a random init has to learn that)."""
+    if dim % 4:
+        raise ValueError(f'vision.pos_embed sincos needs vision.dim divisible by 4, got {dim}')
+    nf = dim // 4
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing='ij')
+    x = (cols.flatten().float() + 0.5) / grid * 2 - 1
+    y = 1 - (rows.flatten().float() + 0.5) / grid * 2
+    freq = torch.pi * (torch.arange(nf).float() + 0.5) / 2
+    return torch.cat([torch.sin(x[:, None] * freq), torch.cos(x[:, None] * freq),
+                      torch.sin(y[:, None] * freq), torch.cos(y[:, None] * freq)], dim=1)
+
+
+class PatchEncoder(nn.Module):
+    """ViT-style patchify + one pre-norm MLP mixer layer: [B, 3, S, S] -> [B, (S/p)^2, dim].
+
+    `pos_embed` only sets the initial value of the (always trainable) position embedding: 'learned' = small random
+    (std 0.02), 'sincos' = `sincos_grid`."""
+
+    def __init__(self, image_size: int, patch_size: int, dim: int, pos_embed: str = 'learned'):
         super().__init__()
+        if pos_embed not in POS_EMBEDS:
+            raise ValueError(f'vision.pos_embed must be one of {POS_EMBEDS}, got {pos_embed!r}')
         self.proj = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
-        n = (image_size // patch_size) ** 2
-        self.pos = nn.Parameter(torch.randn(1, n, dim) * 0.02)
+        grid = image_size // patch_size
+        init = sincos_grid(grid, dim)[None] if pos_embed == 'sincos' else torch.randn(1, grid * grid, dim) * 0.02
+        self.pos = nn.Parameter(init)
         self.norm = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
         self.out_dim = dim
@@ -46,5 +70,5 @@ class HFVisionEncoder(nn.Module):
 
 def build_vision_encoder(spec: dict, image_size: int) -> nn.Module:
     if spec.get('type', 'patch') == 'patch':
-        return PatchEncoder(image_size, int(spec['patch_size']), int(spec['dim']))
+        return PatchEncoder(image_size, int(spec['patch_size']), int(spec['dim']), spec.get('pos_embed', 'learned'))
     return HFVisionEncoder(spec)

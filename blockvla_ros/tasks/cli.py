@@ -1,4 +1,5 @@
-"""`blockvla-task`: record expert demonstrations of the tabletop tasks, or measure the random baseline."""
+"""`blockvla-task`: record expert demonstrations of the tabletop tasks, measure the random baseline, or write the
+demo recipe's starting points (a tiny word-tokenizer backbone folder, a pretrained patch encoder)."""
 from __future__ import annotations
 
 import argparse
@@ -34,6 +35,24 @@ def _parser() -> argparse.ArgumentParser:
     rnd.add_argument('--seed', type=int, default=0, help='evaluation seed (default 0)')
     rnd.add_argument('--json', default=None, help='also write the full result to this JSON file')
 
+    bb = sub.add_parser('make-backbone', help='write a tiny random-init Llama folder with a word-level tokenizer '
+                                              'over the task vocabulary (for model.backbone_path)')
+    bb.add_argument('--out', required=True, help='output folder (replaced atomically)')
+    bb.add_argument('--hidden-size', type=int, default=128)
+    bb.add_argument('--layers', type=int, default=2)
+    bb.add_argument('--heads', type=int, default=4)
+    bb.add_argument('--kv-heads', type=int, default=2)
+    bb.add_argument('--intermediate-size', type=int, default=256)
+    bb.add_argument('--seed', type=int, default=0)
+
+    pv = sub.add_parser('pretrain-vision', help="pretrain a training config's patch encoder on rendered scenes "
+                                                '(object colour + position per patch); load it with vision.init_from')
+    pv.add_argument('--config', required=True, help='training config (its model.vision and image_size are used)')
+    pv.add_argument('--out', required=True, help='output .safetensors file (written atomically)')
+    pv.add_argument('--steps', type=int, default=600, help='optimizer steps (default 600, a few CPU-seconds)')
+    pv.add_argument('--scenes', type=int, default=4000, help='rendered scenes, 10 %% held out (default 4000)')
+    pv.add_argument('--seed', type=int, default=0)
+
     sub.add_parser('list', help='list the tasks with one example instruction each')
     return p
 
@@ -59,6 +78,25 @@ def _random_baseline(args) -> int:
     return 0
 
 
+def _make_backbone(args) -> int:
+    from blockvla_ros.tasks.backbone import write_word_backbone
+    out = write_word_backbone(args.out, hidden_size=args.hidden_size, num_layers=args.layers, num_heads=args.heads,
+                              num_kv_heads=args.kv_heads, intermediate_size=args.intermediate_size, seed=args.seed)
+    print(f'wrote a random-init word-tokenizer backbone to {out}')
+    return 0
+
+
+def _pretrain_vision(args) -> int:
+    from blockvla_ros.tasks.vision_pretrain import pretrain_patch_encoder
+    from blockvla_ros.training.config import load_train_config
+    model_cfg = load_train_config(args.config).model_config()
+    r = pretrain_patch_encoder(model_cfg, args.out, steps=args.steps, scenes=args.scenes, seed=args.seed)
+    print(f"wrote {r['out']}: {r['steps']} steps in {r['seconds']} s; held-out colour accuracy on object patches "
+          f"{100 * r['object_patch_accuracy_before']:.1f} % -> {100 * r['object_patch_accuracy']:.1f} % "
+          f"(one colour of {int(round(1 / r['chance']))}: {100 * r['chance']:.0f} %)")
+    return 0
+
+
 def _list() -> int:
     from blockvla_ros.tasks.spec import TASKS
     from blockvla_ros.tasks.tabletop import TabletopEnv
@@ -75,8 +113,12 @@ def main(argv=None) -> int:
             return _record(args)
         if args.command == 'random-baseline':
             return _random_baseline(args)
+        if args.command == 'make-backbone':
+            return _make_backbone(args)
+        if args.command == 'pretrain-vision':
+            return _pretrain_vision(args)
         return _list()
-    except (ValueError, FileExistsError) as exc:
+    except (ValueError, FileExistsError, FileNotFoundError) as exc:
         print(f'blockvla-task: error: {exc}', file=sys.stderr)
         return 2
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
@@ -81,11 +82,36 @@ def build_policy(model_cfg: BlockVLAConfig, config: TrainConfig):
 
     torch.manual_seed(config.train.seed)
     policy = BlockVLAPolicy(model_cfg)
+    if model_cfg.vision.get('init_from'):
+        load_vision_weights(policy.vision, model_cfg.vision['init_from'])
     if config.train.lora.enabled:
         from .lora import apply_lora
 
         apply_lora(policy, config.train.lora)
     return policy
+
+
+def load_vision_weights(encoder, path) -> None:
+    """Vision encoder weights from a safetensors file (`vision.init_from`); names and shapes must match exactly."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f'vision.init_from: no such file: {path}')
+    try:
+        state = load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types for a truncated or foreign file
+        raise ValueError(f'vision.init_from: {path} is not a readable safetensors file ({exc})') from None
+    own = encoder.state_dict()
+    missing = sorted(set(own) - set(state))
+    extra = sorted(set(state) - set(own))
+    shapes = [f'{k} {tuple(state[k].shape)} vs {tuple(v.shape)}' for k, v in own.items()
+              if k in state and state[k].shape != v.shape]
+    if missing or extra or shapes:
+        raise ValueError(f'vision.init_from: {path} does not match model.vision (missing {missing}, unexpected '
+                         f'{extra}, shape mismatches {shapes}); was it written for this vision config?')
+    encoder.load_state_dict(state)
+    log.info('vision encoder initialised from %s', path)
 
 
 def build_data(config: TrainConfig, policy, train_eps, val_eps, stats: NormStats, report: LoadReport) -> RunData:
