@@ -86,6 +86,8 @@ def test_tokenizer_that_drops_the_instruction_is_refused(tmp_path):
     red, _ = good.encode('touch the red block')
     blue, valid = good.encode('touch the blue block')
     assert valid.sum() == 5 and (red != blue).any()
+    unknown, valid = good.encode('warm up')  # out-of-vocabulary words: [BOS] [UNK] [UNK], accepted
+    assert list(unknown[valid]) == [2, 1, 1]
     bad = load_text_tokenizer('auto', 8, 8, _word_level_folder(tmp_path / 'qwen2', 'qwen2'))
     with pytest.raises(ValueError, match='special tokens only'):
         bad.encode('touch the red block')

@@ -74,7 +74,9 @@ class HFTextTokenizer(_FixedLength):
 
     def _ids(self, text: str) -> list:
         ids = list(self.tok(text.strip(), add_special_tokens=True)['input_ids'])
-        special = set(self.tok.all_special_ids)
+        # [UNK] counts as content: a word-level vocabulary maps an out-of-vocabulary instruction to [BOS] [UNK]..,
+        # which is uninformative but legitimate; only control tokens (BOS/EOS/PAD) and nothing else is refused
+        special = set(self.tok.all_special_ids) - {self.tok.unk_token_id}
         if ids and all(i in special for i in ids):
             # e.g. a word-level tokenizer.json in a qwen2 folder: AutoTokenizer forces Qwen2Tokenizer, which then
             # maps every instruction to the same special tokens: a policy would train blind to its instruction
