@@ -10,7 +10,9 @@ export ROS_AUTOMATIC_DISCOVERY_RANGE := LOCALHOST
 export PYTHONDONTWRITEBYTECODE := 1
 
 .PHONY: setup test test-fast demo bench demo-policy clean
-DEMO_STEPS ?= 2000
+DEMO_STEPS ?= 9000
+DEMO_EPISODES ?= 300
+DEMO_TASKS ?=  # empty: all nine tasks
 
 setup: $(STAMP)
 
@@ -35,10 +37,14 @@ test-fast: setup
 demo: setup
 	ROS_DOMAIN_ID=$${ROS_DOMAIN_ID:-61} $(PY) -m blockvla_ros.demo
 
-# The shipped demo policy and sample recording (config/train/demo.yaml; fixed seeds; CPU).
+# The shipped demo policy and sample recording (config/train/demo.yaml; fixed seeds; CPU). The backbone folder and
+# the pretrained patch encoder are the recipe's starting points (see the config's header).
 demo-policy: setup
-	rm -rf data/demo_train runs/demo
-	$(VENV)/bin/blockvla-task record --out data/demo_train --tasks touch_red --episodes 300 --noise 0.1 --seed 0
+	rm -rf data/demo_train runs/demo runs/demo_backbone runs/demo_vision.safetensors
+	$(VENV)/bin/blockvla-task make-backbone --out runs/demo_backbone --seed 0
+	$(VENV)/bin/blockvla-task pretrain-vision --config config/train/demo.yaml --out runs/demo_vision.safetensors --seed 0
+	$(VENV)/bin/blockvla-task record --out data/demo_train $(if $(strip $(DEMO_TASKS)),--tasks $(DEMO_TASKS)) --episodes $(DEMO_EPISODES) \
+		--noise 0.1 --seed 0
 	$(VENV)/bin/blockvla-train --config config/train/demo.yaml train.steps=$(DEMO_STEPS) --no-progress
 	$(VENV)/bin/blockvla-export --checkpoint $$(ls -d runs/demo/checkpoints/step_* | tail -n 1) --out models/demo \
 		--no-torch-weights --no-split-prefill

@@ -59,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _record(args) -> int:
     from blockvla_ros.tasks.recording import record_demonstrations
+    logging.getLogger('blockvla_ros.io.bag_writer').setLevel(logging.WARNING)  # the progress bar says it per bag
     paths = record_demonstrations(args.out, tasks=args.tasks, episodes_per_task=args.episodes, seed=args.seed,
                                   rate_hz=args.rate_hz, storage=args.storage, image_format=args.image_format,
                                   action_msg=args.action_msg, image_size=args.image_size, expert_noise=args.noise)
