@@ -290,6 +290,25 @@ def test_live_path_player_node_recorder(bags, policy_dir, tmp_path):
     assert any(np.allclose(first, pred[H - len(first):], atol=1e-5) for pred in offline)
 
 
+
+@pytest.mark.ros
+def test_live_path_fails_fast_when_the_node_cannot_configure(bags, policy_dir, tmp_path):
+    """A policy folder the node refuses (tampered weights): the harness reports the node's reason at once instead
+    of waiting out the start-up timeout for publishers that never come."""
+    import shutil
+
+    from blockvla_ros.evaluation.live import LiveReplayError, run_live
+
+    dirs = tmp_path / 'policies'
+    shutil.copytree(policy_dir / 'tiny', dirs / 'tiny')
+    onnx = sorted((dirs / 'tiny').glob('*.onnx'))[0]
+    onnx.write_bytes(onnx.read_bytes()[:-1] + b'\0')
+    bag = bags[('sqlite3', 'jpeg', 'JointState')]
+    with pytest.raises(LiveReplayError, match='could not configure its policy') as info:
+        run_live(bag, 'tiny', tmp_path / 'live', policy_dirs=[str(dirs)], control_rate_hz=10.0,
+                 startup_timeout_s=600.0)
+    assert 'configure failed' in str(info.value) and not (tmp_path / 'live').exists()
+
 def test_real_time_chunking_feeds_the_previous_plan(bags, policy_dir):
     """--known-steps K: each new chunk starts with the K actions the previous chunk planned for its ticks."""
     from blockvla_ros.evaluation.replay import ReplaySettings, load_bags, replay_variant

@@ -145,6 +145,8 @@ def run_live(bag: str | Path, policy: str, out: str | Path, *, policy_dirs: list
         while not ready.exists():
             node.check_running()
             recorder.check_running()
+            if 'configure failed' in node.log():  # the node stays up (diagnostics) but will never publish
+                raise node.fail('could not configure its policy')
             if time.monotonic() > deadline:
                 raise node.fail(f'its publishers {record} did not appear within {startup_timeout_s:g} s')
             time.sleep(0.1)
