@@ -10,9 +10,13 @@ torch engine, the mode's own decoder). OUT holds the curves, ``steps_to_target``
 whose success reaches ``--target``; null if none did), the target used, and ``speedup_vs_fulldiff`` (fulldiff's
 steps to target over blockdiff's) when both reached it. A PNG of the curves is written next to OUT.
 
+Starting points: when the config names a backbone folder (``model.backbone_path``) or pretrained vision weights
+(``model.vision.init_from``), the benchmark makes its own in ``--work`` with ``blockvla-task make-backbone`` /
+``pretrain-vision`` (same seed), so one command runs on a fresh clone and every mode starts from the same weights.
+
 Runs resume: the recordings and each mode's checkpoints stay in ``--work`` (default out/convergence_work), and a
-rerun with more ``--steps`` continues training instead of starting over (the LR schedule spans ``--steps``, so
-change it only together with a fresh ``--work``).
+rerun with the same settings continues where it stopped (training resumes, evaluations are cached). A ``--work``
+made with another config, ``--steps``, task set, recording or seed is refused: use a fresh one.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 MODES = ('blockdiff', 'fulldiff', 'ar')
+LEVELS = (0.25, 0.5, 0.75)  # steps_to_levels: one target hides how the curves cross
 
 
 def record(work: Path, tasks, episodes: int, noise: float, seed: int) -> Path:
@@ -43,11 +48,56 @@ def record(work: Path, tasks, episodes: int, noise: float, seed: int) -> Path:
     return bags
 
 
-def train_mode(config_path: Path, mode: str, bags: Path, work: Path, args) -> Path:
+def claim_work(work: Path, args) -> None:
+    """Refuse a --work folder made with other settings (its checkpoints would be resumed as if they were ours)."""
+    import hashlib
+
+    settings = {'config_sha256': hashlib.sha256(args.config.read_bytes()).hexdigest(), 'steps': args.steps,
+                'tasks': list(args.tasks), 'train_episodes': args.train_episodes, 'noise': args.noise,
+                'seed': args.seed}
+    path = work / 'settings.json'
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old != settings:
+            diff = sorted(k for k in settings if old.get(k) != settings[k])
+            raise SystemExit(f'convergence: {work} holds a run with other settings ({", ".join(diff)} differ); '
+                             'pass a fresh --work or delete it')
+        return
+    if any(work.iterdir()):
+        raise SystemExit(f'convergence: {work} is not empty and holds no settings.json (a run of an older version?); '
+                         'pass a fresh --work or delete it')
+    path.write_text(json.dumps(settings, indent=1) + '\n')
+
+
+def starting_points(config_path: Path, work: Path, seed: int) -> list[str]:
+    """Config overrides pointing at a backbone folder / pretrained vision weights made here, when the config
+    uses them (written once; a rerun reuses them)."""
+    from blockvla_ros.training import load_train_config
+
+    config = load_train_config(config_path)
+    overrides = []
+    if config.model.get('backbone_path'):
+        from blockvla_ros.tasks.backbone import write_word_backbone
+        folder = work / 'backbone'
+        if not (folder / 'config.json').is_file():
+            print(f'writing the random-init word-tokenizer backbone into {folder} ...', flush=True)
+            write_word_backbone(folder, seed=seed)
+        overrides.append(f'model.backbone_path={folder}')
+    if config.model.get('vision', {}).get('init_from'):
+        from blockvla_ros.tasks.vision_pretrain import pretrain_patch_encoder
+        weights = work / 'vision.safetensors'
+        if not weights.is_file():
+            print(f'pretraining the patch encoder into {weights} ...', flush=True)
+            pretrain_patch_encoder(load_train_config(config_path, overrides).model_config(), weights, seed=seed)
+        overrides.append(f'model.vision.init_from={weights}')
+    return overrides
+
+
+def train_mode(config_path: Path, mode: str, bags: Path, work: Path, args, extra: list[str]) -> Path:
     from blockvla_ros.training import load_train_config, train
 
     out = work / mode
-    overrides = [f'train.mode={mode}', f'train.steps={args.steps}', f'train.out_dir={out}',
+    overrides = list(extra) + [f'train.mode={mode}', f'train.steps={args.steps}', f'train.out_dir={out}',
                  f'train.save_interval={args.eval_every}', 'train.keep_checkpoints=0',
                  f'train.eval_interval={args.steps}', 'train.eval_decode_samples=0', 'train.progress=false',
                  f'train.seed={args.seed}', 'train.resume=auto', f'data.bags=[{bags}]']
@@ -59,7 +109,7 @@ def train_mode(config_path: Path, mode: str, bags: Path, work: Path, args) -> Pa
     return out / 'checkpoints'
 
 
-def closed_loop(checkpoint: Path, tasks, episodes: int, seed: int) -> dict:
+def closed_loop(checkpoint: Path, tasks, episodes: int, seed: int, execute_steps: int) -> dict:
     """Success of one checkpoint in closed loop, with the decoder its training mode implies."""
     import torch
 
@@ -82,17 +132,18 @@ def closed_loop(checkpoint: Path, tasks, episodes: int, seed: int) -> dict:
         return pre.actions.decode(result.tokens).reshape(-1, config.action_dim)  # [H, D]
 
     return evaluate_closed_loop(predict_chunk, tasks=tasks, episodes_per_task=episodes, seed=seed,
-                                image_size=config.image_size, progress=False)
+                                image_size=config.image_size, progress=False, execute_steps=execute_steps)
 
 
-def evaluate_mode(checkpoints: Path, tasks, episodes: int, seed: int, cache: dict) -> list[dict]:
+def evaluate_mode(checkpoints: Path, tasks, episodes: int, seed: int, execute_steps: int,
+                  cache: dict) -> list[dict]:
     curve = []
     for folder in sorted(checkpoints.glob('step_*')):
         step = int(folder.name.split('_')[1])
-        key = f'{folder}|{",".join(tasks)}|{episodes}|{seed}'  # a result holds only for these settings
+        key = f'{folder}|{",".join(tasks)}|{episodes}|{seed}|{execute_steps}'  # holds for these settings only
         if key not in cache:
             start = time.monotonic()
-            result = closed_loop(folder, tasks, episodes, seed)
+            result = closed_loop(folder, tasks, episodes, seed, execute_steps)
             cache[key] = {'step': step, 'success_rate': result['success_rate'],
                           'per_task': {t: r['success_rate'] for t, r in result['per_task'].items()},
                           'eval_s': round(time.monotonic() - start, 1)}
@@ -140,6 +191,8 @@ def main(argv=None) -> int:
                     help='tasks recorded and evaluated (default: touch_red, what a CPU run can learn; see README)')
     ap.add_argument('--train-episodes', type=int, default=300, help='recorded expert episodes per task')
     ap.add_argument('--noise', type=float, default=0.1, help='expert direction noise of the recordings')
+    ap.add_argument('--execute-steps', type=int, default=4,
+                    help='actions executed per predicted chunk before the next prediction (default 4)')
     ap.add_argument('--target', type=float, default=0.5, help='success rate that counts as converged')
     ap.add_argument('--seed', type=int, default=0, help='recording, training and evaluation seed')
     ap.add_argument('--work', type=Path, default=REPO / 'out/convergence_work', help='recordings + checkpoints')
@@ -150,27 +203,31 @@ def main(argv=None) -> int:
     import torch
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     args.work.mkdir(parents=True, exist_ok=True)
+    claim_work(args.work, args)
     start = time.monotonic()
     bags = record(args.work, args.tasks, args.train_episodes, args.noise, args.seed)
+    extra = starting_points(args.config, args.work, args.seed)
     cache_path = args.work / 'evaluations.json'
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     curves, train_s = {}, {}
     for mode in args.modes:
         t = time.monotonic()
-        checkpoints = train_mode(args.config, mode, bags, args.work, args)
+        checkpoints = train_mode(args.config, mode, bags, args.work, args, extra)
         train_s[mode] = round(time.monotonic() - t, 1)
-        curves[mode] = evaluate_mode(checkpoints, args.tasks, args.episodes, args.seed, cache)
+        curves[mode] = evaluate_mode(checkpoints, args.tasks, args.episodes, args.seed, args.execute_steps, cache)
         tmp = cache_path.with_name(cache_path.name + '.tmp')
         tmp.write_text(json.dumps(cache, indent=1))
         os.replace(tmp, cache_path)
     reached = {mode: steps_to(curve, args.target) for mode, curve in curves.items()}
+    levels = {f'{level:.2f}': {mode: steps_to(curve, level) for mode, curve in curves.items()} for level in LEVELS}
     result = {
-        'target': args.target, 'steps_to_target': reached,
+        'target': args.target, 'steps_to_target': reached, 'steps_to_levels': levels,
         'speedup_vs_fulldiff': (reached['fulldiff'] / reached['blockdiff']
                                 if reached.get('fulldiff') and reached.get('blockdiff') else None),
         'best': {mode: max((p['success_rate'] for p in curve), default=None) for mode, curve in curves.items()},
         'curves': curves, 'train_wall_s': train_s, 'config': str(args.config), 'steps': args.steps,
         'eval_every': args.eval_every, 'episodes_per_task': args.episodes, 'tasks': args.tasks,
+        'execute_steps': args.execute_steps,
         'train_episodes_per_task': args.train_episodes, 'expert_noise': args.noise, 'seed': args.seed,
         'wall_s': round(time.monotonic() - start, 1), 'cpu_count': os.cpu_count(),
     }
@@ -190,6 +247,9 @@ def main(argv=None) -> int:
     print(f'steps to {args.target:.0%}: ' + ', '.join(f'{m} {v}' for m, v in reached.items())
           + (f'; blockdiff {result["speedup_vs_fulldiff"]:.2f}x earlier than fulldiff'
              if result['speedup_vs_fulldiff'] else ''))
+    for level, row in levels.items():
+        print(f'steps to {float(level):.0%}: ' + ', '.join(f'{m} {v}' for m, v in row.items()))
+    print('best: ' + ', '.join(f'{m} {v:.3f}' for m, v in result['best'].items() if v is not None))
     print(f'wrote {args.json} and {png}')
     return 0
 

@@ -1,0 +1,37 @@
+"""benchmarks/convergence.py from one command, at toy size: every mode trains and is evaluated, OUT holds
+steps_to_target per mode and the target, a rerun resumes from the cache, another setting is refused."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_convergence_benchmark_runs_resumes_and_refuses_other_settings(tmp_path):
+    cmd = [sys.executable, str(REPO / 'benchmarks' / 'convergence.py'), '--json', str(tmp_path / 'c.json'),
+           '--work', str(tmp_path / 'work'), '--steps', '4', '--eval-every', '2', '--episodes', '1',
+           '--train-episodes', '2', '--tasks', 'touch_red', '--target', '0.5']
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    result = json.loads((tmp_path / 'c.json').read_text())
+    assert result['target'] == 0.5 and set(result['steps_to_target']) == {'blockdiff', 'fulldiff', 'ar'}
+    for mode, curve in result['curves'].items():
+        assert [p['step'] for p in curve] == [2, 4], mode
+        assert all(0.0 <= p['success_rate'] <= 1.0 for p in curve)
+    assert (tmp_path / 'c.png').stat().st_size > 1000
+    assert (tmp_path / 'work' / 'backbone' / 'tokenizer.json').is_file()
+    assert (tmp_path / 'work' / 'vision.safetensors').is_file()
+    # same settings: nothing is trained or evaluated again
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert 'success' not in again.stdout.split('closed-loop success by training step')[0]
+    assert json.loads((tmp_path / 'c.json').read_text())['curves'] == result['curves']
+    other = subprocess.run(cmd[:-4] + ['--tasks', 'touch_blue', '--target', '0.5'], capture_output=True, text=True,
+                           timeout=900, env=env, cwd=tmp_path)
+    assert other.returncode != 0 and 'tasks differ' in other.stderr
