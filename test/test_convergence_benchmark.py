@@ -21,6 +21,7 @@ def test_convergence_benchmark_runs_resumes_and_refuses_other_settings(tmp_path)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     result = json.loads((tmp_path / 'c.json').read_text())
     assert result['target'] == 0.5 and set(result['steps_to_target']) == {'blockdiff', 'fulldiff', 'ar'}
+    assert set(result['steps_to_levels']) == {'0.25', '0.50', '0.75'} and 'speedup_vs_fulldiff_at_least' in result
     for mode, curve in result['curves'].items():
         assert [p['step'] for p in curve] == [2, 4], mode
         assert all(0.0 <= p['success_rate'] <= 1.0 for p in curve)
