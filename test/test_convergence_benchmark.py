@@ -32,6 +32,7 @@ def test_convergence_benchmark_runs_resumes_and_refuses_other_settings(tmp_path)
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert 'success' not in again.stdout.split('closed-loop success by training step')[0]
+    assert again.stdout.count('already trained 4 steps') == 3 and 'training 4 steps' not in again.stdout
     assert json.loads((tmp_path / 'c.json').read_text())['curves'] == result['curves']
     other = subprocess.run(cmd[:-4] + ['--tasks', 'touch_blue', '--target', '0.5'], capture_output=True, text=True,
                            timeout=900, env=env, cwd=tmp_path)
