@@ -16,6 +16,7 @@ DECODERS = ('blockdiff', 'ar', 'fulldiff', 'fulldiff_nocache')
 SCHEDULES = ('fixed', 'threshold')
 LOGIT_SHIFTS = ('next', 'same')
 PREFIX_ORDERS = ('text_first', 'image_first')
+POS_EMBEDS = ('learned', 'sincos')  # vision.pos_embed: initial value of the patch position embedding
 TRAIN_MODES = ('blockdiff', 'ar', 'fulldiff')
 
 
@@ -130,7 +131,7 @@ class BlockVLAConfig:
             need(patch > 0 and self.image_size % patch == 0,
                  f'image_size {self.image_size} must be a multiple of vision.patch_size {patch}')
             pos = self.vision.get('pos_embed', 'learned')
-            need(pos in ('learned', 'sincos'), f"vision.pos_embed must be 'learned' or 'sincos', got {pos!r}")
+            need(pos in POS_EMBEDS, f"vision.pos_embed must be 'learned' or 'sincos', got {pos!r}")
             need(pos != 'sincos' or int(self.vision.get('dim', 0)) % 4 == 0,
                  f"vision.pos_embed sincos needs vision.dim divisible by 4, got {self.vision.get('dim')}")
         else:

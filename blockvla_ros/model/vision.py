@@ -4,8 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
-POS_EMBEDS = ('learned', 'sincos')
+from .config import POS_EMBEDS
 
 
 def sincos_grid(grid: int, dim: int) -> torch.Tensor:
