@@ -1,6 +1,6 @@
 """Training convergence: closed-loop success against training steps for blockdiff, fulldiff and ar.
 
-    python benchmarks/convergence.py --json out/convergence.json      # four colour tasks (README; ~75 min, 2 cores)
+    python benchmarks/convergence.py --json out/convergence.json      # four colour tasks (README; ~52 min, 2 cores)
     python benchmarks/convergence.py --json out/convergence_red.json --work out/conv_red --tasks touch_red \
         --steps 3000 --eval-every 250 --episodes 30                     # one task (README; ~18 min)
 
