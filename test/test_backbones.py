@@ -10,7 +10,7 @@ from blockvla_ros.runtime.decoding import Decoder
 from blockvla_ros.runtime.preprocess import Preprocessor
 from blockvla_ros.runtime.torch_engine import TorchEngine
 
-from tiny import QWEN2, tiny_config
+from tiny import GEMMA2, QWEN2, tiny_config
 
 
 def _prefix(config):
@@ -91,3 +91,53 @@ def test_tokenizer_that_drops_the_instruction_is_refused(tmp_path):
     bad = load_text_tokenizer('auto', 8, 8, _word_level_folder(tmp_path / 'qwen2', 'qwen2'))
     with pytest.raises(ValueError, match='special tokens only'):
         bad.encode('touch the red block')
+
+
+# --- model.attn_implementation --------------------------------------------------------------------------------------
+def _loss(policy, seed=0):
+    from blockvla_ros.model.losses import Batch, compute_loss
+
+    gen = torch.Generator().manual_seed(seed)
+    cfg = policy.config
+    text_valid = torch.ones(2, cfg.max_text_tokens, dtype=torch.bool)
+    text_valid[0, :5] = False  # left padding: padded keys must stay masked under every implementation
+    batch = Batch(torch.randn(2, 3, cfg.image_size, cfg.image_size, generator=gen),
+                  torch.randint(0, 512, (2, cfg.max_text_tokens), generator=gen), text_valid,
+                  torch.randint(0, cfg.n_bins, (2, cfg.n_action_tokens), generator=gen))
+    return compute_loss(policy, batch, generator=torch.Generator().manual_seed(seed + 1))[0]
+
+
+def test_eager_attention_computes_what_sdpa_computes():
+    """eager adds the mask to the scores: our bool masks reach it as additive masks (a bool one is silently wrong)."""
+    sdpa = BlockVLAPolicy(tiny_config()).eval()
+    eager = BlockVLAPolicy(tiny_config(attn_implementation='eager')).eval()
+    eager.load_state_dict(sdpa.state_dict())
+    assert eager.llm.config._attn_implementation == 'eager' and sdpa.llm.config._attn_implementation == 'sdpa'
+    with torch.no_grad():
+        assert float(_loss(eager)) == pytest.approx(float(_loss(sdpa)), abs=1e-5)
+    prefix = _prefix(sdpa.config)
+    a = Decoder(sdpa.config)(TorchEngine(sdpa), prefix)
+    b = Decoder(eager.config)(TorchEngine(eager), prefix)  # cached steps: prefill, refine and commit masks
+    assert np.array_equal(a.tokens, b.tokens) and a.nfe == b.nfe
+
+
+def test_attn_implementation_is_validated_and_gemma2_names_the_setting():
+    with pytest.raises(ValueError, match="attn_implementation must be one of \\('sdpa', 'eager'\\)"):
+        tiny_config(attn_implementation='flash_attention_2')
+    with pytest.raises(ValueError, match="set model.attn_implementation to one of \\['eager'\\]"):
+        BlockVLAPolicy(tiny_config(backbone=GEMMA2))  # Gemma2 has no sdpa support in transformers
+    policy = BlockVLAPolicy(tiny_config(backbone=GEMMA2, attn_implementation='eager'))
+    assert policy.llm.config.model_type == 'gemma2'
+    optim = torch.optim.AdamW(policy.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(12):  # the same batch: the loss must fall (softcapped eager attention, our additive masks)
+        loss = _loss(policy)
+        loss.backward()
+        optim.step()
+        optim.zero_grad()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.7 * losses[0], losses
+    res = Decoder(policy.config)(TorchEngine(policy.eval()), _prefix(policy.config))
+    assert res.tokens.shape == (policy.config.n_action_tokens,)
+    saved = policy.portable_config()
+    assert saved.attn_implementation == 'eager' and BlockVLAConfig.from_dict(saved.to_dict()) == saved

@@ -18,6 +18,9 @@ LOGIT_SHIFTS = ('next', 'same')
 PREFIX_ORDERS = ('text_first', 'image_first')
 POS_EMBEDS = ('learned', 'sincos')  # vision.pos_embed: initial value of the patch position embedding
 TRAIN_MODES = ('blockdiff', 'ar', 'fulldiff')
+# transformers attention implementations the policy can run: sdpa takes our bool masks as they are; eager gets
+# them as additive float masks (model.policy converts). Gemma2 supports eager only (softcapping).
+ATTN_IMPLEMENTATIONS = ('sdpa', 'eager')
 
 
 @dataclass
@@ -32,6 +35,7 @@ class BlockVLAConfig:
     backbone_path: Optional[str] = None  # local HF folder (save_pretrained layout); overrides `backbone`
     text_tokenizer: str = 'byte'  # 'byte' (built-in, no files) or 'auto' (AutoTokenizer from backbone_path)
     max_text_tokens: int = 48  # instruction tokens in the prefix (static shape); longer is an error
+    attn_implementation: str = 'sdpa'  # the backbone's attention: sdpa | eager (Gemma2 supports eager only)
     # --- vision ---------------------------------------------------------------------------------------------
     vision: dict = field(default_factory=lambda: {'type': 'patch', 'patch_size': 8, 'dim': 64})
     image_size: int = 64  # square input resolution; other sizes are resized by the runtime
@@ -141,6 +145,8 @@ class BlockVLAConfig:
         need(self.backbone_path is not None or 'model_type' in self.backbone,
              'either backbone_path or backbone.model_type must be given')
         need(self.text_tokenizer in ('byte', 'auto'), "text_tokenizer must be 'byte' or 'auto'")
+        need(self.attn_implementation in ATTN_IMPLEMENTATIONS,
+             f'attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {self.attn_implementation!r}')
 
     # ------------------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:

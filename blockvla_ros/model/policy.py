@@ -14,32 +14,51 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .config import BlockVLAConfig
+from .config import ATTN_IMPLEMENTATIONS, BlockVLAConfig
 from .vision import build_vision_encoder
 
 log = logging.getLogger(__name__)
 
 
 def build_backbone(config: BlockVLAConfig):
-    """The HF base model (no LM head) and the causal LM's output embedding (for head init), sdpa attention."""
+    """The HF base model (no LM head) and the causal LM's output embedding (for head init).
+
+    Attention: `config.attn_implementation` (sdpa by default; Gemma2 supports eager only)."""
     try:
         from transformers import AutoConfig, AutoModelForCausalLM
     except ImportError as e:
         raise ImportError('the model needs transformers: pip install transformers') from e
-    if config.backbone_path:
-        path = Path(config.backbone_path)
-        if not path.is_dir():
-            raise FileNotFoundError(f'backbone_path is not a folder: {path}')
-        lm = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, attn_implementation='sdpa',
-                                                  dtype=torch.float32)
-    else:
-        spec = dict(config.backbone)
-        hf_cfg = AutoConfig.for_model(spec.pop('model_type'), **spec)
-        hf_cfg._attn_implementation = 'sdpa'
-        torch.manual_seed(config.seed)
-        lm = AutoModelForCausalLM.from_config(hf_cfg)
+    attn = config.attn_implementation
+    try:
+        if config.backbone_path:
+            path = Path(config.backbone_path)
+            if not path.is_dir():
+                raise FileNotFoundError(f'backbone_path is not a folder: {path}')
+            lm = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, attn_implementation=attn,
+                                                      dtype=torch.float32)
+        else:
+            spec = dict(config.backbone)
+            hf_cfg = AutoConfig.for_model(spec.pop('model_type'), **spec)
+            torch.manual_seed(config.seed)
+            lm = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation=attn)
+    except ValueError as e:
+        if 'attn_implementation' not in str(e) and 'attention implementation' not in str(e):
+            raise
+        others = [a for a in ATTN_IMPLEMENTATIONS if a != attn]
+        raise ValueError(f'attn_implementation {attn!r} is not supported by this backbone ({e}); set '
+                         f'model.attn_implementation to one of {others}') from None
     head = lm.get_output_embeddings()
     return lm.base_model, (head.weight.detach().clone() if head is not None else None)
+
+
+def attention_mask_for(mask: torch.Tensor, attn_implementation: str, dtype: torch.dtype) -> torch.Tensor:
+    """Our bool mask (True = attend) in the convention of the attention implementation.
+
+    sdpa takes it as it is; eager ADDS the mask to the scores, so a bool mask would be silently wrong there
+    (True adds 1): it gets 0 where attended and the dtype's most negative value elsewhere."""
+    if attn_implementation != 'eager' or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
 def backbone_spec(base_model) -> dict:
@@ -111,6 +130,7 @@ class BlockVLAPolicy(nn.Module):
 
     def run_backbone(self, embeds: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache=None):
         """One backbone pass with an explicit bool mask [N, 1, Q, K] (True = attend) -> (hidden, cache)."""
+        mask = attention_mask_for(mask, self.config.attn_implementation, embeds.dtype)
         out = self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=cache,
                        use_cache=cache is not None)
         return out.last_hidden_state, out.past_key_values
