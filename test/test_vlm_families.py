@@ -1,0 +1,191 @@
+"""Each VLM family, split into the policy's parts, computes what the HF model computes on the HF processor's prompt.
+
+Random VLM folders (model.vlm.random_folder: save_pretrained layout, real tokenizer classes) for PaliGemma,
+PaliGemma2, SmolVLM, Idefics3, Qwen2-VL and Qwen2.5-VL. Checked against the family's own HF processor and model:
+the prompt layout (template ids, image token count), the vision part (= get_image_features), the positions
+(Qwen2-VL's get_rope_index; PaliGemma's 1-indexed positions), and the language model's hidden states over the
+prefix with our explicit mask and positions, the instruction slot left-padded (= the HF forward on the unpadded
+prompt, PaliGemma with its prefix-LM token_type_ids).
+"""
+import numpy as np
+import pytest
+import torch
+
+from blockvla_ros.model.vlm.layout import PromptLayout, Segment
+from blockvla_ros.model.vlm.load import load_vlm
+from blockvla_ros.model.vlm.random_folder import write_random_vlm
+from blockvla_ros.runtime.image_processors import build_image_processor
+
+from vlm_reference import hf_inputs, hf_prefix_hidden, hf_processor
+
+SLOT = 12
+QWEN_HW = [56, 84]  # a 2 x 3 grid of merged image tokens
+SHAPES = ['paligemma-tiny', 'paligemma2-tiny', 'smolvlm-tiny', 'idefics3-tiny', 'qwen2_vl-tiny', 'qwen2_5_vl-tiny']
+INSTRUCTION = 'put the green bowl on the plate'
+
+
+def _attn(shape):
+    return 'eager' if shape == 'paligemma2-tiny' else 'sdpa'
+
+
+@pytest.fixture(scope='module')
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp('vlms')
+    return {s: write_random_vlm(root / s, s, seed=1) for s in SHAPES}
+
+
+def _parts(folders, shape, **kw):
+    image_size = QWEN_HW if shape.startswith('qwen') else None
+    return load_vlm(folders[shape], slot_len=SLOT, state=False, image_size=image_size,
+                    attn_implementation=_attn(shape), **kw)
+
+
+def _slot(tokenizer, layout, text):
+    ids = tokenizer(layout.slot_format.format(text), add_special_tokens=False)['input_ids']
+    slot_ids = np.zeros((1, layout.slot_len), np.int64)
+    slot_valid = np.zeros((1, layout.slot_len), bool)
+    slot_ids[0, -len(ids):], slot_valid[0, -len(ids):] = ids, True  # left-padded
+    return slot_ids, slot_valid
+
+
+def _image(parts, rng):
+    h, w = (QWEN_HW if parts.family.name == 'qwen2_vl' else (45, 61))
+    return rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def _ours(parts, folder, image, instruction):
+    """Prefix hidden states [1, P, hidden] and validity [P] through the split parts, as the policy runs them."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    lay = parts.layout
+    slot_ids, slot_valid = _slot(tok, lay, instruction)
+    pixels = torch.from_numpy(build_image_processor(parts.processor)(image))
+    if parts.family.name == 'qwen2_vl':
+        pixels = pixels[None]  # one image: [P, D] -> [1, P, D]
+    with torch.no_grad():
+        image_tokens = parts.vision(pixels)  # [1, Ni, hidden]
+        embeds = parts.language_model.get_input_embeddings()(torch.from_numpy(lay.template_ids(slot_ids)))
+        a, b = lay.span('image')
+        embeds = torch.cat([embeds[:, :a], image_tokens, embeds[:, b:]], 1)
+        pos = torch.from_numpy(lay.positions(slot_valid))  # [R, 1, P]
+        pos = pos if lay.rope == 'mrope' else pos[0]
+        mask = torch.from_numpy(lay.attention_mask(slot_valid))[:, None]  # [1, 1, P, P]
+        if _attn_impl(parts) == 'eager':  # eager adds the mask to the scores
+            mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+        out = parts.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos)
+    return out.last_hidden_state, lay.valid(slot_valid)[0], image_tokens
+
+
+def _attn_impl(parts):
+    return parts.language_model.config._attn_implementation
+
+
+@pytest.mark.parametrize('shape', SHAPES)
+def test_prefix_matches_the_hf_model_on_its_own_prompt(folders, shape):
+    from transformers import AutoModelForImageTextToText
+
+    folder = folders[shape]
+    parts = _parts(folders, shape)
+    image = _image(parts, np.random.default_rng(0))
+    proc = hf_processor(folder, parts)
+    inputs = hf_inputs(proc, parts, image, INSTRUCTION)
+    ids = inputs['input_ids'][0].tolist()
+    lay = parts.layout
+    # the layout is the processor's prompt, the slot's padding removed
+    from transformers import AutoTokenizer
+
+    slot_ids, slot_valid = _slot(AutoTokenizer.from_pretrained(folder), lay, INSTRUCTION)
+    image_id = parts.family.image_token_id(parts.hf_config)
+    ours = lay.template_ids(slot_ids, fill=image_id)[0][lay.valid(slot_valid)[0]]
+    assert ours.tolist() == ids
+    # the image processor: our numpy pixels are the HF processor's
+    hf_pixels = inputs['pixel_values'].numpy()
+    np_pixels = build_image_processor(parts.processor)(image)
+    assert hf_pixels.size == np_pixels.size and np.abs(hf_pixels.reshape(np_pixels.shape) - np_pixels).max() <= 1e-5
+    hf_model = AutoModelForImageTextToText.from_pretrained(folder, local_files_only=True,
+                                                           attn_implementation=_attn(shape)).eval()
+    hidden, valid, image_tokens = _ours(parts, folder, image, INSTRUCTION)
+    # the vision part is the model's get_image_features
+    kw = {k: inputs[k] for k in ('image_grid_thw',) if k in inputs}
+    with torch.no_grad():
+        feats = hf_model.model.get_image_features(inputs['pixel_values'], **kw).pooler_output
+    feats = torch.cat(list(feats), 0) if isinstance(feats, (list, tuple)) else feats
+    assert torch.allclose(image_tokens.reshape(-1), feats.reshape(-1), atol=1e-5)
+    reference = hf_prefix_hidden(hf_model, inputs)  # [1, T, hidden]
+    assert reference.shape[1] == int(valid.sum())
+    diff = (hidden[0, torch.from_numpy(valid)] - reference[0]).abs().max().item()
+    assert diff <= 1e-4, f'{shape}: prefix hidden states differ from the HF model by {diff}'
+
+
+@pytest.mark.parametrize('shape', ['qwen2_vl-tiny', 'qwen2_5_vl-tiny'])
+def test_mrope_positions_are_get_rope_index(folders, shape):
+    from transformers import AutoModelForImageTextToText
+
+    parts = _parts(folders, shape)
+    proc = hf_processor(folders[shape], parts)
+    hf_model = AutoModelForImageTextToText.from_pretrained(folders[shape], local_files_only=True)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folders[shape])
+    image = _image(parts, np.random.default_rng(1))
+    for text in ('stack the blocks', 'touch the yellow circle then the purple square'):
+        inputs = hf_inputs(proc, parts, image, text)
+        ref, delta = hf_model.model.get_rope_index(inputs['input_ids'], inputs['mm_token_type_ids'],
+                                                   image_grid_thw=inputs['image_grid_thw'])
+        slot_ids, slot_valid = _slot(tok, parts.layout, text)
+        ours = parts.layout.positions(slot_valid, n_actions=5, copies=1)  # [3, 1, P + 5]
+        valid = parts.layout.valid(slot_valid)[0]
+        p = parts.layout.length
+        assert (ours[:, 0, :p][:, valid] == ref[:, 0].numpy()).all()
+        # actions continue the temporal axis where generation would: max position + 1, on all three axes
+        first = int(ref.max()) + 1
+        assert (ours[:, 0, p:] == first + np.arange(5)).all()
+        assert parts.layout.next_position(slot_valid)[0] == ref.shape[-1] + int(delta)
+
+
+def test_paligemma_positions_count_from_one_and_the_prefix_is_bidirectional(folders):
+    parts = _parts(folders, 'paligemma-tiny')
+    lay = parts.layout
+    assert lay.attention == 'bidirectional' and lay.position_offset == 1
+    valid = np.zeros((1, SLOT), bool)
+    valid[0, -3:] = True
+    pos = lay.positions(valid, n_actions=2, copies=2)[0, 0]
+    n_valid = lay.length - SLOT + 3
+    assert pos[:lay.length][lay.valid(valid)[0]].tolist() == list(range(1, n_valid + 1))
+    assert pos[lay.length:].tolist() == [n_valid + 1, n_valid + 2] * 2
+    mask = lay.attention_mask(valid)[0]
+    first_image, last = 0, lay.length - 1
+    assert mask[first_image, last] and mask[last, first_image]  # image sees the prompt and vice versa
+    a, b = lay.span('instruction')
+    assert not mask[:, a].any() or mask[a, a]  # a padding key is never attended (only by itself)
+    assert mask[:, a].sum() == 1
+
+
+def test_action_head_rows_and_lm_parts(folders):
+    parts = _parts(folders, 'smolvlm-tiny')
+    vocab = parts.hf_config.get_text_config().vocab_size
+    assert parts.lm_head.shape == (vocab, parts.hf_config.get_text_config().hidden_size)
+    assert parts.softcap is None
+    assert _parts(folders, 'paligemma2-tiny').softcap == 30.0
+
+
+def test_layout_round_trips_and_refuses_bad_layouts():
+    lay = PromptLayout(segments=(Segment('tokens', 2, (5, 6)), Segment('image', 6), Segment('instruction', 4),
+                                 Segment('state', 1)), rope='mrope', image_grid=(2, 3))
+    assert PromptLayout.from_dict(lay.to_dict()) == lay
+    with pytest.raises(ValueError, match='image_grid'):
+        PromptLayout(segments=(Segment('image', 6), Segment('instruction', 4)), rope='mrope', image_grid=(2, 2))
+    with pytest.raises(ValueError, match='exactly one image'):
+        PromptLayout(segments=(Segment('instruction', 4),))
+    with pytest.raises(ValueError, match='last'):
+        PromptLayout(segments=(Segment('state', 1), Segment('image', 1), Segment('instruction', 4)))
+    with pytest.raises(ValueError, match='slot'):
+        lay.valid(np.ones((1, 3), bool))
+
+
+def test_unsupported_model_type_is_named(tmp_path):
+    with pytest.raises(ValueError, match='not supported'):
+        load_vlm(spec={'model_type': 'llava'}, slot_len=4, state=False)
+    with pytest.raises(FileNotFoundError, match='not a folder'):
+        load_vlm(tmp_path / 'missing', slot_len=4, state=False)
