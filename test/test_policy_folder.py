@@ -61,6 +61,9 @@ def test_missing_manifest_and_unlisted_graph_are_refused(copy):
     manifest = json.loads((copy / 'manifest.json').read_text())
     del manifest['files']['full_step.onnx']  # a graph policy.yaml names but the manifest does not cover
     (copy / 'manifest.json').write_text(json.dumps(manifest))
+    with pytest.raises(PolicyFolderError, match=r"files not listed in manifest.json: \['full_step\.onnx'\]"):
+        load_policy_folder(copy)  # closed world: the unlisted file itself is refused
+    (copy / 'full_step.onnx').unlink()
     with pytest.raises(PolicyFolderError, match=r'full_step\.onnx: graph .* not covered by manifest.json'):
         load_policy_folder(copy)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,12 @@ TRAIN_MODES = ('blockdiff', 'ar', 'fulldiff')
 # transformers attention implementations the policy can run: sdpa takes our bool masks as they are; eager gets
 # them as additive float masks (model.policy converts). Gemma2 supports eager only (softcapping).
 ATTN_IMPLEMENTATIONS = ('sdpa', 'eager')
+# integer fields and their upper bounds (beyond these a policy is not a policy but a memory bomb)
+INT_FIELDS = {'action_dim': 1024, 'chunk_len': 4096, 'n_bins': 65536, 'block_size': 65536, 'steps_per_block': 65536,
+              'image_size': 8192, 'max_text_tokens': 65536, 'fulldiff_steps': 65536}
+BACKBONE_SIZES = {'vocab_size': 1 << 24, 'hidden_size': 1 << 16, 'intermediate_size': 1 << 18,
+                  'num_hidden_layers': 1024, 'num_attention_heads': 1024, 'num_key_value_heads': 1024,
+                  'head_dim': 4096, 'max_position_embeddings': 1 << 24}
 
 
 @dataclass
@@ -105,10 +112,7 @@ class BlockVLAConfig:
             if not cond:
                 raise ValueError(f'BlockVLAConfig: {msg}')
 
-        for name in ('action_dim', 'chunk_len', 'n_bins', 'block_size', 'steps_per_block', 'image_size',
-                     'max_text_tokens', 'fulldiff_steps'):
-            value = getattr(self, name)
-            need(isinstance(value, int) and value > 0, f'{name} must be a positive integer, got {value!r}')
+        self._validate_types(need)
         need(self.state_dim >= 0, f'state_dim must be >= 0, got {self.state_dim}')
         need(self.n_bins >= 2, f'n_bins must be >= 2, got {self.n_bins}')
         need(self.n_action_tokens % self.block_size == 0,
@@ -148,6 +152,52 @@ class BlockVLAConfig:
         need(self.attn_implementation in ATTN_IMPLEMENTATIONS,
              f'attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {self.attn_implementation!r}')
 
+    def _validate_types(self, need) -> None:
+        """Every field's type and a sane range, before any arithmetic on them (a policy.yaml is input too)."""
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v):
+            return (is_int(v) or isinstance(v, float)) and math.isfinite(v) and abs(v) <= 1e6
+
+        for name, high in INT_FIELDS.items():
+            value = getattr(self, name)
+            need(is_int(value) and 0 < value <= high, f'{name} must be an integer in [1, {high}], got {value!r:.60}')
+        need(is_int(self.state_dim) and 0 <= self.state_dim <= 4096,
+             f'state_dim must be an integer in [0, 4096], got {self.state_dim!r:.60}')
+        need(is_int(self.seed), f'seed must be an integer, got {self.seed!r:.60}')
+        for name in ('threshold', 'mask_eps', 'elbo_t_min'):
+            need(is_num(getattr(self, name)), f'{name} must be a finite number, got {getattr(self, name)!r:.60}')
+        for name in ('text_tokenizer', 'decoder', 'schedule', 'logit_shift', 'prefix_order', 'train_mode',
+                     'loss_weighting', 'attn_implementation'):
+            need(isinstance(getattr(self, name), str), f'{name} must be a string, got {getattr(self, name)!r:.60}')
+        need(self.backbone_path is None or isinstance(self.backbone_path, str),
+             f'backbone_path must be a folder path or null, got {self.backbone_path!r:.60}')
+        for name in ('image_mean', 'image_std'):
+            value = getattr(self, name)
+            need(isinstance(value, tuple) and len(value) == 3 and all(is_num(v) for v in value),
+                 f'{name} must be 3 finite numbers, got {value!r:.60}')
+        need(all(v > 0 for v in self.image_std), f'image_std must be > 0, got {self.image_std}')
+        for name in ('action_names', 'state_names'):
+            value = getattr(self, name)
+            need(isinstance(value, list) and all(isinstance(v, str) for v in value),
+                 f'{name} must be a list of strings, got {value!r:.60}')
+        for name in ('backbone', 'vision'):
+            value = getattr(self, name)
+            need(isinstance(value, dict) and all(isinstance(k, str) for k in value),
+                 f'{name} must be a mapping, got {value!r:.60}')
+        for key, value in self.backbone.items():
+            if key in BACKBONE_SIZES:
+                need(is_int(value) and 0 < value <= BACKBONE_SIZES[key],
+                     f'backbone.{key} must be an integer in [1, {BACKBONE_SIZES[key]}], got {value!r:.60}')
+        need(isinstance(self.backbone.get('model_type', ''), str), 'backbone.model_type must be a string')
+        need(isinstance(self.vision.get('type', 'patch'), str), 'vision.type must be a string')
+        for key in ('patch_size', 'dim', 'num_tokens'):
+            if key in self.vision:
+                need(is_int(self.vision[key]) and 0 < self.vision[key] <= 1 << 16,
+                     f'vision.{key} must be a positive integer, got {self.vision[key]!r:.60}')
+        need(isinstance(self.vision.get('pos_embed', 'learned'), str), 'vision.pos_embed must be a string')
+
     # ------------------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -157,6 +207,8 @@ class BlockVLAConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> 'BlockVLAConfig':
+        if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+            raise ValueError(f'BlockVLAConfig: expected a mapping of config keys, got {type(data).__name__}')
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

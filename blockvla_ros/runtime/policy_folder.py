@@ -8,9 +8,13 @@
       model.safetensors + tokenizer files (optional)
       manifest.json    sha256 of every other file; verified on load
 
-A folder whose manifest does not match, that misses a file, or that names a file outside itself raises
-`PolicyFolderError` naming the file. `resolve_policy` maps a node's `policy` parameter to a folder inside the
-configured policy directories and refuses anything else.
+The closed world: every regular file in the folder is listed in manifest.json with its sha256, and nothing else is
+there (no symlinks, files or subfolders alike, no unlisted files: each is refused by name); readers get their paths
+from `PolicySpec.listed` / `PolicySpec.tokenizer_paths`, never by globbing the folder. Every field of policy.yaml,
+stats.json and manifest.json is typed and ranged by policy_schema.py; `config.backbone_path` must be null (weights
+come from the folder only). Whatever is wrong raises `PolicyFolderError` naming the file and the field.
+`resolve_policy` maps a node's `policy` parameter to a folder inside the configured policy directories and refuses
+anything else.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -25,8 +30,10 @@ from typing import Optional, Sequence
 import numpy as np
 import yaml
 
+from . import policy_schema as schema
 from ..model.action_tokenizer import NormStats
 from ..model.config import BlockVLAConfig
+from .policy_schema import PolicyFolderError  # noqa: F401  (re-exported: callers import it from here)
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +42,6 @@ POLICY_FILE = 'policy.yaml'
 STATS_FILE = 'stats.json'
 MANIFEST_FILE = 'manifest.json'
 WEIGHTS_FILE = 'model.safetensors'
-
-
-class PolicyFolderError(ValueError):
-    """A policy folder is missing, incomplete, changed after export, or outside the allowed directories."""
 
 
 @dataclass
@@ -69,13 +72,14 @@ class GraphSpec:
 
     @classmethod
     def from_dict(cls, key: str, d: dict) -> 'GraphSpec':
-        try:
-            return cls(key=key, file=str(d['file']), data=[str(x) for x in d.get('data', [])],
-                       inputs=[TensorSpec(str(t['name']), list(t['shape']), str(t['dtype'])) for t in d['inputs']],
-                       outputs=[TensorSpec(str(t['name']), list(t['shape']), str(t['dtype'])) for t in d['outputs']],
-                       step_width=d.get('step_width'))
-        except (KeyError, TypeError) as e:
-            raise PolicyFolderError(f'{POLICY_FILE}: graph {key!r} is malformed ({e!r})') from e
+        """One graph entry of policy.yaml, validated by policy_schema.graph (PolicyFolderError when malformed)."""
+        return cls.from_checked(key, schema.graph(key, d, POLICY_FILE))
+
+    @classmethod
+    def from_checked(cls, key: str, g: dict) -> 'GraphSpec':
+        """From what policy_schema.graph returned."""
+        return cls(key=key, file=g['file'], data=g['data'], inputs=[TensorSpec(*t) for t in g['inputs']],
+                   outputs=[TensorSpec(*t) for t in g['outputs']], step_width=g['step_width'])
 
     def files(self) -> list:
         return [self.file, *self.data]
@@ -112,7 +116,20 @@ class PolicySpec:
         return key
 
     def path(self, key: str) -> Path:
-        return self.folder / self.graphs[key].file
+        return self.listed(self.graphs[key].file)
+
+    def listed(self, name: str) -> Path:
+        """The path of a file the verified manifest lists; anything else is a PolicyFolderError.
+
+        The one way for a reader to get a path inside the folder: it can only open what the manifest vouches for."""
+        if name not in self.manifest:
+            raise PolicyFolderError(f'{self.folder / name}: not listed in {MANIFEST_FILE}')
+        return self.folder / name
+
+    @property
+    def tokenizer_paths(self) -> dict:
+        """{file name: path} of the tokenizer files policy.yaml names (each listed in the manifest, verified)."""
+        return {name: self.listed(name) for name in self.tokenizer_files}
 
     def graph_sha256(self, key: str) -> str:
         """One hash over a graph file and its sidecars (from the verified manifest)."""
@@ -135,20 +152,34 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 def _check_name(name: str, where: str) -> str:
     """A file name inside the folder: relative, no '..', no absolute path (nothing outside the folder)."""
-    p = Path(name)
-    if not name or p.is_absolute() or '..' in p.parts or name.startswith('~'):
-        raise PolicyFolderError(f'{where}: file name {name!r} points outside the policy folder')
-    return name
+    return schema.file_name(name, where)
+
+
+def folder_entries(folder: str | os.PathLike) -> dict:
+    """{relative path: 'file' | 'dir' | 'symlink' | 'other'} of everything under `folder`, symlinks not followed."""
+    folder = Path(folder)
+    out = {}
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        for name in [*dirs, *files]:
+            p = Path(root) / name
+            rel = p.relative_to(folder).as_posix()
+            st = os.lstat(p)
+            out[rel] = ('symlink' if stat.S_ISLNK(st.st_mode) else 'dir' if stat.S_ISDIR(st.st_mode)
+                        else 'file' if stat.S_ISREG(st.st_mode) else 'other')
+    return out
 
 
 def build_manifest(folder: str | os.PathLike) -> dict:
-    """{'format_version', 'algorithm', 'files': {relative path: sha256}} over every file except the manifest."""
+    """{'format_version', 'algorithm', 'files': {relative path: sha256}} over every file except the manifest.
+
+    Symlinks and special files are refused: a policy folder holds regular files only."""
     folder = Path(folder)
-    files = {}
-    for p in sorted(folder.rglob('*')):
-        rel = p.relative_to(folder).as_posix()
-        if p.is_file() and rel != MANIFEST_FILE:
-            files[rel] = sha256_file(p)
+    entries = folder_entries(folder)
+    odd = sorted(rel for rel, kind in entries.items() if kind in ('symlink', 'other'))
+    if odd:
+        raise PolicyFolderError(f'{folder}: symlinks or special files {odd}: a policy folder holds regular files only')
+    files = {rel: sha256_file(folder / rel) for rel, kind in sorted(entries.items())
+             if kind == 'file' and rel != MANIFEST_FILE}
     return {'format_version': FORMAT_VERSION, 'algorithm': 'sha256', 'files': files}
 
 
@@ -160,39 +191,55 @@ def write_manifest(folder: str | os.PathLike) -> dict:
     return manifest
 
 
+def _read_json(path: Path) -> object:
+    try:
+        return json.loads(path.read_text(encoding='utf-8'))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise PolicyFolderError(f'{path}: not valid JSON ({e})') from None
+
+
 def verify_manifest(folder: str | os.PathLike) -> dict:
-    """Check every listed file's sha256; -> {file: sha256}. Missing/changed files raise PolicyFolderError."""
+    """The closed world: check every listed file's sha256 -> {file: sha256}.
+
+    Refused, naming the path: a missing or changed listed file; any symlink (file or subfolder, wherever it points)
+    or special file in the folder; any regular file the manifest does not list (a reader such as a tokenizer could
+    otherwise pick it up). So every file a reader opens inside the folder is one the manifest vouches for.
+    """
     folder = Path(folder)
     mpath = folder / MANIFEST_FILE
-    if not mpath.is_file():
+    entries = folder_entries(folder)
+    if entries.get(MANIFEST_FILE) != 'file':
+        if MANIFEST_FILE in entries:
+            raise PolicyFolderError(f'{mpath}: not a regular file ({entries[MANIFEST_FILE]})')
         raise PolicyFolderError(f'{folder}: {MANIFEST_FILE} is missing; export the policy with blockvla-export')
-    try:
-        manifest = json.loads(mpath.read_text())
-        files = manifest['files']
-        if manifest.get('algorithm', 'sha256') != 'sha256' or not isinstance(files, dict):
-            raise ValueError('unsupported layout')
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise PolicyFolderError(f'{mpath}: not a valid manifest ({e})') from e
+    files = schema.manifest_files(_read_json(mpath), str(mpath))
+    odd = sorted(f'{rel} ({kind})' for rel, kind in entries.items() if kind in ('symlink', 'other'))
+    if odd:
+        raise PolicyFolderError(f'{folder}: {", ".join(odd)}: a policy folder holds regular files only (a symlink '
+                                'could point outside it); copy the files in and re-export')
     for name, digest in sorted(files.items()):
-        _check_name(name, str(mpath))
         path = folder / name
-        if not path.is_file():
+        if entries.get(name) != 'file':
             raise PolicyFolderError(f'{path}: listed in {MANIFEST_FILE} but missing')
         actual = sha256_file(path)
         if actual != digest:
             raise PolicyFolderError(f'{path}: sha256 mismatch (manifest {digest[:12]}..., file {actual[:12]}...): '
                                     'the file changed after export; re-export the policy')
-    extra = sorted(p.relative_to(folder).as_posix() for p in folder.rglob('*')
-                   if p.is_file() and p.name != MANIFEST_FILE and p.relative_to(folder).as_posix() not in files)
+    extra = sorted(rel for rel, kind in entries.items() if kind == 'file' and rel != MANIFEST_FILE
+                   and rel not in files)
     if extra:
-        log.warning('%s: files not covered by the manifest are ignored: %s', folder, extra)
+        raise PolicyFolderError(f'{folder}: files not listed in {MANIFEST_FILE}: {extra}; a policy folder holds only '
+                                'what its manifest lists (remove them, or re-export the policy)')
     return dict(files)
 
 
 # --- loading ---------------------------------------------------------------------------------------------------
 def load_policy_folder(folder: str | os.PathLike) -> PolicySpec:
-    """Verify the manifest, then read policy.yaml + stats.json. Nothing is unpickled."""
-    folder = Path(folder)
+    """Verify the manifest (closed world), then read and validate policy.yaml + stats.json. Nothing is unpickled.
+
+    Every way a folder can be wrong raises PolicyFolderError naming the file and field (see policy_schema.py).
+    """
+    folder = Path(os.path.realpath(folder))
     if not folder.is_dir():
         raise PolicyFolderError(f'policy folder not found: {folder}')
     manifest = verify_manifest(folder)
@@ -203,48 +250,47 @@ def load_policy_folder(folder: str | os.PathLike) -> PolicySpec:
             raise PolicyFolderError(f'{folder / name}: {what} is not covered by {MANIFEST_FILE}')
         return name
 
+    where = str(folder / POLICY_FILE)
     covered(POLICY_FILE, 'policy description')
     try:
-        raw = yaml.safe_load((folder / POLICY_FILE).read_text())
-    except yaml.YAMLError as e:
-        raise PolicyFolderError(f'{folder / POLICY_FILE}: cannot parse ({e})') from e
+        raw = yaml.safe_load((folder / POLICY_FILE).read_text(encoding='utf-8'))
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as e:
+        raise PolicyFolderError(f'{where}: cannot parse ({e})') from None
     if not isinstance(raw, dict):
-        raise PolicyFolderError(f'{folder / POLICY_FILE}: expected a mapping')
+        raise PolicyFolderError(f'{where}: expected a mapping')
     version = raw.get('format_version')
-    if version != FORMAT_VERSION:
-        raise PolicyFolderError(f'{folder / POLICY_FILE}: format_version {version!r} is not supported '
+    if version != FORMAT_VERSION or isinstance(version, bool):
+        raise PolicyFolderError(f'{where}: format_version {version!r} is not supported '
                                 f'(this runtime reads {FORMAT_VERSION}); re-export the policy')
-    try:
-        config = BlockVLAConfig.from_dict(raw['config'])
-        kv_shape = tuple(int(x) for x in raw['kv_shape'])
-        actions = raw['actions']
-        graphs = {k: GraphSpec.from_dict(k, v) for k, v in raw['graphs'].items()}
-    except (KeyError, TypeError, ValueError) as e:
-        raise PolicyFolderError(f'{folder / POLICY_FILE}: incomplete or invalid ({e!r})') from e
+    schema.policy_document(raw, where)
+    name = schema.string(raw['name'], f'{where}: name', max_len=schema.MAX_NAME_LEN)
+    config = schema.config(raw['config'], where)
+    kv_shape = schema.kv_shape(raw['kv_shape'], where)
+    names, low, high = schema.actions(raw['actions'], where, config.action_dim)
+    graphs = {k: GraphSpec.from_checked(k, v) for k, v in schema.graphs(raw['graphs'], where).items()}
+    if 'image_size' in raw and schema.integer(raw['image_size'], f'{where}: image_size', 1) != config.image_size:
+        raise PolicyFolderError(f'{where}: image_size {raw["image_size"]} differs from config.image_size '
+                                f'{config.image_size}')
+    if 'prefix' in raw:
+        schema.prefix(raw['prefix'], where, config)
+    if 'export' in raw:
+        schema.export_info(raw['export'], where)
     covered(STATS_FILE, 'normalization statistics')
-    stats = NormStats.load(folder / STATS_FILE)
-    if len(stats.action_low) != config.action_dim:
-        raise PolicyFolderError(f'{folder / STATS_FILE}: {len(stats.action_low)} action dims, config has '
-                                f'{config.action_dim}')
-    for key in ('vision', 'prefill'):
-        if key not in graphs:
-            raise PolicyFolderError(f'{folder / POLICY_FILE}: graph {key!r} is not listed')
+    stats = schema.stats(_read_json(folder / STATS_FILE), str(folder / STATS_FILE), config.action_dim,
+                         config.state_dim)
     for g in graphs.values():
         for f in g.files():
             covered(f, f'graph {g.key!r}')
-    weights = raw.get('weights')
+    weights = schema.weights(raw.get('weights'), where, WEIGHTS_FILE)
     if weights:
         covered(weights, 'torch weights')
-    tokenizer_files = [covered(f, 'tokenizer file') for f in raw.get('tokenizer_files', [])]
-    low = np.asarray(actions['low'], dtype=np.float32)
-    high = np.asarray(actions['high'], dtype=np.float32)
-    names = list(actions['names'])
-    if not (len(names) == low.shape[0] == high.shape[0] == config.action_dim):
-        raise PolicyFolderError(f'{folder / POLICY_FILE}: actions.names/low/high must have {config.action_dim} '
-                                'entries each')
-    return PolicySpec(folder=folder, name=str(raw.get('name', folder.name)), config=config, stats=stats,
-                      kv_shape=kv_shape, graphs=graphs, action_names=names, action_low=low, action_high=high,
-                      manifest=manifest, raw=raw, weights=weights, tokenizer_files=tokenizer_files)
+    reserved = {POLICY_FILE, STATS_FILE, MANIFEST_FILE, WEIGHTS_FILE, *(f for g in graphs.values() for f in g.files())}
+    tokenizer_files = [covered(f, 'tokenizer file') for f in
+                       schema.tokenizer_files(raw.get('tokenizer_files', []), where, config.text_tokenizer, reserved)]
+    return PolicySpec(folder=folder, name=name, config=config, stats=stats, kv_shape=kv_shape, graphs=graphs,
+                      action_names=names, action_low=np.asarray(low, dtype=np.float32),
+                      action_high=np.asarray(high, dtype=np.float32), manifest=manifest, raw=raw, weights=weights,
+                      tokenizer_files=tokenizer_files)
 
 
 def resolve_policy(name_or_path: str | os.PathLike, policy_dirs: Sequence[str | os.PathLike]) -> Path:

@@ -1,0 +1,295 @@
+"""The policy folder's schema, in one place: every field of policy.yaml, stats.json and manifest.json typed and ranged.
+
+Each section has its own reader (`manifest_files`, `config`, `kv_shape`, `actions`, `graphs`, `stats`, ...) that takes
+the parsed YAML/JSON value and returns plain, checked Python values, or raises `PolicyFolderError` naming the file,
+the field and what was expected. Nothing in here raises TypeError / KeyError / AttributeError on a hostile value
+(a `null`, a list where a mapping belongs, an extra key, 1e308): the loader (policy_folder.py) calls these readers
+and builds its dataclasses only from what they return. A new layout of a section (e.g. format v2's graphs) is a new
+reader for that section, nothing else.
+
+Numbers: every float must be finite and within +-MAX_ABS_VALUE (1e6: physical action/state units; a stats or limit
+value of 1e308 would saturate every action or overflow float32 to inf). Tensor shapes are positive ints with at most
+MAX_TENSOR_ELEMENTS elements (the engines preallocate their I/O buffers from these shapes).
+"""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import PurePosixPath
+from typing import Any
+
+MAX_ABS_VALUE = 1e6
+MAX_TENSOR_ELEMENTS = 1 << 30
+MAX_DIMS = 8
+MAX_NAME_LEN = 255
+TENSOR_DTYPES = ('float32', 'float16', 'int64', 'int32', 'bool')
+GRAPH_KEY = re.compile(r'^(vision|prefill|text_prefill|obs_prefill|step_([1-9][0-9]*))$')
+SHA256 = re.compile(r'^[0-9a-f]{64}$')
+
+# policy.yaml: top-level keys (required ones first). `export` is provenance, never read by the runtime.
+POLICY_REQUIRED = ('format_version', 'name', 'config', 'kv_shape', 'actions', 'graphs')
+POLICY_OPTIONAL = ('image_size', 'prefix', 'weights', 'tokenizer_files', 'export')
+ACTIONS_REQUIRED = ('names', 'low', 'high')
+ACTIONS_OPTIONAL = ('limits_source',)
+GRAPH_REQUIRED = ('file', 'inputs', 'outputs')
+GRAPH_OPTIONAL = ('data', 'step_width')
+TENSOR_KEYS = ('name', 'shape', 'dtype')
+PREFIX_KEYS = ('order', 'text_tokens', 'image_tokens', 'state_token', 'length', 'max_seq_len')
+STATS_REQUIRED = ('action_low', 'action_high')
+STATS_OPTIONAL = ('state_low', 'state_high', 'n_samples')
+MANIFEST_REQUIRED = ('files',)
+MANIFEST_OPTIONAL = ('format_version', 'algorithm')
+
+
+class PolicyFolderError(ValueError):
+    """A policy folder is missing, incomplete, malformed, changed after export, or outside the allowed directories."""
+
+
+# --- typed primitives ----------------------------------------------------------------------------------------------
+def _type_name(value: Any) -> str:
+    return 'null' if value is None else type(value).__name__
+
+
+def mapping(value: Any, where: str, required: tuple = (), optional: tuple | None = ()) -> dict:
+    """A mapping with string keys: every `required` key present; no key outside required+optional (None: any key)."""
+    if not isinstance(value, dict):
+        raise PolicyFolderError(f'{where}: expected a mapping, got {_type_name(value)}')
+    bad = [k for k in value if not isinstance(k, str)]
+    if bad:
+        raise PolicyFolderError(f'{where}: keys must be strings, got {bad[:3]!r}')
+    missing = [k for k in required if k not in value]
+    if missing:
+        raise PolicyFolderError(f'{where}: missing {", ".join(missing)}')
+    if optional is not None:
+        extra = sorted(set(value) - set(required) - set(optional))
+        if extra:
+            raise PolicyFolderError(f'{where}: unknown keys {extra} (allowed: {sorted([*required, *optional])})')
+    return value
+
+
+def integer(value: Any, where: str, low: int = 0, high: int = 1 << 31) -> int:
+    """An int (not a bool, not a float) in [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise PolicyFolderError(f'{where}: expected an integer, got {_type_name(value)} {value!r:.60}')
+    if not low <= value <= high:
+        raise PolicyFolderError(f'{where}: {value} is outside [{low}, {high}]')
+    return value
+
+
+def number(value: Any, where: str, bound: float = MAX_ABS_VALUE) -> float:
+    """A finite int or float with |value| <= bound."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise PolicyFolderError(f'{where}: expected a number, got {_type_name(value)} {value!r:.60}')
+    value = float(value)
+    if not math.isfinite(value) or abs(value) > bound:
+        raise PolicyFolderError(f'{where}: {value!r} is not a finite number within +-{bound:g}')
+    return value
+
+
+def string(value: Any, where: str, choices: tuple | None = None, max_len: int = 4096) -> str:
+    if not isinstance(value, str):
+        raise PolicyFolderError(f'{where}: expected a string, got {_type_name(value)} {value!r:.60}')
+    if len(value) > max_len:
+        raise PolicyFolderError(f'{where}: string of {len(value)} characters (limit {max_len})')
+    if choices is not None and value not in choices:
+        raise PolicyFolderError(f'{where}: {value!r} is not one of {list(choices)}')
+    return value
+
+
+def listing(value: Any, where: str, length: int | None = None, max_len: int = 1 << 16) -> list:
+    if not isinstance(value, list):
+        raise PolicyFolderError(f'{where}: expected a list, got {_type_name(value)} {value!r:.60}')
+    if length is not None and len(value) != length:
+        raise PolicyFolderError(f'{where}: expected {length} entries, got {len(value)}')
+    if len(value) > max_len:
+        raise PolicyFolderError(f'{where}: {len(value)} entries (limit {max_len})')
+    return value
+
+
+def numbers(value: Any, where: str, length: int | None = None) -> list:
+    return [number(x, f'{where}[{i}]') for i, x in enumerate(listing(value, where, length))]
+
+
+def strings(value: Any, where: str, length: int | None = None, unique: bool = True, max_len: int = 1 << 16) -> list:
+    out = [string(x, f'{where}[{i}]', max_len=MAX_NAME_LEN)
+           for i, x in enumerate(listing(value, where, length, max_len))]
+    if unique and len(set(out)) != len(out):
+        raise PolicyFolderError(f'{where}: duplicate entries in {out}')
+    return out
+
+
+def file_name(value: Any, where: str) -> str:
+    """A relative POSIX path inside the folder: no absolute path, no '..', no '~', no empty or '.' parts."""
+    name = string(value, where, max_len=1024)
+    parts = PurePosixPath(name).parts
+    if (not name or name.startswith(('/', '~')) or '\\' in name or '\0' in name or not parts
+            or any(p in ('', '.', '..') for p in name.split('/'))):
+        raise PolicyFolderError(f'{where}: file name {name!r} points outside the policy folder')
+    return name
+
+
+def bounds_pair(low: list, high: list, where: str) -> None:
+    bad = [i for i, (lo, hi) in enumerate(zip(low, high)) if hi < lo]
+    if bad:
+        raise PolicyFolderError(f'{where}: high < low in dimensions {bad}')
+
+
+# --- sections ------------------------------------------------------------------------------------------------------
+def manifest_files(doc: Any, where: str) -> dict:
+    """manifest.json -> {relative file name: sha256 hex}."""
+    mapping(doc, where, MANIFEST_REQUIRED, MANIFEST_OPTIONAL)
+    if 'algorithm' in doc:
+        string(doc['algorithm'], f'{where}: algorithm', ('sha256',))
+    if 'format_version' in doc:
+        integer(doc['format_version'], f'{where}: format_version', 1, 1 << 16)
+    files = mapping(doc['files'], f'{where}: files', optional=None)
+    for name, digest in files.items():
+        file_name(name, f'{where}: files')
+        if not isinstance(digest, str) or not SHA256.match(digest):
+            raise PolicyFolderError(f'{where}: files[{name!r}] is not a sha256 hex digest: {digest!r:.80}')
+    return dict(files)
+
+
+def policy_document(doc: Any, where: str) -> dict:
+    """policy.yaml's top level: a mapping with exactly the known sections."""
+    return mapping(doc, where, POLICY_REQUIRED, POLICY_OPTIONAL)
+
+
+def config(doc: Any, where: str):
+    """config -> BlockVLAConfig (its own validate() checks every field's type and range)."""
+    from ..model.config import BlockVLAConfig
+
+    mapping(doc, f'{where}: config', optional=None)
+    try:
+        cfg = BlockVLAConfig.from_dict(doc)
+    except (ValueError, TypeError) as e:
+        raise PolicyFolderError(f'{where}: config: {e}') from None
+    if cfg.backbone_path is not None:
+        raise PolicyFolderError(f'{where}: config.backbone_path is {cfg.backbone_path!r}: a policy folder carries '
+                                'its weights and the runtime never loads a backbone from elsewhere; re-export '
+                                '(blockvla-export writes backbone_path: null)')
+    return cfg
+
+
+def kv_shape(doc: Any, where: str) -> tuple:
+    """(layers, kv_heads, head_dim)."""
+    shape = listing(doc, f'{where}: kv_shape', 3)
+    return tuple(integer(x, f'{where}: kv_shape[{i}]', 1, 1 << 16) for i, x in enumerate(shape))
+
+
+def actions(doc: Any, where: str, action_dim: int) -> tuple:
+    """actions -> (names, low, high): action_dim names, finite limits within +-MAX_ABS_VALUE, low <= high."""
+    w = f'{where}: actions'
+    mapping(doc, w, ACTIONS_REQUIRED, ACTIONS_OPTIONAL)
+    names = strings(doc['names'], f'{w}.names', action_dim)
+    low = numbers(doc['low'], f'{w}.low', action_dim)
+    high = numbers(doc['high'], f'{w}.high', action_dim)
+    bounds_pair(low, high, f'{w}.low/high')
+    if 'limits_source' in doc:
+        string(doc['limits_source'], f'{w}.limits_source')
+    return names, low, high
+
+
+def tensor(doc: Any, where: str) -> tuple:
+    """{name, shape, dtype} -> (name, [dims], dtype); fully static shapes, bounded element count."""
+    mapping(doc, where, TENSOR_KEYS, ())
+    name = string(doc['name'], f'{where}.name', max_len=MAX_NAME_LEN)
+    dims = [integer(d, f'{where}.shape[{i}]', 1, MAX_TENSOR_ELEMENTS)
+            for i, d in enumerate(listing(doc['shape'], f'{where}.shape', max_len=MAX_DIMS))]
+    if math.prod(dims) > MAX_TENSOR_ELEMENTS:
+        raise PolicyFolderError(f'{where}.shape {dims}: {math.prod(dims)} elements (limit {MAX_TENSOR_ELEMENTS})')
+    return name, dims, string(doc['dtype'], f'{where}.dtype', TENSOR_DTYPES)
+
+
+def graph(key: str, doc: Any, where: str) -> dict:
+    """One graph entry -> {'file', 'data', 'inputs', 'outputs', 'step_width'} (tensors as (name, shape, dtype))."""
+    w = f'{where}: graphs.{key}'
+    mapping(doc, w, GRAPH_REQUIRED, GRAPH_OPTIONAL)
+    out = {'file': file_name(doc['file'], f'{w}.file'),
+           'data': [file_name(x, f'{w}.data') for x in listing(doc.get('data', []), f'{w}.data', max_len=64)]}
+    for side in ('inputs', 'outputs'):
+        items = listing(doc[side], f'{w}.{side}', max_len=64)
+        if not items:
+            raise PolicyFolderError(f'{w}.{side}: empty')
+        out[side] = [tensor(t, f'{w}.{side}[{i}]') for i, t in enumerate(items)]
+        names = [t[0] for t in out[side]]
+        if len(set(names)) != len(names):
+            raise PolicyFolderError(f'{w}.{side}: duplicate tensor names {names}')
+    width = GRAPH_KEY.match(key).group(2)
+    given = doc.get('step_width')
+    if width is None and given is not None:
+        raise PolicyFolderError(f'{w}.step_width: only step_<n> graphs have a width')
+    if width is not None and integer(given, f'{w}.step_width', 1, 1 << 16) != int(width):
+        raise PolicyFolderError(f'{w}.step_width {given} does not match the key {key!r}')
+    out['step_width'] = None if width is None else int(width)
+    return out
+
+
+def graphs(doc: Any, where: str) -> dict:
+    """graphs (format 1): {key: graph}; keys vision | prefill | text_prefill | obs_prefill | step_<n>."""
+    mapping(doc, f'{where}: graphs', optional=None)
+    for key in doc:
+        if not GRAPH_KEY.match(key):
+            raise PolicyFolderError(f'{where}: graphs: unknown graph key {key!r} (expected vision, prefill, '
+                                    'text_prefill, obs_prefill or step_<n>)')
+    for key in ('vision', 'prefill'):
+        if key not in doc:
+            raise PolicyFolderError(f'{where}: graphs: graph {key!r} is not listed')
+    if ('text_prefill' in doc) != ('obs_prefill' in doc):
+        raise PolicyFolderError(f'{where}: graphs: text_prefill and obs_prefill come as a pair')
+    if not any(k.startswith('step_') for k in doc):
+        raise PolicyFolderError(f'{where}: graphs: no step_<n> graph')
+    return {key: graph(key, value, where) for key, value in doc.items()}
+
+
+def prefix(doc: Any, where: str, cfg) -> None:
+    """prefix (informational, derived from config): must agree with the config it was derived from."""
+    mapping(doc, f'{where}: prefix', PREFIX_KEYS, ())
+    expected = {'order': cfg.prefix_order, 'text_tokens': cfg.max_text_tokens, 'image_tokens': cfg.n_image_tokens,
+                'state_token': bool(cfg.state_dim), 'length': cfg.prefix_len, 'max_seq_len': cfg.max_seq_len}
+    differs = {k: doc[k] for k in PREFIX_KEYS if doc[k] != expected[k] or type(doc[k]) is not type(expected[k])}
+    if differs:
+        raise PolicyFolderError(f'{where}: prefix {differs} disagrees with config ({expected})')
+
+
+def tokenizer_files(doc: Any, where: str, text_tokenizer: str, reserved: set) -> list:
+    """tokenizer_files: the tokenizer's files in this folder (required and non-empty for text_tokenizer 'auto')."""
+    names = [file_name(x, f'{where}: tokenizer_files')
+             for x in strings(doc, f'{where}: tokenizer_files', max_len=32)]
+    clash = sorted(set(names) & reserved)
+    if clash:
+        raise PolicyFolderError(f'{where}: tokenizer_files names files with another role: {clash}')
+    if text_tokenizer == 'auto' and not names:
+        raise PolicyFolderError(f"{where}: config.text_tokenizer is 'auto' but tokenizer_files is empty")
+    if text_tokenizer != 'auto' and names:
+        raise PolicyFolderError(f"{where}: tokenizer_files {names} given but config.text_tokenizer is "
+                                f"{text_tokenizer!r} (only 'auto' reads tokenizer files)")
+    return names
+
+
+def weights(doc: Any, where: str, expected: str) -> str | None:
+    """weights: null, or the one torch weights file name the exporter writes."""
+    if doc is None:
+        return None
+    return string(doc, f'{where}: weights', (expected,))
+
+
+def export_info(doc: Any, where: str) -> None:
+    """export: provenance (exporter, versions, parity results); a mapping, never read by the runtime."""
+    mapping(doc, f'{where}: export', optional=None)
+
+
+def stats(doc: Any, where: str, action_dim: int, state_dim: int):
+    """stats.json -> NormStats: action_dim (and state_dim) finite bounds within +-MAX_ABS_VALUE, low <= high."""
+    from ..model.action_tokenizer import NormStats
+
+    mapping(doc, where, STATS_REQUIRED, STATS_OPTIONAL)
+    action_low = numbers(doc['action_low'], f'{where}: action_low', action_dim)
+    action_high = numbers(doc['action_high'], f'{where}: action_high', action_dim)
+    bounds_pair(action_low, action_high, f'{where}: action_low/action_high')
+    state_low = numbers(doc.get('state_low', []), f'{where}: state_low', state_dim)
+    state_high = numbers(doc.get('state_high', []), f'{where}: state_high', state_dim)
+    bounds_pair(state_low, state_high, f'{where}: state_low/state_high')
+    n_samples = integer(doc.get('n_samples', 0), f'{where}: n_samples', 0, 1 << 62)
+    return NormStats(action_low=action_low, action_high=action_high, state_low=state_low, state_high=state_high,
+                     n_samples=n_samples)
