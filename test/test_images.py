@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from blockvla_ros.io.images import (
-    DEFAULT_MAX_PIXELS, ImageConversionError, _compressed_size, compressed_to_numpy, encode_compressed,
+    DEFAULT_MAX_PIXELS, ImageConversionError, compressed_header, compressed_to_numpy, encode_compressed,
     image_to_numpy, message_to_rgb8, rgb8_to_image_fields, to_rgb8)
 
 H, W = 5, 7
@@ -168,10 +168,11 @@ def test_compressed_mono_16bit_rgb_source_and_depth():
 
 
 def test_compressed_header_size_is_read_without_decoding():
-    for ext in ('.png', '.jpg'):
+    for ext, kind in (('.png', 'png'), ('.jpg', 'jpeg')):
         ok, data = cv2.imencode(ext, np.zeros((37, 91, 3), np.uint8))
-        assert _compressed_size(data.tobytes()) == (91, 37)
-    assert _compressed_size(b'not an image') is None
+        assert compressed_header(data.tobytes()) == (kind, 91, 37, 3)
+    with pytest.raises(ImageConversionError, match='neither PNG nor JPEG'):
+        compressed_header(b'not an image')
 
 
 # ---- bad input ----------------------------------------------------------------------------------
@@ -227,7 +228,8 @@ def test_too_large_is_rejected_cleanly():
 
 
 def test_undecodable_compressed():
-    _raises('could not be decoded', compressed_to_numpy, compressed_msg('jpeg', b'\xff\xd8garbage' * 10))
+    _raises('neither PNG nor JPEG', compressed_to_numpy, compressed_msg('jpeg', b'\xff\xd8garbage' * 10))
+    _raises('ends before a frame header', compressed_to_numpy, compressed_msg('jpeg', b'\xff\xd8\xffgarbage' * 10))
     fmt, data = encode_compressed(RGB, 'png')
     _raises('could not be decoded', message_to_rgb8, compressed_msg(fmt, data[:len(data) // 2]))
     _raises('has no data', compressed_to_numpy, compressed_msg('jpeg', b''))

@@ -11,14 +11,25 @@ so the mapping is identical for every frame): ``out = clip(round(v * 255 / value
 with ``value_max`` = 65535 for 16-bit (the full range, like ``v >> 8``) and 1.0 for 32FC1
 (depth in metres up to 1 m). Pass ``value_max`` (e.g. 2000 for 16UC1 depth in mm up to 2 m) to
 spread a smaller range over the 8-bit scale. NaN and inf map to 0.
+
+Bounded decoding (images come from topics and bags: untrusted): raw images are size-checked before
+any copy; compressed images must be PNG or JPEG, whose header gives the dimensions that are checked
+against ``max_pixels`` before any pixel is allocated. As a second line, OpenCV's own decoder limit
+(``OPENCV_IO_MAX_IMAGE_PIXELS``) is set to DECODER_MAX_PIXELS unless the environment sets it.
+Every failure is an :class:`ImageConversionError`.
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
-import cv2
-import numpy as np
+DECODER_MAX_PIXELS = 1 << 26
+"""OpenCV's own limit (64 MP), read once at its first decode: a backstop behind the header check."""
+os.environ.setdefault('OPENCV_IO_MAX_IMAGE_PIXELS', str(DECODER_MAX_PIXELS))
+
+import cv2  # noqa: E402  (after the limit above, which OpenCV reads at its first decode)
+import numpy as np  # noqa: E402
 
 DEFAULT_MAX_PIXELS = 4096 * 4096
 """Largest accepted height*width (16.7 MP): bigger images are refused before any copy or decode."""
@@ -102,36 +113,76 @@ def image_to_numpy(msg: Any, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndar
     return pixels.reshape(height, width, channels)  # [H, W*C] -> [H, W, C]
 
 
-def _compressed_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from a PNG or JPEG header without decoding; None when not found."""
-    if data[:8] == _PNG_SIGNATURE and len(data) >= 24 and data[12:16] == b'IHDR':
-        return int.from_bytes(data[16:20], 'big'), int.from_bytes(data[20:24], 'big')
-    if data[:2] != b'\xff\xd8':
-        return None
-    i = 2
-    while i + 4 <= len(data):
-        if data[i] != 0xFF:
-            return None
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        if marker in (0x01,) or 0xD0 <= marker <= 0xD7:  # markers without a length
-            i += 2
-            continue
-        length = int.from_bytes(data[i + 2:i + 4], 'big')
-        if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
-            if i + 9 > len(data):
-                return None
-            height = int.from_bytes(data[i + 5:i + 7], 'big')
-            width = int.from_bytes(data[i + 7:i + 9], 'big')
-            return width, height
-        i += 2 + length
-    return None
+_JPEG_SOF = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF))
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 4, 4: 2, 6: 4}  # IHDR colour type -> channels (palette: up to RGBA)
+
+
+def _png_header(data: bytes) -> tuple[int, int, int]:
+    """(width, height, channels) from the IHDR chunk, which PNG requires first (libpng refuses anything else)."""
+    if len(data) < 33 or data[8:16] != b'\x00\x00\x00\rIHDR':
+        raise ImageConversionError('PNG data does not start with an IHDR chunk')
+    width, height = int.from_bytes(data[16:20], 'big'), int.from_bytes(data[20:24], 'big')
+    depth, colour = data[24], data[25]
+    if colour not in _PNG_CHANNELS or depth not in (1, 2, 4, 8, 16):
+        raise ImageConversionError(f'PNG colour type {colour} / bit depth {depth} is not valid')
+    return width, height, _PNG_CHANNELS[colour]
+
+
+def _jpeg_header(data: bytes) -> tuple[int, int, int]:
+    """(width, height, components) from the first SOF marker, walking the markers the way libjpeg does.
+
+    libjpeg skips junk bytes between markers (a byte after APP0 hid the SOF from a strict parser, and a
+    30000x30000 frame decoded unchecked), so this walk skips them too; a header where no SOF comes before the
+    scan data, a second SOI, or a frame with a component count OpenCV cannot output is refused.
+    """
+    i, n = 2, len(data)
+    while True:
+        i = data.find(b'\xff', i)  # libjpeg's next_marker: skip anything up to a 0xFF
+        while 0 <= i < n and data[i] == 0xFF:
+            i += 1  # fill bytes
+        if i < 0 or i >= n:
+            raise ImageConversionError('JPEG data ends before a frame header (SOF marker)')
+        marker = data[i]
+        i += 1
+        if marker == 0x00 or marker == 0x01 or 0xD0 <= marker <= 0xD7:
+            continue  # a stuffed zero (junk), TEM or RSTn: no length
+        if marker in (0xD8, 0xD9, 0xDA):
+            raise ImageConversionError(f'JPEG marker 0x{marker:02X} before the frame header (SOF)')
+        if i + 2 > n:
+            raise ImageConversionError('JPEG data ends inside a marker segment')
+        length = int.from_bytes(data[i:i + 2], 'big')
+        if length < 2:
+            raise ImageConversionError(f'JPEG marker 0x{marker:02X} has an invalid length {length}')
+        if marker in _JPEG_SOF:
+            if i + 8 > n:
+                raise ImageConversionError('JPEG data ends inside the frame header')
+            precision, components = data[i + 2], data[i + 7]
+            if precision not in (8, 12) or components not in (1, 3, 4):
+                raise ImageConversionError(f'JPEG frame with {precision}-bit samples and {components} components '
+                                           'is not supported (8/12-bit; 1, 3 or 4 components)')
+            return int.from_bytes(data[i + 5:i + 7], 'big'), int.from_bytes(data[i + 3:i + 5], 'big'), components
+        i += length
+
+
+def compressed_header(data: bytes) -> tuple[str, int, int, int]:
+    """('png' | 'jpeg', width, height, channels) read from the header, before any pixel is allocated.
+
+    These are the only compressed formats accepted: anything else OpenCV could decode (BMP with RLE, TIFF, WebP,
+    GIF, PNM, HDR, JPEG 2000...) is refused here, so every decode has known, checked dimensions.
+    """
+    if data[:8] == _PNG_SIGNATURE:
+        return ('png', *_png_header(data))
+    if data[:3] == b'\xff\xd8\xff':
+        return ('jpeg', *_jpeg_header(data))
+    raise ImageConversionError(f'compressed image data is neither PNG nor JPEG (starts with {data[:8]!r}); only '
+                               'PNG and JPEG are accepted')
 
 
 def compressed_to_numpy(msg: Any, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode a sensor_msgs/CompressedImage (JPEG or PNG) with OpenCV, IMREAD_UNCHANGED.
+    """Decode a sensor_msgs/CompressedImage (JPEG or PNG only) with OpenCV, IMREAD_UNCHANGED.
+
+    The dimensions are read from the header first (:func:`compressed_header`) and checked against
+    ``max_pixels`` before OpenCV allocates anything; any other format is refused.
 
     Colour comes back RGB (or RGBA), mono as HxW, 16-bit PNG stays uint16. The format string's
     "compressed <enc>" part says how the bytes were encoded: bgr8 (the image_transport and
@@ -150,14 +201,19 @@ def compressed_to_numpy(msg: Any, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np
         if start < 0:
             raise ImageConversionError(f'compressedDepth image (format {fmt!r}) holds no PNG data')
         buf = buf[start:]
-    size = _compressed_size(buf[:65536].tobytes())
-    if size is not None:
-        _check_size(size[1], size[0], max_pixels, f'compressed image (format {fmt!r})')
-    decoded = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    kind, width, height, _ = compressed_header(buf.tobytes())
+    _check_size(height, width, max_pixels, f'compressed image ({kind}, format {fmt!r})')
+    try:
+        decoded = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    except cv2.error as err:  # OpenCV builds that raise instead of returning None
+        raise ImageConversionError(f'compressed {kind} image (format {fmt!r}, {buf.size} bytes) could not be '
+                                   f'decoded: {str(err).strip()[:200]}') from None
     if decoded is None or decoded.size == 0:
         raise ImageConversionError(
             f'compressed image (format {fmt!r}, {buf.size} bytes) could not be decoded')
-    _check_size(decoded.shape[0], decoded.shape[1], max_pixels, f'compressed image (format {fmt!r})')
+    if decoded.shape[:2] != (height, width):  # the header walk and the decoder disagree: trust neither
+        raise ImageConversionError(f'compressed {kind} image (format {fmt!r}) decoded to {decoded.shape[1]}x'
+                                   f'{decoded.shape[0]}, its header says {width}x{height}')
     if decoded.ndim == 3 and decoded.shape[2] == 1:
         decoded = decoded[:, :, 0]  # [H, W, 1] -> [H, W]
     if decoded.ndim == 3:
