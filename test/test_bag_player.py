@@ -195,3 +195,41 @@ def test_playback_clock_maps_bag_time_to_wall_time():
     assert clock.bag_now(100.5) == T0 + 1_000_000_000
     with pytest.raises(ImportError, match='not installed'):
         message_class('nonexistent_msgs/msg/Thing')
+
+
+def test_bag_cannot_choose_what_gets_imported(tmp_path):
+    """Issue 13 item 8: a bag declaring `unittest/__main__/X` or a module that exists on the path but is not a
+    message package gets that topic skipped with a warning; nothing it names is imported, the rest plays."""
+    evil = tmp_path / 'pylib' / 'evil_pkg' / 'msg'
+    evil.mkdir(parents=True)
+    marker = tmp_path / 'imported'
+    for init in (evil.parent / '__init__.py', evil / '__init__.py'):
+        init.write_text(f'open({str(marker)!r}, "w").write("imported")\n')
+    bag = tmp_path / 'bag'
+    typestore = get_typestore(Stores.LATEST)
+    from rosbags.rosbag2 import Writer
+    FAKE_HASH = 'RIHS01_' + '0' * 64
+    with Writer(bag, version=9) as writer:
+        good = writer.add_connection('/instruction', 'std_msgs/msg/String', typestore=typestore)
+        writer.write(good, T0, typestore.serialize_cdr(typestore.types['std_msgs/msg/String'](data='hi'),
+                                                       'std_msgs/msg/String'))
+        for i, msgtype in enumerate(('unittest/__main__/X', 'evil_pkg/msg/Boom', 'antigravity/msg/X',
+                                     'os/msg/System')):
+            conn = writer.add_connection(f'/evil{i}', msgtype, msgdef='string data', rihs01=FAKE_HASH)
+            writer.write(conn, T0 + DT * (i + 1), b'\x00\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x00')
+    metadata = bag / 'metadata.yaml'  # no type hash (as older writers leave it): rosbags then accepts any name
+    metadata.write_text(metadata.read_text().replace(FAKE_HASH, "''"))
+    env = dict(ENV, PYTHONPATH=os.pathsep.join([str(tmp_path / 'pylib'), ENV.get('PYTHONPATH', '')]))
+    proc = subprocess.run([sys.executable, '-m', 'blockvla_ros.ros.bag_player_node', str(bag), '--linger', '0'],
+                          env=env, capture_output=True, text=True, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert not marker.exists(), 'a module named by the bag was imported'
+    assert "skipping /evil0: unexpected message type name 'unittest/__main__/X'" in out
+    assert "skipping /evil1: message type evil_pkg/msg/Boom is not installed" in out
+    assert 'published 1 messages' in out
+    for msgtype in ('evil_pkg/msg/Boom', 'unittest/msg/X', 'os/msg/System'):
+        with pytest.raises(ImportError):
+            message_class(msgtype)
+    assert 'evil_pkg' not in sys.modules
+    assert message_class('sensor_msgs/msg/JointState').__name__ == 'JointState'

@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
+import re
 import sys
 import threading
 import time
@@ -49,16 +51,49 @@ class PlaybackClock:
         return self.bag0_ns + int(round((wall - self.wall0) * self.rate * 1e9))
 
 
+MESSAGE_TYPE = re.compile(r'^([a-z][a-z0-9_]{0,63})/msg/([A-Z][A-Za-z0-9]{0,63})$')
+INTERFACE_INDEX = Path('share', 'ament_index', 'resource_index', 'rosidl_interfaces')
+
+
+def _interface_index_dirs() -> list[Path]:
+    """The ament index dirs that list installed interface packages: AMENT_PREFIX_PATH, then this Python's prefix
+    (where the pip ROS wheels install theirs)."""
+    prefixes = [p for p in os.environ.get('AMENT_PREFIX_PATH', '').split(os.pathsep) if p] + [sys.prefix]
+    return [Path(p) / INTERFACE_INDEX for p in prefixes]
+
+
 def message_class(msgtype: str):
-    """'pkg/msg/Name' -> the rclpy message class; ImportError naming the type if it is not installed."""
-    parts = msgtype.split('/')
-    if len(parts) != 3:
-        raise ImportError(f'unexpected message type name {msgtype!r} (expected pkg/msg/Name)')
-    pkg, kind, name = parts
+    """'pkg/msg/Name' -> the rclpy message class; ImportError naming the type if it is not a known message.
+
+    A bag names its types, and a bag is untrusted: nothing it names is imported unless the ament index lists
+    `pkg` as an installed interface package with a `msg/Name` message (the name is checked against a strict
+    pattern first, so it cannot be a path or a module like `unittest/__main__/X`). Only then is `pkg.msg` imported,
+    and the attribute must be a generated message class.
+    """
+    match = MESSAGE_TYPE.match(msgtype) if isinstance(msgtype, str) else None
+    if match is None:
+        raise ImportError(f'unexpected message type name {msgtype!r:.80} (expected pkg/msg/Name of a message '
+                          'package)')
+    pkg, name = match.groups()
+    listed = False
+    for index in _interface_index_dirs():
+        try:
+            entries = (index / pkg).read_text().split()
+        except OSError:
+            continue
+        if f'msg/{name}.msg' in entries or f'msg/{name}.idl' in entries:
+            listed = True
+            break
+    if not listed:
+        raise ImportError(f'message type {msgtype} is not installed (no interface package {pkg!r} with message '
+                          f'{name!r} in the ament index)')
     try:
-        return getattr(importlib.import_module(f'{pkg}.{kind}'), name)
+        cls = getattr(importlib.import_module(f'{pkg}.msg'), name)
     except (ImportError, AttributeError) as err:
         raise ImportError(f'message type {msgtype} is not installed ({err})') from err
+    if not (isinstance(cls, type) and hasattr(cls, 'get_fields_and_field_types') and hasattr(cls, '_TYPE_SUPPORT')):
+        raise ImportError(f'{msgtype} is not a generated ROS message class')
+    return cls
 
 
 def _qos_from_bag(connection) -> QoSProfile:
