@@ -94,6 +94,9 @@ def run(args) -> dict:
     from blockvla_ros.evaluation.report import build_report, summarize, write_report
     from blockvla_ros.io.bag_reader import TopicMap
 
+    from blockvla_ros.io.atomic import check_output_dir
+
+    check_output_dir(args.out)  # before any work
     progress = False if args.quiet else None
     variants = _variants(args)
     runners = [(_load_runner(policy, decoder, args), label or None) for policy, decoder, label in variants]
@@ -154,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')
     try:
         report = run(args)
-    except (ValueError, FileNotFoundError, ImportError) as err:  # BagError / PolicyFolderError are ValueErrors
+    except (ValueError, FileNotFoundError, NotADirectoryError, ImportError) as err:  # BagError is a ValueError
         print(f'blockvla-replay: error: {err}', file=sys.stderr)
         return 2
     _print_summary(report, args.out)

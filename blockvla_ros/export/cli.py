@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..model.action_tokenizer import MissingStatsError
 from ..runtime.engine_factory import GPUUnavailableError, require_cuda_device
+from ..io.atomic import check_output_dir
 from ..runtime.policy_folder import PolicyFolderError
 from .onnx_checks import GraphCheckError
 from .onnx_export import EXPORTERS
@@ -54,6 +55,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format='%(asctime)s %(levelname)s %(name)s: %(message)s')
     try:
+        check_output_dir(args.out)  # before any work
         if args.trt:
             require_cuda_device('blockvla-export --trt')  # before any work
         if args.opset is not None and not 18 <= args.opset <= 20:
@@ -69,7 +71,7 @@ def main(argv=None) -> int:
             trt_report = build_and_check(args.checkpoint, args.out, fp16=args.fp16, cache_dir=args.engine_cache,
                                          samples=args.parity_samples, tolerance=args.tolerance)
     except (GPUUnavailableError, CheckpointError, MissingStatsError, GraphCheckError, ExportParityError,
-            PolicyFolderError, ValueError, FileNotFoundError, ImportError) as e:
+            PolicyFolderError, ValueError, FileNotFoundError, NotADirectoryError, ImportError) as e:
         print(f'blockvla-export: error: {e}', file=sys.stderr)
         return 2 if isinstance(e, GPUUnavailableError) else 1
     print(f'policy folder: {report.folder}  ({report.seconds:.1f} s)')

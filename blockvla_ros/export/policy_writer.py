@@ -19,7 +19,7 @@ from typing import Optional
 
 import yaml
 
-from ..io.atomic import atomic_directory, atomic_write_text
+from ..io.atomic import atomic_directory, atomic_write_text, check_output_dir
 from ..model.action_tokenizer import NormStats
 from ..model.config import BlockVLAConfig
 from ..runtime.policy_folder import (FORMAT_VERSION, POLICY_FILE, STATS_FILE, WEIGHTS_FILE, load_policy_folder,
@@ -112,7 +112,7 @@ def export_policy(checkpoint: str | Path, out: str | Path, *, name: Optional[str
     from .parity import compare_engines, random_observations, require_parity
 
     start = time.perf_counter()
-    checkpoint, out = Path(checkpoint), Path(out)
+    checkpoint, out = Path(checkpoint), check_output_dir(out)  # before any work
     policy, stats = load_checkpoint(checkpoint)
     config = policy.portable_config()
     name = name or out.name

@@ -56,11 +56,12 @@ def main(argv=None) -> int:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end='')
         return 0
     from ..io.bag_reader import BagError
+    from ..io.file_lock import LockedError
     from .trainer import train
 
     try:
         result = train(config)
-    except (BagError, ValueError, FileNotFoundError, ImportError) as e:
+    except (BagError, LockedError, ValueError, FileNotFoundError, NotADirectoryError, ImportError) as e:
         print(f'blockvla-train: error: {e}', file=sys.stderr)
         return 2
     if result is not None and _is_main():

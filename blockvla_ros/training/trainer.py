@@ -4,6 +4,8 @@ One code path for 1 process, DDP over N GPUs / nodes / CPU processes (gloo) and 
 `accelerate launch` or `torchrun`. `train.batch_size` is the global batch; processes and grad_accum split it.
 Everything random is a function of (seed, step, global micro-batch index), so a resumed run continues the same
 loss curve, and one process with grad_accum=2 computes the same step as two processes with grad_accum=1.
+One run per out_dir: the main process holds a flock on `out_dir/.lock` for the whole run; a second run on the
+same folder fails at once with LockedError naming the holder (a lock left by a killed run is free again).
 """
 from __future__ import annotations
 
@@ -17,12 +19,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ..io.atomic import check_output_dir
+from ..io.file_lock import FileLock
 from .config import TrainConfig
 from .sampler import mix_seed
 
 log = logging.getLogger(__name__)
 
 TRAIN_SALT, DROPOUT_SALT = 0x7EA1, 0xD50
+RUN_LOCK_FILE = '.lock'  # flock-ed by the run using out_dir (released by the kernel even after SIGKILL)
 
 
 @dataclass
@@ -126,11 +131,14 @@ def train(config: TrainConfig, episodes: Optional[Sequence] = None) -> TrainResu
                                  accelerator.device)
     fsdp = accelerator.distributed_type.name == 'FSDP'
     out_dir = Path(opts.out_dir)
+    lock = None
     try:
-        resume = _resume_from(opts, out_dir)
-        if main:
+        if main:  # one run per folder: a second blockvla-train on it stops here, before touching anything
+            check_output_dir(out_dir, 'train.out_dir')
             out_dir.mkdir(parents=True, exist_ok=True)
+            lock = FileLock(out_dir / RUN_LOCK_FILE, 'training run folder').acquire()
             remove_partial_saves(out_dir)
+        resume = _resume_from(opts, out_dir)
         trainable = opt_tensors = saved_stats = None
         state: dict = {}
         if resume is not None:
@@ -264,6 +272,8 @@ def train(config: TrainConfig, episodes: Optional[Sequence] = None) -> TrainResu
         return result
     finally:
         _release(accelerator)
+        if lock is not None:
+            lock.release()
 
 
 def _check_resume(state: dict, config: TrainConfig, data, world: int) -> None:
