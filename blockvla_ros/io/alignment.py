@@ -62,14 +62,18 @@ class AlignedSegment:
 
 
 def align_segment(start_ns: int, end_ns: int | None, rate_hz: float, first_seen_ns: int, last_obs_ns: int,
-                  image_stamps: np.ndarray, vectors: dict[str, tuple[np.ndarray, np.ndarray]]) -> AlignedSegment:
+                  image_stamps: np.ndarray, vectors: dict[str, tuple[np.ndarray, np.ndarray]],
+                  max_image_age_ns: int | None = None) -> AlignedSegment:
     """Ticks of the segment [start_ns, end_ns) and what each takes from every stream.
 
     Ticks start at max(start_ns, first_seen_ns) (an observation exists); they end half a period
     after the last observation (last_obs_ns) or the segment's last action. ``vectors`` maps
     'action' / 'state' to (sorted stamps [N], values [N, D]). Actions only count from half a
     period before the segment start to its end; ticks without one, or with a non-finite action
-    or state, are dropped and counted.
+    or state, are dropped and counted. With ``max_image_age_ns``, the segment also ends at the first
+    gap longer than that in the camera stream, and ticks whose newest image is older are dropped
+    (both counted as ``dropped_stale_image``): e.g. a stray action stamped across the pause between
+    two episodes would otherwise repeat the last image and action over the whole pause.
     """
     half = int(period_ns(rate_hz) // 2)
     last = last_obs_ns
@@ -86,8 +90,11 @@ def align_segment(start_ns: int, end_ns: int | None, rate_hz: float, first_seen_
     ticks = tick_times(max(start_ns, first_seen_ns), stop, rate_hz)
     if ticks.size == 0:
         return _empty('no complete observation')
-    keep = np.ones(ticks.size, dtype=bool)
     stats = {'ticks_total': int(ticks.size)}
+    if max_image_age_ns is not None:  # the segment ends before a gap in the camera stream, never across it
+        gap_end = _before_gap(np.asarray(image_stamps, np.int64), ticks, rate_hz, max_image_age_ns)
+        ticks = ticks[ticks <= gap_end + half]
+    keep = np.ones(ticks.size, dtype=bool)
     rows = {}
     for role in ('action', 'state'):
         if role not in vectors:
@@ -103,10 +110,24 @@ def align_segment(start_ns: int, end_ns: int | None, rate_hz: float, first_seen_
         stats[f'dropped_nan_{role}'] = int(np.sum(keep & ~finite))
         keep &= finite
         rows[role] = picked
-    stats['ticks'] = int(keep.sum())
     image_index = latest_indices(image_stamps, ticks, rate_hz)
+    if max_image_age_ns is not None:
+        age = ticks - np.asarray(image_stamps, np.int64)[np.maximum(image_index, 0)]
+        stale = (image_index < 0) | (age > max_image_age_ns)
+        keep &= ~stale
+        stats['dropped_stale_image'] = stats['ticks_total'] - ticks.size + int(np.sum(stale))
+    stats['ticks'] = int(keep.sum())
     return AlignedSegment(ticks[keep], image_index[keep], {r: v[keep] for r, v in rows.items()}, stats,
                           '' if keep.any() else 'every tick was dropped')
+
+
+def _before_gap(image_stamps: np.ndarray, ticks: np.ndarray, rate_hz: float, max_gap_ns: int) -> int:
+    """The stamp of the last image before the first gap longer than max_gap_ns among the images the ticks see, or
+    between the last of them and the last tick (the last tick when there is no gap)."""
+    first, last = latest_indices(image_stamps, ticks[[0, -1]], rate_hz)
+    seen = np.append(image_stamps[max(first, 0):last + 1], ticks[-1])  # the last tick closes the last gap
+    gaps = np.nonzero(np.diff(seen) > max_gap_ns)[0]
+    return int(seen[gaps[0]]) if gaps.size else int(ticks[-1])
 
 
 def _empty(reason: str) -> AlignedSegment:

@@ -14,10 +14,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import numpy as np
+import yaml
 from tqdm import tqdm
 
 from blockvla_ros.io import actions as vec
@@ -30,6 +31,7 @@ IMAGE = 'sensor_msgs/msg/Image'
 COMPRESSED_IMAGE = 'sensor_msgs/msg/CompressedImage'
 STRING = 'std_msgs/msg/String'
 BAG_FILE_SUFFIXES = ('.mcap', '.db3')
+MAX_IMAGE_AGE_S = 1.0  # a tick whose newest image is older than this lies in a gap of the camera stream
 
 
 class BagError(ValueError):
@@ -67,7 +69,7 @@ class Episode:
     action_names: list[str] = field(default_factory=list)
     state_names: list[str] = field(default_factory=list)
     stats: dict[str, int] = field(default_factory=dict)  # ticks_total, ticks (kept), dropped_no_action,
-    #                                                        dropped_nan_action, dropped_nan_state
+    #                                      dropped_nan_action, dropped_nan_state, dropped_stale_image
 
     def __len__(self) -> int:
         return int(self.stamps_ns.shape[0])
@@ -126,23 +128,64 @@ def _check_bag_path(path: Path) -> Path:
     return path
 
 
-def _open_reader(path: Path):
-    """An open AnyReader on one bag; rosbags' errors become BagError naming the file."""
+def _mcap_files(path: Path) -> tuple[list[Path], dict[str, int]] | None:
+    """A bag directory of uncompressed mcap storage -> (its .mcap files, {topic: count per metadata.yaml}), else None.
+
+    rosbags' directory reader pairs metadata.yaml's topics with the mcap channels by topic, type AND offered QoS;
+    an mcap written by another library (no QoS in its channel metadata, or other channel ids) then reads as
+    empty. The mcap files describe themselves (schemas, channels, statistics), so they are read directly.
+    """
+    try:
+        meta = yaml.safe_load((path / 'metadata.yaml').read_text())['rosbag2_bagfile_information']
+        if meta['storage_identifier'] != 'mcap' or str(meta.get('compression_mode') or '').lower() not in ('', 'none'):
+            return None
+        files = [path / PurePath(str(name)).name for name in meta['relative_file_paths']]
+        counts: dict[str, int] = {}
+        for entry in meta.get('topics_with_message_count') or []:
+            topic = str(entry['topic_metadata']['name'])
+            counts[topic] = counts.get(topic, 0) + int(entry['message_count'])
+    except Exception:  # noqa: BLE001 - an unreadable metadata.yaml: rosbags' reader says what is wrong with it
+        return None
+    if not files or not all(f.suffix == '.mcap' and f.is_file() for f in files):
+        return None
+    return files, counts
+
+
+def open_bag(path: str | Path):
+    """An open rosbags AnyReader on one bag (mcap storage: its files read directly, see _mcap_files); rosbags'
+    errors become BagError naming the file. The caller closes it."""
     from rosbags.highlevel import AnyReader
     from rosbags.typesys import Stores, get_typestore
 
-    reader = AnyReader([_check_bag_path(path)], default_typestore=get_typestore(Stores.LATEST))
+    path = _check_bag_path(Path(path))
+    mcap = _mcap_files(path) if path.is_dir() else None
+    reader = AnyReader(mcap[0] if mcap else [path], default_typestore=get_typestore(Stores.LATEST))
     try:
         reader.open()
     except Exception as err:  # rosbags raises several types for damaged files; name the file
         raise BagError(f'{path}: cannot open bag (corrupt or truncated file, or not a bag?): {err}') from err
+    if mcap:
+        _warn_on_count_mismatch(path, mcap[1], reader)
     return reader
+
+
+def _warn_on_count_mismatch(path: Path, listed: dict[str, int], reader: Any) -> None:
+    """metadata.yaml's message counts vs what the mcap files hold: say so when they differ (what is read is what is
+    in the files)."""
+    found: dict[str, int] = {}
+    for c in reader.connections:
+        found[c.topic] = found.get(c.topic, 0) + c.msgcount
+    differ = {t: (listed.get(t), found.get(t, 0)) for t in sorted(set(listed) | set(found))
+              if listed.get(t) is not None and listed.get(t) != found.get(t, 0)}
+    if differ:
+        logger.warning('%s: metadata.yaml and the mcap files disagree on message counts (topic: listed, found): %s; '
+                       'reading what the files hold', path, differ)
 
 
 def list_topics(path: str | Path) -> dict[str, str]:
     """{topic: message type} of one bag."""
     path = Path(path)
-    reader = _open_reader(path)
+    reader = open_bag(path)
     try:
         return {c.topic: c.msgtype for c in reader.connections}
     finally:
@@ -286,18 +329,21 @@ def _segments(instructions: _Stream) -> list[tuple[int, int | None, str]]:
 def read_episodes(path: str | Path, topic_map: TopicMap | None = None, rate_hz: float = 10.0, *,
                   require_actions: bool = True, action_dim: int | None = None, state_dim: int | None = None,
                   use_header_stamps: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS,
-                  value_max: float | None = None, progress: bool | None = None) -> list[Episode]:
+                  value_max: float | None = None, progress: bool | None = None,
+                  max_image_age_s: float = MAX_IMAGE_AGE_S) -> list[Episode]:
     """Read one bag into episodes (one per instruction segment), aligned at ``rate_hz``.
 
     require_actions=False accepts a bag without the action topic (actions=None). action_dim /
     state_dim, when given, must match the bag. Ticks whose action or state holds NaN/inf are
     dropped, counted in ``Episode.stats`` and logged. ``max_pixels`` and ``value_max`` go to
-    the image conversion; ``progress`` shows a bar (None: only on a terminal).
+    the image conversion; ``progress`` shows a bar (None: only on a terminal). A segment ends at a
+    gap longer than ``max_image_age_s`` in the camera stream (the dropped ticks are counted and
+    warned about) instead of repeating the last image and action across the gap.
     """
     path = Path(path)
     topic_map = topic_map or TopicMap()
     period_ns(rate_hz)  # validates rate_hz before any reading
-    reader = _open_reader(path)
+    reader = open_bag(path)
     try:
         topics = {c.topic: c.msgtype for c in reader.connections}
         counts: dict[str, int] = {}
@@ -330,7 +376,13 @@ def read_episodes(path: str | Path, topic_map: TopicMap | None = None, rate_hz: 
 
     episodes = []
     for start, end, text in _segments(streams['instruction']):
-        seg = align_segment(start, end, rate_hz, first_seen, last_obs, image_stamps, vectors)
+        seg = align_segment(start, end, rate_hz, first_seen, last_obs, image_stamps, vectors,
+                            int(max_image_age_s * 1e9))
+        if seg.stats.get('dropped_stale_image'):
+            logger.warning('%s: segment %r: %d ticks dropped at or after a gap of more than %.2g s in %s inside '
+                           'the segment (an action or state stamped across the pause between two episodes,'
+                           ' i.e. stamps out of order?)', path, text, seg.stats['dropped_stale_image'],
+                           max_image_age_s, roles['image'])
         dropped = {k: v for k, v in seg.stats.items() if k.startswith('dropped') and v}
         if dropped:
             logger.warning('%s: segment %r: dropped ticks %s of %d', path, text, dropped, seg.stats['ticks_total'])

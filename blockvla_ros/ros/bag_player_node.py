@@ -27,7 +27,7 @@ from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rosgraph_msgs.msg import Clock
 
-from blockvla_ros.io.bag_reader import BagError, list_topics
+from blockvla_ros.io.bag_reader import BagError, list_topics, open_bag
 
 logger = logging.getLogger(__name__)
 DEFAULT_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10, reliability=ReliabilityPolicy.RELIABLE,
@@ -140,14 +140,7 @@ class BagPlayer(Node):
         self.published = 0
 
     def _open(self):
-        from rosbags.highlevel import AnyReader
-        from rosbags.typesys import Stores, get_typestore
-
-        reader = AnyReader([self.bag], default_typestore=get_typestore(Stores.LATEST))
-        try:
-            reader.open()
-        except Exception as err:
-            raise BagError(f'{self.bag}: cannot open bag (corrupt or truncated file?): {err}') from err
+        reader = open_bag(self.bag)  # the reader's own opening: bags from other tools play too (BagError if not)
         for conn in reader.connections:
             if conn.topic not in self._wanted or conn.topic in self._bag_publishers:
                 continue

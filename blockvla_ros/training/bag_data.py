@@ -19,7 +19,8 @@ from .config import DataConfig
 
 log = logging.getLogger(__name__)
 
-COUNTED = ('ticks_total', 'ticks', 'dropped_no_action', 'dropped_nan_action', 'dropped_nan_state')
+COUNTED = ('ticks_total', 'ticks', 'dropped_no_action', 'dropped_nan_action', 'dropped_nan_state',
+           'dropped_stale_image')
 
 
 @dataclass
