@@ -162,7 +162,7 @@ class BlockVLAConfig:
 
         for name, high in INT_FIELDS.items():
             value = getattr(self, name)
-            need(is_int(value) and 0 < value <= high, f'{name} must be an integer in [1, {high}], got {value!r:.60}')
+            need(is_int(value) and 0 < value <= high, f'{name} must be a positive integer <= {high}, got {value!r:.60}')
         need(is_int(self.state_dim) and 0 <= self.state_dim <= 4096,
              f'state_dim must be an integer in [0, 4096], got {self.state_dim!r:.60}')
         need(is_int(self.seed), f'seed must be an integer, got {self.seed!r:.60}')
