@@ -109,8 +109,8 @@ def test_stamps_out_of_order_between_episodes_warn_instead_of_stretching(tmp_pat
     after an 8 s pause. It falls inside episode 1's segment, which used to stretch episode 1 over the pause,
     repeating its last image and action for ~80 ticks."""
     second = T0 + 9 * 10**9
-    records = episode_records(T0, 10, 'pick up the red block') + episode_records(second, 10, 'stack the blue block',
-                                                                                  first=100)
+    records = episode_records(T0, 10, 'pick up the red block')
+    records += episode_records(second, 10, 'stack the blue block', first=100)
     records.append(('/joint_command', second - 30 * MS, [100, -100]))
     bag = write_foreign_bag(tmp_path / 'bag', records)
     with caplog.at_level(logging.WARNING):

@@ -248,3 +248,20 @@ def test_seeded_mutation_fuzz_raises_only_policy_folder_errors(copy):
         except PolicyFolderError:
             refused += 1
     assert refused > 100  # nearly every mutation breaks the schema, and each one was a PolicyFolderError
+
+
+def test_yaml_alias_bomb_and_oversized_files_are_refused(copy):
+    pristine = (copy / 'policy.yaml').read_text()
+    doc = yaml.safe_load(pristine)
+    doc.pop('export', None)
+    bomb = '  a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n' + ''.join(
+        f'  a{i}: &a{i} [{", ".join([f"*a{i - 1}"] * 10)}]\n' for i in range(1, 8))  # 10**8 values expanded
+    (copy / 'policy.yaml').write_text(yaml.safe_dump(doc) + 'export:\n' + bomb)
+    write_manifest(copy)
+    with pytest.raises(PolicyFolderError, match=r'more than 1048576 values \(YAML aliases expanded\)'):
+        load_policy_folder(copy)
+    (copy / 'policy.yaml').write_text(pristine)
+    (copy / 'stats.json').write_text(' ' * (16 << 20) + '{}')
+    write_manifest(copy)
+    with pytest.raises(PolicyFolderError, match=r'stats\.json: 16777218 bytes; a description file is at most'):
+        load_policy_folder(copy)

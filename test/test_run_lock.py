@@ -93,6 +93,7 @@ def test_temp_folders_of_a_killed_export_are_removed_by_the_next(tmp_path):
             'with atomic_directory({out!r}) as tmp:\n'
             '    (tmp / "policy.yaml").write_text("half")\n'
             '    print(tmp, flush=True); time.sleep(600)\n')
+
     def writer() -> tuple[subprocess.Popen, Path]:
         proc = subprocess.Popen([sys.executable, '-c', code.format(root=str(ROOT), out=str(models / 'pick'))],
                                 stdout=subprocess.PIPE, text=True)

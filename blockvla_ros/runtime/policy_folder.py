@@ -191,10 +191,21 @@ def write_manifest(folder: str | os.PathLike) -> dict:
     return manifest
 
 
+def _read_text(path: Path) -> str:
+    """A description file (policy.yaml, stats.json, manifest.json) of bounded size, as UTF-8 text."""
+    size = path.stat().st_size
+    if size > schema.MAX_DESCRIPTION_BYTES:
+        raise PolicyFolderError(f'{path}: {size} bytes; a description file is at most {schema.MAX_DESCRIPTION_BYTES}')
+    try:
+        return path.read_text(encoding='utf-8')
+    except UnicodeDecodeError as e:
+        raise PolicyFolderError(f'{path}: not UTF-8 text ({e})') from None
+
+
 def _read_json(path: Path) -> object:
     try:
-        return json.loads(path.read_text(encoding='utf-8'))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        return json.loads(_read_text(path))
+    except (json.JSONDecodeError, RecursionError) as e:
         raise PolicyFolderError(f'{path}: not valid JSON ({e})') from None
 
 
@@ -253,11 +264,12 @@ def load_policy_folder(folder: str | os.PathLike) -> PolicySpec:
     where = str(folder / POLICY_FILE)
     covered(POLICY_FILE, 'policy description')
     try:
-        raw = yaml.safe_load((folder / POLICY_FILE).read_text(encoding='utf-8'))
-    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as e:
+        raw = yaml.safe_load(_read_text(folder / POLICY_FILE))
+    except (yaml.YAMLError, RecursionError) as e:
         raise PolicyFolderError(f'{where}: cannot parse ({e})') from None
     if not isinstance(raw, dict):
         raise PolicyFolderError(f'{where}: expected a mapping')
+    schema.document_size(raw, where)  # before anything copies it (config.replace deep-copies sections)
     version = raw.get('format_version')
     if version != FORMAT_VERSION or isinstance(version, bool):
         raise PolicyFolderError(f'{where}: format_version {version!r} is not supported '

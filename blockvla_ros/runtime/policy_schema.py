@@ -19,6 +19,8 @@ from pathlib import PurePosixPath
 from typing import Any
 
 MAX_ABS_VALUE = 1e6
+MAX_DESCRIPTION_BYTES = 16 << 20  # policy.yaml, stats.json, manifest.json: kB in practice
+MAX_DOCUMENT_NODES = 1 << 20  # values in a parsed document, YAML aliases expanded (a "billion laughs" is refused)
 MAX_TENSOR_ELEMENTS = 1 << 30
 MAX_DIMS = 8
 MAX_NAME_LEN = 255
@@ -132,6 +134,32 @@ def bounds_pair(low: list, high: list, where: str) -> None:
     bad = [i for i, (lo, hi) in enumerate(zip(low, high)) if hi < lo]
     if bad:
         raise PolicyFolderError(f'{where}: high < low in dimensions {bad}')
+
+
+def document_size(doc: Any, where: str, limit: int = MAX_DOCUMENT_NODES) -> int:
+    """The number of values in `doc` as a deep copy would hold them (YAML aliases expanded: a shared sub-document
+    counts once per reference), computed without expanding; PolicyFolderError above `limit`."""
+    memo: dict = {}
+
+    def size(x) -> int:
+        if not isinstance(x, (dict, list)):
+            return 1
+        key = id(x)
+        if key not in memo:
+            memo[key] = limit + 1  # a cycle (recursive YAML alias) counts as too large
+            children = x.values() if isinstance(x, dict) else x
+            total = 1
+            for child in children:
+                total += size(child)
+                if total > limit:
+                    break
+            memo[key] = total
+        return memo[key]
+
+    total = size(doc)
+    if total > limit:
+        raise PolicyFolderError(f'{where}: more than {limit} values (YAML aliases expanded): not a policy description')
+    return total
 
 
 # --- sections ------------------------------------------------------------------------------------------------------
