@@ -41,6 +41,17 @@ def bmp_rle8_bomb(side: int = BOMB_SIDE) -> bytes:
     return b'BM' + struct.pack('<IHHI', offset + len(pixels), 0, 0, offset) + info + palette + pixels
 
 
+def jpeg_many_scans(extra: int = 200) -> bytes:
+    """A progressive JPEG whose smallest scan is repeated `extra` times: each scan is another pass over the frame, so
+    thousands of them make a small file decode for seconds."""
+    ok, data = cv2.imencode('.jpg', np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8),
+                            [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])
+    data = data.tobytes()
+    starts = [i for i in range(len(data) - 1) if data[i:i + 2] == b'\xff\xda']
+    scans = [data[a:b] for a, b in zip(starts, starts[1:] + [len(data) - 2])]
+    return data[:starts[0]] + b''.join(scans) + min(scans[1:], key=len) * extra + b'\xff\xd9'
+
+
 def _png_chunk(kind: bytes, body: bytes) -> bytes:
     return struct.pack('>I', len(body)) + kind + body + struct.pack('>I', zlib.crc32(kind + body))
 
@@ -68,6 +79,7 @@ def other_formats() -> dict:
 
 def bombs() -> dict:
     return {'jpeg_junk_after_app0': jpeg_bomb_junk_after_app0(), 'png_30000': png_bomb(),
+            'jpeg_many_scans': jpeg_many_scans(),
             **other_formats()}
 
 

@@ -11,7 +11,8 @@ import pytest
 
 from blockvla_ros.io.images import ImageConversionError, message_to_rgb8
 
-from image_corpus import bmp_rle8_bomb, compressed, jpeg_bomb_junk_after_app0, other_formats, png_bomb
+from image_corpus import (bmp_rle8_bomb, compressed, jpeg_bomb_junk_after_app0, jpeg_many_scans, other_formats,
+                          png_bomb)
 
 HERE = Path(__file__).resolve().parent
 FUZZ_CASES = 600
@@ -35,6 +36,12 @@ def test_rle_bmp_and_other_formats_are_refused_before_decoding():
 def test_png_bomb_is_refused_by_its_size():
     with pytest.raises(ImageConversionError, match='too large: 30000x30000'):
         message_to_rgb8(compressed('png', png_bomb()))
+
+
+def test_progressive_jpeg_with_too_many_scans_is_refused():
+    assert message_to_rgb8(compressed('jpeg', jpeg_many_scans(extra=0))).shape == (64, 64, 3)  # 10 scans: fine
+    with pytest.raises(ImageConversionError, match=r'JPEG with 210 scans \(limit 100\)'):
+        message_to_rgb8(compressed('jpeg', jpeg_many_scans(extra=200)))
 
 
 def test_fuzz_corpus_raises_only_conversion_errors_with_bounded_memory():

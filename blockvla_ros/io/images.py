@@ -113,6 +113,7 @@ def image_to_numpy(msg: Any, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndar
     return pixels.reshape(height, width, channels)  # [H, W*C] -> [H, W, C]
 
 
+MAX_JPEG_SCANS = 100  # a camera's progressive JPEG has ~10; thousands of tiny scans make decoding take seconds
 _JPEG_SOF = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF))
 _PNG_CHANNELS = {0: 1, 2: 3, 3: 4, 4: 2, 6: 4}  # IHDR colour type -> channels (palette: up to RGBA)
 
@@ -160,6 +161,10 @@ def _jpeg_header(data: bytes) -> tuple[int, int, int]:
             if precision not in (8, 12) or components not in (1, 3, 4):
                 raise ImageConversionError(f'JPEG frame with {precision}-bit samples and {components} components '
                                            'is not supported (8/12-bit; 1, 3 or 4 components)')
+            scans = data.count(b'\xff\xda')  # SOS markers (0xFF in entropy data is always stuffed as FF 00)
+            if scans > MAX_JPEG_SCANS:
+                raise ImageConversionError(f'JPEG with {scans} scans (limit {MAX_JPEG_SCANS}): each progressive '
+                                           'scan is another pass over the whole frame')
             return int.from_bytes(data[i + 5:i + 7], 'big'), int.from_bytes(data[i + 3:i + 5], 'big'), components
         i += length
 
