@@ -55,6 +55,21 @@ def test_hf_vision_tower_by_config():
     assert res.tokens.shape == (config.n_action_tokens,) and (res.tokens < 256).all()
 
 
+def test_hf_vision_tower_from_a_folder_is_exported_inline(tmp_path):
+    """The policy folder's config names no folder outside it: a tower loaded from `vision.path` is described by its
+    config, and the policy rebuilt from that config has the same weights layout (issue 13 item 3)."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    tower = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                               image_size=32, patch_size=8)
+    SiglipVisionModel(tower).save_pretrained(tmp_path / 'tower')
+    policy = BlockVLAPolicy(tiny_config(vision={'type': 'hf', 'num_tokens': 16, 'path': str(tmp_path / 'tower')}))
+    portable = policy.portable_config()
+    assert 'path' not in portable.vision and portable.vision['config']['model_type'] == 'siglip_vision_model'
+    rebuilt = BlockVLAPolicy(portable)
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in policy.state_dict().items()}
+
+
 def test_config_describes_backbone_or_folder():
     cfg = BlockVLAConfig()
     assert cfg.backbone['model_type'] == 'qwen2' and cfg.prefix_len == cfg.max_text_tokens + 64

@@ -77,6 +77,8 @@ POLICY_CASES = [  # (change, the reason the error must give)
     (_set('config.backbone.vocab_size', -1), r'backbone.vocab_size must be an integer'),
     (_set('config.extra_field', 1), r'unknown keys'),
     (_set('config.backbone_path', '/somewhere/else'), r'backbone_path .* never loads a backbone from elsewhere'),
+    (_set('config.vision', {'type': 'hf', 'num_tokens': 4, 'path': '/elsewhere'}), r'vision.path .* never loads'),
+    (_set('config.vision', {'type': 'hf', 'num_tokens': 4, 'config': [1]}), r'vision.config must be a mapping'),
     (_set('kv_shape', [2, 2]), r'kv_shape: expected 3 entries'),
     (_set('kv_shape', [2, 2, 1.5]), r'kv_shape\[2\]: expected an integer'),
     (_set('actions.low', [-1e308, 0, 0]), r'actions.low\[0\]: .* not a finite number within'),

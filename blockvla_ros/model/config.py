@@ -197,6 +197,11 @@ class BlockVLAConfig:
                 need(is_int(self.vision[key]) and 0 < self.vision[key] <= 1 << 16,
                      f'vision.{key} must be a positive integer, got {self.vision[key]!r:.60}')
         need(isinstance(self.vision.get('pos_embed', 'learned'), str), 'vision.pos_embed must be a string')
+        need(self.vision.get('path') is None or isinstance(self.vision['path'], str),
+             f"vision.path must be a folder path, got {self.vision.get('path')!r:.60}")
+        tower = self.vision.get('config', {})
+        need(isinstance(tower, dict) and isinstance(tower.get('model_type', ''), str),
+             f'vision.config must be a mapping with a model_type string, got {tower!r:.60}')
 
     # ------------------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:

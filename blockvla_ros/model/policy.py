@@ -62,7 +62,8 @@ def attention_mask_for(mask: torch.Tensor, attn_implementation: str, dtype: torc
 
 
 def backbone_spec(base_model) -> dict:
-    """A config dict that rebuilds `base_model` without the original folder (saved with checkpoints)."""
+    """A config dict that rebuilds `base_model` (a backbone or a vision tower) without the original folder (saved
+    with checkpoints)."""
     d = base_model.config.to_diff_dict()
     for k in ('architectures', 'transformers_version', '_name_or_path', 'torch_dtype', 'dtype'):
         d.pop(k, None)
@@ -151,8 +152,13 @@ class BlockVLAPolicy(nn.Module):
         os.replace(tmp, folder / 'model.safetensors')
 
     def portable_config(self) -> BlockVLAConfig:
-        """This policy's config with the backbone described inline (no dependency on the original folder)."""
-        return self.config.replace(backbone=backbone_spec(self.llm), backbone_path=None)
+        """This policy's config with the backbone and an HF vision tower described inline (no dependency on the
+        original folders: a policy folder's config names no path outside it)."""
+        vision = dict(self.config.vision)
+        if vision.get('path'):
+            vision.pop('path')
+            vision['config'] = backbone_spec(self.vision.model)
+        return self.config.replace(backbone=backbone_spec(self.llm), backbone_path=None, vision=vision)
 
     @classmethod
     def load(cls, folder: str | os.PathLike, config: Optional[BlockVLAConfig] = None) -> 'BlockVLAPolicy':

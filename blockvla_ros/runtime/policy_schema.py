@@ -196,6 +196,10 @@ def config(doc: Any, where: str):
         raise PolicyFolderError(f'{where}: config.backbone_path is {cfg.backbone_path!r}: a policy folder carries '
                                 'its weights and the runtime never loads a backbone from elsewhere; re-export '
                                 '(blockvla-export writes backbone_path: null)')
+    if cfg.vision.get('path') is not None:
+        raise PolicyFolderError(f'{where}: config.vision.path is {cfg.vision["path"]!r}: the runtime never loads a '
+                                'vision tower from outside the policy folder; re-export (blockvla-export writes the '
+                                "tower's config inline)")
     return cfg
 
 
