@@ -25,7 +25,7 @@ from blockvla_ros.training.metrics import read_metrics
 from blockvla_ros.training.sampler import StepBatchSampler
 from blockvla_ros.training.trainer import train
 
-from tiny import QWEN2
+from tiny import GEMMA2, QWEN2
 
 MODEL = dict(backbone=dict(QWEN2), vision={'type': 'patch', 'patch_size': 16, 'dim': 32}, image_size=32,
              max_text_tokens=40, action_dim=3, chunk_len=4, block_size=3, steps_per_block=3, state_dim=2)
@@ -155,6 +155,58 @@ def test_baseline_modes_train_on_the_same_data_and_save_their_decoder(tmp_path, 
     saved = BlockVLAPolicy.load(result.checkpoint).config
     assert saved.train_mode == mode and saved.decoder == mode
     assert [r['decoder'] for r in result.history if 'decoder' in r] == [mode, mode]
+
+
+# --- training at size: gradient checkpointing, bf16 frozen weights, LoRA, other attention -------------------------
+def test_gradient_checkpointing_computes_the_same_steps(tmp_path, bags):
+    config = make_config(tmp_path / 'plain', [bags / 'mcap_raw'], steps=4, eval_interval=4, save_interval=4,
+                         eval_decode_samples=0)
+    plain = train(config)
+    recomputed = train(config.replace({'train.out_dir': str(tmp_path / 'gc'), 'train.gradient_checkpointing': True}))
+    p, g = train_losses(plain.history), train_losses(recomputed.history)
+    assert sorted(p) == [1, 2, 3, 4]
+    for step in p:
+        assert g[step] == pytest.approx(p[step], rel=1e-5, abs=1e-6), (step, p, g)
+    assert recomputed.val_loss == pytest.approx(plain.val_loss, rel=1e-5)
+
+
+def test_lora_on_a_bf16_frozen_backbone_with_checkpointing_trains_and_merges_into_fp32(tmp_path, bags):
+    from blockvla_ros.training.assemble import build_policy
+
+    config = make_config(tmp_path / 'lora', [bags / 'mcap_raw'], steps=10, eval_interval=10, save_interval=10,
+                         lr=1e-2, precision='bf16', frozen_dtype='bf16', gradient_checkpointing=True,
+                         lora={'enabled': True, 'r': 4, 'alpha': 8})
+    policy = build_policy(config.model_config(), config)
+    dtypes = {n: p.dtype for n, p in policy.named_parameters()}
+    assert dtypes['llm.layers.0.self_attn.q_proj.base_layer.weight'] == torch.bfloat16  # frozen: half the bytes
+    assert dtypes['llm.embed_tokens.weight'] == torch.bfloat16
+    assert dtypes['llm.layers.0.self_attn.q_proj.lora_A.default.weight'] == torch.float32  # trained: fp32
+    assert dtypes['action_head.weight'] == dtypes['vision.proj.weight'] == torch.float32
+    assert policy.llm.is_activation_checkpointing
+
+    result = train(config)
+    val = train_losses(result.history, 'val', 'val_loss')
+    assert val[10] < val[0], val
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / 'lora' / 'checkpoints' / 'step_00000010' / 'model.safetensors'), 'pt') as f:
+        assert f.get_slice('llm.layers.0.self_attn.q_proj.weight').get_dtype() == 'F32'  # merged, not rounded
+        assert not any('lora' in k for k in f.keys())
+    loaded = BlockVLAPolicy.load(result.checkpoint)
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    with pytest.raises(ValueError, match='frozen_dtype=bf16 needs train.precision=bf16'):
+        config.replace({'train.precision': 'fp32'})
+
+
+def test_gemma2_trains_with_eager_attention(tmp_path, bags):
+    config = make_config(tmp_path / 'gemma2', [bags / 'mcap_raw'], steps=8, eval_interval=8, save_interval=8,
+                         model={'backbone': dict(GEMMA2), 'attn_implementation': 'eager'})
+    result = train(config)
+    val = train_losses(result.history, 'val', 'val_loss')
+    assert val[8] < val[0], val
+    assert BlockVLAPolicy.load(result.checkpoint).llm.config._attn_implementation == 'eager'
+    with pytest.raises(ValueError, match='model.attn_implementation'):
+        train(config.replace({'model.attn_implementation': 'sdpa', 'train.out_dir': str(tmp_path / 'sdpa')}))
 
 
 # --- resume --------------------------------------------------------------------------------------------------------

@@ -47,8 +47,8 @@ def build_backbone(config: BlockVLAConfig):
         others = [a for a in ATTN_IMPLEMENTATIONS if a != attn]
         raise ValueError(f'attn_implementation {attn!r} is not supported by this backbone ({e}); set '
                          f'model.attn_implementation to one of {others}') from None
-    head = lm.get_output_embeddings()
-    return lm.base_model, (head.weight.detach().clone() if head is not None else None)
+    head = lm.get_output_embeddings()  # read once for the action rows; no copy (a 0.5B vocab head is 0.5 GB)
+    return lm.base_model, (head.weight.detach() if head is not None else None)
 
 
 def attention_mask_for(mask: torch.Tensor, attn_implementation: str, dtype: torch.dtype) -> torch.Tensor:

@@ -75,10 +75,12 @@ def resolve_stats(train_eps: Sequence, model_cfg: BlockVLAConfig, saved: Optiona
 
 
 def build_policy(model_cfg: BlockVLAConfig, config: TrainConfig):
-    """The policy (seeded init from `model.backbone` or the AR checkpoint in `model.backbone_path`), LoRA applied."""
+    """The policy (seeded init from `model.backbone` or the AR checkpoint in `model.backbone_path`), LoRA applied,
+    frozen weights in train.frozen_dtype, gradient checkpointing if asked (training/memory.py)."""
     import torch
 
     from ..model.policy import BlockVLAPolicy
+    from .memory import enable_gradient_checkpointing, store_frozen_weights
 
     torch.manual_seed(config.train.seed)
     policy = BlockVLAPolicy(model_cfg)
@@ -88,6 +90,9 @@ def build_policy(model_cfg: BlockVLAConfig, config: TrainConfig):
         from .lora import apply_lora
 
         apply_lora(policy, config.train.lora)
+    store_frozen_weights(policy, config.train.frozen_dtype)
+    if config.train.gradient_checkpointing:
+        enable_gradient_checkpointing(policy)
     return policy
 
 

@@ -20,6 +20,7 @@ from ..io.atomic import atomic_write_text
 from ..model.config import TRAIN_MODES, BlockVLAConfig
 
 PRECISIONS = ('auto', 'fp32', 'bf16', 'fp16')
+FROZEN_DTYPES = ('fp32', 'bf16')
 TAILS = ('repeat', 'drop')
 BAD_BAG_POLICIES = ('error', 'skip')
 
@@ -92,7 +93,9 @@ class TrainOptions:
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0  # max global gradient norm (0 disables)
     seed: int = 0  # model init, episode split, data order and mask sampling
-    precision: str = 'auto'  # auto (bf16 on a GPU that has it, else fp32) | fp32 | bf16 | fp16
+    precision: str = 'auto'  # auto (bf16 on a GPU that has it, else fp32) | fp32 | bf16 (GPU or CPU autocast) | fp16
+    frozen_dtype: str = 'fp32'  # fp32 | bf16: storage of the weights that do not train (the LoRA-frozen backbone)
+    gradient_checkpointing: bool = False  # recompute each backbone layer in backward: activations ~1/layers
     device: str = 'auto'  # auto (GPU if present) | cpu
     out_dir: str = 'runs/blockvla'
     log_interval: int = 10  # steps between train-metric records
@@ -119,6 +122,11 @@ class TrainOptions:
         _need(self.warmup_steps >= 0 and 0.0 <= self.min_lr_ratio <= 1.0, 'train.warmup_steps must be >= 0 and '
               'train.min_lr_ratio in [0, 1]')
         _need(self.precision in PRECISIONS, f'train.precision must be one of {PRECISIONS}, got {self.precision!r}')
+        _need(self.frozen_dtype in FROZEN_DTYPES,
+              f'train.frozen_dtype must be one of {FROZEN_DTYPES}, got {self.frozen_dtype!r}')
+        _need(self.frozen_dtype == 'fp32' or self.precision == 'bf16',
+              'train.frozen_dtype=bf16 needs train.precision=bf16 (bf16 weights are only used inside bf16 autocast)')
+        _need(isinstance(self.gradient_checkpointing, bool), 'train.gradient_checkpointing must be true or false')
         _need(self.device in ('auto', 'cpu'), f"train.device must be 'auto' or 'cpu', got {self.device!r}")
         _need(self.keep_checkpoints >= 0 and self.eval_decode_samples >= 0,
               'train.keep_checkpoints and train.eval_decode_samples must be >= 0')

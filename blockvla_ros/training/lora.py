@@ -41,7 +41,7 @@ def merge_lora_state(state: dict, cfg: LoraConfig) -> dict:
     """A state dict with peft LoRA layers -> plain names with merged weights.
 
     '<m>.base_layer.weight' + '<m>.lora_A.default.weight' [r, in] + '<m>.lora_B.default.weight' [out, r]
-    -> '<m>.weight' = W + (B @ A) * alpha / r; '<m>.base_layer.bias' -> '<m>.bias'.
+    -> '<m>.weight' = W + (B @ A) * alpha / r (fp32 at least); '<m>.base_layer.bias' -> '<m>.bias'.
     """
     scale = cfg.alpha / cfg.r
     out = {}
@@ -58,6 +58,7 @@ def merge_lora_state(state: dict, cfg: LoraConfig) -> dict:
             if a is None or b is None:
                 raise ValueError(f'LoRA layer {module} has no lora_A/lora_B weights for adapter {ADAPTER!r}')
             merged = value.float() + (b.float() @ a.float()) * scale  # [out, r] @ [r, in] -> [out, in]
-            value = merged.to(value.dtype)
+            # a bf16-stored frozen base (train.frozen_dtype) merges into fp32: bf16 would round the small update away
+            value = merged if value.element_size() < 4 else merged.to(value.dtype)
         out[f'{module}.{param}'] = value
     return out

@@ -2,7 +2,7 @@
 
 Plain / DDP runs read the unwrapped state dicts. FSDP runs gather full (unsharded) state dicts with torch's
 distributed-checkpoint API (collective: every process calls it), keyed by parameter name, and load them back the
-same way. NOTE: the FSDP path needs GPUs (accelerate does not run FSDP on CPU) and was not run in this repo's tests.
+same way. Exercised by a 2-process CPU (gloo) FSDP2 run in test_training_distributed.py (save and resume).
 """
 from __future__ import annotations
 
@@ -43,7 +43,8 @@ class Saver:
             trainable = {k: v for k, v in state.items() if k in self.trainable}
             opts = self.config.train
             meta = {'step': step, 'seed': opts.seed, 'mode': opts.mode, 'global_batch': opts.batch_size,
-                    'world_size': self.acc.num_processes, 'samples_seen': step * opts.batch_size,
+                    'world_size': self.acc.num_processes, 'distributed': self.acc.distributed_type.name,
+                    'samples_seen': step * opts.batch_size,
                     'optimizer_groups': groups, 'data_fingerprint': self.data.fingerprint, 'data': self.data.summary,
                     'rng': 'reseeded from (seed, step, micro-batch) every step: nothing to restore'}
             save_checkpoint(path, policy_config=self.policy.portable_config(), policy_state=policy_state,

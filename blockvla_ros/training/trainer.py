@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 from ..io.atomic import check_output_dir
 from ..io.file_lock import FileLock
 from .config import TrainConfig
+from .distributed import make_accelerator
 from .sampler import mix_seed
 
 log = logging.getLogger(__name__)
@@ -64,18 +65,6 @@ def make_loss_module(policy, mode: str):
             return compute_loss(self.policy, batch, mode, generator=gen)
 
     return LossModule()
-
-
-def _accelerator(opts, find_unused: bool):
-    import torch
-    from accelerate import Accelerator, DistributedDataParallelKwargs
-
-    cpu = opts.device == 'cpu' or not torch.cuda.is_available()
-    precision = {'fp32': 'no', 'bf16': 'bf16', 'fp16': 'fp16'}.get(opts.precision)
-    if precision is None:  # auto
-        precision = 'bf16' if not cpu and torch.cuda.is_bf16_supported() else 'no'
-    return Accelerator(mixed_precision=precision, cpu=cpu,
-                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)])
 
 
 def _resume_from(opts, out_dir: Path) -> Optional[Path]:
@@ -126,7 +115,7 @@ def train(config: TrainConfig, episodes: Optional[Sequence] = None) -> TrainResu
     from .validation import decode_error, validation_loss
 
     opts = config.train
-    accelerator = _accelerator(opts, find_unused=config.model.get('vision', {}).get('type') == 'hf')
+    accelerator = make_accelerator(opts, find_unused=config.model.get('vision', {}).get('type') == 'hf')
     main, rank, world, device = (accelerator.is_main_process, accelerator.process_index, accelerator.num_processes,
                                  accelerator.device)
     fsdp = accelerator.distributed_type.name == 'FSDP'
@@ -190,7 +179,8 @@ def train(config: TrainConfig, episodes: Optional[Sequence] = None) -> TrainResu
                                   0 if fsdp else rank, 1 if fsdp else world,
                                   None if fsdp else (lambda t: accelerator.reduce(t, 'sum')), accelerator.autocast)
             if opts.eval_decode_samples and not fsdp and main:
-                out.update(decode_error(unwrapped.policy, data.val, decode_idx, device))
+                with accelerator.autocast():  # bf16-stored frozen weights are only read inside autocast
+                    out.update(decode_error(unwrapped.policy, data.val, decode_idx, device))
             accelerator.wait_for_everyone()
             if out:
                 metrics.write({'step': step, 'split': 'val', **out})
