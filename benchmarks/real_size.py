@@ -1,0 +1,277 @@
+#!/usr/bin/env python3
+"""Export and run a policy on a real backbone shape (random weights): time, memory and disk against the weights.
+
+    python benchmarks/real_size.py --shape qwen2.5-0.5b --json out/real_size_qwen2.5-0.5b.json
+    python benchmarks/real_size.py --shape qwen3-0.6b --json out/real_size_qwen3-0.6b.json   # > 2 GiB fp32
+
+Shapes: benchmarks/shapes.py (Qwen2.5-0.5B, SmolLM2-360M, Qwen3-0.6B dimensions; `tiny` for smoke tests). Steps,
+each heavy one in its own process so its memory is its own (peak = that process's ru_maxrss, from os.wait4):
+
+1. prepare: the random-weight HF folder (written shard by shard), a policy checkpoint on it with the demo's vision /
+   action settings (shapes.POLICY), and the fp32 torch policy's tokens on --observations observations (reference).
+2. export, per precision: `blockvla-export --no-torch-weights` (what a robot ships) -> export_s, export_peak_rss_gb,
+   folder_gb, folder_over_weights (folder bytes / weight bytes at that precision).
+3. run, per precision: PolicyRunner (ONNX Runtime, CPU) in a fresh process -> load_s, runner_rss_gb (after load and
+   warm-up), runner_rss_over_weights; ms per chunk with 1 and 2 threads (median of --runs, prefill included);
+   token_agreement = share of action tokens equal to the fp32 torch policy's.
+
+Precisions: --precisions is a list; a precision the installed exporter cannot write yet (today: everything but fp32)
+is listed under `skipped` with the reason instead of being measured. The top-level export_s, export_peak_rss_gb,
+folder_over_weights, runner_rss_over_weights and load_s are those of the first measured precision. Random weights
+make logits nearly flat, so token agreement at reduced precision is a pessimistic figure. Printed, never asserted.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import shapes  # noqa: E402
+
+BYTES_PER_WEIGHT = {'fp32': 4.0, 'fp16': 2.0, 'bf16': 2.0, 'int8': 1.0, 'int4': 0.5}
+
+
+# --- child processes ------------------------------------------------------------------------------------------------
+def run_child(phase: str, args: dict, work: Path, threads: int = 2) -> dict:
+    """Run `phase` of this file in a fresh interpreter; -> its JSON result + peak_rss_gb (wait4) + wall_s."""
+    out = work / f'.{phase}_{os.getpid()}_{time.monotonic_ns()}.json'
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    cmd = [sys.executable, str(Path(__file__).resolve()), '--child', phase, '--child-args', json.dumps(args),
+           '--child-out', str(out)]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = proc.stdout.read()
+    _pid, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    code = os.waitstatus_to_exitcode(status)
+    result = json.loads(out.read_text()) if code == 0 and out.is_file() else {'error': log[-3000:], 'exit': code}
+    out.unlink(missing_ok=True)
+    result.update(peak_rss_gb=usage.ru_maxrss * 1024 / 1e9, wall_s=wall)
+    return result
+
+
+def child_prepare(shape: str, work: str, observations: int) -> dict:
+    """Backbone folder + policy checkpoint + the fp32 torch policy's tokens (the agreement reference)."""
+    from blockvla_ros.export.parity import random_observations
+    from blockvla_ros.model.action_tokenizer import NormStats
+    from blockvla_ros.model.policy import BlockVLAPolicy
+    from blockvla_ros.runtime.decoding import Decoder
+    from blockvla_ros.runtime.runner import build_preprocessor
+    from blockvla_ros.runtime.torch_engine import TorchEngine
+
+    work = Path(work)
+    t0 = time.perf_counter()
+    backbone = shapes.write_random_backbone(shape, work / f'backbone_{shape}')
+    ckpt = work / f'checkpoint_{shape}'
+    if not (ckpt / 'stats.json').is_file():
+        shapes.make_policy_checkpoint(backbone, ckpt)
+    prepare_s = time.perf_counter() - t0
+    policy = BlockVLAPolicy.load(ckpt)
+    stats = NormStats.load(ckpt / 'stats.json')
+    pre = build_preprocessor(policy.config, stats)
+    obs = random_observations(policy.config, stats, observations, seed=0, tokenizer=pre.text)
+    engine, decoder = TorchEngine(policy), Decoder(policy.config)
+    t1 = time.perf_counter()
+    tokens = [decoder(engine, pre(*o)).tokens.tolist() for o in obs]
+    return {'checkpoint': str(ckpt), 'prepare_s': prepare_s, 'torch_ms_per_chunk': (time.perf_counter() - t1) * 1e3 /
+            max(len(obs), 1), 'params': sum(p.numel() for p in policy.parameters()),
+            'weight_bytes_fp32': sum(p.numel() * 4 for p in policy.parameters()), 'reference_tokens': tokens}
+
+
+def exporter_precisions() -> tuple:
+    """Precisions the installed exporter can write: fp32 until export_policy takes a `precision` argument."""
+    from blockvla_ros.export.policy_writer import export_policy
+
+    params = inspect.signature(export_policy).parameters
+    if 'precision' not in params:
+        return ('fp32',)
+    try:
+        from blockvla_ros.export.policy_writer import PRECISIONS
+    except ImportError:
+        return ('fp32',)
+    return tuple(PRECISIONS)
+
+
+def child_run(folder: str, observations: int, reference: list, runs: int) -> dict:
+    """Load time and RSS of a PolicyRunner, ms per chunk at 1 and 2 threads, token agreement with the reference."""
+    from blockvla_ros.export.parity import random_observations
+    from blockvla_ros.runtime.runner import PolicyRunner
+
+    out = {}
+    for threads in (1, 2):
+        t0 = time.perf_counter()
+        runner = PolicyRunner.load(folder, threads=threads)
+        load_s = time.perf_counter() - t0
+        runner.warmup(n=1, image_shape=(runner.config.image_size, runner.config.image_size))
+        if threads == 1:
+            out.update(load_s=load_s, runner_rss_gb=_rss_gb('VmRSS'))
+            obs = random_observations(runner.config, runner.spec.stats, observations, seed=0,
+                                      tokenizer=runner.preprocessor.text)
+            tokens = [runner.predict(*o).tokens for o in obs]
+            agree = [float(np.mean(np.asarray(t) == np.asarray(r))) for t, r in zip(tokens, reference)]
+            out['token_agreement'] = float(np.mean(agree))
+            out['chunks_identical'] = int(sum(a == 1.0 for a in agree))
+        times, nfe = [], None
+        for i in range(runs):
+            pred = runner.predict(*obs[i % len(obs)])
+            times.append(pred.timings['total_ms'])
+            nfe = pred.nfe
+        out[f'ms_per_chunk_{threads}t'] = statistics.median(times)
+        out['nfe'] = nfe
+        del runner
+    out['runner_peak_rss_gb'] = _rss_gb('VmHWM')
+    return out
+
+
+def _rss_gb(field: str) -> float:
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith(field + ':'):
+                return int(line.split()[1]) * 1024 / 1e9
+    return float('nan')
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in Path(folder).rglob('*') if p.is_file())
+
+
+# --- the benchmark --------------------------------------------------------------------------------------------------
+def export_cmd(ckpt: str, folder: Path, precision: str, exporter: str, threads: int) -> list:
+    cmd = [sys.executable, '-m', 'blockvla_ros.export.cli', '--checkpoint', ckpt, '--out', str(folder),
+           '--no-torch-weights', '--parity-samples', '1', '--threads', str(threads), '--exporter', exporter, '-q']
+    return cmd + (['--precision', precision] if precision != 'fp32' else [])
+
+
+def timed_process(cmd: list, threads: int) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = proc.stdout.read()
+    _pid, status, usage = os.wait4(proc.pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    row = {'seconds': time.perf_counter() - t0, 'peak_rss_gb': usage.ru_maxrss * 1024 / 1e9, 'exit': code}
+    if code != 0:
+        row['error'] = log[-3000:]
+    return row
+
+
+def measure_precision(precision: str, ckpt: str, work: Path, prep: dict, args) -> dict:
+    folder = work / f'policy_{args.shape}_{precision}'
+    print(f'[{precision}] export ...', flush=True)
+    ex = timed_process(export_cmd(ckpt, folder, precision, args.exporter, args.threads), args.threads)
+    row = {'export_s': ex['seconds'], 'export_peak_rss_gb': ex['peak_rss_gb']}
+    if ex['exit'] != 0:
+        row['export_error'] = ex['error']
+        print(f'[{precision}] export FAILED after {ex["seconds"]:.0f} s: {ex["error"][-600:]}', flush=True)
+        return row
+    weights = prep['params'] * BYTES_PER_WEIGHT[precision]
+    size = folder_bytes(folder)
+    row.update(folder_gb=size / 1e9, weight_gb_at_precision=weights / 1e9, folder_over_weights=size / weights,
+               files=sorted(p.name for p in folder.iterdir()))
+    print(f'[{precision}] exported in {ex["seconds"]:.0f} s, peak RSS {ex["peak_rss_gb"]:.2f} GB, folder '
+          f'{size / 1e9:.2f} GB ({size / weights:.2f}x the weights); running ...', flush=True)
+    run = run_child('run', {'folder': str(folder), 'observations': args.observations,
+                            'reference': prep['reference_tokens'], 'runs': args.runs}, work, args.threads)
+    if 'error' in run:
+        row['run_error'] = run['error']
+        return row
+    row.update({k: run[k] for k in ('load_s', 'runner_rss_gb', 'runner_peak_rss_gb', 'ms_per_chunk_1t',
+                                    'ms_per_chunk_2t', 'token_agreement', 'chunks_identical', 'nfe')})
+    row['runner_rss_over_weights'] = run['runner_rss_gb'] * 1e9 / weights
+    if not args.keep_folders:
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+    return row
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--shape', choices=sorted(shapes.SHAPES))
+    p.add_argument('--json', type=Path)
+    p.add_argument('--precisions', nargs='+', default=['fp32'], choices=sorted(BYTES_PER_WEIGHT))
+    p.add_argument('--exporter', choices=('legacy', 'dynamo'), default='legacy')
+    p.add_argument('--observations', type=int, default=4, help='observations for the token agreement')
+    p.add_argument('--runs', type=int, default=5, help='timed chunks per thread count (median)')
+    p.add_argument('--threads', type=int, default=min(2, os.cpu_count() or 1), help='threads for export')
+    p.add_argument('--work', type=Path, help='keep the backbone, checkpoint (and folders) here (default: temp dir)')
+    p.add_argument('--keep-folders', action='store_true', help='keep the exported policy folders')
+    p.add_argument('--child', help=argparse.SUPPRESS)
+    p.add_argument('--child-args', help=argparse.SUPPRESS)
+    p.add_argument('--child-out', help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        fn = {'prepare': child_prepare, 'run': child_run}[args.child]
+        Path(args.child_out).write_text(json.dumps(fn(**json.loads(args.child_args))))
+        return 0
+    if not args.shape or not args.json:
+        p.error('--shape and --json are required')
+
+    tmp = None if args.work else tempfile.TemporaryDirectory(prefix='blockvla_real_size_')
+    work = (args.work or Path(tmp.name)).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    supported = exporter_precisions()
+    todo = [x for x in args.precisions if x in supported] or ['fp32']
+    skipped = {x: f'the installed exporter writes {list(supported)} only' for x in args.precisions if x not in todo}
+    print(f'shape {args.shape}: preparing the random-weight backbone and checkpoint ...', flush=True)
+    prep = run_child('prepare', {'shape': args.shape, 'work': str(work), 'observations': args.observations}, work)
+    if 'error' in prep:
+        print(prep['error'], file=sys.stderr)
+        return 1
+    out = {'shape': args.shape, 'backbone': shapes.SHAPES[args.shape], 'policy': shapes.POLICY,
+           'params_m': prep['params'] / 1e6, 'weight_gb': prep['weight_bytes_fp32'] / 1e9,
+           'prepare_s': prep['prepare_s'], 'prepare_peak_rss_gb': prep['peak_rss_gb'],
+           'torch_fp32_ms_per_chunk': prep['torch_ms_per_chunk'], 'exporter': args.exporter,
+           'observations': args.observations, 'runs': args.runs, 'precisions': {}, 'skipped': skipped,
+           'machine': platform.machine(), 'cpu_count': os.cpu_count(),
+           'note': 'shared 2-core machine; figures are pessimistic and noisy'}
+    for precision in todo:
+        out['precisions'][precision] = measure_precision(precision, prep['checkpoint'], work, prep, args)
+        _write(args.json, out)
+    first = out['precisions'][todo[0]]
+    for key in ('export_s', 'export_peak_rss_gb', 'folder_over_weights', 'runner_rss_over_weights', 'load_s'):
+        out[key] = first.get(key)
+    out['seconds'] = time.perf_counter() - started
+    _write(args.json, out)
+    print_table(out)
+    if tmp is not None:
+        tmp.cleanup()
+    return 0
+
+
+def _write(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2))
+
+
+def print_table(out: dict) -> None:
+    print(f'\n{out["shape"]}: {out["params_m"]:.0f} M params, {out["weight_gb"]:.2f} GB fp32 weights')
+    print(f'{"precision":<9} {"export s":>9} {"peak GB":>8} {"folder x":>9} {"load s":>7} {"RSS x":>6} '
+          f'{"ms 1t":>8} {"ms 2t":>8} {"tokens =":>9}')
+    for name, r in out['precisions'].items():
+        if 'export_error' in r or 'run_error' in r:
+            print(f'{name:<9} {r["export_s"]:9.0f} {r["export_peak_rss_gb"]:8.2f}  failed: '
+                  f'{(r.get("export_error") or r.get("run_error")).strip().splitlines()[-1][:100]}')
+            continue
+        print(f'{name:<9} {r["export_s"]:9.0f} {r["export_peak_rss_gb"]:8.2f} {r["folder_over_weights"]:9.2f} '
+              f'{r["load_s"]:7.1f} {r["runner_rss_over_weights"]:6.2f} {r["ms_per_chunk_1t"]:8.0f} '
+              f'{r["ms_per_chunk_2t"]:8.0f} {r["token_agreement"]:9.3f}')
+    for name, why in out['skipped'].items():
+        print(f'{name:<9} skipped: {why}')
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""benchmarks/real_size.py and benchmarks/train_memory.py at toy size: every promised field is measured.
+
+Figures are never asserted (the machine is shared); only that they were measured and are consistent.
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / 'benchmarks'))
+import shapes  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+def test_random_backbone_is_written_in_shards_that_from_pretrained_reads(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setattr(shapes, 'SHARD_BYTES', 100_000)  # several shards even for the toy shape
+    folder = shapes.write_random_backbone('tiny', tmp_path / 'bb')
+    index = json.loads((folder / 'model.safetensors.index.json').read_text())
+    assert len(set(index['weight_map'].values())) > 1
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert sum(p.numel() for p in model.parameters()) == shapes.param_count('tiny')
+    with torch.no_grad():
+        assert float(model.model.norm.weight.min()) == 1.0 and 0.01 < float(model.model.embed_tokens.weight.std()) < 0.03
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied, stored once
+    assert shapes.param_count('qwen2.5-0.5b') == 494_032_768  # the published size of Qwen2.5-0.5B
+    assert shapes.param_count('qwen3-0.6b') * 4 > 2 ** 31  # the > 2 GiB case
+
+
+def test_real_size_reports_every_promised_field(tmp_path):
+    out = tmp_path / 'rs.json'
+    cmd = [sys.executable, str(ROOT / 'benchmarks' / 'real_size.py'), '--shape', 'tiny', '--json', str(out),
+           '--precisions', 'fp32', 'int4', '--runs', '2', '--observations', '2', '--threads', '1']
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    for key in ('export_s', 'export_peak_rss_gb', 'weight_gb', 'folder_over_weights', 'runner_rss_over_weights',
+                'load_s'):
+        assert data[key] > 0, key
+    fp32 = data['precisions']['fp32']
+    for key in ('ms_per_chunk_1t', 'ms_per_chunk_2t'):
+        assert fp32[key] > 0
+    assert fp32['token_agreement'] == 1.0  # ONNX Runtime fp32 decodes what the torch policy decodes
+    assert set(data['precisions']) | set(data['skipped']) == {'fp32', 'int4'}
+    assert 'tokens =' in proc.stdout
+
+
+def test_train_memory_measures_a_setting(tmp_path):
+    out = tmp_path / 'tm.json'
+    cmd = [sys.executable, str(ROOT / 'benchmarks' / 'train_memory.py'), '--shape', 'tiny', '--json', str(out),
+           '--settings', 'lora-bf16-gc', '--steps', '2', '--batch-size', '4', '--episodes', '1', '--threads', '1']
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    row = json.loads(out.read_text())['settings']['lora-bf16-gc']
+    assert row['returncode'] == 0 and row['steps'] == 2 and row['peak_rss_gb'] > 0.1 and row['within_limit']
+    assert row['overrides']['train.frozen_dtype'] == 'bf16'
