@@ -8,7 +8,9 @@ and then decoded with: block diffusion (ours), AR with KV cache, full diffusion 
 diffusion with the prefix recomputed every pass (the paper's baseline). Latency = median over --runs decodes of
 one action chunk (prefill included), on identical observations for every engine/decoder. Also measured: the
 instruction K/V reuse (prefill with an unchanged vs a new instruction) and the RSS after 100 and after 1,000
-predictions through PolicyRunner. Timings are printed, never asserted.
+predictions through PolicyRunner. Peers (benchmarks/peers.py, --no-peers skips them): onnxruntime-genai AR and HF
+`generate` on the policy's own backbone, interleaved with ONNX Runtime block diffusion in the same run ->
+blockdiff_vs_genai_ar_speedup, blockdiff_vs_hf_generate_speedup. Timings are printed, never asserted.
 """
 from __future__ import annotations
 
@@ -156,6 +158,19 @@ def instruction_reuse(folder, threads, prefixes_same, prefixes_new, runs):
     return out
 
 
+def peer_latency(policy, ort_engine, config, prefixes, work: Path, args) -> dict:
+    """onnxruntime-genai AR and HF generate on the policy's backbone, interleaved with ORT blockdiff chunks."""
+    from peers import build_peers, time_peers
+
+    from blockvla_ros.runtime.decoding import Decoder
+
+    decoder, count = Decoder(config, 'blockdiff'), iter(range(1 << 30))
+    print('peers: onnxruntime-genai model builder + HF generate on the same backbone ...', flush=True)
+    built = build_peers(policy, work, args.threads)
+    return time_peers(built, lambda: decoder(ort_engine, prefixes[next(count) % len(prefixes)]).nfe, args.runs,
+                      args.warmup)
+
+
 def memory_check(folder, threads, predictions, seed=0):
     from blockvla_ros.runtime.runner import PolicyRunner
 
@@ -200,6 +215,8 @@ def main(argv=None) -> int:
     p.add_argument('--memory-config', choices=sorted(CONFIGS), default='tiny',
                    help='policy size for the RSS check (the same runtime code paths; tiny keeps it minutes)')
     p.add_argument('--work', type=Path, help='keep the checkpoints and policy folders here (default: temp dir)')
+    p.add_argument('--no-peers', dest='peers', action='store_false',
+                   help='skip the onnxruntime-genai AR and HF generate peers (benchmarks/peers.py)')
     args = p.parse_args(argv)
 
     import torch
@@ -233,6 +250,7 @@ def main(argv=None) -> int:
                'onnxruntime': OrtEngine(spec, threads=args.threads, reuse_text_kv=False)}  # every call pays prefill
     results = bench_all(engines, config, prefixes, args.runs, args.warmup)
     reuse = instruction_reuse(folder, args.threads, prefixes, prefixes_new, args.runs)
+    peers = peer_latency(policy, engines['onnxruntime'], config, prefixes, work, args) if args.peers else None
     del engines
 
     memory = None
@@ -265,6 +283,9 @@ def main(argv=None) -> int:
         'nfe_fulldiff_nocache': results['onnxruntime']['fulldiff_nocache']['nfe'],
         'tokens_per_nfe': {d: results['onnxruntime'][d]['tokens_per_nfe'] for d in DECODERS},
         'instruction_kv_reuse': reuse,
+        'peers': peers,  # interleaved with ONNX Runtime blockdiff in their own loop (benchmarks/peers.py)
+        'blockdiff_vs_genai_ar_speedup': peers and peers['blockdiff_vs_genai_ar_speedup'],
+        'blockdiff_vs_hf_generate_speedup': peers and peers['blockdiff_vs_hf_generate_speedup'],
         'memory': memory,
         'export_parity': export.parity,
         'seconds': time.perf_counter() - started,
@@ -294,6 +315,15 @@ def print_table(out: dict, results: dict) -> None:
               'ort_vs_torch_speedup'):
         print(f'{k:<40} {out[k]:6.2f}x   (torch: {out["torch_ratios"].get(k, float("nan")):.2f}x)'
               if k in out['torch_ratios'] else f'{k:<40} {out[k]:6.2f}x')
+    peers = out['peers']
+    if peers:
+        med = peers['median_ms']
+        print(f'peers ({peers["prompt_tokens"]} prompt tokens, {config_tokens(peers)} new, interleaved): ORT blockdiff '
+              f'{med["blockdiff"]:.1f} ms, ' + ', '.join(f'{k} {v:.1f} ms' for k, v in med.items() if k != 'blockdiff'))
+        for key in ('blockdiff_vs_genai_ar_speedup', 'blockdiff_vs_hf_generate_speedup'):
+            print(f'{key:<40} ' + (f'{out[key]:6.2f}x' if out[key] else 'skipped'))
+        for name, why in peers['skipped'].items():
+            print(f'peer {name} skipped: {why}')
     reuse = out['instruction_kv_reuse']
     if reuse.get('implemented'):
         print(f'instruction K/V reuse (ORT prefill): {reuse["prefill_ms_new_instruction"]:.1f} ms new instruction -> '
@@ -308,6 +338,10 @@ def print_table(out: dict, results: dict) -> None:
     for k, v in out['targets'].items():
         print(f'target: {k:<45} {"met" if v else ("n/a" if v is None else "NOT met")}')
     print(f'total {out["seconds"]:.0f} s')
+
+
+def config_tokens(peers: dict) -> str:
+    return '/'.join(str(n) for n in sorted(set(peers['new_tokens'].values()))) or '?'
 
 
 if __name__ == '__main__':
