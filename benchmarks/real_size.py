@@ -161,7 +161,8 @@ def timed_process(cmd: list, threads: int) -> dict:
     log = proc.stdout.read()
     _pid, status, usage = os.wait4(proc.pid, 0)
     code = os.waitstatus_to_exitcode(status)
-    row = {'seconds': time.perf_counter() - t0, 'peak_rss_gb': usage.ru_maxrss * 1024 / 1e9, 'exit': code}
+    row = {'seconds': time.perf_counter() - t0, 'peak_rss_gb': usage.ru_maxrss * 1024 / 1e9, 'exit': code,
+           'cpu_s': usage.ru_utime + usage.ru_stime}
     if code != 0:
         row['error'] = log[-3000:]
     return row
@@ -171,7 +172,7 @@ def measure_precision(precision: str, ckpt: str, work: Path, prep: dict, args) -
     folder = work / f'policy_{args.shape}_{precision}'
     print(f'[{precision}] export ...', flush=True)
     ex = timed_process(export_cmd(ckpt, folder, precision, args.exporter, args.threads), args.threads)
-    row = {'export_s': ex['seconds'], 'export_peak_rss_gb': ex['peak_rss_gb']}
+    row = {'export_s': ex['seconds'], 'export_cpu_s': ex['cpu_s'], 'export_peak_rss_gb': ex['peak_rss_gb']}
     if ex['exit'] != 0:
         row['export_error'] = ex['error']
         print(f'[{precision}] export FAILED after {ex["seconds"]:.0f} s: {ex["error"][-600:]}', flush=True)

@@ -81,6 +81,7 @@ def run_setting(name: str, config: dict, work: Path, threads: int) -> dict:
     wall = time.perf_counter() - t0
     (work / f'{name}.log').write_text(log)
     row = {'overrides': {f'train.{k}': v for k, v in SETTINGS[name].items()}, 'peak_rss_gb': usage.ru_maxrss * 1024 / 1e9, 'wall_s': wall,
+           'cpu_s': usage.ru_utime + usage.ru_stime,  # less sensitive than wall time to other jobs on the machine
            'returncode': proc.returncode}
     if proc.returncode != 0:
         row['error'] = log[-2000:]
@@ -95,7 +96,7 @@ def run_setting(name: str, config: dict, work: Path, threads: int) -> dict:
                s_per_step_rest=(sum(per_step[1:]) / len(per_step[1:])) if len(per_step) > 1 else None,
                within_limit=row['peak_rss_gb'] <= LIMIT_GB)
     shutil.rmtree(out_dir / 'checkpoints', ignore_errors=True)  # GBs each at this size
-    print(f'[{name}] peak RSS {row["peak_rss_gb"]:.2f} GB, {wall:.0f} s, '
+    print(f'[{name}] peak RSS {row["peak_rss_gb"]:.2f} GB, {wall:.0f} s ({row["cpu_s"]:.0f} s CPU), '
           f'{row["s_per_step_rest"] or row["s_per_step_first"]:.1f} s/step, loss {row["train_loss"]:.3f}', flush=True)
     return row
 
