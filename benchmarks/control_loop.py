@@ -4,7 +4,8 @@
     python benchmarks/control_loop.py --tiny ...        # export a small random policy first (no demo needed)
 
 Starts ``policy_node`` in its own process (autostart, ONNX Runtime by default), publishes a camera (30 Hz,
-640x480 rgb8), an instruction and (for a policy with proprioception) joint states, records every per-tick ``action`` for ``--seconds`` and reports:
+640x480 rgb8), an instruction and (for a policy with proprioception) joint states, records every per-tick ``action``
+for ``--seconds`` and reports:
 
 - period_p50_ms / period_p99_ms / period_error_p99_ms: gaps between the header stamps of consecutive actions
   (the node stamps each tick with its clock when the tick starts), and the p99 of |gap - 1/rate|;

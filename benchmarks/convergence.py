@@ -104,10 +104,11 @@ def train_mode(config_path: Path, mode: str, bags: Path, work: Path, args, extra
     if done and done[-1][0] >= args.steps:  # finished earlier: resuming would only reload the bags
         print(f'[{mode}] already trained {done[-1][0]} steps in {out}', flush=True)
         return out / 'checkpoints'
-    overrides = list(extra) + [f'train.mode={mode}', f'train.steps={args.steps}', f'train.out_dir={out}',
-                 f'train.save_interval={args.eval_every}', 'train.keep_checkpoints=0',
-                 f'train.eval_interval={args.steps}', 'train.eval_decode_samples=0', 'train.progress=false',
-                 f'train.seed={args.seed}', 'train.resume=auto', f'data.bags=[{bags}]']
+    overrides = list(extra) + [
+        f'train.mode={mode}', f'train.steps={args.steps}', f'train.out_dir={out}',
+        f'train.save_interval={args.eval_every}', 'train.keep_checkpoints=0',
+        f'train.eval_interval={args.steps}', 'train.eval_decode_samples=0', 'train.progress=false',
+        f'train.seed={args.seed}', 'train.resume=auto', f'data.bags=[{bags}]']
     config = load_train_config(config_path, overrides)
     start = time.monotonic()
     print(f'[{mode}] training {args.steps} steps into {out} ...', flush=True)

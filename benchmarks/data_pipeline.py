@@ -104,7 +104,8 @@ def main(argv=None) -> int:
                 'model_params_M': round(sum(p.numel() for p in policy.parameters()) / 1e6, 2),
                 'image_size': model_cfg.image_size, 'torch_threads': torch.get_num_threads()}
         for w in args.workers:
-            rows[f'loading_samples_per_s_workers{w}'] = round(loading_rate(run.train, args.batch_size, args.batches, w), 1)
+            rate = loading_rate(run.train, args.batch_size, args.batches, w)
+            rows[f'loading_samples_per_s_workers{w}'] = round(rate, 1)
         rows['train_step_samples_per_s'] = round(step_rate(policy, run.train, config.train.mode, args.batch_size,
                                                            args.batches, config.train), 1)
     configured = rows.get(f'loading_samples_per_s_workers{config.data.num_workers}',

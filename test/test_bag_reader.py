@@ -78,7 +78,8 @@ def vector_record(ns, values, kind, names=ACTION_NAMES, topic='/joint_command', 
         later = T['trajectory_msgs/msg/JointTrajectoryPoint'](  # only the first point is the action
             positions=values + 100, velocities=empty, accelerations=empty, effort=empty,
             time_from_start=T['builtin_interfaces/msg/Duration'](sec=0, nanosec=100_000_000))
-        msg = T['trajectory_msgs/msg/JointTrajectory'](header=header(ns), joint_names=list(names), points=[point, later])
+        msg = T['trajectory_msgs/msg/JointTrajectory'](header=header(ns), joint_names=list(names),
+                                                       points=[point, later])
         return (topic, 'trajectory_msgs/msg/JointTrajectory', bag_ns, msg)
     if kind in ('position', 'velocity'):
         other = values - 50
@@ -159,7 +160,8 @@ def test_single_mcap_file_and_list_topics(tmp_path):
     bag = write_bag(tmp_path / 'bag', 'mcap', lockstep_records('png'))
     mcap_file = next(bag.glob('*.mcap'))
     assert list_topics(mcap_file) == {
-        '/camera/image_raw/compressed': 'sensor_msgs/msg/CompressedImage', '/joint_states': 'sensor_msgs/msg/JointState',
+        '/camera/image_raw/compressed': 'sensor_msgs/msg/CompressedImage',
+        '/joint_states': 'sensor_msgs/msg/JointState',
         '/joint_command': 'trajectory_msgs/msg/JointTrajectory', '/instruction': 'std_msgs/msg/String'}
     episodes = read_episodes(mcap_file, STATE_MAP, rate_hz=10)
     assert [len(e) for e in episodes] == [6, 4]
@@ -201,7 +203,8 @@ def test_alignment_with_jitter_and_reordering(tmp_path, storage):
     states = [T0 - 5 * MS + i * 20 * MS for i in range(180)]  # 50 Hz
     actions = [T0 + 50 * MS + k * 100 * MS for k in range(26)]  # 10 Hz, other phase
     records = [image_record(s, frame(i), 'raw', bag_ns=s + (40 if i % 2 else 2) * MS) for i, s in enumerate(images)]
-    records += [vector_record(s, [i, 0.5], 'position', names=['j0', 'j1'], topic='/joint_states') for i, s in enumerate(states)]
+    records += [vector_record(s, [i, 0.5], 'position', names=['j0', 'j1'], topic='/joint_states')
+                for i, s in enumerate(states)]
     records += [vector_record(s, [k, 2 * k, -k], 'float32') for k, s in enumerate(actions)]
     instructions = [(0, 'pick'), (900, 'pick'), (1550, 'place'), (2000, 'place')]
     records += [instruction_record(T0 + ms * MS, text) for ms, text in instructions]
@@ -349,7 +352,8 @@ def test_empty_bag(tmp_path, storage):
 
 def test_mapped_topic_problems(tmp_path):
     bag = write_bag(tmp_path / 'bag', 'mcap', lockstep_records(state=False))
-    with pytest.raises(BagError, match=r"state topic '/joint_states' is not in the bag.*/instruction \[std_msgs/msg/String\]"):
+    missing = r"state topic '/joint_states' is not in the bag.*/instruction \[std_msgs/msg/String\]"
+    with pytest.raises(BagError, match=missing):
         read_episodes(bag, STATE_MAP)
     with pytest.raises(BagError, match=r"image topic '/cam' is not in the bag"):
         read_episodes(bag, TopicMap(image='/cam'))

@@ -31,8 +31,8 @@ class UncachedEngine(Engine):
         self.prefix = prefix
         self.history = np.zeros(0, np.int64)
         logits = self._forward(np.zeros((1, 0), np.int64))[-1]
-        return logits, np.zeros(self.cache.buffer.shape[:3] + (len(prefix.prefix_valid(self.config)),
-                                                              self.cache.buffer.shape[4]), np.float32)
+        shape = self.cache.buffer.shape[:3] + (len(prefix.prefix_valid(self.config)), self.cache.buffer.shape[4])
+        return logits, np.zeros(shape, np.float32)
 
     def _forward(self, tokens):
         p = self.policy

@@ -135,6 +135,6 @@ def test_training_starts_from_init_from_and_the_cli_writes_both(tmp_path, capsys
     for k, v in saved.items():
         assert torch.allclose(trained.vision.state_dict()[k], v, atol=1e-6), k
     assert bags and task_cli(['make-backbone', '--out', str(tmp_path / 'bb'), '--hidden-size', '32', '--layers',
-                                  '1', '--heads', '2', '--kv-heads', '1', '--intermediate-size', '64']) == 0
+                              '1', '--heads', '2', '--kv-heads', '1', '--intermediate-size', '64']) == 0
     assert (tmp_path / 'bb' / 'tokenizer.json').is_file() and (tmp_path / 'bb' / 'config.json').is_file()
     assert task_cli(['pretrain-vision', '--config', str(tmp_path / 'nope.yaml'), '--out', 'x']) == 2

@@ -164,7 +164,8 @@ def test_compressed_mono_16bit_rgb_source_and_depth():
 
     # bytes that were encoded from an RGB array (format says so) are not swapped
     ok, rgb_png = cv2.imencode('.png', RGB)
-    np.testing.assert_array_equal(compressed_to_numpy(compressed_msg('rgb8; png compressed rgb8', rgb_png.tobytes())), RGB)
+    decoded = compressed_to_numpy(compressed_msg('rgb8; png compressed rgb8', rgb_png.tobytes()))
+    np.testing.assert_array_equal(decoded, RGB)
 
 
 def test_compressed_header_size_is_read_without_decoding():

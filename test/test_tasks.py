@@ -234,8 +234,8 @@ def test_recorded_demonstrations_match_the_expert(tmp_path, storage):
         # instruction at the start and once per second (every 5 ticks at 5 Hz)
         assert [t for t, _ in msgs['/instruction']] == stamps[::5]
         assert {m.data for _, m in msgs['/instruction']} == {env.instruction}
-        for (obs, action), (_, img), (_, st), (_, act) in zip(expected, msgs['/camera/image_raw'],
-                                                               msgs['/joint_states'], msgs['/joint_command']):
+        streams = (msgs['/camera/image_raw'], msgs['/joint_states'], msgs['/joint_command'])
+        for (obs, action), (_, img), (_, st), (_, act) in zip(expected, *streams):
             assert np.array_equal(img.data.reshape(img.height, img.width, 3), obs.image)
             assert list(st.name) == STATE_NAMES and np.allclose(st.position, obs.state)
             assert list(act.joint_names) == ACTION_NAMES and np.allclose(act.points[0].positions, action)

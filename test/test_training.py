@@ -118,7 +118,8 @@ def test_trains_on_both_bag_formats_from_an_ar_checkpoint_and_the_checkpoint_dec
     res = Decoder(policy.config)(TorchEngine(policy), pre(ep.images[0], ep.instruction, ep.states[0]))
     actions = tok.decode(res.tokens)
     assert actions.shape == (4, 3) and np.all(np.isfinite(actions))
-    assert np.all(actions >= np.asarray(stats.action_low) - 1e-6) and np.all(actions <= np.asarray(stats.action_high) + 1e-6)
+    assert np.all(actions >= np.asarray(stats.action_low) - 1e-6)
+    assert np.all(actions <= np.asarray(stats.action_high) + 1e-6)
     # statistics come from the training episodes only
     state = json.loads((ckpt / 'training_state' / 'state.json').read_text())
     assert state['step'] == 30 and stats.n_samples < sum(len(e.actions) for e in episodes)
@@ -428,11 +429,11 @@ def test_windows_split_and_tail_policy():
     item = repeat[3]
     assert item['pixels'].shape == (3, 32, 32) and item['actions'].shape == (12,) and item['state'].shape == (2,)
     # frames are resized once at load, exactly as the runtime would resize the camera image
-    assert np.array_equal(prepare_image(fit_images(eps[1].images, 32)[0], config), prepare_image(eps[1].images[0], config))
+    fitted = prepare_image(fit_images(eps[1].images, 32)[0], config)
+    assert np.array_equal(fitted, prepare_image(eps[1].images[0], config))
     with pytest.raises(ValueError, match=r"ep0 \('touch x+'\): instruction is 41 tokens"):
-        ChunkDataset([Episode('ep0', 'touch ' + 'x' * 34, *[getattr(eps[0], k) for k in ('images', 'actions', 'states',
-                                                                                       'stamps_ns')])],
-                     config, text, ActionTokenizer(stats))
+        fields = [getattr(eps[0], k) for k in ('images', 'actions', 'states', 'stamps_ns')]
+        ChunkDataset([Episode('ep0', 'touch ' + 'x' * 34, *fields)], config, text, ActionTokenizer(stats))
 
 
 def test_data_order_is_a_function_of_the_step_and_independent_of_the_process_layout():

@@ -52,7 +52,8 @@ class NormStats:
         kwargs = {}
         if states is not None and np.asarray(states).size:
             states = _check_2d('states', states)
-            kwargs = dict(state_low=np.percentile(states, q_low, axis=0), state_high=np.percentile(states, q_high, axis=0))
+            kwargs = dict(state_low=np.percentile(states, q_low, axis=0),
+                          state_high=np.percentile(states, q_high, axis=0))
         return cls(action_low=np.percentile(actions, q_low, axis=0), action_high=np.percentile(actions, q_high, axis=0),
                    n_samples=int(actions.shape[0]), **kwargs)
 

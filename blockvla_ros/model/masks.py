@@ -53,8 +53,8 @@ def layout(prefix_len: int, n_actions: int, block_size: int, mode: str, device=N
     pk = torch.full((prefix_len,), PREFIX, device=device)
     pb = torch.zeros(prefix_len, dtype=torch.long, device=device)
     if mode == 'blockdiff':
-        kind = torch.cat([pk, torch.full((n_actions,), NOISY, device=device), torch.full((n_actions,), CLEAN,
-                                                                                        device=device)])
+        kind = torch.cat([pk, torch.full((n_actions,), NOISY, device=device),
+                          torch.full((n_actions,), CLEAN, device=device)])
         block = torch.cat([pb, a // block_size, a // block_size])
     elif mode == 'ar':
         kind = torch.cat([pk, torch.full((n_actions,), CLEAN, device=device)])

@@ -77,7 +77,7 @@ def pretrain_patch_encoder(model_cfg, out, steps: int = 600, batch_size: int = 6
     pixels = torch.from_numpy(np.concatenate([prepare_image(im, model_cfg) for im in data.images]))
     labels, offsets = torch.from_numpy(data.labels), torch.from_numpy(data.offsets)
     n_val = max(1, scenes // 10)
-    val, train = slice(0, n_val), slice(n_val, scenes)
+    val = slice(0, n_val)
 
     def object_accuracy() -> float:
         with torch.no_grad():

@@ -151,4 +151,5 @@ def load_training_state(path: str | Path) -> tuple[dict, dict, dict]:
     if state.get('format') != FORMAT:
         raise ValueError(f'{sdir / "state.json"}: unknown checkpoint format {state.get("format")!r}')
     opt_file = sdir / 'optimizer.safetensors'
-    return load_file(str(sdir / 'trainable.safetensors')), (load_file(str(opt_file)) if opt_file.is_file() else {}), state
+    optimizer = load_file(str(opt_file)) if opt_file.is_file() else {}
+    return load_file(str(sdir / 'trainable.safetensors')), optimizer, state

@@ -51,6 +51,7 @@ def fit_images(images: np.ndarray, size: int) -> np.ndarray:
         return images
     return np.stack([resize_rgb(img, size) for img in images])
 
+
 @dataclass
 class _Ep:
     """One episode as the dataset keeps it (resized frames, tokenized instruction)."""

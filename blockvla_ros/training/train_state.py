@@ -30,7 +30,10 @@ class Saver:
         path = checkpoint_path(self.out_dir, step)
         full = self.acc.get_state_dict(self.module)  # {'policy.<name>': tensor}; gathered under FSDP
         state = {k[len(PREFIX):]: v for k, v in full.items() if k.startswith(PREFIX)}
-        osd = fsdp_optimizer_state(self.module, self.optimizer, self.names) if self.fsdp else self.optimizer.state_dict()
+        if self.fsdp:
+            osd = fsdp_optimizer_state(self.module, self.optimizer, self.names)
+        else:
+            osd = self.optimizer.state_dict()
         if self.acc.is_main_process and not path.exists():
             opt_tensors, groups = flatten_optimizer(osd, self.names)
             lora = self.config.train.lora
@@ -88,7 +91,8 @@ def load_optimizer(module, optimizer, opt_tensors: dict, groups: list, names: li
 
 
 def fsdp_optimizer_state(module, optimizer, names: list) -> dict:
-    """Full optimizer state gathered from the shards (collective), in the index-keyed layout of optimizer.state_dict()."""
+    """Full optimizer state gathered from the shards (collective), in the index-keyed layout of
+    optimizer.state_dict()."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     osd = get_optimizer_state_dict(module, optimizer.optimizer,

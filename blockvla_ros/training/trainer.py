@@ -229,7 +229,8 @@ def train(config: TrainConfig, episodes: Optional[Sequence] = None) -> TrainResu
                     rate = window['samples'] / max(window['time'], 1e-9)
                     last_train = red[0]
                     metrics.write({'step': done, 'split': 'train', 'loss': red[0], 'masked_acc': red[1],
-                                   'lr': lr_at(step, opts), 'grad_norm': None if grad_norm is None else float(grad_norm),
+                                   'lr': lr_at(step, opts),
+                                   'grad_norm': None if grad_norm is None else float(grad_norm),
                                    'samples_per_s': rate, 'epoch': sampler.epoch_at(done),
                                    'time_s': time.monotonic() - t0})
                     window = {'samples': 0, 'time': 0.0, 'loss': [], 'acc': []}
