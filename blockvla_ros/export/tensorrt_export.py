@@ -12,7 +12,7 @@ log = logging.getLogger(__name__)
 def build_and_check(checkpoint: str | Path, folder: str | Path, fp16: bool = False, cache_dir: Optional[str] = None,
                     samples: int = 4, tolerance: float = 1e-3) -> dict:
     from ..runtime.policy_folder import load_policy_folder
-    from ..runtime.runner import build_preprocessor
+    from ..runtime.runner import policy_preprocessor
     from ..runtime.torch_engine import TorchEngine
     from ..runtime.trt_engine import TrtEngine
     from .parity import compare_engines, random_observations, require_parity
@@ -22,7 +22,7 @@ def build_and_check(checkpoint: str | Path, folder: str | Path, fp16: bool = Fal
     engine = TrtEngine(spec, fp16=fp16, cache_dir=None if cache_dir is None else str(cache_dir))
     engine.open_all()  # builds every engine now (visible progress), or loads it from the cache
     policy, _ = load_checkpoint(checkpoint)
-    pre = build_preprocessor(spec.config, spec.stats, spec.folder)
+    pre = policy_preprocessor(spec)
     observations = random_observations(spec.config, spec.stats, samples, seed=1, tokenizer=pre.text)
     name = f'tensorrt ({"fp16" if fp16 else "fp32"})'
     report = compare_engines(spec.config, TorchEngine(policy), engine, observations, pre, name)

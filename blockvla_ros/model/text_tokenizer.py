@@ -1,12 +1,17 @@
 """Instruction tokenizers that produce the fixed-length, left-padded text slots of the prefix.
 
-`ByteTokenizer` needs no files (tests, the demo, tiny backbones); `HFTextTokenizer` wraps the tokenizer saved in a
-real backbone's local folder. Pure Python / numpy: the runtime uses these without torch.
+`ByteTokenizer` needs no files (tiny test backbones). `FileTextTokenizer` reads a policy folder's `tokenizer.json`
+(+ `tokenizer_config.json`) with the `tokenizers` library from the explicit file paths it is given (the files the
+policy's manifest lists, nothing found by searching a folder): what the runtime uses, with neither torch nor
+transformers. `HFTextTokenizer` wraps transformers' AutoTokenizer on a backbone folder (training and export, where
+transformers is installed anyway); export checks that both give the same ids.
 """
 from __future__ import annotations
 
+import json
 import os
-from typing import Optional
+from pathlib import Path
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -86,11 +91,67 @@ class HFTextTokenizer(_FixedLength):
         return ids
 
 
-def load_text_tokenizer(kind: str, max_len: int, vocab_size: int, folder: Optional[str | os.PathLike] = None):
-    """'byte' -> ByteTokenizer; 'auto' -> the tokenizer files in `folder` (a policy folder or backbone folder)."""
+def _token_text(value) -> Optional[str]:
+    """tokenizer_config.json writes a special token as a string or as {'content': ...}."""
+    if isinstance(value, dict):
+        value = value.get('content')
+    return value if isinstance(value, str) and value else None
+
+
+class FileTextTokenizer(_FixedLength):
+    """`tokenizer.json` read with the `tokenizers` library (no torch, no transformers).
+
+    ``files``: explicit paths; one must be named tokenizer.json, and a tokenizer_config.json among them gives the
+    pad token (else id 0). No other file is opened. Special tokens (BOS/EOS/PAD...) are the added tokens marked
+    special; [UNK] counts as content, as in HFTextTokenizer.
+    """
+
+    def __init__(self, files: Sequence[str | os.PathLike], max_len: int):
+        by_name = {Path(f).name: Path(f) for f in files}
+        if 'tokenizer.json' not in by_name:
+            raise ValueError(f'text_tokenizer: auto needs a tokenizer.json among the policy\'s tokenizer files, got '
+                             f'{sorted(by_name)}; re-export the policy from a backbone with a fast tokenizer')
+        try:
+            from tokenizers import Tokenizer
+        except ImportError as e:
+            raise ImportError('text_tokenizer: auto needs the tokenizers package (pip install tokenizers)') from e
+        self.path = by_name['tokenizer.json']
+        try:
+            self.tok = Tokenizer.from_file(str(self.path))
+        except Exception as e:  # the library raises its own exception type for a malformed file
+            raise ValueError(f'{self.path}: not a readable tokenizer.json ({e})') from None
+        settings = {}
+        if 'tokenizer_config.json' in by_name:
+            try:
+                settings = json.loads(by_name['tokenizer_config.json'].read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ValueError(f'{by_name["tokenizer_config.json"]}: not readable JSON ({e})') from None
+            if not isinstance(settings, dict):
+                raise ValueError(f'{by_name["tokenizer_config.json"]}: expected a JSON object')
+        self.max_len = int(max_len)
+        pad = _token_text(settings.get('pad_token'))
+        pad_id = self.tok.token_to_id(pad) if pad else None
+        self.pad_id = int(pad_id) if pad_id is not None else 0
+        unk = _token_text(settings.get('unk_token'))
+        unk_id = self.tok.token_to_id(unk) if unk else None
+        self.special = {i for i, t in self.tok.get_added_tokens_decoder().items() if t.special} - {unk_id}
+
+    def _ids(self, text: str) -> list:
+        ids = list(self.tok.encode(text.strip(), add_special_tokens=True).ids)
+        if ids and all(i in self.special for i in ids):
+            raise ValueError(f'instruction "{text[:60]}" encodes to special tokens only ({ids}) with {self.path}')
+        return ids
+
+
+def load_text_tokenizer(kind: str, max_len: int, vocab_size: int, folder: Optional[str | os.PathLike] = None,
+                        files: Optional[Sequence[str | os.PathLike]] = None):
+    """'byte' -> ByteTokenizer; 'auto' -> FileTextTokenizer over ``files`` (a policy's listed tokenizer files: the
+    runtime) or HFTextTokenizer over ``folder`` (a backbone or checkpoint folder: training, export)."""
     if kind == 'byte':
         return ByteTokenizer(max_len, vocab_size)
     if kind == 'auto':
+        if files is not None:
+            return FileTextTokenizer(files, max_len)
         if folder is None or not os.path.isdir(folder):
             raise ValueError(f'text_tokenizer: auto needs a folder with tokenizer files, got {folder}')
         return HFTextTokenizer(str(folder), max_len)

@@ -64,10 +64,17 @@ class _PhaseTimer:
         return self.engine.step(tokens, commit)
 
 
-def build_preprocessor(config, stats, folder=None) -> Preprocessor:
+def build_preprocessor(config, stats, folder=None, tokenizer_files=None) -> Preprocessor:
+    """Image/text/state -> prefix. ``tokenizer_files``: explicit tokenizer file paths (a policy folder's listed
+    files, read without transformers); ``folder``: a checkpoint or backbone folder (transformers' AutoTokenizer)."""
     vocab = int((config.backbone or {}).get('vocab_size', 1 << 20))
-    text = load_text_tokenizer(config.text_tokenizer, config.max_text_tokens, vocab, folder)
+    text = load_text_tokenizer(config.text_tokenizer, config.max_text_tokens, vocab, folder, files=tokenizer_files)
     return Preprocessor(config, text, ActionTokenizer(stats, config.n_bins))
+
+
+def policy_preprocessor(spec: PolicySpec) -> Preprocessor:
+    """The preprocessor of a verified policy folder: its tokenizer reads only the files policy.yaml lists."""
+    return build_preprocessor(spec.config, spec.stats, tokenizer_files=[spec.folder / f for f in spec.tokenizer_files])
 
 
 def apply_overrides(config, decoder: Optional[str], overrides: Optional[dict]):
@@ -88,7 +95,7 @@ class PolicyRunner:
         self.engine_name = engine_name
         self.config = apply_overrides(spec.config, decoder, overrides)
         self.decoder = Decoder(self.config)
-        self.preprocessor = build_preprocessor(spec.config, spec.stats, spec.folder)
+        self.preprocessor = policy_preprocessor(spec)
         self.action_tokenizer = self.preprocessor.actions
         self.action_names = list(spec.action_names)
         self.action_low = spec.action_low.copy()
@@ -136,9 +143,9 @@ class PolicyRunner:
         prefill_ms = timer.prefill_s * 1e3
         timings = {'preprocess_ms': (t1 - t0) * 1e3, 'prefill_ms': prefill_ms,
                    'decode_ms': (t2 - t1) * 1e3 - prefill_ms, 'total_ms': (t3 - t0) * 1e3}
+        reused = bool(getattr(self.engine, 'text_kv_reused', False))
         return Prediction(actions=actions, tokens=res.tokens, nfe=res.nfe, calls=res.calls, timings=timings,
-                          steps=list(res.steps), instruction_kv_reused=bool(getattr(self.engine, 'text_kv_reused',
-                                                                                   False)))
+                          steps=list(res.steps), instruction_kv_reused=reused)
 
     def _known_tokens(self, known_actions) -> Optional[np.ndarray]:
         if known_actions is None:
