@@ -57,10 +57,26 @@ def test_shipped_demo_policy_beats_random_on_the_colour_tasks():
 
     tasks = ['touch_red', 'touch_green', 'touch_blue', 'touch_yellow']
     runner = PolicyRunner.load(DEMO, engine='onnxruntime', threads=1)
-    ours = evaluate_closed_loop(lambda image, instruction, state: runner.predict(image, instruction, state=state).actions,
-                                tasks=tasks, episodes_per_task=8, seed=0, execute_steps=4)
+
+    def chunk(image, instruction, state):
+        return runner.predict(image, instruction, state=state).actions
+
+    ours = evaluate_closed_loop(chunk, tasks=tasks, episodes_per_task=8, seed=0, execute_steps=4)
     rand = random_policy_success(tasks=tasks, episodes_per_task=8, seed=0)
     assert ours['success_rate'] >= rand['success_rate'] + 0.3, (ours['per_task'], rand['success_rate'])
     # not one colour learned and the others guessed: at least three of the four beat random on their own
     wins = [t for t in tasks if ours['per_task'][t]['success_rate'] > rand['per_task'][t]['success_rate'] + 0.2]
     assert len(wins) >= 3, ours['per_task']
+
+
+def test_recipe_and_shipped_folder_carry_the_rate_and_action_kinds():
+    """A retrain with config/train/demo.yaml reproduces what models/demo says: 10 Hz, (delta, delta, absolute)."""
+    from blockvla_ros.runtime.policy_folder import load_policy_folder
+    from blockvla_ros.tasks.spec import ACTION_KINDS
+    from blockvla_ros.training.config import load_train_config
+
+    for recipe in ('demo.yaml', 'convergence.yaml'):
+        cfg = load_train_config(REPO / 'config' / 'train' / recipe).model_config()
+        assert cfg.control_rate_hz == 10.0 and cfg.kinds == ACTION_KINDS, recipe
+    shipped = load_policy_folder(DEMO).config
+    assert shipped.control_rate_hz == 10.0 and shipped.kinds == ACTION_KINDS == ['delta', 'delta', 'absolute']

@@ -31,8 +31,8 @@ log = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json', 'vocab.json', 'merges.txt',
                    'tokenizer.model', 'added_tokens.json', 'chat_template.jinja')
-LIMITS_SOURCE = ('stats.json action_low/action_high (1st/99th percentile of the training actions); decoded '
-                 'actions are bin centres, so every predicted action lies inside these limits')
+LIMITS_SOURCE = ('the range of the training actions (stats.json, 1st/99th percentile): decoded actions are bin '
+                 'centres inside it. Not the robot\'s limits: the node clamps to its action_limits.* parameters')
 
 
 class CheckpointError(ValueError):
@@ -81,6 +81,41 @@ def _tokenizer_sources(checkpoint: Path, config: BlockVLAConfig) -> list:
                           'checkpoint or in backbone_path')
 
 
+# Instructions the runtime's tokenizer must encode exactly as training's did (words in and out of a small vocabulary,
+# upper case, punctuation, digits).
+TOKENIZER_SAMPLES = ('touch the red block', 'touch red, then green, then blue', 'Press the YELLOW square and then the '
+                     'blue one!', 'pick up the mug and put it on plate 2', 'ouvrir la porte')
+
+
+def _write_tokenizer_json(source: Path, out: Path) -> None:
+    """A backbone without tokenizer.json (slow tokenizer files only): write the fast tokenizer's own."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(source), local_files_only=True)
+    if not getattr(tok, 'is_fast', False):
+        raise CheckpointError(f'{source}: no tokenizer.json and {type(tok).__name__} has no fast version; the runtime '
+                              'reads tokenizer.json (tokenizers library, no transformers)')
+    tok.backend_tokenizer.save(str(out / 'tokenizer.json'))
+
+
+def check_tokenizer_parity(runtime_tokenizer, source: Path, config: BlockVLAConfig) -> None:
+    """The runtime reads tokenizer.json with the tokenizers library; training used transformers' AutoTokenizer on
+    ``source``. Refuse the export if they disagree on any sample instruction."""
+    from ..model.text_tokenizer import load_text_tokenizer
+
+    reference = load_text_tokenizer('auto', config.max_text_tokens, 0, folder=source)
+    for text in TOKENIZER_SAMPLES:
+        outcomes = []
+        for tok in (reference, runtime_tokenizer):
+            try:
+                outcomes.append(tuple(tok.encode(text)[0].tolist()))
+            except ValueError as e:  # too long for max_text_tokens, special tokens only: both must refuse
+                outcomes.append(type(e).__name__)
+        if outcomes[0] != outcomes[1]:
+            raise CheckpointError(f'{source}: the runtime tokenizer (tokenizer.json via the tokenizers library) '
+                                  f'encodes {text!r} as {outcomes[1]}, training\'s AutoTokenizer as {outcomes[0]}')
+
+
 def _readable(folder: Path) -> None:
     """Temp files/dirs are created private (0600/0700); a policy folder is shared read-only data."""
     os.chmod(folder, 0o755)
@@ -107,7 +142,7 @@ def export_policy(checkpoint: str | Path, out: str | Path, *, name: Optional[str
     from tqdm import tqdm
 
     from ..runtime.ort_engine import OrtEngine
-    from ..runtime.runner import build_preprocessor
+    from ..runtime.runner import policy_preprocessor
     from ..runtime.torch_engine import TorchEngine
     from .parity import compare_engines, random_observations, require_parity
 
@@ -115,6 +150,7 @@ def export_policy(checkpoint: str | Path, out: str | Path, *, name: Optional[str
     checkpoint, out = Path(checkpoint), check_output_dir(out)  # before any work
     policy, stats = load_checkpoint(checkpoint)
     config = policy.portable_config()
+    config = config.replace(action_kinds=config.kinds)  # written out: absolute where training did not say
     name = name or out.name
     with atomic_directory(out) as tmp:
         plans = plan_graphs(policy, split_prefill=split_prefill)
@@ -127,9 +163,13 @@ def export_policy(checkpoint: str | Path, out: str | Path, *, name: Optional[str
         if torch_weights:
             shutil.copyfile(checkpoint / WEIGHTS_FILE, tmp / WEIGHTS_FILE)
         tokenizer_files = []
-        for src in _tokenizer_sources(checkpoint, config):
+        sources = _tokenizer_sources(checkpoint, config)
+        for src in sources:
             shutil.copyfile(src, tmp / src.name)
             tokenizer_files.append(src.name)
+        if sources and 'tokenizer.json' not in tokenizer_files:
+            _write_tokenizer_json(sources[0].parent, tmp)  # the runtime reads tokenizer.json only
+            tokenizer_files.append('tokenizer.json')
         doc = {
             'format_version': FORMAT_VERSION,
             'name': name,
@@ -154,7 +194,9 @@ def export_policy(checkpoint: str | Path, out: str | Path, *, name: Optional[str
         write_manifest(tmp)
 
         spec = load_policy_folder(tmp)  # the folder as a runtime sees it (manifest verified)
-        pre = build_preprocessor(spec.config, spec.stats, tmp)
+        pre = policy_preprocessor(spec)
+        if sources:
+            check_tokenizer_parity(pre.text, sources[0].parent, spec.config)
         observations = random_observations(spec.config, spec.stats, parity_samples, seed=0, tokenizer=pre.text)
         reference = TorchEngine(policy)
         reports = []

@@ -28,6 +28,7 @@ INT_FIELDS = {'action_dim': 1024, 'chunk_len': 4096, 'n_bins': 65536, 'block_siz
 BACKBONE_SIZES = {'vocab_size': 1 << 24, 'hidden_size': 1 << 16, 'intermediate_size': 1 << 18,
                   'num_hidden_layers': 1024, 'num_attention_heads': 1024, 'num_key_value_heads': 1024,
                   'head_dim': 4096, 'max_position_embeddings': 1 << 24}
+ACTION_KINDS = ('absolute', 'delta')  # per action dimension: a target to reach, or an increment per control tick
 
 
 @dataclass
@@ -54,7 +55,9 @@ class BlockVLAConfig:
     n_bins: int = 256  # uniform bins per dimension between the 1st and 99th percentile
     state_dim: int = 0  # proprioceptive inputs (0 = none); one prefix token
     action_names: list = field(default_factory=list)  # len D when given
+    action_kinds: list = field(default_factory=list)  # len D: 'absolute' | 'delta' per dim; empty: all absolute
     state_names: list = field(default_factory=list)
+    control_rate_hz: Optional[float] = None  # rate the training data was aligned at (data.rate_hz); None: unknown
     # --- block diffusion ------------------------------------------------------------------------------------
     block_size: int = 6  # B tokens per block; H*D must be a multiple (B = D makes a block one timestep)
     decoder: str = 'blockdiff'  # default decoder at inference: blockdiff | ar | fulldiff | fulldiff_nocache
@@ -79,6 +82,11 @@ class BlockVLAConfig:
         self.validate()
 
     # ------------------------------------------------------------------------------------------------------
+    @property
+    def kinds(self) -> list:
+        """'absolute' | 'delta' for each action dimension (absolute where the config does not say)."""
+        return list(self.action_kinds) or ['absolute'] * self.action_dim
+
     @property
     def n_action_tokens(self) -> int:
         return self.chunk_len * self.action_dim
@@ -130,6 +138,13 @@ class BlockVLAConfig:
         need(0.0 <= self.mask_eps < 1.0, 'mask_eps must be in [0, 1)')
         need(self.action_names == [] or len(self.action_names) == self.action_dim,
              f'action_names has {len(self.action_names)} names but action_dim is {self.action_dim}')
+        need(isinstance(self.action_kinds, list) and len(self.action_kinds) in (0, self.action_dim),
+             f'action_kinds must list one kind per action dimension ({self.action_dim}), got {self.action_kinds!r}')
+        bad_kinds = [k for k in self.action_kinds if k not in ACTION_KINDS]
+        need(not bad_kinds, f'action_kinds must each be one of {ACTION_KINDS}, got {bad_kinds}')
+        rate = self.control_rate_hz
+        need(rate is None or (isinstance(rate, (int, float)) and not isinstance(rate, bool) and 0.0 < rate <= 10000.0),
+             f'control_rate_hz must be a number of Hz in (0, 10000] or null, got {rate!r}')
         need(self.state_names == [] or len(self.state_names) == self.state_dim,
              f'state_names has {len(self.state_names)} names but state_dim is {self.state_dim}')
         vtype = self.vision.get('type', 'patch')
@@ -243,4 +258,3 @@ class BlockVLAConfig:
         if not isinstance(data, dict):
             raise ValueError(f'{path}: expected a mapping of config keys')
         return cls.from_dict(data)
-

@@ -9,6 +9,9 @@ from dataclasses import dataclass
 import numpy as np
 
 ACTION_NAMES = ['ee_dx', 'ee_dy', 'gripper']
+# What each action dimension means to whoever executes it (model.action_kinds of a policy trained on this task):
+# the effector moves by (ee_dx, ee_dy) * MAX_STEP per tick (increments), gripper is the press level (a target).
+ACTION_KINDS = ['delta', 'delta', 'absolute']
 STATE_NAMES = ['ee_x', 'ee_y']
 ACTION_DIM = len(ACTION_NAMES)
 STATE_DIM = len(STATE_NAMES)

@@ -1,4 +1,5 @@
-"""TrainConfig: the `model:` / `data:` / `train:` sections of a training YAML, validated, with `key.sub=value` overrides.
+"""TrainConfig: the `model:` / `data:` / `train:` sections of a training YAML, validated, with `key.sub=value`
+overrides.
 
     model:  BlockVLAConfig fields (`backbone_path` = a local HF AR checkpoint folder, save_pretrained layout)
     data:   bags (files / bag dirs / directories of bags), topics (a TopicMap), rate_hz, val_fraction, ...
@@ -157,13 +158,19 @@ class TrainConfig:
         self.model_config()  # validates the model section now, not after the bags are read
 
     def model_config(self, **extra) -> BlockVLAConfig:
-        """The policy config: `model:` plus the training mode (train_mode; decoder unless given) and seed."""
+        """The policy config: `model:` plus the training mode (train_mode; decoder unless given), the seed and the
+        control rate (data.rate_hz: the policy runs at the rate its training windows were aligned at)."""
         model = dict(self.model)
         mode = self.train.mode
         if 'train_mode' in model and model['train_mode'] != mode:
             raise ValueError(f'model.train_mode {model["train_mode"]!r} contradicts train.mode {mode!r}; '
                              'set only train.mode')
         model['train_mode'] = mode
+        rate = model.get('control_rate_hz')
+        if rate is not None and float(rate) != float(self.data.rate_hz):
+            raise ValueError(f'model.control_rate_hz {rate} contradicts data.rate_hz {self.data.rate_hz}; set only '
+                             'data.rate_hz (the rate the episodes are aligned at is the rate the policy runs at)')
+        model['control_rate_hz'] = float(self.data.rate_hz)
         model.setdefault('decoder', mode)
         model.setdefault('seed', self.train.seed)
         model.update(extra)
