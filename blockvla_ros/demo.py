@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
+from .paths import package_data_dir, searched
+
 log = logging.getLogger('blockvla_ros.demo')
 
 
@@ -59,7 +60,7 @@ def live_section(bag: Path, policy: str, policy_dir: Path, out: Path, rate_hz: f
     n_actions, rate = _action_rate(result.output_bag)
     diag = _diagnostic_values(result.output_bag)
     return {'wall_s': time.perf_counter() - started, 'actions': n_actions, 'published_rate_hz': rate,
-            'chunks': result.counts.get('/action_chunk', 0),
+            'chunks': diag.get('chunks'),  # inference chunks pushed (action_chunk carries absolute targets only)
             'inference_p50_ms': diag.get('inference_latency_p50_ms'),
             'inference_p99_ms': diag.get('inference_latency_p99_ms'),
             'e2e_p50_ms': diag.get('e2e_latency_p50_ms'), 'e2e_p99_ms': diag.get('e2e_latency_p99_ms'),
@@ -77,7 +78,8 @@ def offline_section(bag: Path, policy: str, policy_dir: Path, out: Path, rate_hz
     overall = report['variants'][0]['overall']
     errors = overall.get('errors') or {}
     per_dim = errors.get('per_dim') or {}
-    return {'mae_per_dim': [per_dim[n]['mae'] for n in per_dim] or None, 'action_names': report['variants'][0]['action_names'],
+    return {'mae_per_dim': [per_dim[n]['mae'] for n in per_dim] or None,
+            'action_names': report['variants'][0]['action_names'],
             'realtime_factor': report['speed']['realtime_factor'], 'report': str(out / 'replay' / 'report.md')}
 
 
@@ -127,7 +129,8 @@ def print_summary(summary: dict) -> None:
     print('closed loop (benchmark task, success rate):')
     ours, rand = cl['policy'], cl['random']
     for task, res in ours['per_task'].items():
-        print(f"   {task:28s} {res['success_rate'] * 100:5.1f} %   (random {rand['per_task'][task]['success_rate'] * 100:4.1f} %)")
+        chance = rand['per_task'][task]['success_rate'] * 100
+        print(f"   {task:28s} {res['success_rate'] * 100:5.1f} %   (random {chance:4.1f} %)")
     print(f"   {'overall':28s} {ours['success_rate'] * 100:5.1f} %   (random {rand['success_rate'] * 100:4.1f} %)")
     learned = [t for t, r in ours['per_task'].items()
                if r['success_rate'] >= rand['per_task'][t]['success_rate'] + LEARNED_MARGIN]
@@ -144,10 +147,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog='python -m blockvla_ros.demo', description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--policy', default='demo')
-    p.add_argument('--policy-dir', default=str(REPO / 'models'))
-    p.add_argument('--bag', default=str(REPO / 'data' / 'demo_recording'))
-    p.add_argument('--out', default=str(REPO / 'out' / 'demo'))
-    p.add_argument('--rate-hz', type=float, default=10.0, help='control rate (the recordings are 10 Hz)')
+    p.add_argument('--policy-dir', default=None, help='default: the package\'s models/ (checkout or install)')
+    p.add_argument('--bag', default=None, help='default: the package\'s data/demo_recording')
+    p.add_argument('--out', default='out/demo')
+    p.add_argument('--rate-hz', type=float, default=None, help="control rate (default: the policy's trained rate)")
     p.add_argument('--episodes-per-task', type=int, default=10)
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--execute-steps', type=int, default=4,
@@ -160,10 +163,16 @@ def main(argv=None) -> int:
 
     from .runtime.policy_folder import PolicyFolderError, load_policy_folder, resolve_policy
 
-    policy_dir, bag, out = Path(args.policy_dir), Path(args.bag), Path(args.out)
+    models, data = package_data_dir('models'), package_data_dir('data')
+    if args.policy_dir is None and models is None:
+        print(f'demo: no models/ folder found (looked in {searched("models")})', file=sys.stderr)
+        return 2
+    policy_dir = Path(args.policy_dir) if args.policy_dir else models
+    bag = Path(args.bag) if args.bag else (data or Path('data')) / 'demo_recording'
+    out = Path(args.out)
     try:
         folder = resolve_policy(args.policy, [str(policy_dir)])
-        load_policy_folder(folder)  # manifest verified
+        spec = load_policy_folder(folder)  # manifest verified
     except (PolicyFolderError, FileNotFoundError, ValueError) as e:
         print(f'demo: the demo policy is not usable: {e}\n(build it with `make demo-policy`)', file=sys.stderr)
         return 2
@@ -174,17 +183,21 @@ def main(argv=None) -> int:
         print(f'demo: no sample recording at {bag} (build it with `make demo-policy`)', file=sys.stderr)
         return 2
     bag = bags[0]
+    rate_hz = args.rate_hz or spec.config.control_rate_hz
+    if not rate_hz:
+        print(f'demo: policy {args.policy!r} does not say its control rate; pass --rate-hz', file=sys.stderr)
+        return 2
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     started = time.perf_counter()
     print(f'[1/3] live: bag player -> policy node ({args.policy}, ONNX Runtime) -> recorder ...', flush=True)
-    live = live_section(bag, args.policy, policy_dir, out, args.rate_hz)
+    live = live_section(bag, args.policy, policy_dir, out, rate_hz)
     print('[2/3] offline replay of the recording through the same runner ...', flush=True)
-    offline = offline_section(bag, args.policy, policy_dir, out, args.rate_hz)
+    offline = offline_section(bag, args.policy, policy_dir, out, rate_hz)
     print(f'[3/3] closed loop on the benchmark task ({args.episodes_per_task} episodes per task, replanning every '
           f'{args.execute_steps} ticks) ...', flush=True)
     closed = closed_loop_section(args.policy, policy_dir, args.episodes_per_task, args.seed, args.execute_steps)
-    summary = {'policy': args.policy, 'policy_folder': str(folder), 'bag': str(bag), 'rate_hz': args.rate_hz,
+    summary = {'policy': args.policy, 'policy_folder': str(folder), 'bag': str(bag), 'rate_hz': rate_hz,
                'live': live, 'offline': offline, 'closed_loop': closed, 'out': str(out),
                'wall_s': time.perf_counter() - started}
     from .io.atomic import atomic_write_text

@@ -58,7 +58,7 @@ def policy_dir(tmp_path_factory, bags):
         actions.append(rec['actions'])
         states.append(rec['states'])
     cfg = tiny_config(state_dim=2, image_size=64, chunk_len=H, block_size=3, action_names=ACTION_NAMES,
-                      state_names=STATE_NAMES)
+                      state_names=STATE_NAMES, control_rate_hz=10.0)  # the bags' rate: replay's default
     torch.manual_seed(0)
     BlockVLAPolicy(cfg).save(root / 'ckpt')
     NormStats.from_data(np.concatenate(actions), np.concatenate(states)).save(root / 'ckpt' / 'stats.json')
@@ -122,6 +122,23 @@ def _run(capsys, *args):
     return code, out.out, out.err
 
 
+def test_action_limits_clip_as_in_the_node(bags, policy_dir, tmp_path, capsys):
+    """--action-lower/--action-upper go through the node's postprocess_chunk: every executed action is inside them
+    and the clipped values are counted."""
+    out = tmp_path / 'clipped'
+    code, _, stderr = _run(capsys, '--bag', next(iter(bags.values())), '--policy', 'tiny', '--policy-dir', policy_dir,
+                           '--out', out, '--action-lower=-0.05,-0.05,-0.05', '--action-upper=0.05,0.05,0.05',
+                           '--max-plots', 0)
+    assert code == 0, stderr
+    report = json.loads((out / 'report.json').read_text())
+    assert report['settings']['rate_hz'] == 10.0  # the policy's trained rate
+    assert report['settings']['action_limits'] == {'lower': [-0.05] * 3, 'upper': [0.05] * 3}
+    assert report['variants'][0]['overall']['actions_clipped'] > 0
+    code, _, stderr = _run(capsys, '--bag', next(iter(bags.values())), '--policy', 'tiny', '--policy-dir', policy_dir,
+                           '--out', out, '--action-lower=-1,0', '--action-upper=1,1')
+    assert code != 0 and 'one lower and one upper value per action' in stderr
+
+
 def test_report_numbers_match_an_independent_computation(bags, policy_dir, tmp_path, capsys):
     from blockvla_ros.runtime.runner import PolicyRunner
 
@@ -150,8 +167,7 @@ def test_report_numbers_match_an_independent_computation(bags, policy_dir, tmp_p
                                                                                    abs=1e-6)
             assert got['seam_jump']['per_dim'][name]['max'] == pytest.approx(exp['seams'][:, i].max(), abs=1e-6)
             for h in range(H):
-                assert got['errors']['by_step']['mae'][h][i] == pytest.approx(exp['by_step'][h][i], rel=1e-5,
-                                                                               abs=1e-6)
+                assert got['errors']['by_step']['mae'][h][i] == pytest.approx(exp['by_step'][h][i], rel=1e-5, abs=1e-6)
         assert got['errors']['gripper']['mae'] == pytest.approx(exp['mae'][2], rel=1e-5, abs=1e-6)
         assert got['errors']['arm']['mae'] == pytest.approx(exp['mae'][:2].mean(), rel=1e-5, abs=1e-6)
         assert got['nfe']['mean'] == pytest.approx(np.mean(exp['nfe']))
@@ -290,7 +306,6 @@ def test_live_path_player_node_recorder(bags, policy_dir, tmp_path):
     assert any(np.allclose(first, pred[H - len(first):], atol=1e-5) for pred in offline)
 
 
-
 @pytest.mark.ros
 def test_live_path_fails_fast_when_the_node_cannot_configure(bags, policy_dir, tmp_path):
     """A policy folder the node refuses (tampered weights): the harness reports the node's reason at once instead
@@ -308,6 +323,7 @@ def test_live_path_fails_fast_when_the_node_cannot_configure(bags, policy_dir, t
         run_live(bag, 'tiny', tmp_path / 'live', policy_dirs=[str(dirs)], control_rate_hz=10.0,
                  startup_timeout_s=600.0)
     assert 'configure failed' in str(info.value) and not (tmp_path / 'live').exists()
+
 
 def test_real_time_chunking_feeds_the_previous_plan(bags, policy_dir):
     """--known-steps K: each new chunk starts with the K actions the previous chunk planned for its ticks."""

@@ -15,12 +15,15 @@ import logging
 import sys
 from pathlib import Path
 
-DEFAULT_POLICY_DIR = Path(__file__).resolve().parents[2] / 'models'
+from blockvla_ros.paths import package_data_dir
+
+DEFAULT_POLICY_DIR = package_data_dir('models') or Path('models')
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='blockvla-replay', description=__doc__.split('\n\n')[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split('\n\n', 2)[2])
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split('\n\n', 2)[2])
     p.add_argument('--bag', action='append', required=True, metavar='PATH',
                    help='a bag directory, a .mcap/.db3 file, or a directory of bags (repeatable)')
     p.add_argument('--policy', action='append', required=True, metavar='NAME',
@@ -37,7 +40,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--warmup', type=int, default=2,
                    help='untimed predictions per policy before the replay, as the node does (default 2)')
     p.add_argument('--out', required=True, help='output directory for report.json, report.md and plots')
-    p.add_argument('--rate-hz', type=float, default=10.0, help='control rate of the replay (default 10)')
+    p.add_argument('--rate-hz', type=float, default=None,
+                   help="control rate of the replay (default: the policy's trained rate, policy.yaml "
+                        "config.control_rate_hz)")
+    p.add_argument('--action-lower', default=None, metavar='V,V,...',
+                   help='the robot\'s lower action limits, comma-separated in the policy\'s action order (as the '
+                        'node\'s action_limits.lower; default: none; write --action-lower=-1,-1,0 so the leading '
+                        'minus is not taken for an option). Clipping is counted in the report')
+    p.add_argument('--action-upper', default=None, metavar='V,V,...', help='upper action limits (see --action-lower)')
     p.add_argument('--execute-steps', type=int, default=None,
                    help='ticks between predictions, as executed on the robot (default: the chunk length)')
     p.add_argument('--known-steps', type=int, default=0,
@@ -87,11 +97,34 @@ def _load_runner(policy: str, decoder: str | None, args):
     return runner
 
 
+def _rate(given, runners) -> float:
+    """--rate-hz, else the one rate the replayed policies were trained at."""
+    if given is not None:
+        return float(given)
+    rates = {r.config.control_rate_hz for r, _ in runners}
+    if len(rates) != 1 or None in rates:
+        raise ValueError(f'the policies do not agree on one trained control rate ({sorted(map(str, rates))}); '
+                         'pass --rate-hz')
+    return float(rates.pop())
+
+
+def _limits(args, names):
+    from blockvla_ros.runtime.action_output import ActionLimits
+
+    def numbers(text):
+        try:
+            return [float(x) for x in text.split(',')] if text else []
+        except ValueError:
+            raise ValueError(f'action limits must be comma-separated numbers, got {text!r}') from None
+
+    return ActionLimits.parse(numbers(args.action_lower), numbers(args.action_upper), names)
+
+
 def run(args) -> dict:
     """Load, replay, summarize, write; returns the report dict."""
     from blockvla_ros.evaluation import plots
     from blockvla_ros.evaluation.replay import ReplaySettings, replay_bags
-    from blockvla_ros.evaluation.report import build_report, summarize, write_report
+    from blockvla_ros.evaluation.report import build_report, write_report
     from blockvla_ros.io.bag_reader import TopicMap
 
     from blockvla_ros.io.atomic import check_output_dir
@@ -107,7 +140,8 @@ def run(args) -> dict:
     state_dims = {r.config.state_dim for r, _ in runners if r.config.state_dim}
     if len(state_dims) > 1:
         raise ValueError(f'the compared policies read different state sizes {sorted(state_dims)}')
-    settings = ReplaySettings(args.rate_hz, args.execute_steps, args.known_steps)
+    settings = ReplaySettings(_rate(args.rate_hz, runners), args.execute_steps, args.known_steps,
+                              _limits(args, runners[0][0].action_names))
     for runner, _ in runners:
         settings.resolve(int(runner.config.chunk_len))  # bad --execute-steps fails before reading bags
 
@@ -120,7 +154,7 @@ def run(args) -> dict:
     summaries = [v['overall'] for v in report['variants']]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    report['plots'] = plots.write_plots(results, summaries, args.rate_hz, out, max_episodes=args.max_plots,
+    report['plots'] = plots.write_plots(results, summaries, settings.rate_hz, out, max_episodes=args.max_plots,
                                         progress=progress)
     write_report(report, out)
     return report

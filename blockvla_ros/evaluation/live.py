@@ -85,10 +85,11 @@ class _Process:
         return self.proc.returncode
 
 
-def _node_cmd(policy: str, policy_dirs: list[str], engine: str, control_rate_hz: float, namespace: str,
+def _node_cmd(policy: str, policy_dirs: list[str], engine: str, control_rate_hz: float | None, namespace: str,
               decoder: str | None, topics: dict[str, str], extra_params: dict | None) -> list[str]:
-    params = {'policy': policy, 'engine': engine, 'control_rate_hz': float(control_rate_hz),
-              'use_sim_time': True, 'autostart': True, **topics}
+    params = {'policy': policy, 'engine': engine, 'use_sim_time': True, 'autostart': True, **topics}
+    if control_rate_hz:  # else the policy's trained rate
+        params['control_rate_hz'] = float(control_rate_hz)
     if policy_dirs:
         params['policy_dirs'] = '[' + ','.join(f'"{d}"' for d in policy_dirs) + ']'
     if decoder:
@@ -104,7 +105,7 @@ def _node_cmd(policy: str, policy_dirs: list[str], engine: str, control_rate_hz:
 
 
 def run_live(bag: str | Path, policy: str, out: str | Path, *, policy_dirs: list[str] | None = None,
-             engine: str = 'onnxruntime', control_rate_hz: float = 10.0, rate: float = 1.0, namespace: str = '',
+             engine: str = 'onnxruntime', control_rate_hz: float | None = None, rate: float = 1.0, namespace: str = '',
              decoder: str | None = None, record_topics: tuple[str, ...] = DEFAULT_RECORD_TOPICS,
              storage: str = 'mcap', image_topic: str = '/camera/image_raw', instruction_topic: str = '/instruction',
              state_topic: str = '/joint_states', startup_timeout_s: float = 120.0,
@@ -192,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--out', required=True, help='output bag directory for the node outputs (must not exist)')
     p.add_argument('--engine', default='onnxruntime', help='inference engine (default onnxruntime)')
     p.add_argument('--decoder', default=None, help="decoder override (default: the policy's own)")
-    p.add_argument('--control-rate-hz', type=float, default=10.0, help='node control rate (default 10)')
+    p.add_argument('--control-rate-hz', type=float, default=None,
+                   help="node control rate (default: the policy's trained rate)")
     p.add_argument('--rate', type=float, default=1.0, help='playback speed factor (default 1)')
     p.add_argument('--namespace', default='', help='namespace of the policy node')
     p.add_argument('--storage', choices=('mcap', 'sqlite3'), default='mcap', help='output bag storage')

@@ -19,6 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from blockvla_ros.evaluation import metrics
+from blockvla_ros.runtime.action_output import ActionLimits, postprocess_chunk
 from blockvla_ros.io.bag_reader import BagError, Episode, TopicMap, iter_bag_paths, list_topics, read_episodes
 
 logger = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ class ReplaySettings:
     rate_hz: float = 10.0  # control rate the recorded episodes are sampled at
     execute_steps: int | None = None  # ticks between predictions; None: the chunk length H
     known_steps: int = 0  # real-time chunking: previous-chunk actions fed in as already decided
+    limits: ActionLimits | None = None  # the robot's action limits, applied as the node applies them
 
     def resolve(self, horizon: int) -> ReplaySettings:
         """Settings with execute_steps filled in and checked against the chunk length."""
@@ -42,7 +44,7 @@ class ReplaySettings:
                              f'(the chunk length), got known_steps={self.known_steps}, execute_steps={execute}')
         if not (math.isfinite(self.rate_hz) and self.rate_hz > 0):
             raise ValueError(f'rate_hz must be a positive number, got {self.rate_hz}')
-        return ReplaySettings(float(self.rate_hz), execute, int(self.known_steps))
+        return ReplaySettings(float(self.rate_hz), execute, int(self.known_steps), self.limits)
 
 
 @dataclass
@@ -84,6 +86,7 @@ class EpisodeReplay:
     errors: metrics.ErrorStats | None  # every chunk step vs the recorded action of its tick
     executed_errors: metrics.ErrorStats | None  # executed trajectory vs recorded (steps < execute_steps)
     seams: metrics.SeamStats
+    clipped: int = 0  # action values changed by the action limits
 
     @property
     def n_ticks(self) -> int:
@@ -140,7 +143,8 @@ def load_bags(paths: list[str | Path], topic_map: TopicMap, rate_hz: float, acti
     """Every bag under ``paths`` read into memory (see ``replay_bags`` for datasets of any size)."""
     found = find_bags(paths)
     return [read_bag(path, topic_map, rate_hz, action_dim, state_dim)
-            for path in tqdm(found, desc='reading bags', unit='bag', disable=None if progress is None else not progress)]
+            for path in tqdm(found, desc='reading bags', unit='bag',
+                             disable=None if progress is None else not progress)]
 
 
 def _ticks(episode: Episode, execute_steps: int) -> list[int]:
@@ -161,6 +165,7 @@ def replay_episode(runner: Any, episode: Episode, settings: ReplaySettings, epis
         raise BagError(f'{episode.bag_path}: recorded actions have {episode.actions.shape[1]} dims, '
                        f'policy {runner.name!r} predicts {dim}')
     starts, chunks, nfe, calls = [], [], [], []
+    clipped = 0
     lat = {'total': [], 'prefill': [], 'decode': [], 'wall': []}
     for t in _ticks(episode, s.execute_steps):
         known = None
@@ -179,6 +184,10 @@ def replay_episode(runner: Any, episode: Episode, settings: ReplaySettings, epis
         if actions.shape != (horizon, dim):
             raise ValueError(f'policy {runner.name!r} returned actions of shape {actions.shape}, '
                              f'expected ({horizon}, {dim})')
+        if known is not None:
+            actions[:len(known)] = known  # what was planned stays planned (as in the node)
+        actions, n = postprocess_chunk(actions, 0 if known is None else len(known), s.limits)
+        clipped += n
         starts.append(t)
         chunks.append(actions)
         nfe.append(int(pred.nfe))
@@ -202,12 +211,13 @@ def replay_episode(runner: Any, episode: Episode, settings: ReplaySettings, epis
         errors.add(chunks_a, windows)
         executed_errors = metrics.ErrorStats(horizon, dim)
         keep = np.arange(horizon) < s.execute_steps  # [H]: the steps a robot would execute
-        executed_errors.add(np.where(keep[None, :, None], chunks_a, 0.0), np.where(keep[None, :, None], windows, np.nan))
+        executed_errors.add(np.where(keep[None, :, None], chunks_a, 0.0),
+                            np.where(keep[None, :, None], windows, np.nan))
     return EpisodeReplay(
         bag_path=episode.bag_path, episode_index=episode_index, instruction=episode.instruction,
         stamps_ns=episode.stamps_ns, recorded=episode.actions, starts=starts_a, chunks=chunks_a,
         nfe=np.asarray(nfe), calls=np.asarray(calls), latency_ms={k: np.asarray(v) for k, v in lat.items()},
-        executed=executed, errors=errors, executed_errors=executed_errors, seams=seams)
+        executed=executed, errors=errors, executed_errors=executed_errors, seams=seams, clipped=clipped)
 
 
 def _replay_bag(runner: Any, result: VariantReplay, bag: BagEpisodes, settings: ReplaySettings, bar) -> None:

@@ -50,6 +50,7 @@ def summarize(episodes: list[EpisodeReplay], names: list[str], horizon: int, rat
         'latency_ms': {k: latency(k) for k in ('total', 'prefill', 'decode', 'wall')},
         'nfe': metrics.count_summary(cat(lambda ep: ep.nfe)),
         'calls': metrics.count_summary(cat(lambda ep: ep.calls)),
+        'actions_clipped': int(sum(ep.clipped for ep in episodes)),
     }
     if with_actions and errors.count:
         out['errors'] = metrics.error_summary(errors, names)
@@ -96,7 +97,9 @@ def build_report(variants: list[VariantReplay], bags: list[BagEpisodes], setting
         'tool': 'blockvla-replay',
         'created': _dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds'),
         'settings': {'rate_hz': settings.rate_hz, 'execute_steps': settings.execute_steps,
-                     'known_steps': settings.known_steps},
+                     'known_steps': settings.known_steps,
+                     'action_limits': None if settings.limits is None else
+                     {'lower': settings.limits.lower.tolist(), 'upper': settings.limits.upper.tolist()}},
         'bags': bag_list,
         'variants': out_variants,
         'speed': {'read_s': read_s, 'total_wall_s': wall, 'recorded_s': recorded,
@@ -240,8 +243,8 @@ def _overall_table(variants, labels, pick) -> list[str]:
         row('gripper MAE / MSE (all steps)', lambda o: err('errors', 'gripper')(o) if _dig(o, 'errors', 'gripper')
             or not o['errors'] else '-'),
         row('arm MAE / MSE (executed)', err('executed_errors', 'arm')),
-        row('latency ms p50 / p90 / p99', lambda o: ' / '.join(_f(_dig(o, 'latency_ms', 'total', k), 3)
-                                                             for k in ('p50', 'p90', 'p99'))),
+        row('latency ms p50 / p90 / p99',
+            lambda o: ' / '.join(_f(_dig(o, 'latency_ms', 'total', k), 3) for k in ('p50', 'p90', 'p99'))),
         row('NFE mean (min-max)', lambda o: f'{_f(_dig(o, "nfe", "mean"), 3)} ({_f(_dig(o, "nfe", "min"))}-'
                                             f'{_f(_dig(o, "nfe", "max"))})'),
     ]

@@ -7,6 +7,9 @@ the listening nodes with ``use_sim_time:=true``. /clock carries the bag time of 
 also published ``--clock-hz`` times per second in between.
 
     blockvla-bag-play BAG [--rate 1.0] [--topics T ...] [--loop] [--wait-for-subscribers T ...]
+
+BAG may also be a directory of bags (a dataset): they play one after another in name order, each on its own
+recorded time (/clock jumps back at each new bag, as with --loop).
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rosgraph_msgs.msg import Clock
 
-from blockvla_ros.io.bag_reader import BagError, list_topics, open_bag
+from blockvla_ros.io.bag_reader import BagError, iter_bag_paths, list_topics, open_bag
 
 logger = logging.getLogger(__name__)
 DEFAULT_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10, reliability=ReliabilityPolicy.RELIABLE,
@@ -117,7 +120,8 @@ def _qos_from_bag(connection) -> QoSProfile:
 
 
 class BagPlayer(Node):
-    """Publishes one bag's messages on their recorded topics, paced by recorded time."""
+    """Publishes a bag's messages (or those of every bag in a directory of bags, in turn) on their recorded topics,
+    paced by recorded time."""
 
     def __init__(self, bag: str | Path, rate: float = 1.0, topics: list[str] | None = None, clock: bool = True,
                  clock_hz: float = 100.0, node_name: str = 'bag_player'):
@@ -127,9 +131,12 @@ class BagPlayer(Node):
         if clock and not clock_hz > 0:
             raise ValueError(f'clock_hz must be > 0, got {clock_hz}')
         self.bag = Path(bag)
+        self.bags = list(iter_bag_paths(self.bag))  # BagError naming the path if it holds no bag
         self.rate, self.clock_hz = float(rate), float(clock_hz)
         self._stop = threading.Event()
-        available = list_topics(self.bag)  # BagError naming the file if it is not a readable bag
+        available = {}
+        for path in self.bags:
+            available.update(list_topics(path))  # BagError naming the file if it is not a readable bag
         wanted = set(topics) if topics else set(available)
         unknown = sorted(wanted - set(available))
         if unknown:
@@ -139,22 +146,23 @@ class BagPlayer(Node):
         self._wanted = wanted
         self.published = 0
 
-    def _open(self):
-        reader = open_bag(self.bag)  # the reader's own opening: bags from other tools play too (BagError if not)
+    def _open(self, bag: Path):
+        reader = open_bag(bag)  # the reader's own opening: bags from other tools play too (BagError if not)
         for conn in reader.connections:
             if conn.topic not in self._wanted or conn.topic in self._bag_publishers:
                 continue
             try:
                 cls = message_class(conn.msgtype)
             except ImportError as err:
-                self.get_logger().warning(f'{self.bag}: skipping {conn.topic}: {err}')
+                self.get_logger().warning(f'{bag}: skipping {conn.topic}: {err}')
                 continue
             self._bag_publishers[conn.topic] = self.create_publisher(cls, conn.topic, _qos_from_bag(conn))
         return reader
 
     def advertise(self) -> list[str]:
         """Create the publishers now (so subscribers can match before playback); returns their topics."""
-        self._open().close()
+        for bag in self.bags:
+            self._open(bag).close()
         return sorted(self._bag_publishers)
 
     def wait_for_subscribers(self, topics: list[str], timeout_s: float) -> None:
@@ -200,8 +208,17 @@ class BagPlayer(Node):
                 return False
 
     def play_once(self) -> int:
-        """Play the bag from start to end; returns the number of messages published."""
-        reader = self._open()
+        """Play the bag(s) from start to end; returns the number of messages published."""
+        count = 0
+        for bag in self.bags:
+            if self._stop.is_set():
+                break
+            count += self._play_bag(bag)
+        self.published += count
+        return count
+
+    def _play_bag(self, bag: Path) -> int:
+        reader = self._open(bag)
         count = 0
         try:
             connections = [c for c in reader.connections if c.topic in self._bag_publishers]
@@ -211,7 +228,7 @@ class BagPlayer(Node):
                 try:
                     item = next(messages, None)
                 except Exception as err:
-                    raise BagError(f'{self.bag}: cannot read messages (corrupt or truncated bag?): {err}') from err
+                    raise BagError(f'{bag}: cannot read messages (corrupt or truncated bag?): {err}') from err
                 if item is None:
                     break
                 conn, bag_ns, raw = item
@@ -224,14 +241,14 @@ class BagPlayer(Node):
                 count += 1
         finally:
             reader.close()
-        self.published += count
         return count
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='blockvla-bag-play', description=__doc__.split('\n\n')[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('bag', help='a rosbag2 bag directory (mcap or sqlite3) or a .mcap file')
+    p.add_argument('bag', help='a rosbag2 bag directory (mcap or sqlite3), a .mcap file, or a directory of bags '
+                               '(played one after another)')
     p.add_argument('--rate', type=float, default=1.0, help='playback speed factor (default 1.0 = recorded timing)')
     p.add_argument('--topics', nargs='+', default=None, help='play only these topics (default: all)')
     p.add_argument('--loop', action='store_true', help='start again at the end (the clock jumps back)')
@@ -263,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         spinner = threading.Thread(target=executor.spin, name='bag_player_spin', daemon=True)
         spinner.start()
         topics = player.advertise()
-        player.get_logger().info(f'playing {args.bag} at {args.rate:g}x: {", ".join(topics)}')
+        player.get_logger().info(f'playing {args.bag} ({len(player.bags)} bag(s)) at {args.rate:g}x: '
+                                 f'{", ".join(topics)}')
         if args.wait_for_subscribers:
             player.wait_for_subscribers(args.wait_for_subscribers, args.wait_timeout)
         if args.delay > 0:

@@ -1,12 +1,15 @@
 """numpy <-> ROS message builders for the policy node: trajectories, per-tick actions, diagnostics, stamps.
 
-Conventions (see the README of the node in policy_node.py):
-- ``action_chunk`` (trajectory_msgs/JointTrajectory): header.stamp = the tick time; point k is the k-th action
-  from this tick on (k = 0 is the action published on ``action`` at the same tick), at time_from_start
-  (k + 1) * dt: the target of the action sent at a tick is to be reached one period later.
+Conventions (the README's "What the outputs mean for ros2_control"):
 - ``action`` (sensor_msgs/JointState): header.stamp = the tick time, name = the policy's action names,
-  position = this tick's action. A hold (no usable input, no plan) repeats the last action with
-  velocity = zeros; policy ticks leave velocity empty.
+  position = this tick's action in the policy's units: for an ``absolute`` dimension a target (joint position,
+  gripper opening), for a ``delta`` dimension the increment to apply during this tick. A hold (no usable input, no
+  plan) publishes the true hold, 0 for deltas and the last target for absolutes, with velocity = zeros; policy
+  ticks leave velocity empty.
+- ``action_chunk`` (trajectory_msgs/JointTrajectory): only the absolute dimensions mapped to robot joints
+  (``trajectory_joints``); header.stamp = the tick time; point k is the k-th action from this tick on (k = 0 is the
+  action published on ``action`` at the same tick), at time_from_start (k + 1) * dt: the target of the action sent
+  at a tick is to be reached one period later.
 """
 from __future__ import annotations
 

@@ -1,19 +1,22 @@
 """The policy node's parameters: declaration with descriptions and ranges, validation, QoS profiles.
 
-Parameters marked ``live`` may change while the node runs (``policy`` triggers a background swap); all others
-are read at configure and a change is refused while the node is configured (deactivate + cleanup first).
+Parameters marked ``live`` may change while the node runs (``policy`` triggers a background swap). Every other
+parameter is read-only after start-up (set it on the command line, in the parameters file or as a launch argument;
+restart the node to change it): whoever reaches the parameter service can swap policies inside ``policy_dirs`` and
+tune the live knobs, but cannot point the node at other folders, topics, limits or joints.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
-from rclpy.parameter import Parameter
 from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy,
                        qos_profile_sensor_data, qos_profile_system_default)
+
+from ..paths import package_data_dir
 
 ENGINES = ('onnxruntime', 'onnxruntime-cuda', 'tensorrt', 'torch')
 IMAGE_TRANSPORTS = ('auto', 'raw', 'compressed')
@@ -21,25 +24,14 @@ IMAGE_QOS = ('sensor_data', 'reliable', 'best_effort', 'system_default')
 INSTRUCTION_QOS = ('transient_local', 'volatile')
 DECODERS = ('', 'blockdiff', 'ar', 'fulldiff', 'fulldiff_nocache')
 SCHEDULES = ('', 'fixed', 'threshold')
+STRING_LISTS = ('policy_dirs', 'trajectory_joints')  # list parameters: any list type is accepted at start-up and
+NUMBER_LISTS = ('action_limits.lower', 'action_limits.upper')  # checked by read() (YAML [1, 2] is an int array)
 
 
 def default_policy_dirs() -> list:
-    """The installed package's models/ (share/blockvla_ros/models), else the source checkout's models/."""
-    dirs = []
-    try:
-        from ament_index_python.packages import PackageNotFoundError, get_package_share_directory
-        try:
-            share = Path(get_package_share_directory('blockvla_ros')) / 'models'
-            if share.is_dir():
-                dirs.append(str(share))
-        except PackageNotFoundError:
-            pass
-    except ImportError:
-        pass
-    source = Path(__file__).resolve().parents[2] / 'models'
-    if not dirs:
-        dirs.append(str(source))
-    return dirs
+    """The package's models/ directory: the checkout's, or share/blockvla_ros/models of an install."""
+    found = package_data_dir('models')
+    return [str(found)] if found is not None else []
 
 
 @dataclass(frozen=True)
@@ -65,11 +57,20 @@ SPECS = [
          'cores vs ~1 with 1 thread).', low=0, high=256),
     Spec('warmup_runs', 2, 'Inferences run at configure (and before a swap) so the first real one is fast.',
          low=0, high=100),
-    Spec('control_rate_hz', 50.0, 'Rate of the control tick that publishes action and action_chunk; must '
-         'match the rate the policy was trained at.', low=0.1, high=1000.0),
+    Spec('control_rate_hz', 0.0, 'Rate of the control tick that publishes action and action_chunk. 0: the rate '
+         'the policy was trained at (policy.yaml config.control_rate_hz). Another rate is allowed but warned '
+         'about in the log and /diagnostics: delta actions then move the robot faster or slower than in training.',
+         low=0.0, high=1000.0),
     Spec('control_thread_priority', 50, 'SCHED_FIFO priority of the control thread (1-99; 0: normal scheduling). '
          'Keeps the tick on time on a busy CPU; needs an rtprio limit (as ros2_control, whose default is also '
          '50); without one the node runs at normal priority and says so in diagnostics.', low=0, high=99),
+    Spec('action_limits.lower', [], "The robot's lower limit per action, in the policy's action order and units "
+         '(empty: no limits). Every planned action is clipped to the limits; /diagnostics counts the clipped '
+         'values. blockvla-replay --action-lower applies the same limits offline.'),
+    Spec('action_limits.upper', [], "The robot's upper limit per action (see action_limits.lower)."),
+    Spec('trajectory_joints', [], "Which actions action_chunk (JointTrajectory) carries, as '<action name>=<robot "
+         "joint name>' entries; only absolute actions can be mapped. Empty: every action under its own name if all "
+         'are absolute targets, else action_chunk is not published (a delta is not a joint position).'),
     Spec('camera_topic', 'camera/image_raw', 'Camera topic (sensor_msgs/Image, or CompressedImage).'),
     Spec('image_transport', 'auto', "'raw' (Image), 'compressed' (CompressedImage) or 'auto' (compressed when "
          "camera_topic ends in /compressed).", choices=IMAGE_TRANSPORTS),
@@ -82,10 +83,10 @@ SPECS = [
          "instruction; the publisher must be transient_local too) or 'volatile' (matches any publisher).",
          choices=INSTRUCTION_QOS),
     Spec('joint_states_topic', 'joint_states', 'Proprioception (sensor_msgs/JointState); subscribed only when '
-         'the policy has state inputs.'),
+         'the policy has state inputs (the node holds until one arrives).'),
     Spec('action_topic', 'action', 'Per-tick action (sensor_msgs/JointState).'),
     Spec('action_chunk_topic', 'action_chunk', 'Remaining planned chunk every tick '
-         '(trajectory_msgs/JointTrajectory).'),
+         '(trajectory_msgs/JointTrajectory; absolute targets only, see trajectory_joints).'),
     Spec('max_image_age_s', 0.5, 'Hold when the newest image (header stamp vs node clock) is older.',
          low=0.001, high=3600.0, live=True),
     Spec('max_image_pixels', 4096 * 4096, 'Larger images are refused before decoding.', low=1, high=1 << 31),
@@ -94,7 +95,7 @@ SPECS = [
     Spec('chunk_threshold', 0.5, 'Request the next chunk when the queue holds at most this fraction of a '
          'chunk (never fewer actions than the measured inference delay needs).', low=0.0, high=1.0, live=True),
     Spec('real_time_chunking', True, 'Pass the actions executed during inference as known actions so the new '
-         'chunk continues the old one.', live=True),
+         'chunk continues the old one (a new instruction always starts a fresh chunk).', live=True),
     Spec('decoding.decoder', '', 'Decoder override (empty: the policy\'s own).', choices=DECODERS),
     Spec('decoding.steps_per_block', 0, 'Refine passes per block override (0: the policy\'s own).',
          low=0, high=1024),
@@ -110,7 +111,7 @@ SPEC_BY_NAME = {s.name: s for s in SPECS}
 
 
 def _descriptor(spec: Spec) -> ParameterDescriptor:
-    desc = ParameterDescriptor(name=spec.name, description=spec.description)
+    desc = ParameterDescriptor(name=spec.name, description=spec.description, read_only=not spec.live)
     if spec.choices:
         desc.additional_constraints = 'one of: ' + ', '.join(repr(c) for c in spec.choices)
     if spec.low is not None:
@@ -118,19 +119,18 @@ def _descriptor(spec: Spec) -> ParameterDescriptor:
             desc.floating_point_range = [FloatingPointRange(from_value=float(spec.low), to_value=float(spec.high))]
         else:
             desc.integer_range = [IntegerRange(from_value=int(spec.low), to_value=int(spec.high), step=1)]
+    if spec.name in STRING_LISTS + NUMBER_LISTS:
+        desc.dynamic_typing = True  # an empty list has no type in rclpy; read() checks the elements
     if not spec.live:
         desc.additional_constraints = (desc.additional_constraints + '; ' if desc.additional_constraints
-                                       else '') + 'read at configure'
+                                       else '') + 'read-only after start-up'
     return desc
 
 
 def declare(node) -> None:
-    """Declare every parameter on ``node`` with its descriptor."""
+    """Declare every parameter on ``node`` with its descriptor (each has a value: nothing is left uninitialized)."""
     for spec in SPECS:
-        default = spec.default
-        if spec.name == 'policy_dirs':
-            default = Parameter.Type.STRING_ARRAY  # typed, no value: empty list -> package default
-        node.declare_parameter(spec.name, default, _descriptor(spec))
+        node.declare_parameter(spec.name, spec.default, _descriptor(spec))
 
 
 def check_value(name: str, value: Any) -> Optional[str]:
@@ -145,7 +145,27 @@ def check_value(name: str, value: Any) -> Optional[str]:
             return f'{name} must not be empty'
     if name == 'decoding.threshold' and value != 0.0 and not 0.0 < value <= 1.0:
         return f'decoding.threshold must be in (0, 1] or 0 for the policy default, got {value}'
+    if name == 'policy' and (not isinstance(value, str) or not value.strip()):
+        return f'policy must be a non-empty folder name, got {value!r}'
     return None
+
+
+def _as_list(name: str, value: Any, kind) -> list:
+    """A list parameter's value as a list of ``kind`` (str or float); ValueError naming the parameter."""
+    if value is None:
+        return []
+    items = [value] if isinstance(value, (str, int, float)) and not isinstance(value, bool) else value
+    try:
+        items = list(items)
+    except TypeError:
+        raise ValueError(f'{name} must be a list, got {value!r}') from None
+    if kind is str:
+        if not all(isinstance(x, str) for x in items):
+            raise ValueError(f'{name} must be a list of strings, got {value!r}')
+        return [x for x in items if x.strip()]
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in items):
+        raise ValueError(f'{name} must be a list of finite numbers, got {value!r}')
+    return [float(x) for x in items]
 
 
 @dataclass(frozen=True)
@@ -159,7 +179,7 @@ class NodeParams:
 
     @property
     def policy_dirs_resolved(self) -> list:
-        dirs = [os.path.expanduser(d) for d in (self.values.get('policy_dirs') or []) if str(d).strip()]
+        dirs = [os.path.expanduser(d) for d in self.values.get('policy_dirs') or []]
         return dirs or default_policy_dirs()
 
     @property
@@ -182,11 +202,25 @@ class NodeParams:
 
 
 def read(node) -> NodeParams:
+    """Every parameter's value, list parameters checked and normalized; ValueError naming a bad one."""
     values = {}
     for spec in SPECS:
         value = node.get_parameter(spec.name).value
-        values[spec.name] = list(value) if spec.name == 'policy_dirs' and value is not None else value
+        if spec.name in STRING_LISTS:
+            value = _as_list(spec.name, value, str)
+        elif spec.name in NUMBER_LISTS:
+            value = _as_list(spec.name, value, float)
+        else:
+            reason = check_value(spec.name, value)
+            if reason:
+                raise ValueError(reason)
+        values[spec.name] = value
     return NodeParams(values)
+
+
+def live_values(node) -> dict:
+    """The live parameters only (never raises for the read-only ones)."""
+    return {s.name: node.get_parameter(s.name).value for s in SPECS if s.live}
 
 
 def image_qos(name: str, depth: int) -> QoSProfile:

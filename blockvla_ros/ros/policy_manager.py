@@ -1,10 +1,18 @@
-"""The running policy and its hot swap (no rclpy here).
+"""The running policy and its hot swap: one state machine, no rclpy.
 
-``validate`` is what the node's parameter set-callback runs: resolve the name inside the policy directories,
-verify the folder's manifest, and check the action space against the running policy; it loads nothing.
-``start_swap`` loads and warms the new policy on a background thread; the inference worker calls
-``take_pending`` before each chunk, so the swap happens between chunks and the old policy serves until then.
-A failed load leaves the old policy running and is reported through ``on_swap_done``.
+    current    the runner in use (and the ``policy`` value that named it)
+    requested  what the ``policy`` parameter says now (the last accepted set)
+    pending    the name being loaded on the loader thread (at most one load at a time)
+
+Every accepted set calls :meth:`PolicyManager.request`. A load starts when nothing is loading and ``requested`` is not
+the running policy; when a load ends, its runner becomes current only if it is still what was requested (a newer
+set supersedes it), and the next load starts if ``requested`` moved on meanwhile. A failed load of the requested
+policy keeps the old one and asks the node to set the parameter back to it. So at quiescence (nothing loading) the
+parameter names the running policy, however fast sets arrive. The inference worker reads ``current`` once per
+chunk, so a swap takes effect between chunks.
+
+``validate`` is what the node's parameter set-callback runs: resolve the name inside the policy directories, verify
+the folder's manifest, and check the action space against the running policy; it loads nothing.
 """
 from __future__ import annotations
 
@@ -28,6 +36,11 @@ def check_compatible(new: PolicySpec, running: Any) -> None:
     """Raise IncompatiblePolicyError unless ``new`` can replace ``running`` (a PolicyRunner) without a restart."""
     cfg, old = new.config, running.config
     problems = []
+    if cfg.kinds != old.kinds:
+        problems.append(f'action kinds {cfg.kinds} != running {old.kinds}')
+    if cfg.control_rate_hz != old.control_rate_hz:
+        problems.append(f'trained at {cfg.control_rate_hz} Hz, running policy at {old.control_rate_hz} Hz (the tick '
+                        'rate is fixed at configure)')
     if cfg.action_dim != old.action_dim:
         problems.append(f'action_dim {cfg.action_dim} != running {old.action_dim}')
     if list(new.action_names) != list(running.action_names):
@@ -41,24 +54,28 @@ def check_compatible(new: PolicySpec, running: Any) -> None:
 
 
 class PolicyManager:
-    """Loads PolicyRunners with one set of engine options; holds the current one and at most one pending."""
+    """Loads PolicyRunners with one set of engine options; holds the current one (see the module docstring)."""
 
     def __init__(self, policy_dirs: Sequence[str], engine: str, *, decoder: Optional[str] = None,
                  overrides: Optional[dict] = None, require_gpu: bool = False, threads: Optional[int] = None,
-                 warmup_runs: int = 2, on_swap_done: Optional[Callable[[str, Optional[str]], None]] = None):
+                 warmup_runs: int = 2,
+                 on_swap_done: Optional[Callable[[str, Optional[str], Optional[str]], None]] = None):
         self.policy_dirs = [str(d) for d in policy_dirs]
         self.engine = engine
         self.load_kwargs = dict(engine=engine, decoder=decoder or None, overrides=overrides or None,
                                 require_gpu=require_gpu, threads=threads or None)
         self.warmup_runs = int(warmup_runs)
-        self.on_swap_done = on_swap_done
+        self.on_swap_done = on_swap_done  # (name, error or None, parameter value to restore or None)
         self._lock = threading.Lock()
         self.current: Optional[Any] = None
-        self._pending: Optional[Any] = None
-        self._loading: Optional[str] = None
+        self.current_name: Optional[str] = None
+        self.requested: Optional[str] = None
+        self.pending: Optional[str] = None
         self._loader: Optional[threading.Thread] = None
+        self._closed = False
         self.last_swap_error = ''
         self.swaps = 0
+        self.superseded = 0  # loads finished after a newer request (discarded)
         self.load_seconds: Optional[float] = None
 
     # --- validation (cheap enough for a parameter callback: hashes, no model) -----------------------------
@@ -67,23 +84,26 @@ class PolicyManager:
         return load_policy_folder(resolve_policy(name, self.policy_dirs))
 
     def validate(self, name: str) -> PolicySpec:
-        """Everything the set-callback checks before a swap; raises ValueError with the reason."""
-        with self._lock:
-            if self._loading is not None:
-                raise ValueError(f'policy {self._loading!r} is still loading; try again when it is done')
+        """Everything the set-callback checks before a swap; raises (ValueError with the reason, or whatever a
+        malformed folder makes the loader raise: the caller catches every exception)."""
         spec = self.inspect(name)
-        if self.current is not None:
-            check_compatible(spec, self.current)
+        current = self.current
+        if current is not None:
+            check_compatible(spec, current)
         return spec
+
+    def _names_folder(self, name: Optional[str], folder) -> bool:
+        if name is None or folder is None:
+            return False
+        try:
+            return resolve_policy(name, self.policy_dirs) == Path(folder).resolve()
+        except (PolicyFolderError, OSError):
+            return False
 
     def is_running(self, name: str) -> bool:
         """True when ``name`` resolves to the folder of the running policy (a no-op swap)."""
-        if self.current is None:
-            return False
-        try:
-            return resolve_policy(name, self.policy_dirs) == Path(self.current.folder).resolve()
-        except PolicyFolderError:
-            return False
+        current = self.current
+        return current is not None and self._names_folder(name, current.folder)
 
     # --- loading ------------------------------------------------------------------------------------------
     def _load(self, name: str) -> Any:
@@ -107,62 +127,100 @@ class PolicyManager:
         return runner
 
     def load(self, name: str) -> Any:
-        """Blocking load + warm-up (lifecycle configure); becomes the current policy."""
+        """Blocking load + warm-up (lifecycle configure); becomes the current and requested policy."""
         runner = self._load(name)
         with self._lock:
-            self.current, self._pending = runner, None
+            self.current, self.current_name, self.requested = runner, name, name
         return runner
 
-    def start_swap(self, name: str) -> None:
-        """Load ``name`` in the background; it becomes current at the next ``take_pending``."""
+    def request(self, name: str) -> str:
+        """The ``policy`` parameter now says ``name``: 'running' (nothing to do), 'loading' (a load started) or
+        'queued' (another load is in flight; this one follows it unless a newer request comes first)."""
         with self._lock:
-            if self._loading is not None:
-                raise ValueError(f'policy {self._loading!r} is still loading')
-            self._loading = name
-            self._loader = threading.Thread(target=self._swap_thread, args=(name,), daemon=True,
-                                            name='blockvla-policy-loader')
-            self._loader.start()
+            self.requested = name
+            return self._advance_locked()
+
+    def _advance_locked(self) -> str:
+        if self.pending is not None:
+            return 'queued'
+        if self._closed or self.requested is None or (
+                self.current is not None and self._names_folder(self.requested, self.current.folder)):
+            return 'running'
+        self.pending = name = self.requested
+        self._loader = threading.Thread(target=self._swap_thread, args=(name,), daemon=True,
+                                        name='blockvla-policy-loader')
+        self._loader.start()
+        return 'loading'
 
     def _swap_thread(self, name: str) -> None:
-        error = None
+        error, runner = None, None
         try:
             runner = self._load(name)
-            if self.current is not None:
-                check_compatible(runner, self.current)
-            with self._lock:
-                self._pending = runner
+            current = self.current
+            if current is not None:
+                check_compatible(runner, current)
         except Exception as e:  # the old policy keeps running; the reason goes to diagnostics
-            error = f'{type(e).__name__}: {e}'
-            log.error('policy swap to %r failed, keeping %r: %s', name,
-                      getattr(self.current, 'name', None), error)
+            error, runner = f'{type(e).__name__}: {e}', None
+            log.error('policy swap to %r failed, keeping %r: %s', name, self.current_name, error)
+        restore = None
         with self._lock:
-            self._loading = None
-            self.last_swap_error = error or ''
-        if self.on_swap_done is not None:
-            self.on_swap_done(name, error)
-
-    def take_pending(self) -> Any:
-        """Promote a loaded replacement (between chunks); returns the policy to use for the next chunk."""
-        with self._lock:
-            if self._pending is not None:
-                old, self.current, self._pending = self.current, self._pending, None
+            self.pending = None
+            if runner is not None and not self._closed and self.requested == name:
+                self.current, self.current_name = runner, name
                 self.swaps += 1
-                log.info('swapped policy %s -> %s', getattr(old, 'name', None), self.current.name)
-            return self.current
+                self.last_swap_error = ''
+                log.info('policy %r takes over at the next chunk', name)
+            elif runner is not None:
+                self.superseded += 1
+                log.info('policy %r loaded after a newer request (%r): discarded', name, self.requested)
+            else:
+                self.last_swap_error = f'{name}: {error}'
+                if self.requested == name and self.current_name is not None:
+                    self.requested = restore = self.current_name  # the parameter goes back to the running one
+            self._advance_locked()
+        if self.on_swap_done is not None:
+            self.on_swap_done(name, error, restore)
 
     @property
     def loading(self) -> Optional[str]:
         with self._lock:
-            return self._loading
+            return self.pending
 
     def wait_loaded(self, timeout: float) -> bool:
-        """Wait for a background load to finish (tests, shutdown)."""
-        loader = self._loader
-        if loader is not None:
-            loader.join(timeout)
-        return self.loading is None
+        """Wait until no load is in flight, following any load that a finished one started (tests, shutdown)."""
+        end = time.monotonic() + timeout
+        while True:
+            loader = self._loader
+            if loader is not None:
+                loader.join(max(0.0, end - time.monotonic()))
+            if self.loading is None:
+                return True
+            if time.monotonic() >= end:
+                return False
 
     def close(self) -> None:
+        with self._lock:
+            self._closed = True
         self.wait_loaded(30.0)
         with self._lock:
-            self.current = self._pending = None
+            self.current = None
+
+    def diagnostics(self) -> dict:
+        """What the node reports about its policies (thread-safe)."""
+        with self._lock:
+            runner = self.current
+            out = {'pending_policy': self.pending or '', 'requested_policy': self.requested or '',
+                   'policy_swaps': self.swaps, 'policy_loads_superseded': self.superseded,
+                   'last_swap_error': self.last_swap_error}
+        if runner is not None:
+            out['policy'] = runner.name
+            out['policy_folder'] = str(runner.folder)
+            try:
+                describe = dict(runner.describe())
+            except Exception as e:  # a describe() bug must not take the diagnostics down
+                describe = {'describe_error': str(e)}
+            out['backend'] = describe.get('engine', self.engine)
+            out.update({f'runtime.{k}': v for k, v in describe.items()})
+            out['chunk_len'] = runner.config.chunk_len
+            out['action_dim'] = runner.config.action_dim
+        return out

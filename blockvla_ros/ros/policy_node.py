@@ -3,17 +3,21 @@
     camera (Image | CompressedImage), instruction (String), joint_states (if the policy has a state)
         -> callbacks convert + validate -> InputStore (latest of each)
     control thread, every 1/control_rate_hz s (not on the executor):
-        pop ActionQueue -> publish action (JointState) + action_chunk (JointTrajectory), or a hold
+        pop ActionQueue -> publish action (JointState) + action_chunk (JointTrajectory of the absolute targets
+        mapped to joints), or a true hold (0 for delta dimensions, the last target for absolute ones)
         queue below threshold -> hand a snapshot to the inference worker
-    inference worker thread: PolicyRunner.predict(known_actions = RTC prefix) -> clamp -> ActionQueue.push_chunk
+    inference worker thread: PolicyRunner.predict(known_actions = RTC prefix) -> postprocess_chunk (the robot's
+        action limits) -> ActionQueue.push_chunk
 configure = load + verify + warm up; activate = start the control thread; deactivate = stop and publish a hold.
-Stale camera, no instruction or no plan -> hold (repeat the last action with zero velocity) and say why in
-/diagnostics. Setting ``policy`` validates in the set-callback and swaps in the background between chunks.
+The control rate defaults to the policy's trained rate. Stale camera, no instruction, no joint state or no plan ->
+hold and say why in /diagnostics. Setting ``policy`` validates in the set-callback and swaps in the background
+between chunks; every other parameter except the live knobs is read-only after start-up.
 """
 from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from typing import Optional
 
@@ -28,18 +32,34 @@ from std_msgs.msg import String
 from trajectory_msgs.msg import JointTrajectory
 
 from ..io.images import message_to_rgb8
+from ..runtime.action_output import ActionLimits, TrajectoryMap, hold_action, postprocess_chunk
 from ..runtime.action_queue import ActionQueue, DelayEstimator
 from . import params as P
 from .control_loop import ControlLoop
-from .diagnostics import collect
+from .diagnostics import Sources, collect
 from .inference_worker import InferenceWorker
 from .inputs import InputStore, Observation
 from .messages import diagnostic_array, joint_command, stamp_seconds, trajectory
+from .node_status import NodeStatus
 from .policy_manager import PolicyManager
 from .policy_params import PolicyParameters
 from .stats import RollingWindow, TickMonitor
 
 SUCCESS, FAILURE = TransitionCallbackReturn.SUCCESS, TransitionCallbackReturn.FAILURE
+
+
+def control_rate(param_hz: float, policy_hz: Optional[float], policy: str) -> tuple[float, str]:
+    """(rate to tick at, warning or ''): the policy's trained rate unless ``param_hz`` (> 0) says otherwise."""
+    if param_hz and param_hz > 0:
+        if policy_hz and abs(param_hz - policy_hz) > 1e-9 * policy_hz:
+            return float(param_hz), (f'control_rate_hz {param_hz:g} differs from the {policy_hz:g} Hz policy '
+                                     f'{policy!r} was trained at: its delta actions move {param_hz / policy_hz:.2g}x '
+                                     'as fast as in training (set control_rate_hz 0 to use the policy\'s rate)')
+        return float(param_hz), ''
+    if not policy_hz:
+        raise ValueError(f'policy {policy!r} does not say the rate it was trained at (no config.control_rate_hz in '
+                         'its policy.yaml): set control_rate_hz')
+    return float(policy_hz), ''
 
 
 class PolicyNode(PolicyParameters, LifecycleNode):
@@ -48,27 +68,26 @@ class PolicyNode(PolicyParameters, LifecycleNode):
     def __init__(self, node_name: str = 'blockvla_policy', **kwargs):
         super().__init__(node_name, **kwargs)
         P.declare(self)
-        self.lifecycle_state = 'unconfigured'
+        self.status = NodeStatus()
         self.params: Optional[P.NodeParams] = None
         self.policies: Optional[PolicyManager] = None
         self.queue: Optional[ActionQueue] = None
         self.inputs: Optional[InputStore] = None
         self.ticks: Optional[TickMonitor] = None
+        self.dt = None
         self._worker: Optional[InferenceWorker] = None
         self._loop: Optional[ControlLoop] = None
         self._subs, self._action_pub, self._chunk_pub = [], None, None
         self.delay = DelayEstimator(window=10)
         self.inference_s, self.e2e_s = RollingWindow(2000), RollingWindow(2000)
-        self.inference_errors, self.last_inference_error, self.last_error = 0, '', ''
-        self.clipped_values, self.known_last, self.nfe_last, self.qos_incompatible = 0, 0, None, 0
-        self.hold_reason: Optional[str] = 'unconfigured'
-        self._hold_position: Optional[np.ndarray] = None
         self._action_names: list = []
+        self._kinds: list = []
+        self._limits: Optional[ActionLimits] = None
+        self._trajectory: Optional[TrajectoryMap] = None
+        self._last_action: Optional[np.ndarray] = None  # control thread: the last action commanded [D]
         self._last_chunk_id, self._chunks_at_hold = 0, 0
-        self._retry_at, self._retry_backoff = 0.0, 0.2
-        self._revert_policy: Optional[str] = None
-        self._running_policy_param: Optional[str] = None
-        self._live_from(P.read(self))
+        self._chunk_instruction: Optional[str] = None  # worker thread: the instruction of the last chunk pushed
+        self._apply_live(P.live_values(self))
         self._revert_guard = self.create_guard_condition(self._apply_revert)
         self._set_cb = self.add_on_set_parameters_callback(self._on_set_parameters)
         self._post_cb = self.add_post_set_parameters_callback(self._after_set_parameters)
@@ -80,21 +99,26 @@ class PolicyNode(PolicyParameters, LifecycleNode):
     def now_seconds(self) -> float:
         return self.get_clock().now().nanoseconds * 1e-9
 
-    def _live_from(self, p: P.NodeParams) -> None:
-        self.max_image_age_s = float(p['max_image_age_s'])
-        self._chunk_threshold = float(p['chunk_threshold'])
-        self._rtc = bool(p['real_time_chunking'])
+    @property
+    def lifecycle_state(self) -> str:
+        return self.status.get('lifecycle_state')
+
+    def _apply_live(self, live: dict) -> None:
+        self.max_image_age_s = float(live['max_image_age_s'])
+        self._chunk_threshold = float(live['chunk_threshold'])
+        self._rtc = bool(live['real_time_chunking'])
 
     def _fail(self, what: str, error: Exception) -> None:
-        self.last_error = f'{what}: {type(error).__name__}: {error}'
-        self.get_logger().error(self.last_error)
+        message = f'{what}: {type(error).__name__}: {error}'
+        self.status.set(last_error=message)
+        self.get_logger().error(message)
 
     # --- lifecycle --------------------------------------------------------------------------------------------
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         try:
             p = self.params = P.read(self)
-            self._live_from(p)
-            self.last_error = ''
+            self._apply_live(P.live_values(self))
+            self.status.set(last_error='', rate_warning='')
             self.policies = PolicyManager(
                 p.policy_dirs_resolved, p['engine'], decoder=p['decoding.decoder'], overrides=p.decoding_overrides,
                 require_gpu=p['require_gpu'], threads=p['threads'], warmup_runs=p['warmup_runs'],
@@ -102,10 +126,8 @@ class PolicyNode(PolicyParameters, LifecycleNode):
             self.get_logger().info(f"configuring: policy {p['policy']!r} from {p.policy_dirs_resolved} "
                                    f"on {p['engine']}")
             runner = self.policies.load(p['policy'])
+            self._set_action_space(p, runner)
             cfg = runner.config
-            self._running_policy_param = p['policy']
-            self._action_names = list(runner.action_names)
-            self.dt = 1.0 / p['control_rate_hz']
             self.queue = ActionQueue(self.dt, cfg.action_dim)
             self.inputs = InputStore(p['max_instruction_chars'], cfg.state_dim, cfg.state_names)
             self.ticks = TickMonitor(self.dt, window=5000)
@@ -115,10 +137,30 @@ class PolicyNode(PolicyParameters, LifecycleNode):
             self._fail('configure failed', e)
             self._teardown()
             return FAILURE
-        self.lifecycle_state, self.hold_reason = 'inactive', 'inactive'
-        self.get_logger().info(f'configured: {runner.name} (H={cfg.chunk_len}, D={cfg.action_dim}) at '
-                               f"{p['control_rate_hz']:g} Hz; camera {p['camera_topic']}")
+        self.status.set(lifecycle_state='inactive', hold_reason='inactive')
+        self.get_logger().info(f'configured: {runner.name} (H={cfg.chunk_len}, D={cfg.action_dim}, kinds '
+                               f'{self._kinds}) at {1.0 / self.dt:g} Hz; camera {p["camera_topic"]}')
         return SUCCESS
+
+    def _set_action_space(self, p: P.NodeParams, runner) -> None:
+        """Rate, action kinds, limits and the trajectory mapping of the loaded policy (ValueError if they clash)."""
+        cfg = runner.config
+        rate, warning = control_rate(p['control_rate_hz'], cfg.control_rate_hz, runner.name)
+        if warning:
+            self.get_logger().warning(warning)
+        self.dt = 1.0 / rate
+        self._action_names, self._kinds = list(runner.action_names), list(cfg.kinds)
+        self._limits = ActionLimits.parse(p['action_limits.lower'], p['action_limits.upper'], self._action_names)
+        self._trajectory = TrajectoryMap.build(self._action_names, self._kinds, p['trajectory_joints'])
+        if not self._trajectory.enabled:
+            self.get_logger().warning(f'{p["action_chunk_topic"]} is not published: {self._trajectory.off_reason}')
+        extra = {'action_kinds': ', '.join(f'{n}: {k}' for n, k in zip(self._action_names, self._kinds)),
+                 'action_limits': self._limits.describe(self._action_names) if self._limits else 'none',
+                 'trajectory_joints': (', '.join(f'{self._action_names[i]}={j}' for i, j in
+                                                 zip(self._trajectory.indices, self._trajectory.joint_names))
+                                       or f'off: {self._trajectory.off_reason}'),
+                 'policy_control_rate_hz': cfg.control_rate_hz}
+        self.status.set(rate_warning=warning, extra=extra)
 
     def _create_io(self, p: P.NodeParams, state_dim: int) -> None:
         def events(topic):
@@ -139,27 +181,38 @@ class PolicyNode(PolicyParameters, LifecycleNode):
             self._subs.append(self.create_subscription(JointState, p['joint_states_topic'], self._on_joint_state,
                                                        P.image_qos('sensor_data', 1)))
         self._action_pub = self.create_lifecycle_publisher(JointState, p['action_topic'], P.output_qos())
-        self._chunk_pub = self.create_lifecycle_publisher(JointTrajectory, p['action_chunk_topic'], P.output_qos())
+        if self._trajectory.enabled:
+            self._chunk_pub = self.create_lifecycle_publisher(JointTrajectory, p['action_chunk_topic'],
+                                                              P.output_qos())
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        result = super().on_activate(state)  # activates the lifecycle publishers
-        self.queue.reset()
-        self.ticks = TickMonitor(self.dt, window=5000)
-        self._last_chunk_id, self._retry_at, self._chunks_at_hold = 0, 0.0, self.queue.stats.chunks_pushed
-        self._loop = ControlLoop(self.get_clock(), self.dt, self._tick, self._on_tick_error,
-                                 priority=self.params['control_thread_priority'])
-        self._loop.start()
-        self.lifecycle_state, self.hold_reason = 'active', 'starting'
+        try:
+            result = super().on_activate(state)  # activates the lifecycle publishers
+            self.queue.reset()
+            self.ticks = TickMonitor(self.dt, window=5000)
+            self._last_chunk_id, self._chunks_at_hold = 0, self.queue.stats.chunks_pushed
+            self._chunk_instruction = None
+            self.status.retry_now()
+            self._loop = ControlLoop(self.get_clock(), self.dt, self._tick, self._on_tick_error,
+                                     priority=self.params['control_thread_priority'])
+            self._loop.start()
+        except Exception as e:
+            self._fail('activate failed', e)
+            return FAILURE
+        self.status.set(lifecycle_state='active', hold_reason='starting')
         self.get_logger().info(f'active: ticking at {1.0 / self.dt:g} Hz')
         return result
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        if self._loop is not None:
-            self._loop.stop()
-            self._loop = None
-        self.queue.clear()
-        self._publish_hold(self.get_clock().now().nanoseconds, 'deactivated')
-        self.lifecycle_state = 'inactive'
+        try:
+            if self._loop is not None:
+                self._loop.stop()
+                self._loop = None
+            self.queue.clear()
+            self._publish_hold(self.get_clock().now().nanoseconds, 'deactivated')
+        except Exception as e:
+            self._fail('deactivate', e)
+        self.status.set(lifecycle_state='inactive')
         return super().on_deactivate(state)
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -168,7 +221,7 @@ class PolicyNode(PolicyParameters, LifecycleNode):
 
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._teardown()
-        self.lifecycle_state = 'finalized'
+        self.status.set(lifecycle_state='finalized')
         return SUCCESS
 
     def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -176,25 +229,28 @@ class PolicyNode(PolicyParameters, LifecycleNode):
         return SUCCESS
 
     def _teardown(self) -> None:
-        """Stop threads and drop everything configure created (safe to call twice)."""
-        if self._loop is not None:
-            self._loop.stop()
-            self._loop = None
-        if self._worker is not None:
-            self._worker.stop(timeout=10.0)
-            self._worker = None
-        if self.policies is not None:
-            self.policies.close()
-        for sub in self._subs:
-            self.destroy_subscription(sub)
-        self._subs = []
-        for pub in (self._action_pub, self._chunk_pub):
-            if pub is not None:
-                self.destroy_lifecycle_publisher(pub)
+        """Stop threads and drop everything configure created (safe to call twice, never raises)."""
+        try:
+            if self._loop is not None:
+                self._loop.stop()
+                self._loop = None
+            if self._worker is not None:
+                self._worker.stop(timeout=10.0)
+                self._worker = None
+            if self.policies is not None:
+                self.policies.close()
+            for sub in self._subs:
+                self.destroy_subscription(sub)
+            self._subs = []
+            for pub in (self._action_pub, self._chunk_pub):
+                if pub is not None:
+                    self.destroy_lifecycle_publisher(pub)
+        except Exception as e:
+            self._fail('teardown', e)
         self._action_pub = self._chunk_pub = None
         self.policies = self.queue = self.inputs = None
-        self._hold_position = None
-        self.lifecycle_state, self.hold_reason = 'unconfigured', 'unconfigured'
+        self._last_action = None
+        self.status.set(lifecycle_state='unconfigured', hold_reason='unconfigured')
 
     def shutdown(self) -> None:
         """Stop the threads (main() calls this before destroy_node)."""
@@ -212,36 +268,42 @@ class PolicyNode(PolicyParameters, LifecycleNode):
             inputs.reject_image(f'{self._camera_topic}: {e}')
             self.get_logger().warning(f'image refused on {self._camera_topic}: {e}', throttle_duration_sec=5.0)
             return
-        inputs.set_image(rgb, stamp_seconds(msg.header.stamp), received)
+        try:
+            inputs.set_image(rgb, stamp_seconds(msg.header.stamp), received)
+        except Exception as e:
+            inputs.reject_image(f'{self._camera_topic}: {type(e).__name__}: {e}')
 
     def _on_instruction(self, msg: String) -> None:
-        if self.inputs is None:
+        inputs = self.inputs
+        if inputs is None:
             return
         try:
-            reason = self.inputs.set_instruction(msg.data)
+            reason = inputs.set_instruction(msg.data)
         except Exception as e:
             reason = f'{type(e).__name__}: {e}'
         if reason:
             self.get_logger().warning(f'instruction: {reason}')
         else:
-            self._retry_at, self._retry_backoff = 0.0, 0.2  # new input: retry a failing inference at once
-            self.get_logger().info(f'instruction: {self.inputs.instruction[:120]!r}')
+            self.status.retry_now()  # new input: retry a failing inference at once
+            self.get_logger().info(f'instruction: {(inputs.instruction or "")[:120]!r}')
 
     def _on_joint_state(self, msg: JointState) -> None:
-        if self.inputs is None:
+        inputs = self.inputs
+        if inputs is None:
             return
         try:
-            reason = self.inputs.set_joint_state(msg.name, msg.position)
+            reason = inputs.set_joint_state(msg.name, msg.position)
         except Exception as e:
             reason = f'{type(e).__name__}: {e}'
         if reason:
             self.get_logger().warning(f'joint state refused: {reason}', throttle_duration_sec=5.0)
 
     def _on_incompatible_qos(self, topic: str, event) -> None:
-        self.qos_incompatible += 1
-        self.last_error = (f'incompatible QoS on {topic} (policy id {event.last_policy_kind}): a publisher '
-                           'offers what this subscription cannot match; see the *_qos parameters')
-        self.get_logger().error(self.last_error, throttle_duration_sec=5.0)
+        self.status.add('qos_incompatible')
+        message = (f'incompatible QoS on {topic} (policy id {event.last_policy_kind}): a publisher '
+                   'offers what this subscription cannot match; see the *_qos parameters')
+        self.status.set(last_error=message)
+        self.get_logger().error(message, throttle_duration_sec=5.0)
 
     # --- control tick (control thread) --------------------------------------------------------------------------
     def _tick(self, now_ns: int) -> None:
@@ -261,45 +323,68 @@ class PolicyNode(PolicyParameters, LifecycleNode):
         if action.chunk_id != self._last_chunk_id:
             self._last_chunk_id = action.chunk_id
             self.e2e_s.add(now - action.obs_stamp)  # image stamp -> first action computed from it
-        rows = [action.action] + [a.action for a in self.queue.remaining()]
         self._action_pub.publish(joint_command(self._action_names, action.action, now_ns))
-        self._chunk_pub.publish(trajectory(self._action_names, np.stack(rows), now_ns, self.dt))  # [n, D]
-        if self.hold_reason is not None:
-            self.get_logger().info(f'executing {self.policies.current.name} (was holding: {self.hold_reason})')
-        self._hold_position, self.hold_reason = action.action, None
+        if self._chunk_pub is not None:
+            rows = np.stack([action.action] + [a.action for a in self.queue.remaining()])  # [n, D]
+            cols = list(self._trajectory.indices)
+            self._chunk_pub.publish(trajectory(self._trajectory.joint_names, rows[:, cols], now_ns, self.dt))
+        previous = self.status.change_hold(None)
+        if previous is not None:
+            self.get_logger().info(f'executing {self.policies.current_name} (was holding: {previous})')
+        self._last_action = action.action
         self._request(now)
 
     def _dry_reason(self, now: float) -> str:
-        if self.last_inference_error and self._retry_at > 0:
-            return f'no plan: inference failed: {self.last_inference_error}'
-        if self.queue.stats.chunks_pushed == self._chunks_at_hold:
-            return 'waiting for the first chunk' + (' after the hold' if self._chunks_at_hold else '')
+        runner = self.policies.current
+        horizon = runner.config.chunk_len
+        span, rate = horizon * self.dt, 1.0 / self.dt
+        latency = self.delay.expected() or (self.inference_s.last or 0.0)
+        trained = runner.config.control_rate_hz
+        lower = f'lower control_rate_hz (the policy was trained at {trained:g} Hz)' if trained else \
+            'lower control_rate_hz'
+        if latency >= span:
+            return (f'chunk shorter than an inference: {horizon} actions last {span * 1e3:.0f} ms at {rate:g} Hz but '
+                    f'an inference takes {latency * 1e3:.0f} ms, so every chunk is over before it arrives; {lower}')
+        if self.status.failing():
+            return f'no plan: inference failed: {self.status.get("last_inference_error")}'
         age = self.inputs.image_age(now) or 0.0
-        span = self.policies.current.config.chunk_len * self.dt
+        if self.queue.stats.chunks_pushed == self._chunks_at_hold:
+            if age >= span:
+                return (f'waiting for the first chunk: the newest image is {age * 1e3:.0f} ms old, longer than the '
+                        f'{span * 1e3:.0f} ms a {horizon}-action chunk lasts at {rate:g} Hz; {lower}')
+            return 'waiting for the first chunk' + (' after the hold' if self._chunks_at_hold else '')
         if age > span / 2:  # chunks start at the image stamp: an old image leaves little of its chunk
             return (f'queue ran dry: the newest image is {age * 1e3:.0f} ms old, most of its '
                     f'{span * 1e3:.0f} ms chunk is over before it is computed (slow camera or refused images)')
-        latency = (self.inference_s.last or 0.0) * 1e3
-        return (f'queue ran dry: no planned action for this tick (last inference {latency:.0f} ms, '
+        return (f'queue ran dry: no planned action for this tick (last inference {latency * 1e3:.0f} ms, '
                 f'newest image {age * 1e3:.0f} ms old)')
 
     def _publish_hold(self, now_ns: int, reason: str) -> None:
-        kind = reason.split(':', 1)[0]
-        if self.hold_reason is None or kind != self.hold_reason.split(':', 1)[0]:  # log changes, not every tick
+        """A true hold: 0 for delta dimensions, the last target for absolute ones (nothing before the first
+        action unless every dimension is a delta)."""
+        previous = self.status.change_hold(reason)
+        if previous is None or reason.split(':', 1)[0] != previous.split(':', 1)[0]:  # log changes only
             self.get_logger().info(f'holding: {reason}')
-        self.hold_reason = reason
-        position = self._hold_position
-        if position is None or self._action_pub is None:
-            return  # nothing was commanded yet: there is no position to hold
+        if self._action_pub is None or not self._kinds:
+            return
+        last = self._last_action
+        if last is None:
+            if any(k != 'delta' for k in self._kinds):
+                return  # nothing was commanded yet: there is no target to hold
+            last = np.zeros(len(self._kinds), np.float32)
+        position = hold_action(last, self._kinds)
         self._action_pub.publish(joint_command(self._action_names, position, now_ns, hold=True))
-        self._chunk_pub.publish(trajectory(self._action_names, position[None], now_ns, self.dt, hold=True))
+        if self._chunk_pub is not None:
+            cols = list(self._trajectory.indices)
+            self._chunk_pub.publish(trajectory(self._trajectory.joint_names, position[None, cols], now_ns, self.dt,
+                                               hold=True))
 
     def _request(self, now: float) -> None:
         """Start an inference when the queue is low, none is running and the retry back-off has passed."""
         runner = self.policies.current
         horizon = runner.config.chunk_len
         threshold = max(math.ceil(self._chunk_threshold * horizon), min(horizon, self.delay.ticks(self.dt) + 1))
-        if self.queue.depth() > threshold or now < self._retry_at or self._worker.busy:
+        if self.queue.depth() > threshold or not self.status.may_infer(now) or self._worker.busy:
             return
         obs = self.inputs.snapshot()
         if obs is None or now - obs.stamp >= horizon * self.dt:
@@ -313,9 +398,10 @@ class PolicyNode(PolicyParameters, LifecycleNode):
 
     # --- inference (worker thread) ------------------------------------------------------------------------------
     def _infer(self, obs: Observation) -> None:
-        runner = self.policies.take_pending()  # a loaded replacement takes over between chunks
+        runner = self.policies.current  # read once per chunk: a swap takes effect between chunks
+        fresh = obs.instruction != self._chunk_instruction  # a new task: do not continue the old task's chunk
+        max_known = runner.config.chunk_len - 1 if self._rtc and not fresh else 0
         asked = self.now_seconds()
-        max_known = runner.config.chunk_len - 1 if self._rtc else 0
         plan = self.queue.plan_request(obs.stamp, asked, self.delay.expected(), max_known)
         start = time.perf_counter()
         pred = runner.predict(obs.image, obs.instruction, state=obs.state,
@@ -323,34 +409,51 @@ class PolicyNode(PolicyParameters, LifecycleNode):
         self.inference_s.add(time.perf_counter() - start)
         k = len(plan.known)
         actions = np.array(pred.actions, dtype=np.float32)  # [H, D]
-        clipped = actions.copy()
-        clipped[:k] = plan.known  # exactly what was planned (and clamped by the policy that planned it)
-        clipped[k:] = np.clip(actions[k:], runner.action_low, runner.action_high)
-        self.clipped_values += int(np.count_nonzero(clipped[k:] != actions[k:]))
+        actions[:k] = plan.known  # exactly what was planned (and clipped when it was planned)
+        actions, clipped = postprocess_chunk(actions, k, self._limits)
         arrived = self.now_seconds()
         self.delay.add(arrived - asked)
-        result = self.queue.push_chunk(clipped, obs.stamp, arrived)
-        self.known_last, self.nfe_last = k, getattr(pred, 'nfe', None)
-        self._retry_at, self._retry_backoff = 0.0, 0.2
+        if self.inputs is None or self.inputs.instruction != obs.instruction:
+            self.status.add('stale_chunks_dropped')  # the task changed while this chunk was computed
+            return
+        result = self.queue.push_chunk(actions, obs.stamp, arrived)
+        if result.accepted and fresh and self._chunk_instruction is not None:
+            self.status.add('fresh_chunks')
+        if result.accepted:
+            self._chunk_instruction = obs.instruction
+        self.status.add('clipped_values', clipped)
+        self.status.set(known_last=k, nfe_last=getattr(pred, 'nfe', None))
+        self.status.retry_now()
         if not result.accepted:
             self.get_logger().warning(f'chunk dropped: {result.reason}', throttle_duration_sec=5.0)
 
     def _on_inference_error(self, error: Exception) -> None:
-        self.inference_errors += 1
-        self.last_inference_error = f'{type(error).__name__}: {error}'
-        self._retry_at = self.now_seconds() + self._retry_backoff  # back off instead of failing every tick
-        self._retry_backoff = min(self._retry_backoff * 2, 2.0)
-        self.get_logger().error(f'inference failed: {self.last_inference_error}', throttle_duration_sec=5.0)
+        message = f'{type(error).__name__}: {error}'
+        self.status.inference_failed(self.now_seconds(), message)  # back off instead of failing every tick
+        self.get_logger().error(f'inference failed: {message}', throttle_duration_sec=5.0)
 
     # --- diagnostics (executor thread) --------------------------------------------------------------------------
+    def diagnostics_sources(self) -> Sources:
+        loop, p = self._loop, self.params
+        return Sources(status=self.status.snapshot(), now=self.now_seconds(), engine=p['engine'] if p else '',
+                       control_rate_hz=1.0 / self.dt if self.dt and self.policies else None,
+                       max_image_age_s=self.max_image_age_s, policies=self.policies, queue=self.queue,
+                       inputs=self.inputs, ticks=self.ticks, priority_error=loop.priority_error if loop else '',
+                       inference_s=self.inference_s, e2e_s=self.e2e_s, delay=self.delay)
+
     def publish_diagnostics(self) -> None:
         try:
-            level, message, values = collect(self)
+            level, message, values = collect(self.diagnostics_sources())
         except Exception as e:  # never let a reporting bug stop the node
             level, message, values = 'error', f'diagnostics failed: {type(e).__name__}: {e}', {}
-        hardware_id = self.get_parameter('hardware_id').value or self.get_fully_qualified_name()
-        self._diag_pub.publish(diagnostic_array(self.get_clock().now().nanoseconds,
-                                                f'{self.get_name()}: policy', hardware_id, level, message, values))
+        try:
+            hardware_id = self.get_parameter('hardware_id').value or self.get_fully_qualified_name()
+            self._diag_pub.publish(diagnostic_array(self.get_clock().now().nanoseconds,
+                                                    f'{self.get_name()}: policy', hardware_id, level, message,
+                                                    values))
+        except Exception as e:
+            self.status.add('callback_errors')
+            self.get_logger().error(f'publishing diagnostics failed: {e}', throttle_duration_sec=5.0)
 
 
 class _RosLogHandler(logging.Handler):
@@ -373,7 +476,12 @@ class _RosLogHandler(logging.Handler):
 def main(args=None) -> None:
     """``ros2 run blockvla_ros policy_node [--ros-args ...]``; Ctrl-C shuts down cleanly."""
     rclpy.init(args=args)
-    node = PolicyNode()
+    try:
+        node = PolicyNode()
+    except Exception as e:  # e.g. a parameter given with the wrong type on the command line
+        print(f'policy_node: cannot start: {type(e).__name__}: {e}', file=sys.stderr)
+        rclpy.try_shutdown()
+        raise SystemExit(2) from None
     handler = _RosLogHandler(node.get_logger())
     package_log = logging.getLogger('blockvla_ros')
     package_log.addHandler(handler)

@@ -1,9 +1,13 @@
 """Parameter handling of the policy node: validation in the set-callback, the background swap after it.
 
-The set-callback only validates (values, configure-time parameters, and for ``policy``: resolve inside the policy
-directories, verify the manifest, compare the action space with the running policy). The post-set callback starts
-the background load; a load that fails reverts the parameter to the running policy (on the executor, through a
-guard condition) and says why in the log and /diagnostics.
+The set-callback only validates (values; for ``policy``: resolve inside the policy directories, verify the folder,
+compare the action space with the running policy). Everything but ``policy`` and the live knobs is read-only after
+start-up (rclpy refuses those sets from the descriptor). The post-set callback hands the new ``policy`` to the
+PolicyManager's swap state machine; a load that fails sets the parameter back to the running policy (on the
+executor, through a guard condition) and says why in the log and /diagnostics.
+
+No exception may leave these callbacks: one escaping a parameter callback ends rclpy's executor (the node dies and
+the caller never gets an answer), so each callback catches everything at its boundary, counts it and answers.
 """
 from __future__ import annotations
 
@@ -16,55 +20,68 @@ from . import params as P
 
 
 class PolicyParameters:
-    """Mixin for PolicyNode (uses its policies, logger, ``_live_from``, ``_fail`` and ``_revert_guard``)."""
+    """Mixin for PolicyNode (uses its policies, status, logger, ``_apply_live``, ``_fail`` and ``_revert_guard``)."""
 
     _revert_policy: Optional[str] = None
-    _running_policy_param: Optional[str] = None
 
     def _on_set_parameters(self, parameters) -> SetParametersResult:
-        """Validation only: values, configure-time parameters, and a policy swap's folder and action space."""
-        configured = self.policies is not None
-        for param in parameters:
-            reason = P.check_value(param.name, param.value)
-            spec = P.SPEC_BY_NAME.get(param.name)
-            if reason is None and spec is not None and not spec.live and configured:
-                reason = f'{param.name} is read at configure: deactivate and clean up the node first'
-            if reason is None and param.name == 'policy' and configured and not self.policies.is_running(param.value):
-                try:
-                    self.policies.validate(param.value)
-                except (ValueError, OSError) as e:
-                    reason = f'policy {param.value!r} refused: {e}'
-            if reason:
-                self.get_logger().warning(f'parameter {param.name} refused: {reason}')
-                return SetParametersResult(successful=False, reason=reason)
+        try:
+            reason = self._refusal(parameters)
+        except Exception as e:  # a bug in validation must still answer the caller and keep the node up
+            self.status.add('callback_errors')
+            reason = f'could not be checked ({type(e).__name__}: {e})'
+        if reason:
+            self.get_logger().warning(f'parameter set refused: {reason}')
+            return SetParametersResult(successful=False, reason=reason)
         return SetParametersResult(successful=True)
 
-    def _after_set_parameters(self, parameters) -> None:
+    def _refusal(self, parameters) -> Optional[str]:
+        """Why this set is refused (None: accepted)."""
+        policies = self.policies
         for param in parameters:
-            if param.name in ('max_image_age_s', 'chunk_threshold', 'real_time_chunking'):
-                self._live_from(P.read(self))
-            elif param.name == 'policy' and self.policies is not None:
-                if self.policies.is_running(param.value):
-                    self._running_policy_param = param.value
-                    continue
+            spec = P.SPEC_BY_NAME.get(param.name)
+            if spec is not None and not spec.live:  # rclpy refuses these from the descriptor; this is the fallback
+                return f'{param.name} is read-only after start-up (restart the node to change it)'
+            reason = P.check_value(param.name, param.value)
+            if reason:
+                return reason
+            if param.name == 'policy' and policies is not None and not policies.is_running(param.value):
                 try:
-                    self.policies.start_swap(param.value)
-                    self.get_logger().info(f'loading policy {param.value!r} in the background')
-                except ValueError as e:
-                    self._fail('policy swap', e)
+                    policies.validate(param.value)
+                except Exception as e:  # PolicyFolderError, or whatever a malformed folder makes a reader raise
+                    detail = str(e) if isinstance(e, ValueError) else f'{type(e).__name__}: {e}'
+                    return f'policy {param.value!r} refused: {detail}'
+        return None
 
-    def _on_swap_done(self, name: str, error: Optional[str]) -> None:
-        """Loader thread: success keeps the new name; failure reverts the parameter on the executor."""
+    def _after_set_parameters(self, parameters) -> None:
+        try:
+            for param in parameters:
+                if param.name == 'policy' and self.policies is not None:
+                    what = self.policies.request(param.value)
+                    if what != 'running':
+                        self.get_logger().info(f'policy {param.value!r}: {what} in the background')
+                elif param.name in P.SPEC_BY_NAME and P.SPEC_BY_NAME[param.name].live:
+                    self._apply_live(P.live_values(self))
+        except Exception as e:
+            self.status.add('callback_errors')
+            self._fail('applying a parameter', e)
+
+    def _on_swap_done(self, name: str, error: Optional[str], restore: Optional[str]) -> None:
+        """Loader thread: a failure is reported; if the parameter still named the failed policy, it goes back."""
         if error is None:
-            self._running_policy_param = name
-            self.get_logger().info(f'policy {name!r} loaded; it takes over at the next chunk')
             return
-        self.last_error = f'policy swap to {name!r} failed, still running {self._running_policy_param!r}: {error}'
-        self.get_logger().error(self.last_error)
-        self._revert_policy = self._running_policy_param
-        self._revert_guard.trigger()
+        self.status.set(last_error=f'policy swap to {name!r} failed, still running '
+                                   f'{self.policies.current_name if self.policies else None!r}: {error}')
+        self.get_logger().error(self.status.get('last_error'))
+        if restore is not None:
+            self._revert_policy = restore
+            self._revert_guard.trigger()
 
     def _apply_revert(self) -> None:
-        name, self._revert_policy = self._revert_policy, None
-        if name is not None:
-            self.set_parameters([Parameter('policy', value=name)])
+        try:
+            name, self._revert_policy = self._revert_policy, None
+            if name is not None:
+                self.set_parameters([Parameter('policy', value=name)])
+        except Exception as e:
+            self.status.add('callback_errors')
+            self._fail('restoring the policy parameter', e)
