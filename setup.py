@@ -31,6 +31,7 @@ setup(
         ('share/' + PACKAGE + '/config', glob('config/*.yaml')),
         ('share/' + PACKAGE + '/config/train', glob('config/train/*.yaml')),
         *_tree('models', 'models'),
+        *_tree('data/demo_recording', 'data/demo_recording'),  # what `python -m blockvla_ros.demo` plays
     ],
     install_requires=['setuptools'],
     zip_safe=True,

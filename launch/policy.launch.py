@@ -1,39 +1,63 @@
 """Launch the blockvla_policy lifecycle node, then configure and activate it.
 
-    ros2 launch blockvla_ros policy.launch.py policy:=demo engine:=onnxruntime camera_topic:=/cam/image_raw
+    ros2 launch blockvla_ros policy.launch.py policy:=demo camera_topic:=/cam/image_raw
 
-Launch arguments override the parameters file. With autostart:=false the node stays unconfigured; drive it with
+One source of truth: the parameters file (params_file, default config/policy_node.yaml). A launch argument is
+passed to the node only when it is given on the command line, and then overrides that file; every argument left
+empty leaves the file's value in force. With autostart:=false the node stays unconfigured; drive it with
 `ros2 lifecycle set /blockvla_policy configure` and `... activate`.
 """
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, EmitEvent, LogInfo, RegisterEventHandler
+from launch.actions import DeclareLaunchArgument, EmitEvent, LogInfo, OpaqueFunction, RegisterEventHandler
 from launch.conditions import IfCondition
 from launch.events import matches_action
 from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
 from launch_ros.actions import LifecycleNode
 from launch_ros.event_handlers import OnStateTransition
 from launch_ros.events.lifecycle import ChangeState
-from launch_ros.parameter_descriptions import ParameterValue
 from launch_ros.substitutions import FindPackageShare
 from lifecycle_msgs.msg import Transition
 
-ARGUMENTS = (
-    ('policy', 'demo', 'Policy folder name (or a path inside policy_dirs) to run.'),
-    ('engine', 'onnxruntime', 'Inference backend: onnxruntime | onnxruntime-cuda | tensorrt | torch.'),
-    ('control_rate_hz', '50.0', 'Control rate of the action and action_chunk topics (Hz).'),
-    ('camera_topic', 'camera/image_raw', 'Camera topic; a name ending in /compressed subscribes to '
-     'sensor_msgs/CompressedImage.'),
+# Node parameters settable from the command line: passed only when given (empty: the parameters file decides).
+NODE_ARGUMENTS = (
+    ('policy', str, 'Policy folder name (or a path inside policy_dirs) to run. Default: the parameters file '
+     '(demo).'),
+    ('engine', str, 'Inference backend: onnxruntime | onnxruntime-cuda | tensorrt | torch. Default: the '
+     'parameters file.'),
+    ('control_rate_hz', float, 'Control rate of the action topics (Hz). Default: the parameters file, whose 0 '
+     'means the rate the policy was trained at.'),
+    ('camera_topic', str, 'Camera topic; a name ending in /compressed subscribes to sensor_msgs/CompressedImage. '
+     'Default: the parameters file.'),
+    ('use_sim_time', bool, 'Use /clock (for example from a bag played with --clock). Default: false.'),
+)
+OTHER_ARGUMENTS = (
     ('params_file', PathJoinSubstitution([FindPackageShare('blockvla_ros'), 'config', 'policy_node.yaml']),
-     'YAML file with the node parameters (the arguments here override it).'),
+     'YAML file with the node parameters: the one source of truth (given arguments above override it).'),
     ('namespace', '', 'Namespace of the node and of its relative topics.'),
-    ('use_sim_time', 'false', 'Use /clock (for example from a bag played with --clock).'),
     ('autostart', 'true', 'Configure and activate the node once it is up.'),
 )
 
 
-def generate_launch_description():
-    arguments = [DeclareLaunchArgument(name, default_value=default, description=description)
-                 for name, default, description in ARGUMENTS]
+def given_parameters(values: dict) -> dict:
+    """The node parameters among ``values`` (argument name -> text) that were given, converted to their types."""
+    out = {}
+    for name, kind, _ in NODE_ARGUMENTS:
+        text = str(values.get(name, '')).strip()
+        if not text:
+            continue
+        if kind is bool:
+            if text.lower() not in ('true', 'false'):
+                raise ValueError(f'{name} must be true or false, got {text!r}')
+            out[name] = text.lower() == 'true'
+        else:
+            out[name] = kind(text)
+    return out
+
+
+def _node_and_transitions(context):
+    values = {name: LaunchConfiguration(name).perform(context) for name, _, _ in NODE_ARGUMENTS}
+    overrides = given_parameters(values)
+    overrides['autostart'] = False  # this file drives the lifecycle
     node = LifecycleNode(
         package='blockvla_ros',
         executable='policy_node',
@@ -41,17 +65,7 @@ def generate_launch_description():
         namespace=LaunchConfiguration('namespace'),
         output='screen',
         emulate_tty=True,
-        parameters=[
-            LaunchConfiguration('params_file'),
-            {
-                'policy': ParameterValue(LaunchConfiguration('policy'), value_type=str),
-                'engine': ParameterValue(LaunchConfiguration('engine'), value_type=str),
-                'control_rate_hz': ParameterValue(LaunchConfiguration('control_rate_hz'), value_type=float),
-                'camera_topic': ParameterValue(LaunchConfiguration('camera_topic'), value_type=str),
-                'use_sim_time': ParameterValue(LaunchConfiguration('use_sim_time'), value_type=bool),
-                'autostart': False,  # this file drives the lifecycle
-            },
-        ],
+        parameters=[LaunchConfiguration('params_file'), overrides],
     )
     autostart = IfCondition(LaunchConfiguration('autostart'))
     configure = EmitEvent(
@@ -71,4 +85,12 @@ def generate_launch_description():
         OnStateTransition(
             target_lifecycle_node=node, start_state='configuring', goal_state='unconfigured',
             entities=[LogInfo(msg='blockvla_policy failed to configure: see its log and /diagnostics')]))
-    return LaunchDescription([*arguments, activate_when_configured, report_failed_configure, node, configure])
+    return [activate_when_configured, report_failed_configure, node, configure]
+
+
+def generate_launch_description():
+    arguments = [DeclareLaunchArgument(name, default_value='', description=description)
+                 for name, _, description in NODE_ARGUMENTS]
+    arguments += [DeclareLaunchArgument(name, default_value=default, description=description)
+                  for name, default, description in OTHER_ARGUMENTS]
+    return LaunchDescription([*arguments, OpaqueFunction(function=_node_and_transitions)])

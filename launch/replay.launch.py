@@ -9,8 +9,8 @@ When the player finishes, the launch waits `settle_s` and shuts everything down;
 closes the output bag cleanly. Offline metrics on the same bag: `blockvla-replay` (no ROS needed).
 """
 from launch import LaunchDescription
-from launch.actions import (DeclareLaunchArgument, EmitEvent, ExecuteProcess, OpaqueFunction, RegisterEventHandler,
-                            TimerAction)
+from launch.actions import (DeclareLaunchArgument, EmitEvent, ExecuteProcess, LogInfo, OpaqueFunction,
+                            RegisterEventHandler, TimerAction)
 from launch.event_handlers import OnProcessExit
 from launch.events import Shutdown
 from launch.substitutions import LaunchConfiguration
@@ -21,7 +21,7 @@ ARGUMENTS = [
     ('policy', 'demo', 'Policy folder name under policy_dirs (the node parameter `policy`).'),
     ('policy_dirs', '', 'Comma-separated policy directories (empty: the package models/ directory).'),
     ('engine', 'onnxruntime', 'Inference engine: onnxruntime | onnxruntime-cuda | tensorrt | torch.'),
-    ('control_rate_hz', '10.0', 'Control rate of the node; must match the rate the policy was trained at.'),
+    ('control_rate_hz', '', "Control rate of the node (empty: the rate the policy was trained at)."),
     ('namespace', '', 'Namespace of the policy node (its topics are relative to it).'),
     ('out', 'replay_output', 'Output bag directory for the recorded node outputs (must not exist).'),
     ('storage', 'mcap', 'Storage of the output bag: mcap | sqlite3.'),
@@ -48,11 +48,13 @@ def _absolute(topic: str, namespace: str) -> str:
 def _setup(context):
     get = {name: LaunchConfiguration(name).perform(context) for name, _, _ in ARGUMENTS}
     dirs = [d for d in get['policy_dirs'].split(',') if d]
-    params = {'policy': get['policy'], 'engine': get['engine'], 'control_rate_hz': float(get['control_rate_hz']),
-              'use_sim_time': True, 'autostart': True, 'camera_topic': get['image_topic'],
-              'instruction_topic': get['instruction_topic'], 'joint_states_topic': get['state_topic']}
-    if dirs:
+    params = {'policy': get['policy'], 'engine': get['engine'], 'use_sim_time': True, 'autostart': True,
+              'camera_topic': get['image_topic'], 'instruction_topic': get['instruction_topic'],
+              'joint_states_topic': get['state_topic']}
+    if dirs:  # else the node's default: the package's models/
         params['policy_dirs'] = dirs
+    if get['control_rate_hz'].strip():  # else the policy's trained rate
+        params['control_rate_hz'] = float(get['control_rate_hz'])
     node = Node(package='blockvla_ros', executable='policy_node', name='blockvla_policy',
                 namespace=get['namespace'] or None, parameters=[params], output='screen')
     topics = [_absolute(t.strip(), get['namespace']) for t in get['record_topics'].split(',') if t.strip()]
@@ -71,7 +73,14 @@ def _setup(context):
         target_action=player,
         on_exit=[TimerAction(period=float(get['settle_s']),
                              actions=[EmitEvent(event=Shutdown(reason='bag playback finished'))])]))
-    return [node, recorder, player, stop_after_player]
+    stop_if_node_dies = RegisterEventHandler(OnProcessExit(target_action=node, on_exit=_node_exited))
+    return [node, recorder, player, stop_after_player, stop_if_node_dies]
+
+
+def _node_exited(event, context):
+    """The policy node ended before the player: nothing more can be recorded, so stop everything and say why."""
+    reason = f'the policy node exited with code {event.returncode} before the bag finished; see its log above'
+    return [LogInfo(msg=reason), EmitEvent(event=Shutdown(reason=reason))]
 
 
 def generate_launch_description():

@@ -139,7 +139,7 @@ def test_player_republishes_bag_with_recorded_timing_and_clock(tmp_path, storage
 
 def test_recorder_writes_what_the_player_plays(tmp_path):
     bag = tmp_path / 'bag'
-    recorded = _write_bag(bag, 'mcap', 'raw', 'JointTrajectory')
+    _write_bag(bag, 'mcap', 'raw', 'JointTrajectory')
     out, ready = tmp_path / 'out', tmp_path / 'ready'
     recorder = subprocess.Popen(
         [sys.executable, '-m', 'blockvla_ros.ros.bag_recorder_node', '--out', str(out), '--storage', 'sqlite3',
@@ -186,6 +186,24 @@ def test_player_errors_name_the_file(tmp_path):
     proc = _player(bag, '--topics', '/nope')
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 2 and "topics ['/nope'] are not in the bag" in out and str(bag) in out
+
+
+def test_player_plays_a_directory_of_bags_in_turn(tmp_path):
+    """`blockvla-bag-play data/demo_recording` style: a dataset directory plays bag after bag."""
+    bags = [_write_bag(tmp_path / 'set' / name, 'mcap', 'raw', 'JointTrajectory') for name in ('ep0', 'ep1')]
+    listener = _Listener({'/joint_command': 'trajectory_msgs/msg/JointTrajectory'})
+    try:
+        proc = _player(tmp_path / 'set', '--rate', '10', '--wait-for-subscribers', '/joint_command', '--linger', '0')
+        expected = sum(1 for bag in bags for m in bag if m[0] == '/joint_command')
+        listener.spin_until(lambda: len(listener.got['/joint_command']) >= expected, proc)
+        out = _finish(proc)
+    finally:
+        listener.close()
+    assert '2 bag(s)' in out and len(listener.got['/joint_command']) == expected == 2 * N
+    (tmp_path / 'empty' / 'notes').mkdir(parents=True)
+    proc = _player(tmp_path / 'empty')  # nothing playable: the message says what to pass
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and 'no rosbag2 recordings found' in out
 
 
 def test_playback_clock_maps_bag_time_to_wall_time():

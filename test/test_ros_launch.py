@@ -28,16 +28,36 @@ def test_arguments_are_declared_with_descriptions():
         assert declared[name].description and 'no description' not in declared[name].description.lower()
 
 
+def _module():
+    spec = importlib.util.spec_from_file_location('policy_launch', LAUNCH_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_lifecycle_node_is_configured_and_activated():
-    from launch.actions import EmitEvent, RegisterEventHandler
+    from launch import LaunchContext
+    from launch.actions import DeclareLaunchArgument, EmitEvent, RegisterEventHandler
     from launch_ros.actions import LifecycleNode
 
-    description = _description()
-    nodes = [e for e in description.entities if isinstance(e, LifecycleNode)]
+    module = _module()
+    context = LaunchContext()
+    for entity in module.generate_launch_description().entities:
+        if isinstance(entity, DeclareLaunchArgument) and entity.name not in ('params_file',):
+            entity.visit(context)  # params_file's default needs the installed package
+    entities = module._node_and_transitions(context)
+    nodes = [e for e in entities if isinstance(e, LifecycleNode)]
     assert len(nodes) == 1
     assert nodes[0].node_package == 'blockvla_ros' and nodes[0].node_executable == 'policy_node'
-    assert any(isinstance(e, EmitEvent) for e in description.entities), 'no configure event'
-    assert any(isinstance(e, RegisterEventHandler) for e in description.entities), 'no activate handler'
+    assert any(isinstance(e, EmitEvent) for e in entities), 'no configure event'
+    assert any(isinstance(e, RegisterEventHandler) for e in entities), 'no activate handler'
+
+
+def test_only_given_arguments_override_the_parameters_file():
+    module = _module()
+    assert module.given_parameters({'policy': '', 'engine': '', 'control_rate_hz': '', 'camera_topic': ''}) == {}
+    given = module.given_parameters({'policy': 'pick_v2', 'control_rate_hz': '15', 'use_sim_time': 'true'})
+    assert given == {'policy': 'pick_v2', 'control_rate_hz': 15.0, 'use_sim_time': True}
 
 
 def test_launch_file_resolves_in_a_launch_context():
@@ -57,5 +77,5 @@ def test_launch_file_resolves_in_a_launch_context():
     for entity in description.entities:
         if isinstance(entity, DeclareLaunchArgument):
             entity.visit(context)
-    assert context.launch_configurations['policy'] == 'demo'
+    assert context.launch_configurations['policy'] == ''  # not given: config/policy_node.yaml decides
     assert context.launch_configurations['params_file'].endswith('config/policy_node.yaml')

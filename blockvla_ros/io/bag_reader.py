@@ -53,7 +53,8 @@ class TopicMap:
             if not getattr(self, name):
                 raise ValueError(f'TopicMap.{name} must name a topic')
         if self.action_field not in vec.JOINT_STATE_FIELDS:
-            raise ValueError(f'TopicMap.action_field must be one of {vec.JOINT_STATE_FIELDS}, got {self.action_field!r}')
+            raise ValueError(f'TopicMap.action_field must be one of {vec.JOINT_STATE_FIELDS}, '
+                             f'got {self.action_field!r}')
 
 
 @dataclass
@@ -121,8 +122,8 @@ def _check_bag_path(path: Path) -> Path:
         if any(path.glob('*.db3')) and not any(path.glob('*.mcap')):
             raise BagError(f'{path}: bag directory has no metadata.yaml (an interrupted recording? '
                            'run `ros2 bag reindex` on it)')
-        raise BagError(f'{path}: not a rosbag2 bag (no metadata.yaml); for a directory of bags use '
-                       'iter_bag_paths; a lone .mcap file can be passed itself')
+        raise BagError(f'{path}: not a rosbag2 bag (no metadata.yaml): pass a bag directory (with metadata.yaml) '
+                       'or a .mcap/.db3 file; blockvla-bag-play and blockvla-replay also take a directory of bags')
     if path.suffix not in BAG_FILE_SUFFIXES:
         raise BagError(f'{path}: not a rosbag2 bag (expected a bag directory or a {"/".join(BAG_FILE_SUFFIXES)} file)')
     return path
@@ -260,7 +261,8 @@ def _read_streams(reader: Any, path: Path, roles: dict[str, str], topic_map: Top
     empty_actions = 0
     messages = reader.messages(connections=connections)
     total = sum(c.msgcount for c in connections)
-    with tqdm(total=total, desc=f'reading {path.name}', unit='msg', disable=None if progress is None else not progress) as bar:
+    quiet = None if progress is None else not progress
+    with tqdm(total=total, desc=f'reading {path.name}', unit='msg', disable=quiet) as bar:
         while True:
             try:
                 item = next(messages, None)
