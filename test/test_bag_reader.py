@@ -331,7 +331,7 @@ def test_garbage_and_non_bags(tmp_path):
     text.write_text('hello')
     with pytest.raises(BagError, match=f'{text}: not a rosbag2 bag'):
         read_episodes(text)
-    with pytest.raises(BagError, match=f'{tmp_path}: not a rosbag2 bag.*iter_bag_paths'):
+    with pytest.raises(BagError, match=f'{tmp_path}: not a rosbag2 bag.*also take a directory of bags'):
         read_episodes(tmp_path)
     with pytest.raises(BagError, match='does not exist'):
         read_episodes(tmp_path / 'missing')

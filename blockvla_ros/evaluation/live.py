@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
-DEFAULT_RECORD_TOPICS = ('action_chunk', 'action', '/diagnostics')
+DEFAULT_RECORD_TOPICS = ('action_chunk', 'action', '/diagnostics')  # action_chunk: when the node publishes it
 
 
 class LiveReplayError(RuntimeError):
@@ -104,6 +104,21 @@ def _node_cmd(policy: str, policy_dirs: list[str], engine: str, control_rate_hz:
     return cmd
 
 
+def _publishes_chunks(policy: str, policy_dirs: list[str], extra_params: dict | None) -> bool:
+    """Whether the node will publish action_chunk for this policy (absolute targets only; see TrajectoryMap)."""
+    from blockvla_ros.paths import package_data_dir
+    from blockvla_ros.runtime.action_output import TrajectoryMap
+    from blockvla_ros.runtime.policy_folder import load_policy_folder, resolve_policy
+
+    dirs = list(policy_dirs) or [str(package_data_dir('models') or 'models')]
+    try:
+        spec = load_policy_folder(resolve_policy(policy, dirs))
+        mapping = (extra_params or {}).get('trajectory_joints') or []
+        return TrajectoryMap.build(spec.action_names, spec.config.kinds, mapping).enabled
+    except ValueError:  # an unusable folder or mapping: the node will say so itself
+        return True
+
+
 def run_live(bag: str | Path, policy: str, out: str | Path, *, policy_dirs: list[str] | None = None,
              engine: str = 'onnxruntime', control_rate_hz: float | None = None, rate: float = 1.0, namespace: str = '',
              decoder: str | None = None, record_topics: tuple[str, ...] = DEFAULT_RECORD_TOPICS,
@@ -128,6 +143,8 @@ def run_live(bag: str | Path, policy: str, out: str | Path, *, policy_dirs: list
     env = dict(os.environ, ROS_AUTOMATIC_DISCOVERY_RANGE='LOCALHOST', PYTHONUNBUFFERED='1')
     if domain_id is not None:
         env['ROS_DOMAIN_ID'] = str(domain_id)
+    if 'action_chunk' in record_topics and not _publishes_chunks(policy, list(policy_dirs or []), extra_params):
+        record_topics = tuple(t for t in record_topics if t != 'action_chunk')  # delta actions: not published
     record = [_absolute(t, namespace) for t in record_topics]
     log_dir = Path(tempfile.mkdtemp(prefix='blockvla_live_'))
     ready = log_dir / 'recorder.ready'
