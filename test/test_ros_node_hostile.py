@@ -1,0 +1,219 @@
+"""Hostile and clumsy peers against the running node over real rclpy (issue 13's node items).
+
+Each test ends by checking that the node is still up and publishing policy actions at its rate. Policies: ``alpha``
+and ``beta`` (test_ros_policy_node's tiny policy and its shifted copy) and folders whose stats.json or policy.yaml
+hold wrong types (their manifests rebuilt, so only the content is wrong).
+"""
+import json
+import shutil
+import threading
+import time
+
+import numpy as np
+import pytest
+import yaml
+
+rclpy = pytest.importorskip('rclpy')
+from lifecycle_msgs.msg import Transition  # noqa: E402
+from rclpy.executors import SingleThreadedExecutor  # noqa: E402
+from rcl_interfaces.srv import SetParameters  # noqa: E402
+from rclpy.parameter import Parameter  # noqa: E402
+
+from blockvla_ros.ros.policy_node import PolicyNode  # noqa: E402
+from blockvla_ros.runtime.policy_folder import write_manifest  # noqa: E402
+from test_ros_policy_node import GOOD, RATE, Peer, _export_alpha, _shifted_copy, policy_action, stamp  # noqa: E402
+
+pytestmark = [pytest.mark.ros, pytest.mark.slow]
+
+# name -> (file, change): every one is a type or shape that parses as JSON/YAML but is wrong
+BAD_FOLDERS = {
+    'stats_extra_key': ('stats.json', lambda d: {**d, 'surprise': 1}),
+    'stats_null': ('stats.json', lambda d: None),
+    'stats_list': ('stats.json', lambda d: [1, 2, 3]),
+    'stats_strings': ('stats.json', lambda d: {**d, 'action_low': ['a', 'b', 'c']}),
+    'actions_empty': ('policy.yaml', lambda d: {**d, 'actions': {}}),
+    'graphs_list': ('policy.yaml', lambda d: {**d, 'graphs': []}),
+    'tokenizer_files_int': ('policy.yaml', lambda d: {**d, 'tokenizer_files': 5}),
+    'config_null': ('policy.yaml', lambda d: {**d, 'config': None}),
+    'kinds_wrong': ('policy.yaml', lambda d: {**d, 'config': {**d['config'], 'action_kinds': 'delta'}}),
+    'names_dict': ('policy.yaml', lambda d: {**d, 'actions': {**d['actions'], 'names': {'a': 1}}}),
+}
+
+
+def _bad_folder(models, name, file, change):
+    dest = models / name
+    shutil.copytree(models / 'alpha', dest)
+    path = dest / file
+    if file.endswith('.json'):
+        path.write_text(json.dumps(change(json.loads(path.read_text()))))
+    else:
+        path.write_text(yaml.safe_dump(change(yaml.safe_load(path.read_text())), sort_keys=False))
+    write_manifest(dest)
+
+
+@pytest.fixture(scope='module')
+def models(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp('hostile')
+    models = tmp / 'models'
+    _export_alpha(tmp, models)
+    _shifted_copy(models / 'alpha', models / 'beta', 10.0)
+    for name, (file, change) in BAD_FOLDERS.items():
+        _bad_folder(models, name, file, change)
+    outside = tmp / 'outside'
+    shutil.copytree(models / 'alpha', outside / 'evil')
+    return models
+
+
+@pytest.fixture(scope='module')
+def running(models):
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    node = PolicyNode(context=context, parameter_overrides=[
+        Parameter('policy', value='alpha'), Parameter('policy_dirs', value=[str(models)]),
+        Parameter('diagnostics_period_s', value=0.2), Parameter('warmup_runs', value=1),
+        Parameter('threads', value=1), Parameter('autostart', value=True)])
+    executor = SingleThreadedExecutor(context=context)
+    executor.add_node(node)
+    threading.Thread(target=executor.spin, daemon=True).start()
+    peer = Peer(context)
+    assert peer.transition(Transition.TRANSITION_CONFIGURE) and peer.transition(Transition.TRANSITION_ACTIVATE)
+    peer.make_frame = peer.good_raw
+    peer.say(GOOD)
+    peer.wait_actions(policy_action(-1, 1), timeout=30)
+    yield node, peer
+    peer.close()
+    executor.shutdown()
+    node.shutdown()
+    node.destroy_node()
+    rclpy.shutdown(context=context)
+
+
+def alive_at_rate(node, peer, low=-1.0, high=1.0, seconds=1.5):
+    """The node is up, active, and publishes its policy's actions at the control rate."""
+    peer.make_frame = peer.good_raw
+    peer.say(GOOD)
+    mark = peer.wait_actions(policy_action(low, high), mark=peer.mark(), timeout=30)
+    time.sleep(seconds)
+    got = [m for m in peer.since(mark) if policy_action(low, high)(m)]
+    assert len(got) >= 0.6 * RATE * seconds, f'{len(got)} policy actions in {seconds} s'
+    assert np.median(np.diff([stamp(m) for m in got])) == pytest.approx(1 / RATE, abs=0.002)
+    assert node.lifecycle_state == 'active' and node.context.ok()
+
+
+def test_folders_with_wrong_types_are_refused_with_an_answer(running):
+    """Issue 13 item 1: every set gets an answer naming the problem; nothing escapes the callback."""
+    node, peer = running
+    for name in BAD_FOLDERS:
+        result = peer.set_param('policy', name)
+        assert not result.successful, name
+        assert name in result.reason and 'refused' in result.reason, (name, result.reason)
+    assert peer.get_param('policy') == 'alpha'
+    diag = peer.wait_diag(lambda d: d['policy'] == 'alpha')
+    assert diag['callback_errors'] == '0'
+    alive_at_rate(node, peer)
+
+
+def test_policy_dirs_and_other_parameters_are_read_only(running, models):
+    """Issue 13 item 5: deactivate, cleanup, point policy_dirs at / -> refused; an outside folder never loads."""
+    node, peer = running
+    for name, value in (('policy_dirs', ['/']), ('action_topic', '/arm/command'), ('action_limits.upper', [9.0] * 3),
+                        ('trajectory_joints', ['j0=shoulder']), ('control_rate_hz', 500.0), ('engine', 'torch')):
+        result = peer.set_param(name, value)
+        assert not result.successful and 'read-only' in result.reason, (name, result.reason)
+    assert peer.transition(Transition.TRANSITION_DEACTIVATE) and peer.transition(Transition.TRANSITION_CLEANUP)
+    assert not peer.set_param('policy_dirs', ['/']).successful
+    outside = str(models.parent / 'outside' / 'evil')
+    assert peer.set_param('policy', outside).successful  # unconfigured: checked when configure resolves it
+    assert not peer.transition(Transition.TRANSITION_CONFIGURE)
+    diag = peer.wait_diag(lambda d: 'outside the policy directories' in d['last_error'])
+    assert diag['lifecycle_state'] == 'unconfigured'
+    assert peer.set_param('policy', 'alpha').successful
+    assert peer.transition(Transition.TRANSITION_CONFIGURE) and peer.transition(Transition.TRANSITION_ACTIVATE)
+    alive_at_rate(node, peer)
+
+
+def test_swap_flood_ends_with_the_parameter_naming_the_running_policy(running):
+    """Issue 13 item 6: 50 sets/s for 3 s (alpha, beta, and refused names); at quiescence parameter == running."""
+    node, peer = running
+    rng = np.random.default_rng(3)
+    names = ['alpha', 'beta', 'nope', 'stats_null']
+    assert peer.set_params.wait_for_service(timeout_sec=10)
+    futures = []
+    for _ in range(150):  # 50 sets/s for 3 s, not waiting for the answers (a flood)
+        request = SetParameters.Request(parameters=[Parameter('policy', value=str(rng.choice(names)))
+                                                    .to_parameter_msg()])
+        futures.append(peer.set_params.call_async(request))
+        time.sleep(0.02)
+    end = time.monotonic() + 120
+    while not all(f.done() for f in futures) and time.monotonic() < end:
+        time.sleep(0.1)
+    assert all(f.done() for f in futures), f'{sum(not f.done() for f in futures)} of 150 sets were never answered'
+    last = str(rng.choice(['alpha', 'beta']))
+    assert peer.set_param('policy', last).successful
+    diag = peer.wait_diag(lambda d: d['pending_policy'] == '' and d['policy'] == last, timeout=60)
+    assert peer.get_param('policy') == last == diag['policy'] == diag['requested_policy']
+    low, high = (9.0, 11.0) if last == 'beta' else (-1.0, 1.0)
+    alive_at_rate(node, peer, low, high)
+    assert peer.set_param('policy', 'alpha').successful
+    peer.wait_diag(lambda d: d['pending_policy'] == '' and d['policy'] == 'alpha', timeout=60)
+
+
+def test_a_new_instruction_starts_a_fresh_chunk(running):
+    """Issue 13 item 10: with real-time chunking on, a changed instruction is not a continuation of the old chunk."""
+    node, peer = running
+    alive_at_rate(node, peer, seconds=0.5)
+    before = node.status.get('fresh_chunks')
+    mark = peer.mark()
+    peer.say('put the green cube in the box')
+    peer.wait_diag(lambda d: int(d['fresh_chunks_new_instruction']) > before, timeout=10)
+    peer.wait_actions(policy_action(-1, 1), mark=mark, timeout=10)
+    peer.say(GOOD)
+    peer.wait_diag(lambda d: int(d['fresh_chunks_new_instruction']) > before + 1, timeout=10)
+    alive_at_rate(node, peer)
+
+
+def test_a_chunk_shorter_than_an_inference_is_explained(models):
+    """Issue 13 item 10: at 1000 Hz a 16-action chunk lasts 16 ms; the node says why it never acts, and ticks on."""
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    node = PolicyNode(context=context, parameter_overrides=[
+        Parameter('policy', value='alpha'), Parameter('policy_dirs', value=[str(models)]),
+        Parameter('control_rate_hz', value=1000.0), Parameter('diagnostics_period_s', value=0.2),
+        Parameter('warmup_runs', value=1), Parameter('threads', value=1),
+        Parameter('control_thread_priority', value=0)])
+    executor = SingleThreadedExecutor(context=context)
+    executor.add_node(node)
+    node.trigger_configure()
+    node.trigger_activate()
+    threading.Thread(target=executor.spin, daemon=True).start()
+    peer = Peer(context)
+    try:
+        peer.make_frame = peer.good_raw
+        peer.say(GOOD)
+        diag = peer.wait_diag(lambda d: 'control_rate_hz' in d['hold_reason'], timeout=30)
+        assert '1000 Hz' in diag['hold_reason'] and 'trained at 50 Hz' in diag['hold_reason']
+        assert 'differs from the 50 Hz' in diag['rate_warning'] and diag['_level'] == b'\x01'
+        ticks = int(diag['ticks'])
+        time.sleep(1.0)
+        later = peer.wait_diag(lambda d: int(d['ticks']) > ticks)
+        assert int(later['ticks']) - ticks >= 300, 'the control thread stopped ticking'
+        assert node.lifecycle_state == 'active'
+    finally:
+        peer.close()
+        executor.shutdown()
+        node.shutdown()
+        node.destroy_node()
+        rclpy.shutdown(context=context)
+
+
+def test_unconfigured_node_with_missing_policy_answers_and_recovers(running):
+    """Configure with a folder that fails, set a valid one, configure again: nothing escapes, the node runs."""
+    node, peer = running
+    assert peer.transition(Transition.TRANSITION_DEACTIVATE) and peer.transition(Transition.TRANSITION_CLEANUP)
+    for name in ('stats_list', 'config_null', 'graphs_list'):
+        assert peer.set_param('policy', name).successful  # unconfigured: checked by configure
+        assert not peer.transition(Transition.TRANSITION_CONFIGURE)
+        peer.wait_diag(lambda d: 'configure failed' in d['last_error'])
+    assert peer.set_param('policy', 'alpha').successful
+    assert peer.transition(Transition.TRANSITION_CONFIGURE) and peer.transition(Transition.TRANSITION_ACTIVATE)
+    alive_at_rate(node, peer)
