@@ -219,7 +219,8 @@ class Qwen2VLProcessor(ImageProcessor):
     def __init__(self, config: dict):
         super().__init__(config)
         c = self.config
-        self.patch, self.temporal, self.merge = int(c['patch_size']), int(c['temporal_patch_size']), int(c['merge_size'])
+        self.patch, self.temporal = int(c['patch_size']), int(c['temporal_patch_size'])
+        self.merge = int(c['merge_size'])
         grid = c.get('grid_hw')
         factor = self.patch * self.merge
         if not (isinstance(grid, (list, tuple)) and len(grid) == 2 and all(int(g) > 0 and int(g) % factor == 0
