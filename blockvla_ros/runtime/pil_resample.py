@@ -12,8 +12,8 @@ policy that must see exactly the pixels its VLM was pretrained on needs Pillow's
 A pass is skipped when that dimension keeps its size. Pillow >= 13 runs the vertical pass first when the height
 shrinks by more than twice as many pixels as the width (`(H_in - H) > 2 (W_in - W)`); older Pillow always ran the
 horizontal pass first (the two orders differ in the rounding between passes). Coefficients are computed with Python
-floats and `math`
-(the same IEEE doubles and libm as Pillow's C code) and cached per (input size, output size, filter).
+floats and `math` (the same IEEE doubles and libm as Pillow's C code) and cached per (input size, output size,
+filter).
 """
 from __future__ import annotations
 
