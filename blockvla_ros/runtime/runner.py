@@ -74,7 +74,7 @@ def build_preprocessor(config, stats, folder=None, tokenizer_files=None) -> Prep
 
 def policy_preprocessor(spec: PolicySpec) -> Preprocessor:
     """The preprocessor of a verified policy folder: its tokenizer reads only the files policy.yaml lists."""
-    return build_preprocessor(spec.config, spec.stats, tokenizer_files=[spec.folder / f for f in spec.tokenizer_files])
+    return build_preprocessor(spec.config, spec.stats, tokenizer_files=list(spec.tokenizer_paths.values()))
 
 
 def apply_overrides(config, decoder: Optional[str], overrides: Optional[dict]):
