@@ -194,9 +194,10 @@ def test_a_chunk_shorter_than_an_inference_is_explained(models):
         assert '1000 Hz' in diag['hold_reason'] and 'trained at 50 Hz' in diag['hold_reason']
         assert 'differs from the 50 Hz' in diag['rate_warning'] and diag['_level'] == b'\x01'
         ticks = int(diag['ticks'])
-        time.sleep(1.0)
+        time.sleep(2.0)
         later = peer.wait_diag(lambda d: int(d['ticks']) > ticks)
-        assert int(later['ticks']) - ticks >= 300, 'the control thread stopped ticking'
+        # still ticking (a loaded 2-core machine does not keep 1 kHz: the count is a liveness check, not a rate)
+        assert int(later['ticks']) - ticks >= 100, 'the control thread stopped ticking'
         assert node.lifecycle_state == 'active'
     finally:
         peer.close()
