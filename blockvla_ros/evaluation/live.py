@@ -186,6 +186,9 @@ def run_live(bag: str | Path, policy: str, out: str | Path, *, policy_dirs: list
         shutil.rmtree(log_dir, ignore_errors=True)  # kept (and named in the error) only on failure
         return LiveResult(out, _count_messages(out), logs)
     except LiveReplayError as err:
+        for p in reversed(procs):
+            p.stop(timeout_s=10.0)
+        shutil.rmtree(out, ignore_errors=True)  # a failed run leaves no output (out did not exist before it)
         raise LiveReplayError(f'{err}\n(full logs in {log_dir})') from None
     finally:
         for p in reversed(procs):
