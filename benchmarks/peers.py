@@ -157,6 +157,7 @@ def time_peers(built: dict, blockdiff, runs: int, warmup: int) -> dict:
               'prompt_tokens': built['prompt_tokens'], 'runs': runs, 'skipped': built['skipped'],
               'build_s': built['build_s'], 'versions': {'onnxruntime': onnxruntime.__version__,
                                                         'onnxruntime_genai': genai_version}}
-    for name, key in (('genai_ar', 'blockdiff_vs_genai_ar_speedup'), ('hf_generate', 'blockdiff_vs_hf_generate_speedup')):
+    for name, key in (('genai_ar', 'blockdiff_vs_genai_ar_speedup'),
+                      ('hf_generate', 'blockdiff_vs_hf_generate_speedup')):
         report[key] = med[name] / med['blockdiff'] if name in med else None
     return report

@@ -80,7 +80,8 @@ def run_setting(name: str, config: dict, work: Path, threads: int) -> dict:
     proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t0
     (work / f'{name}.log').write_text(log)
-    row = {'overrides': {f'train.{k}': v for k, v in SETTINGS[name].items()}, 'peak_rss_gb': usage.ru_maxrss * 1024 / 1e9, 'wall_s': wall,
+    row = {'overrides': {f'train.{k}': v for k, v in SETTINGS[name].items()},
+           'peak_rss_gb': usage.ru_maxrss * 1024 / 1e9, 'wall_s': wall,
            'cpu_s': usage.ru_utime + usage.ru_stime,  # less sensitive than wall time to other jobs on the machine
            'returncode': proc.returncode}
     if proc.returncode != 0:

@@ -30,6 +30,7 @@ def test_decode_latency_smoke(tmp_path):
     assert data['instruction_kv_reuse']['implemented'] is True
     # peers on the same backbone, same run: onnxruntime-genai AR (pinned in requirements.txt) and HF generate
     assert data['blockdiff_vs_genai_ar_speedup'] > 0 and data['blockdiff_vs_hf_generate_speedup'] > 0
-    assert data['peers']['new_tokens'] == {'genai_ar': 12, 'hf_generate': 12} and data['peers']['prompt_tokens'] == 44  # the prefix: 40 text + 4 image
+    assert data['peers']['new_tokens'] == {'genai_ar': 12, 'hf_generate': 12}
+    assert data['peers']['prompt_tokens'] == 44  # the prefix: 40 text + 4 image
     assert data['memory']['rss_mb_after_100'] > 0 and data['memory']['rss_mb_after_120'] > 0
     assert 'median ms' in proc.stdout and 'RSS' in proc.stdout
