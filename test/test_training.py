@@ -12,7 +12,7 @@ from blockvla_ros.model.action_tokenizer import ActionTokenizer, NormStats
 from blockvla_ros.model.policy import BlockVLAPolicy
 from blockvla_ros.model.text_tokenizer import load_text_tokenizer
 from blockvla_ros.runtime.decoding import Decoder
-from blockvla_ros.runtime.preprocess import Preprocessor, prepare_image
+from blockvla_ros.runtime.preprocess import Preprocessor, image_processor_for, prepare_image
 from blockvla_ros.runtime.torch_engine import TorchEngine
 from blockvla_ros.tasks.recording import record_demonstrations
 from blockvla_ros.training import cli
@@ -429,8 +429,8 @@ def test_windows_split_and_tail_policy():
     item = repeat[3]
     assert item['pixels'].shape == (3, 32, 32) and item['actions'].shape == (12,) and item['state'].shape == (2,)
     # frames are resized once at load, exactly as the runtime would resize the camera image
-    fitted = prepare_image(fit_images(eps[1].images, 32)[0], config)
-    assert np.array_equal(fitted, prepare_image(eps[1].images[0], config))
+    resized = fit_images(eps[1].images, image_processor_for(config))
+    assert np.array_equal(prepare_image(resized[0], config), prepare_image(eps[1].images[0], config))
     with pytest.raises(ValueError, match=r"ep0 \('touch x+'\): instruction is 41 tokens"):
         fields = [getattr(eps[0], k) for k in ('images', 'actions', 'states', 'stamps_ns')]
         ChunkDataset([Episode('ep0', 'touch ' + 'x' * 34, *fields)], config, text, ActionTokenizer(stats))

@@ -60,9 +60,7 @@ def _ours(parts, folder, image, instruction):
     tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     lay = parts.layout
     slot_ids, slot_valid = _slot(tok, lay, instruction)
-    pixels = torch.from_numpy(build_image_processor(parts.processor)(image))
-    if parts.family.name == 'qwen2_vl':
-        pixels = pixels[None]  # one image: [P, D] -> [1, P, D]
+    pixels = torch.from_numpy(build_image_processor(parts.processor)(image))  # [1, ...]: one image
     with torch.no_grad():
         image_tokens = parts.vision(pixels)  # [1, Ni, hidden]
         embeds = parts.language_model.get_input_embeddings()(torch.from_numpy(lay.template_ids(slot_ids)))

@@ -96,7 +96,7 @@ def test_qwen2_vl_processor_at_its_grid_equals_hf(tmp_path):
 
     config, hf = _saved(tmp_path, Qwen2VLImageProcessorPil())
     ours = build_image_processor({**config, 'grid_hw': [56, 84]})
-    assert ours.grid_thw == (1, 4, 6) and ours.pixel_shape == (24, 3 * 2 * 14 * 14)
+    assert ours.grid_thw == (1, 4, 6) and ours.pixel_shape == (1, 24, 3 * 2 * 14 * 14)
     lo, hi = hf.size['shortest_edge'], hf.size['longest_edge']
     sizes = [(56, 84), (60, 80), (50, 90), (62, 88)]  # every size whose smart_resize is the policy's grid
     assert all(smart_resize(h, w, 28, lo, hi) == (56, 84) for h, w in sizes)

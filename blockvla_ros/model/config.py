@@ -44,6 +44,13 @@ class BlockVLAConfig:
     text_tokenizer: str = 'byte'  # 'byte' (built-in, no files) or 'auto' (AutoTokenizer from backbone_path)
     max_text_tokens: int = 48  # instruction tokens in the prefix (static shape); longer is an error
     attn_implementation: str = 'sdpa'  # the backbone's attention: sdpa | eager (Gemma2 supports eager only)
+    # --- a pretrained VLM as the backbone (replaces backbone + vision; see model.vlm) ----------------------------
+    vlm: Optional[dict] = None  # HF config kwargs of a VLM (model_type + text/vision configs) for a random init
+    vlm_path: Optional[str] = None  # local VLM folder (save_pretrained layout; never remote code); overrides `vlm`
+    vlm_image_size: Optional[list] = None  # [H, W] for families free in resolution (Qwen2-VL; default 224 x 224)
+    vlm_freeze_vision: bool = True  # keep the VLM's vision tower frozen (its connector still trains)
+    vlm_layout: Optional[dict] = None  # the VLM's prompt layout, resolved when the policy is built (saved with it)
+    vlm_processor: Optional[dict] = None  # its image processor config at the fixed resolution (resolved, saved)
     # --- vision ---------------------------------------------------------------------------------------------
     vision: dict = field(default_factory=lambda: {'type': 'patch', 'patch_size': 8, 'dim': 64})
     image_size: int = 64  # square input resolution; other sizes are resized by the runtime
@@ -101,14 +108,28 @@ class BlockVLAConfig:
         return self.n_bins
 
     @property
+    def is_vlm(self) -> bool:
+        return self.vlm is not None or self.vlm_path is not None
+
+    def _resolved_layout(self) -> dict:
+        if self.vlm_layout is None:
+            raise ValueError('BlockVLAConfig: the VLM prompt layout is resolved when the policy is built (from '
+                             'vlm_path / vlm); use the built policy\'s config')
+        return self.vlm_layout
+
+    @property
     def n_image_tokens(self) -> int:
+        if self.is_vlm:
+            return sum(s['length'] for s in self._resolved_layout()['segments'] if s['kind'] == 'image')
         if self.vision.get('type', 'patch') == 'patch':
             return (self.image_size // int(self.vision['patch_size'])) ** 2
         return int(self.vision['num_tokens'])
 
     @property
     def prefix_len(self) -> int:
-        """Static prefix length P: text slots + image tokens + one state token if any."""
+        """Static prefix length P: text slots + image tokens + one state token if any (a VLM: its prompt)."""
+        if self.is_vlm:
+            return sum(s['length'] for s in self._resolved_layout()['segments'])
         return self.max_text_tokens + self.n_image_tokens + (1 if self.state_dim else 0)
 
     @property
@@ -164,6 +185,28 @@ class BlockVLAConfig:
         need(self.backbone_path is not None or 'model_type' in self.backbone,
              'either backbone_path or backbone.model_type must be given')
         need(self.text_tokenizer in ('byte', 'auto'), "text_tokenizer must be 'byte' or 'auto'")
+        self._validate_vlm(need)
+
+    def _validate_vlm(self, need):
+        if not self.is_vlm:
+            need(self.vlm_layout is None and self.vlm_processor is None,
+                 'vlm_layout / vlm_processor belong to a VLM backbone (vlm_path or vlm)')
+            return
+        need(self.backbone_path is None, 'give either a VLM (vlm_path / vlm) or backbone_path, not both')
+        need(self.vlm is None or (isinstance(self.vlm, dict) and 'model_type' in self.vlm),
+             f'vlm must be a config dict with a model_type, got {self.vlm!r}')
+        size = self.vlm_image_size
+        need(size is None or (isinstance(size, (list, tuple)) and len(size) == 2
+                              and all(isinstance(v, int) and v > 0 for v in size)),
+             f'vlm_image_size must be [height, width] in pixels, got {size!r}')
+        need(isinstance(self.vlm_freeze_vision, bool), 'vlm_freeze_vision must be true or false')
+        need(self.vlm_path is not None or self.text_tokenizer == 'byte' or self.vlm_layout is not None,
+             "a VLM config dict without a folder has no tokenizer files: use text_tokenizer 'byte'")
+        for name in ('vlm_layout', 'vlm_processor'):
+            value = getattr(self, name)
+            need(value is None or isinstance(value, dict), f'{name} must be a mapping, got {type(value).__name__}')
+        need((self.vlm_layout is None) == (self.vlm_processor is None),
+             'vlm_layout and vlm_processor are resolved together')
         need(self.attn_implementation in ATTN_IMPLEMENTATIONS,
              f'attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {self.attn_implementation!r}')
 

@@ -7,7 +7,7 @@ fixed resolution so every graph has static shapes. Pure numpy: the runtime impor
     family     HF processor                      fixed resolution            output (the vision graph's input)
     siglip     PaliGemma's SiglipImageProcessor  size.height x size.width    float32 [1, 3, H, W]
     idefics3   Idefics3/SmolVLM, no splitting    max_image_size (square)     float32 [1, 3, S, S]
-    qwen2_vl   Qwen2-VL / Qwen2.5-VL             `grid_hw` (pixels, /28)     float32 [gh*gw, 3*tp*p*p] (patches)
+    qwen2_vl   Qwen2-VL / Qwen2.5-VL             `grid_hw` (pixels, /28)     float32 [1, gh*gw, 3*tp*p*p] (patches)
 
 Each processor splits into `resize` (uint8 camera frame -> uint8 at the fixed resolution, what a dataset stores)
 and `pixels` (uint8 at the fixed resolution -> the float input), so training and the runtime share every step.
@@ -243,7 +243,7 @@ class Qwen2VLProcessor(ImageProcessor):
     @property
     def pixel_shape(self) -> tuple:
         _, gh, gw = self.grid_thw
-        return gh * gw, 3 * self.temporal * self.patch * self.patch
+        return 1, gh * gw, 3 * self.temporal * self.patch * self.patch
 
     def resize(self, image) -> np.ndarray:
         return self._resize_to(image, self.height, self.width)
@@ -255,7 +255,7 @@ class Qwen2VLProcessor(ImageProcessor):
         x = x.reshape(3, gh // m, m, p, gw // m, m, p)
         x = x.transpose(1, 4, 2, 5, 0, 3, 6)  # -> [gh/m, gw/m, m, m, 3, p, p]
         x = np.broadcast_to(x[:, :, :, :, :, None], x.shape[:5] + (t,) + x.shape[5:])  # frame repeated t times
-        return np.ascontiguousarray(x.reshape(gh * gw, 3 * t * p * p), dtype=np.float32)
+        return np.ascontiguousarray(x.reshape(1, gh * gw, 3 * t * p * p), dtype=np.float32)  # one image
 
 
 PROCESSORS = {'siglip': SiglipProcessor, 'idefics3': Idefics3Processor, 'qwen2_vl': Qwen2VLProcessor}

@@ -20,8 +20,7 @@ def resize_rgb(image: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 
 
-def prepare_image(image: np.ndarray, config: BlockVLAConfig) -> np.ndarray:
-    """RGB uint8 [H, W, 3] (any size) -> normalized float32 [1, 3, S, S]."""
+def _check_image(image) -> np.ndarray:
     img = np.asarray(image)
     if img.ndim != 3 or img.shape[2] != 3:
         raise ValueError(f'image must be RGB with shape [H, W, 3], got shape {img.shape}')
@@ -29,9 +28,45 @@ def prepare_image(image: np.ndarray, config: BlockVLAConfig) -> np.ndarray:
         raise ValueError(f'image is empty: shape {img.shape}')
     if img.dtype != np.uint8:
         raise ValueError(f'image must be uint8 RGB, got dtype {img.dtype}')
-    x = resize_rgb(img, config.image_size).astype(np.float32) / 255.0
-    x = (x - np.asarray(config.image_mean, np.float32)) / np.asarray(config.image_std, np.float32)
-    return np.ascontiguousarray(x.transpose(2, 0, 1)[None])  # [S, S, 3] -> [1, 3, S, S]
+    return img
+
+
+class PatchImageProcessor:
+    """The built-in vision encoders' input: resize to S x S (OpenCV), /255, normalize with the config's mean/std."""
+
+    def __init__(self, config: BlockVLAConfig):
+        self.size = config.image_size
+        self.mean = np.asarray(config.image_mean, np.float32)
+        self.std = np.asarray(config.image_std, np.float32)
+
+    def resize(self, image) -> np.ndarray:
+        return resize_rgb(_check_image(image), self.size)
+
+    def pixels(self, resized: np.ndarray) -> np.ndarray:
+        x = (resized.astype(np.float32) / 255.0 - self.mean) / self.std
+        return np.ascontiguousarray(x.transpose(2, 0, 1)[None])  # [S, S, 3] -> [1, 3, S, S]
+
+    def __call__(self, image) -> np.ndarray:
+        return self.pixels(self.resize(image))
+
+
+def image_processor_for(config: BlockVLAConfig):
+    """The image path of a policy: its VLM's processor (numpy, from config.vlm_processor) or the built-in one.
+
+    Each has `resize` (uint8 camera frame -> uint8 at the policy's resolution; what a dataset keeps) and `pixels`
+    (that -> the vision graph's float32 input with a leading batch of 1)."""
+    if config.is_vlm:
+        from .image_processors import build_image_processor
+
+        if config.vlm_processor is None:
+            raise ValueError('the VLM image processor is resolved when the policy is built (model.vlm_processor)')
+        return build_image_processor(config.vlm_processor)
+    return PatchImageProcessor(config)
+
+
+def prepare_image(image: np.ndarray, config: BlockVLAConfig) -> np.ndarray:
+    """RGB uint8 [H, W, 3] (any size) -> the vision input [1, ...] (built-in encoders: normalized [1, 3, S, S])."""
+    return image_processor_for(config)(_check_image(image))
 
 
 class Preprocessor:
@@ -39,6 +74,7 @@ class Preprocessor:
         self.config = config
         self.text = text_tokenizer
         self.actions = action_tokenizer
+        self.images = image_processor_for(config)
         self._last_text = None
 
     def __call__(self, image: np.ndarray, instruction: str, state=None) -> PrefixInputs:
@@ -50,7 +86,7 @@ class Preprocessor:
             if self.actions is None:
                 raise ValueError('normalizing the state needs stats.json')
             st = self.actions.normalize_state(state)[None]  # [S] -> [1, S]
-        return PrefixInputs(pixels=prepare_image(image, self.config), text_ids=ids[None], text_valid=valid[None],
+        return PrefixInputs(pixels=self.images(_check_image(image)), text_ids=ids[None], text_valid=valid[None],
                             state=st)
 
     def _tokenize(self, instruction: str):

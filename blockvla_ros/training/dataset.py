@@ -15,7 +15,7 @@ import numpy as np
 
 from ..model.action_tokenizer import ActionTokenizer, NormStats
 from ..model.config import BlockVLAConfig
-from ..runtime.preprocess import prepare_image, resize_rgb
+from ..runtime.preprocess import image_processor_for
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +42,13 @@ def stats_from_episodes(episodes: Sequence, use_states: bool) -> NormStats:
     return NormStats.from_data(actions, states)
 
 
-def fit_images(images: np.ndarray, size: int) -> np.ndarray:
-    """uint8 [T, H, W, 3] -> uint8 [T, S, S, 3], resized exactly as runtime.preprocess.prepare_image would.
+def fit_images(images: np.ndarray, processor) -> np.ndarray:
+    """uint8 [T, H, W, 3] -> uint8 [T, h, w, 3], resized exactly as the runtime resizes (processor.resize).
 
-    Done once when the dataset is built, so the dataset holds S x S frames rather than camera-size ones.
+    Done once when the dataset is built, so the dataset holds frames at the policy's resolution rather than
+    camera-size ones; `processor.pixels` turns one into the vision input per item.
     """
-    if images.shape[1:3] == (size, size):
-        return images
-    return np.stack([resize_rgb(img, size) for img in images])
+    return np.stack([processor.resize(img) for img in images])
 
 
 @dataclass
@@ -57,7 +56,7 @@ class _Ep:
     """One episode as the dataset keeps it (resized frames, tokenized instruction)."""
 
     source: str
-    images: np.ndarray  # uint8 [T, S, S, 3]
+    images: np.ndarray  # uint8 [T, h, w, 3] at the policy's resolution
     actions: np.ndarray  # float32 [T, D]
     states: Optional[np.ndarray]  # float32 [T, S] normalized, or None
     text_ids: np.ndarray  # int64 [Lt]
@@ -72,6 +71,7 @@ class ChunkDataset:
         if tail not in ('repeat', 'drop'):
             raise ValueError(f"tail must be 'repeat' or 'drop', got {tail!r}")
         self.config, self.tokenizer, self.tail = config, action_tokenizer, tail
+        self.images = image_processor_for(config)
         self.episodes: list[_Ep] = []
         index = []
         self.padded_windows = 0
@@ -95,7 +95,7 @@ class ChunkDataset:
             self.padded_windows += int(np.sum(starts + H > T))
             e = len(self.episodes)
             index.extend((e, int(t)) for t in starts)
-            self.episodes.append(_Ep(source, fit_images(np.asarray(ep.images), config.image_size),
+            self.episodes.append(_Ep(source, fit_images(np.asarray(ep.images), self.images),
                                      np.asarray(ep.actions, np.float32), states, ids, valid))
         self.index = np.asarray(index, dtype=np.int64).reshape(-1, 2)  # [N, 2] (episode, start tick)
 
@@ -112,7 +112,7 @@ class ChunkDataset:
     def __getitem__(self, i: int) -> dict:
         e, t = self.index[i]
         ep = self.episodes[e]
-        item = {'pixels': prepare_image(ep.images[t], self.config)[0],  # [1, 3, S, S] -> [3, S, S]
+        item = {'pixels': self.images.pixels(ep.images[t])[0],  # [1, ...] -> [...] (e.g. [3, S, S])
                 'text_ids': ep.text_ids, 'text_valid': ep.text_valid,
                 'actions': self.tokenizer.encode(self.window_actions(i))}  # [H*D] int64
         if ep.states is not None:
