@@ -61,18 +61,18 @@ def _ours(parts, folder, image, instruction):
     lay = parts.layout
     slot_ids, slot_valid = _slot(tok, lay, instruction)
     pixels = torch.from_numpy(build_image_processor(parts.processor)(image))  # [1, ...]: one image
+    valid = lay.valid(slot_valid)  # [1, P]
     with torch.no_grad():
         image_tokens = parts.vision(pixels)  # [1, Ni, hidden]
         embeds = parts.language_model.get_input_embeddings()(torch.from_numpy(lay.template_ids(slot_ids)))
-        a, b = lay.span('image')
+        a, b = lay.span_of('image')
         embeds = torch.cat([embeds[:, :a], image_tokens, embeds[:, b:]], 1)
-        pos = torch.from_numpy(lay.positions(slot_valid))  # [R, 1, P]
-        pos = pos if lay.rope == 'mrope' else pos[0]
-        mask = torch.from_numpy(lay.attention_mask(slot_valid))[:, None]  # [1, 1, P, P]
+        pos = torch.from_numpy(lay.positions(valid))  # [1, P] or [3, 1, P]
+        mask = torch.from_numpy(lay.attention(valid))[:, None]  # [1, 1, P, P]
         if _attn_impl(parts) == 'eager':  # eager adds the mask to the scores
             mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
         out = parts.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos)
-    return out.last_hidden_state, lay.valid(slot_valid)[0], image_tokens
+    return out.last_hidden_state, valid[0], image_tokens
 
 
 def _attn_impl(parts):
@@ -132,32 +132,28 @@ def test_mrope_positions_are_get_rope_index(folders, shape):
         ref, delta = hf_model.model.get_rope_index(inputs['input_ids'], inputs['mm_token_type_ids'],
                                                    image_grid_thw=inputs['image_grid_thw'])
         slot_ids, slot_valid = _slot(tok, parts.layout, text)
-        ours = parts.layout.positions(slot_valid, n_actions=5, copies=1)  # [3, 1, P + 5]
-        valid = parts.layout.valid(slot_valid)[0]
-        p = parts.layout.length
-        assert (ours[:, 0, :p][:, valid] == ref[:, 0].numpy()).all()
+        valid = parts.layout.valid(slot_valid)[0]  # [P]
+        ours = parts.layout.positions(valid)  # [3, P]
+        assert (ours[:, valid] == ref[:, 0].numpy()).all()
         # actions continue the temporal axis where generation would: max position + 1, on all three axes
         first = int(ref.max()) + 1
-        assert (ours[:, 0, p:] == first + np.arange(5)).all()
-        assert parts.layout.next_position(slot_valid)[0] == ref.shape[-1] + int(delta)
+        assert (parts.layout.action_positions(valid, 0, 5) == first + np.arange(5)).all()
+        assert parts.layout.next_position(valid) == ref.shape[-1] + int(delta)
 
 
 def test_paligemma_positions_count_from_one_and_the_prefix_is_bidirectional(folders):
-    parts = _parts(folders, 'paligemma-tiny')
-    lay = parts.layout
-    assert lay.attention == 'bidirectional' and lay.position_offset == 1
-    valid = np.zeros((1, SLOT), bool)
-    valid[0, -3:] = True
-    pos = lay.positions(valid, n_actions=2, copies=2)[0, 0]
+    lay = _parts(folders, 'paligemma-tiny').layout
+    assert {s.span for s in lay.segments} == {'prefix'} and lay.position_offset == 1
+    text_valid = np.zeros((1, SLOT), bool)
+    text_valid[0, -3:] = True
+    valid = lay.valid(text_valid)  # [1, P]
     n_valid = lay.length - SLOT + 3
-    assert pos[:lay.length][lay.valid(valid)[0]].tolist() == list(range(1, n_valid + 1))
-    assert pos[lay.length:].tolist() == [n_valid + 1, n_valid + 2] * 2
-    mask = lay.attention_mask(valid)[0]
-    first_image, last = 0, lay.length - 1
-    assert mask[first_image, last] and mask[last, first_image]  # image sees the prompt and vice versa
-    a, b = lay.span('instruction')
-    assert not mask[:, a].any() or mask[a, a]  # a padding key is never attended (only by itself)
-    assert mask[:, a].sum() == 1
+    assert lay.positions(valid)[0][valid[0]].tolist() == list(range(1, n_valid + 1))
+    assert lay.action_positions(valid[0], 2, 2).tolist() == [n_valid + 3, n_valid + 4]
+    mask = lay.attention(valid)[0]
+    assert mask[0, lay.length - 1] and mask[lay.length - 1, 0]  # image sees the prompt and vice versa
+    a, _ = lay.span_of('text')
+    assert mask[:, a].sum() == 1 and mask[a, a]  # a padding key is attended by itself only
 
 
 def test_action_head_rows_and_lm_parts(folders):
@@ -169,15 +165,20 @@ def test_action_head_rows_and_lm_parts(folders):
 
 
 def test_layout_round_trips_and_refuses_bad_layouts():
-    lay = PromptLayout(segments=(Segment('tokens', 2, (5, 6)), Segment('image', 6), Segment('instruction', 4),
-                                 Segment('state', 1)), rope='mrope', image_grid=(2, 3))
+    lay = PromptLayout(segments=(Segment('t', 2, 'fixed', ids=(5, 6)), Segment('image', 6, 'image'),
+                                 Segment('text', 4, 'text'), Segment('state', 1, 'state')),
+                       rope_dims=3, image_grid=(2, 3))
     assert PromptLayout.from_dict(lay.to_dict()) == lay
     with pytest.raises(ValueError, match='image_grid'):
-        PromptLayout(segments=(Segment('image', 6), Segment('instruction', 4)), rope='mrope', image_grid=(2, 2))
+        PromptLayout(segments=(Segment('image', 6, 'image'), Segment('text', 4, 'text')), rope_dims=3,
+                     image_grid=(2, 2))
     with pytest.raises(ValueError, match='exactly one image'):
-        PromptLayout(segments=(Segment('instruction', 4),))
+        PromptLayout(segments=(Segment('text', 4, 'text'),))
     with pytest.raises(ValueError, match='last'):
-        PromptLayout(segments=(Segment('state', 1), Segment('image', 1), Segment('instruction', 4)))
+        PromptLayout(segments=(Segment('state', 1, 'state'), Segment('image', 1, 'image'),
+                               Segment('text', 4, 'text')))
+    with pytest.raises(ValueError, match='one id per slot'):
+        Segment('t', 2, 'fixed', ids=(1,))
     with pytest.raises(ValueError, match='slot'):
         lay.valid(np.ones((1, 3), bool))
 
@@ -187,3 +188,23 @@ def test_unsupported_model_type_is_named(tmp_path):
         load_vlm(spec={'model_type': 'llava'}, slot_len=4, state=False)
     with pytest.raises(FileNotFoundError, match='not a folder'):
         load_vlm(tmp_path / 'missing', slot_len=4, state=False)
+
+
+@pytest.mark.parametrize('shape', ['paligemma-tiny', 'smolvlm-tiny', 'qwen2_vl-tiny'])
+def test_slot_tokenizer_is_the_hf_tokenizer_without_transformers(folders, shape):
+    from transformers import AutoTokenizer
+
+    from blockvla_ros.model.vlm.slot_tokenizer import slot_tokenizer
+
+    parts = _parts(folders, shape)
+    ours = slot_tokenizer(folders[shape], 48, parts.layout.to_dict())
+    hf = AutoTokenizer.from_pretrained(folders[shape])
+    for text in ('pick up the red cube', 'Push  the BLUE block, then stop!', 'déplace le bras à gauche'):
+        ids, valid = ours.encode(text)
+        expected = hf(parts.layout.slot_format.format(text), add_special_tokens=False)['input_ids']
+        assert ids[valid].tolist() == expected and valid[-len(expected):].all()  # left-padded
+    special = '<image>' if shape != 'qwen2_vl-tiny' else '<|im_end|>'
+    with pytest.raises(ValueError, match='special tokens'):
+        ours.encode(f'pick {special} up')
+    with pytest.raises(ValueError, match='at most'):
+        ours.encode('stack the blocks ' * 40)

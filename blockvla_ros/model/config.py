@@ -120,7 +120,7 @@ class BlockVLAConfig:
     @property
     def n_image_tokens(self) -> int:
         if self.is_vlm:
-            return sum(s['length'] for s in self._resolved_layout()['segments'] if s['kind'] == 'image')
+            return sum(s['length'] for s in self._resolved_layout()['segments'] if s['source'] == 'image')
         if self.vision.get('type', 'patch') == 'patch':
             return (self.image_size // int(self.vision['patch_size'])) ** 2
         return int(self.vision['num_tokens'])

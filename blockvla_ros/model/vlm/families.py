@@ -30,8 +30,8 @@ def _size_list(value, name: str) -> Optional[tuple]:
 class Family:
     name = 'abstract'
     model_types: tuple = ()
-    attention = 'causal'
-    rope = '1d'
+    prefix_lm = False  # True: the whole prefix attends bidirectionally (one span), else causal
+    rope_dims = 1  # 3: multimodal rotary positions (Qwen2-VL)
     position_offset = 0
     slot_format = '{}'  # the instruction as its slot holds it (plain text around it that no special token delimits)
     add_special_tokens = True  # what the HF processor passes to the tokenizer for the whole prompt
@@ -85,7 +85,7 @@ def _render(chat_template: Optional[str], family: str, instruction: str, tokeniz
 class PaliGemma(Family):
     name = 'paligemma'
     model_types = ('paligemma',)
-    attention = 'bidirectional'  # prefix-LM: image + prompt attend to each other
+    prefix_lm = True  # image + prompt attend to each other
     position_offset = 1  # PaliGemma's positions are 1-indexed
     slot_format = '{}\n'
     add_special_tokens = False  # the processor turns the tokenizer's BOS/EOS adding off and writes BOS itself
@@ -159,7 +159,7 @@ class Idefics3(Family):
 class Qwen2VL(Family):
     name = 'qwen2_vl'
     model_types = ('qwen2_vl', 'qwen2_5_vl')
-    rope = 'mrope'
+    rope_dims = 3
 
     def language_model(self, hf_model):
         return hf_model.model.language_model

@@ -11,214 +11,219 @@ the instruction in a fixed-length, left-padded slot so every shape is static:
 
 and then an optional proprioceptive state token. Action tokens follow the prefix.
 
-Segments: 'tokens' (fixed template ids), 'image' (the vision part's output tokens), 'instruction' (the slot; its
-padding is never attended and takes no position) and 'state'.
+Segments (name, length, source): source 'fixed' (template ids, `ids`), 'image' (the vision part's output tokens),
+'text' (the instruction slot; its padding is never attended and takes no position) and 'state'. Segments that
+share a `span` attend to each other bidirectionally (PaliGemma puts the whole prefix in one span).
 
 Positions (what the pretraining used, the slot's padding skipped):
-  1d      valid tokens count 0, 1, 2, ... from `position_offset` (PaliGemma counts from 1).
-  mrope   Qwen2-VL's multimodal rotary positions, [3, N, T] (temporal, height, width): a text token at counter c
-          is (c, c, c); the image grid's token (r, col) is (s, s + r, s + col) with s the counter at the image,
-          which then advances by max(grid_h, grid_w). Actions continue the temporal axis like text: (c, c, c).
+  rope_dims 1   valid tokens count 0, 1, 2, ... from `position_offset` (PaliGemma counts from 1).
+  rope_dims 3   Qwen2-VL's multimodal rotary positions, [3, ..., P] (temporal, height, width): a text token at
+                counter c is (c, c, c); the image grid's token (r, col) is (s, s + r, s + col) with s the counter at
+                the image, which then advances by max(rows, cols). Actions continue the temporal axis like text:
+                (c, c, c).
 
-Prefix attention (`attention`):
-  causal         token i sees valid prefix tokens j <= i (Idefics3/SmolVLM, Qwen2-VL);
-  bidirectional  every prefix token sees every valid prefix token (PaliGemma's prefix-LM: image + prompt).
+Attention over the prefix: causal over valid keys, plus the spans; every query sees itself (a padding key is seen
+by itself only), so no softmax row is empty.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 
-SEGMENT_KINDS = ('tokens', 'image', 'instruction', 'state')
-ATTENTIONS = ('causal', 'bidirectional')
-ROPES = ('1d', 'mrope')
+SOURCES = ('fixed', 'image', 'text', 'state')
 
 
 @dataclass(frozen=True)
 class Segment:
-    kind: str
+    name: str
     length: int
-    ids: tuple = ()  # the template's token ids ('tokens' only)
+    source: str
+    span: Optional[str] = None  # segments sharing a span attend to each other bidirectionally
+    ids: tuple = field(default=())  # source 'fixed': the template's token ids
 
     def __post_init__(self):
-        if self.kind not in SEGMENT_KINDS:
-            raise ValueError(f'segment kind must be one of {SEGMENT_KINDS}, got {self.kind!r}')
-        if not isinstance(self.length, int) or self.length < 0:
-            raise ValueError(f'segment length must be an integer >= 0, got {self.length!r}')
-        if self.kind == 'tokens' and len(self.ids) != self.length:
-            raise ValueError(f'a tokens segment of length {self.length} holds {len(self.ids)} ids')
-        if self.kind != 'tokens' and self.ids:
-            raise ValueError(f'only tokens segments hold ids, not {self.kind!r}')
+        if self.source not in SOURCES:
+            raise ValueError(f'segment {self.name!r}: source must be one of {SOURCES}, got {self.source!r}')
+        if not isinstance(self.length, int) or self.length <= 0:
+            raise ValueError(f'segment {self.name!r}: length must be a positive integer, got {self.length!r}')
+        if (self.source == 'fixed') != bool(self.ids) or (self.ids and len(self.ids) != self.length):
+            raise ValueError(f'segment {self.name!r}: a fixed segment holds one id per slot, others none '
+                             f'({len(self.ids)} ids, {self.length} slots)')
+
+    def to_dict(self) -> dict:
+        return {'name': self.name, 'length': self.length, 'source': self.source,
+                **({'span': self.span} if self.span else {}), **({'ids': list(self.ids)} if self.ids else {})}
 
 
 @dataclass(frozen=True)
 class PromptLayout:
     segments: tuple
-    attention: str = 'causal'
-    rope: str = '1d'
+    rope_dims: int = 1
     position_offset: int = 0
-    image_grid: tuple = ()  # (rows, cols) of the image tokens (mrope)
+    image_grid: tuple = ()  # (rows, cols) of the image tokens (rope_dims 3)
     slot_format: str = '{}'  # the text the slot tokenizes (no special tokens added): PaliGemma '{}\n'
-    kinds: np.ndarray = field(init=False, repr=False, compare=False)
+    offsets: dict = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        segs = tuple(s if isinstance(s, Segment) else Segment(s['kind'], int(s['length']), tuple(s.get('ids', ())))
+        segs = tuple(s if isinstance(s, Segment) else Segment(s['name'], int(s['length']), s['source'],
+                                                              s.get('span'), tuple(s.get('ids', ())))
                      for s in self.segments)
         object.__setattr__(self, 'segments', segs)
-        counts = {k: sum(s.kind == k for s in segs) for k in SEGMENT_KINDS}
-        if counts['image'] != 1 or counts['instruction'] != 1 or counts['state'] > 1:
-            raise ValueError(f'a prompt layout holds exactly one image and one instruction segment (and at most one '
-                             f'state), got {counts}')
-        if counts['state'] and segs[-1].kind != 'state':
+        names = [s.name for s in segs]
+        counts = {k: sum(s.source == k for s in segs) for k in SOURCES}
+        if len(set(names)) != len(names):
+            raise ValueError(f'segment names must be unique, got {names}')
+        if counts['image'] != 1 or counts['text'] != 1 or counts['state'] > 1:
+            raise ValueError(f'a VLM prompt holds exactly one image and one text segment (and at most one state), '
+                             f'got {counts}')
+        if counts['state'] and segs[-1].source != 'state':
             raise ValueError('the state segment must be the last one')
-        if self.attention not in ATTENTIONS:
-            raise ValueError(f'attention must be one of {ATTENTIONS}, got {self.attention!r}')
         if not isinstance(self.slot_format, str) or self.slot_format.count('{}') != 1:
             raise ValueError(f"slot_format must hold one '{{}}' for the instruction, got {self.slot_format!r}")
-        if self.rope not in ROPES:
-            raise ValueError(f'rope must be one of {ROPES}, got {self.rope!r}')
-        if self.rope == 'mrope':
+        if self.rope_dims not in (1, 3):
+            raise ValueError(f'rope_dims must be 1 or 3, got {self.rope_dims}')
+        offsets, start = {}, 0
+        for s in segs:
+            offsets[s.name] = slice(start, start + s.length)
+            start += s.length
+        object.__setattr__(self, 'offsets', offsets)
+        if self.rope_dims == 3:
             grid = tuple(int(g) for g in self.image_grid)
-            if len(grid) != 2 or grid[0] * grid[1] != self.span('image')[1] - self.span('image')[0]:
-                raise ValueError(f'mrope needs image_grid (rows, cols) with rows * cols = the image tokens '
-                                 f'({self.n_image_tokens}), got {self.image_grid}')
+            if len(grid) != 2 or grid[0] * grid[1] != self.segment('image').length:
+                raise ValueError(f'3-D positions need image_grid (rows, cols) with rows * cols = the image tokens '
+                                 f'({self.segment("image").length}), got {self.image_grid}')
             object.__setattr__(self, 'image_grid', grid)
-        object.__setattr__(self, 'kinds', np.concatenate(
-            [np.full(s.length, SEGMENT_KINDS.index(s.kind), dtype=np.int64) for s in segs]))
 
     # --- sizes ------------------------------------------------------------------------------------------------
     @property
     def length(self) -> int:
         return int(sum(s.length for s in self.segments))
 
-    def span(self, kind: str) -> tuple[int, int]:
-        """[start, end) of the (first) segment of `kind`."""
-        start = 0
+    def segment(self, name_or_source: str) -> Segment:
+        """The segment of that name, else the first of that source."""
         for s in self.segments:
-            if s.kind == kind:
-                return start, start + s.length
-            start += s.length
-        raise KeyError(f'no {kind!r} segment in this layout')
+            if s.name == name_or_source:
+                return s
+        return next(s for s in self.segments if s.source == name_or_source)
+
+    def span_of(self, name_or_source: str) -> tuple[int, int]:
+        sl = self.offsets[self.segment(name_or_source).name]
+        return sl.start, sl.stop
 
     @property
     def n_image_tokens(self) -> int:
-        a, b = self.span('image')
-        return b - a
+        return self.segment('image').length
 
     @property
     def slot_len(self) -> int:
-        a, b = self.span('instruction')
-        return b - a
+        return self.segment('text').length
 
     @property
     def has_state(self) -> bool:
-        return any(s.kind == 'state' for s in self.segments)
+        return any(s.source == 'state' for s in self.segments)
 
     @property
-    def n_rope(self) -> int:
-        """Leading dimension of the position ids: 3 for mrope, 1 otherwise."""
-        return 3 if self.rope == 'mrope' else 1
+    def instruction_len(self) -> int:
+        """Leading slots that depend on the instruction alone (their K/V reusable): none, the image comes first."""
+        return 0
 
     # --- per-sample arrays ------------------------------------------------------------------------------------
-    def template_ids(self, slot_ids: np.ndarray, fill: int = 0) -> np.ndarray:
-        """Token ids [N, P]: template ids, the instruction slot, `fill` at image and state positions.
-
-        slot_ids int [N, Lt] (left-padded)."""
-        slot_ids = self._slot(slot_ids, 'slot_ids')
-        n = slot_ids.shape[0]
-        parts = []
-        for s in self.segments:
-            if s.kind == 'tokens':
-                parts.append(np.broadcast_to(np.asarray(s.ids, dtype=np.int64), (n, s.length)))
-            elif s.kind == 'instruction':
-                parts.append(slot_ids.astype(np.int64))
-            else:
-                parts.append(np.full((n, s.length), fill, dtype=np.int64))
-        return np.concatenate(parts, axis=1)
-
-    def valid(self, slot_valid: np.ndarray) -> np.ndarray:
-        """bool [N, P]: every token but the instruction slot's padding."""
-        slot_valid = self._slot(slot_valid, 'slot_valid').astype(bool)
-        a, b = self.span('instruction')
-        out = np.ones((slot_valid.shape[0], self.length), dtype=bool)
-        out[:, a:b] = slot_valid
+    def valid(self, text_valid: np.ndarray) -> np.ndarray:
+        """text_valid [..., Lt] bool -> valid [..., P]: every slot but the instruction's padding."""
+        text_valid = np.asarray(text_valid, dtype=bool)
+        if text_valid.shape[-1] != self.slot_len:
+            raise ValueError(f'text_valid has {text_valid.shape[-1]} slots, the instruction slot {self.slot_len}')
+        out = np.ones(text_valid.shape[:-1] + (self.length,), dtype=bool)
+        out[..., self.offsets[self.segment('text').name]] = text_valid
         return out
 
-    def positions(self, slot_valid: np.ndarray, n_actions: int = 0, copies: int = 0) -> np.ndarray:
-        """int64 [R, N, P + copies * n_actions] (R = n_rope): prefix positions, then each action copy continuing
-        at the next position (copies share positions, as the training sequence's noisy and clean copies do).
-        Padding gets position 0 (it is never attended)."""
-        valid = self.valid(slot_valid)  # [N, P]
-        steps, base = self._base()
-        # a token's counter: the template counter (empty slot) + the valid slot tokens before it
-        a, b = self.span('instruction')
-        slot = np.zeros_like(valid)
-        slot[:, a:b] = valid[:, a:b]
-        before = np.cumsum(slot, axis=1) - slot  # [N, P] valid slot tokens strictly before each token
-        pos = (base[:, None, :] + before[None]) * valid[None]  # [R, N, P]
-        nxt = self.next_position(slot_valid)  # [N]
-        act = nxt[:, None] + np.arange(n_actions)[None]  # [N, L]
-        acts = np.broadcast_to(act[None], (self.n_rope,) + act.shape)  # [R, N, L]
-        return np.concatenate([pos] + [acts] * copies, axis=2).astype(np.int64)
+    def template_ids(self, text_ids: np.ndarray, fill: int = 0) -> np.ndarray:
+        """Token ids [..., P]: template ids, the instruction slot, `fill` at image and state slots (tests)."""
+        text_ids = np.asarray(text_ids, dtype=np.int64)
+        parts = []
+        for s in self.segments:
+            if s.source == 'fixed':
+                parts.append(np.broadcast_to(np.asarray(s.ids, np.int64), text_ids.shape[:-1] + (s.length,)))
+            elif s.source == 'text':
+                parts.append(text_ids)
+            else:
+                parts.append(np.full(text_ids.shape[:-1] + (s.length,), fill, dtype=np.int64))
+        return np.concatenate(parts, axis=-1)
 
-    def next_position(self, slot_valid: np.ndarray) -> np.ndarray:
-        """int64 [N]: the position of the first token after the prefix (the first action token)."""
-        slot_valid = self._slot(slot_valid, 'slot_valid').astype(bool)
-        steps, base = self._base()
-        return (int(steps.sum()) + self.position_offset + slot_valid.sum(1)).astype(np.int64)
+    def positions(self, valid: np.ndarray) -> np.ndarray:
+        """valid [..., P] -> position ids [..., P] ([3, ..., P] with rope_dims 3) int64; padding gets 0."""
+        valid = np.asarray(valid, dtype=bool)
+        advance, base = self._base()
+        # the counter before each token: the template's (an empty slot) + the valid slot tokens before it
+        slot = np.zeros(valid.shape, dtype=np.int64)
+        sl = self.offsets[self.segment('text').name]
+        slot[..., sl] = valid[..., sl]
+        before = np.cumsum(slot, axis=-1) - slot  # [..., P]
+        pos = (base.reshape((self.rope_dims,) + (1,) * (valid.ndim - 1) + (-1,)) + before) * valid
+        return pos if self.rope_dims == 3 else pos[0]
 
-    def attention_mask(self, slot_valid: np.ndarray) -> np.ndarray:
-        """bool [N, P, P] (query, key) over the prefix: `attention`, valid keys only; a padding query sees itself."""
-        valid = self.valid(slot_valid)  # [N, P]
+    def next_position(self, valid: np.ndarray) -> np.ndarray:
+        """valid [..., P] -> the position of the first token after the prefix [...] int64."""
+        valid = np.asarray(valid, dtype=bool)
+        advance, _ = self._base()
+        n_slot = valid[..., self.offsets[self.segment('text').name]].sum(-1)
+        return (int(advance.sum()) + self.position_offset + n_slot).astype(np.int64)
+
+    def action_positions(self, valid: np.ndarray, first: int, n: int) -> np.ndarray:
+        """Positions of action tokens first .. first+n-1 after a prefix with validity valid [P] -> [n] ([3, n])."""
+        pos = int(self.next_position(valid)) + first + np.arange(n, dtype=np.int64)
+        return np.broadcast_to(pos, (3, n)).copy() if self.rope_dims == 3 else pos
+
+    def attention(self, valid: np.ndarray) -> np.ndarray:
+        """valid [..., P] -> [..., P, P] bool (query, key): causal + spans over valid keys, and the diagonal."""
+        valid = np.asarray(valid, dtype=bool)
         p = self.length
-        rule = np.tril(np.ones((p, p), dtype=bool)) if self.attention == 'causal' else np.ones((p, p), dtype=bool)
-        return (rule[None] & valid[:, None, :]) | np.eye(p, dtype=bool)[None]
+        rule = np.tril(np.ones((p, p), dtype=bool))
+        for span in {s.span for s in self.segments if s.span}:
+            member = np.zeros(p, dtype=bool)
+            for s in self.segments:
+                if s.span == span:
+                    member[self.offsets[s.name]] = True
+            rule |= member[:, None] & member[None, :]
+        return (rule & valid[..., None, :]) | np.eye(p, dtype=bool)
 
     # --- helpers ----------------------------------------------------------------------------------------------
-    def _slot(self, x, name: str) -> np.ndarray:
-        x = np.asarray(x)
-        if x.ndim == 1:
-            x = x[None]
-        if x.ndim != 2 or x.shape[1] != self.slot_len:
-            raise ValueError(f'{name} must be [N, {self.slot_len}] (the instruction slot), got {x.shape}')
-        return x
-
     def _base(self) -> tuple[np.ndarray, np.ndarray]:
-        """(how far each token advances the counter [P], base positions [R, P] with an empty slot)."""
-        steps, base = [], []
+        """(how far each token advances the counter [P], base positions [R, P] with an empty instruction slot)."""
+        advance, base = [], []
         counter = self.position_offset
         for s in self.segments:
-            if s.kind == 'image' and self.rope == 'mrope':
+            if s.source == 'image' and self.rope_dims == 3:
                 rows, cols = self.image_grid
                 r, c = np.divmod(np.arange(s.length), cols)
                 base.append(np.stack([np.full(s.length, counter), counter + r, counter + c]))  # [3, n]
                 step = np.zeros(s.length, dtype=np.int64)
-                step[-1] = max(rows, cols)  # the whole image advances the counter by max(rows, cols)
-                steps.append(step)
+                step[-1] = max(rows, cols)  # the image advances the counter by max(rows, cols)
+                advance.append(step)
                 counter += max(rows, cols)
-            elif s.kind == 'instruction':  # an empty slot: its tokens sit at the counter, advanced by `before`
-                base.append(np.full((self.n_rope, s.length), counter))
-                steps.append(np.zeros(s.length, dtype=np.int64))
+            elif s.source == 'text':  # an empty slot sits at the counter; `before` adds its valid tokens
+                base.append(np.full((self.rope_dims, s.length), counter))
+                advance.append(np.zeros(s.length, dtype=np.int64))
             else:
-                base.append(np.broadcast_to(counter + np.arange(s.length), (self.n_rope, s.length)))
-                steps.append(np.ones(s.length, dtype=np.int64))
+                base.append(np.broadcast_to(counter + np.arange(s.length), (self.rope_dims, s.length)))
+                advance.append(np.ones(s.length, dtype=np.int64))
                 counter += s.length
-        return np.concatenate(steps), np.concatenate(base, axis=1).astype(np.int64)
+        return np.concatenate(advance), np.concatenate(base, axis=1).astype(np.int64)
 
     # --- persistence ------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {'segments': [{'kind': s.kind, 'length': s.length, **({'ids': list(s.ids)} if s.ids else {})}
-                             for s in self.segments],
-                'attention': self.attention, 'rope': self.rope, 'position_offset': self.position_offset,
-                'image_grid': list(self.image_grid), 'slot_format': self.slot_format}
+        return {'segments': [s.to_dict() for s in self.segments], 'rope_dims': self.rope_dims,
+                'position_offset': self.position_offset, 'image_grid': list(self.image_grid),
+                'slot_format': self.slot_format}
 
     @classmethod
     def from_dict(cls, d: dict) -> 'PromptLayout':
-        known = {'segments', 'attention', 'rope', 'position_offset', 'image_grid', 'slot_format'}
+        known = {'segments', 'rope_dims', 'position_offset', 'image_grid', 'slot_format'}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f'prompt layout: unknown keys {unknown}')
-        return cls(segments=tuple(d['segments']), attention=d.get('attention', 'causal'), rope=d.get('rope', '1d'),
+        return cls(segments=tuple(d['segments']), rope_dims=int(d.get('rope_dims', 1)),
                    position_offset=int(d.get('position_offset', 0)), image_grid=tuple(d.get('image_grid', ())),
                    slot_format=d.get('slot_format', '{}'))

@@ -148,24 +148,24 @@ def build_layout(family: Family, tokenizer, chat_template: Optional[str], n_imag
         raise ValueError(f'{family.name}: the prompt template around the instruction depends on the instruction '
                          f'({pieces[0]} vs {pieces[1]}); it cannot be a fixed layout')
     before, between, after = pieces[0]
-    segs = [Segment('tokens', len(before), tuple(before)), Segment('image', n_image),
-            Segment('tokens', len(between), tuple(between)), Segment('instruction', slot_len),
-            Segment('tokens', len(after), tuple(after))]
-    if state:
-        segs.append(Segment('state', 1))
-    return _layout(family, [s for s in segs if s.length or s.kind != 'tokens'], image_grid)
+    segs = [('template_0', 'fixed', before), ('image', 'image', n_image), ('template_1', 'fixed', between),
+            ('text', 'text', slot_len), ('template_2', 'fixed', after)] + ([('state', 'state', 1)] if state else [])
+    return _layout(family, segs, image_grid)
 
 
 def bare_layout(family: Family, n_image: int, image_grid: tuple, slot_len: int, state: bool) -> PromptLayout:
     """[image][instruction][state]: for a `model.vlm` config dict without tokenizer files (tests)."""
-    segs = [Segment('image', n_image), Segment('instruction', slot_len)] + ([Segment('state', 1)] if state else [])
+    segs = [('image', 'image', n_image), ('text', 'text', slot_len)] + ([('state', 'state', 1)] if state else [])
     return _layout(family, segs, image_grid)
 
 
 def _layout(family: Family, segments: list, image_grid: tuple) -> PromptLayout:
-    return PromptLayout(segments=tuple(segments), attention=family.attention, rope=family.rope,
-                        position_offset=family.position_offset,
-                        image_grid=tuple(image_grid) if family.rope == 'mrope' else (),
+    """(name, source, length or ids) -> the family's layout; empty template pieces are left out."""
+    span = 'prefix' if family.prefix_lm else None
+    segs = [Segment(name, len(x), source, span, tuple(x)) if source == 'fixed' else Segment(name, x, source, span)
+            for name, source, x in segments if source != 'fixed' or len(x)]
+    return PromptLayout(segments=tuple(segs), rope_dims=family.rope_dims, position_offset=family.position_offset,
+                        image_grid=tuple(image_grid) if family.rope_dims == 3 else (),
                         slot_format=family.slot_format)
 
 
