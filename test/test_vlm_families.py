@@ -208,3 +208,22 @@ def test_slot_tokenizer_is_the_hf_tokenizer_without_transformers(folders, shape)
         ours.encode(f'pick {special} up')
     with pytest.raises(ValueError, match='at most'):
         ours.encode('stack the blocks ' * 40)
+
+
+@pytest.mark.parametrize('shape', ['paligemma-tiny', 'qwen2_vl-tiny'])
+def test_traceable_masks_and_positions_equal_the_numpy_layout(folders, shape):
+    from blockvla_ros.model.masks import position_ids, training_mask
+
+    lay = _parts(folders, shape).layout
+    text_valid = np.zeros((2, SLOT), bool)
+    text_valid[0, -3:], text_valid[1, -7:] = True, True
+    valid = lay.valid(text_valid)  # [2, P]
+    pos = position_ids(torch.from_numpy(valid), 5, 2, lay).numpy()  # [(3,) 2, P + 10]
+    p = lay.length
+    assert np.array_equal(pos[..., :p], lay.positions(valid))
+    for i in range(2):
+        acts = lay.action_positions(valid[i], 0, 5)
+        assert np.array_equal(pos[..., i, p:p + 5], acts) and np.array_equal(pos[..., i, p + 5:], acts)
+    mask = training_mask(torch.from_numpy(valid), 6, 3, 'blockdiff', lay).numpy()  # [2, 1, T, T]
+    assert np.array_equal(mask[:, 0, :p, :p], lay.attention(valid))
+    assert not mask[:, 0, :p, p:].any() and (mask[:, 0, p:, :p] == valid[:, None, :]).all()

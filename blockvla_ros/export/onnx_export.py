@@ -62,7 +62,10 @@ def plan_graphs(policy, split_prefill: bool = True) -> list:
     gen = torch.Generator().manual_seed(0)
     lt, p, t_max = cfg.max_text_tokens, cfg.prefix_len, cfg.max_seq_len
     vocab = int(policy.llm.config.vocab_size)
-    pixels = torch.randn(1, 3, cfg.image_size, cfg.image_size, generator=gen)
+    from ..runtime.preprocess import image_processor_for
+
+    shape = (1, 3, cfg.image_size, cfg.image_size) if not cfg.is_vlm else image_processor_for(cfg).pixel_shape
+    pixels = torch.randn(*shape, generator=gen)
     text_ids = torch.randint(0, vocab, (1, lt), generator=gen)
     text_valid = torch.zeros(1, lt, dtype=torch.bool)
     text_valid[:, lt // 2:] = True  # left-padded
@@ -75,7 +78,7 @@ def plan_graphs(policy, split_prefill: bool = True) -> list:
     plans = [GraphPlan('vision', 'vision.onnx', VisionGraph(policy), (pixels,), ['pixels'], ['image_tokens'])]
     names, args = with_state(['text_ids', 'text_valid', 'image_tokens'], (text_ids, text_valid, image_tokens))
     plans.append(GraphPlan('prefill', 'prefill.onnx', PrefillGraph(policy), args, names, ['logits', 'kv']))
-    if split_prefill and cfg.prefix_order == 'text_first':
+    if split_prefill and cfg.prefix_order == 'text_first' and not cfg.is_vlm:  # a VLM's image comes first
         plans.append(GraphPlan('text_prefill', 'text_prefill.onnx', TextPrefillGraph(policy), (text_ids, text_valid),
                                ['text_ids', 'text_valid'], ['text_kv']))
         names, args = with_state(['image_tokens', 'text_kv', 'text_valid'], (image_tokens, text_kv, text_valid))
@@ -86,7 +89,9 @@ def plan_graphs(policy, split_prefill: bool = True) -> list:
     kv_valid[:, lt // 2:p] = True  # valid prefix, nothing committed yet
     for n, file in step_files(cfg).items():
         tokens = torch.randint(0, cfg.n_bins + 1, (1, n), generator=gen)
-        positions = (p - lt // 2 + torch.arange(n))[None]
+        positions = (p - lt // 2 + torch.arange(n))[None]  # [1, n]
+        if policy.layout is not None and policy.layout.rope_dims == 3:
+            positions = positions[None].expand(3, 1, n).contiguous()  # M-RoPE: [3, 1, n]
         plans.append(GraphPlan(f'step_{n}', file, StepGraph(policy), (tokens, positions, kv, kv_valid),
                                ['tokens', 'positions', 'kv', 'kv_valid'], ['logits', 'new_kv'], step_width=n))
     return plans

@@ -53,8 +53,9 @@ class PrefillGraph(nn.Module):
         from transformers import DynamicCache
 
         embeds, valid = self.policy.embed_prefix(text_ids, text_valid, image_tokens, state)  # [1, P, h], [1, P]
-        mask = training_mask(valid, 0, 1, 'ar')  # prefix only: causal over valid tokens
-        hidden, cache = self.policy.run_backbone(embeds, position_ids(valid, 0, 0), mask, DynamicCache())
+        layout = self.policy.layout  # a VLM's prompt (its prefix attention and positions), else None: causal
+        mask = training_mask(valid, 0, 1, 'ar', layout)  # prefix only: causal over valid tokens
+        hidden, cache = self.policy.run_backbone(embeds, position_ids(valid, 0, 0, layout), mask, DynamicCache())
         logits = self.policy.action_logits(hidden[:, -1])  # [1, n_bins]
         return logits, _stack_cache(cache)
 

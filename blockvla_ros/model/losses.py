@@ -83,8 +83,8 @@ def compute_loss(policy: BlockVLAPolicy, batch: Batch, mode: Optional[str] = Non
         raise ValueError(f"unknown training mode {mode!r} (expected 'blockdiff', 'ar' or 'fulldiff')")
     embeds = torch.cat(parts, 1)  # [N, P + copies*L, hidden]
     copies = len(parts) - 1
-    mask = training_mask(prefix_valid, L, B, mode)
-    hidden, _ = policy.run_backbone(embeds, position_ids(prefix_valid, L, copies), mask)
+    mask = training_mask(prefix_valid, L, B, mode, policy.layout)
+    hidden, _ = policy.run_backbone(embeds, position_ids(prefix_valid, L, copies, policy.layout), mask)
     out_noisy = hidden[:, p:p + L]  # [N, L, hidden]
     if cfg.logit_shift == 'same':
         pred = out_noisy
@@ -112,8 +112,8 @@ def _ar_loss(policy, prefix, prefix_valid, clean):
     n, p, _ = prefix.shape
     L = cfg.n_action_tokens
     embeds = torch.cat([prefix, policy.action_embed(clean)], 1)  # [N, P + L, hidden]
-    mask = training_mask(prefix_valid, L, cfg.block_size, 'ar')
-    hidden, _ = policy.run_backbone(embeds, position_ids(prefix_valid, L, 1), mask)
+    mask = training_mask(prefix_valid, L, cfg.block_size, 'ar', policy.layout)
+    hidden, _ = policy.run_backbone(embeds, position_ids(prefix_valid, L, 1, policy.layout), mask)
     logits = policy.action_logits(hidden[:, p - 1:p + L - 1])  # [N, L, n_bins]
     loss = F.cross_entropy(logits.reshape(-1, cfg.n_bins), clean.reshape(-1))
     with torch.no_grad():

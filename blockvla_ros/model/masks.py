@@ -26,6 +26,7 @@ Padding keys are never attended; a padding query attends to itself only (so no s
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 PREFIX, NOISY, CLEAN = 0, 1, 2
@@ -67,16 +68,32 @@ def layout(prefix_len: int, n_actions: int, block_size: int, mode: str, device=N
     return kind.long(), block.long()
 
 
-def training_mask(prefix_valid: torch.Tensor, n_actions: int, block_size: int, mode: str) -> torch.Tensor:
-    """prefix_valid [N, P] bool -> mask [N, 1, T, T] for the training sequence of `mode`."""
+def training_mask(prefix_valid: torch.Tensor, n_actions: int, block_size: int, mode: str,
+                  prefix_layout=None) -> torch.Tensor:
+    """prefix_valid [N, P] bool -> mask [N, 1, T, T] for the training sequence of `mode`.
+
+    `prefix_layout` (a VLM's prompt layout, model.vlm.layout) replaces the prefix block's causal rule with its own
+    (PaliGemma's prefix-LM); the action rows and columns are the same."""
     n, p = prefix_valid.shape
     kind, block = layout(p, n_actions, block_size, mode, prefix_valid.device)
     valid = torch.cat([prefix_valid, prefix_valid.new_ones(n, kind.shape[0] - p)], dim=1)  # [N, T]
-    return build_mask(kind, block, valid)[:, None]  # [N, T, T] -> [N, 1, T, T]
+    mask = build_mask(kind, block, valid)[:, None]  # [N, T, T] -> [N, 1, T, T]
+    return _with_prefix_rule(mask, prefix_valid, prefix_layout)
+
+
+def _with_prefix_rule(mask: torch.Tensor, prefix_valid: torch.Tensor, prefix_layout) -> torch.Tensor:
+    """Tensor ops on the layout's constant rule (so a traced graph keeps its dependence on the validity)."""
+    if prefix_layout is None:
+        return mask
+    p = prefix_valid.shape[1]
+    rule = torch.from_numpy(prefix_layout.rule()).to(mask.device)  # [P, P]
+    eye = torch.eye(p, dtype=torch.bool, device=mask.device)
+    prefix = (rule & prefix_valid[:, None, :]) | eye  # [N, P, P]
+    return torch.cat([torch.cat([prefix[:, None], mask[:, :, :p, p:]], -1), mask[:, :, p:]], 2)
 
 
 def decoding_reference_mask(prefix_valid: torch.Tensor, n_committed: int, n_current: int,
-                            block_size: int) -> torch.Tensor:
+                            block_size: int, prefix_layout=None) -> torch.Tensor:
     """Mask of one uncached forward over [prefix][committed clean blocks][current noisy block].
 
     This is what block-diffusion decoding with a KV cache computes implicitly: the committed blocks are the clean
@@ -92,14 +109,24 @@ def decoding_reference_mask(prefix_valid: torch.Tensor, n_committed: int, n_curr
     block = torch.cat([torch.zeros(p, dtype=torch.long, device=dev), committed,
                        torch.full((n_current,), current_block, dtype=torch.long, device=dev)])
     valid = torch.cat([prefix_valid, prefix_valid.new_ones(n, n_committed + n_current)], dim=1)
-    return build_mask(kind, block, valid)[:, None]
+    return _with_prefix_rule(build_mask(kind, block, valid)[:, None], prefix_valid, prefix_layout)
 
 
-def position_ids(prefix_valid: torch.Tensor, n_actions: int, copies: int) -> torch.Tensor:
+def position_ids(prefix_valid: torch.Tensor, n_actions: int, copies: int, prefix_layout=None) -> torch.Tensor:
     """Positions: valid prefix tokens 0..n-1 (padding gets 0), every action copy continues at n.
 
-    prefix_valid [N, P] -> [N, P + copies * n_actions]; both action copies carry the same positions.
+    prefix_valid [N, P] -> [N, P + copies * n_actions]; both action copies carry the same positions. With a VLM's
+    `prefix_layout`: its positions (PaliGemma from 1; Qwen2-VL's 3-D M-RoPE, [3, N, ...]), actions continuing.
     """
+    if prefix_layout is not None:  # tensor ops on the layout's constants (traceable)
+        base, slot, empty_next = (torch.from_numpy(np.asarray(x)).to(prefix_valid.device)
+                                  for x in prefix_layout.position_table())
+        in_slot = (prefix_valid & slot).long()  # [N, P]: valid instruction tokens
+        before = in_slot.cumsum(1) - in_slot  # valid instruction tokens before each token
+        pre = (base[:, None, :] + before[None]) * prefix_valid.long()[None]  # [R, N, P]
+        first = empty_next + in_slot.sum(1, keepdim=True) + torch.arange(n_actions, device=prefix_valid.device)
+        pos = torch.cat([pre] + [first[None].expand(pre.shape[0], -1, -1)] * copies, dim=-1)  # [R, N, T]
+        return pos if prefix_layout.rope_dims == 3 else pos[0]
     pv = prefix_valid.long()
     prefix_pos = (pv.cumsum(1) - 1).clamp(min=0) * pv  # [N, P]
     n_valid = pv.sum(1, keepdim=True)  # [N, 1]

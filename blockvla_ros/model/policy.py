@@ -75,11 +75,20 @@ class BlockVLAPolicy(nn.Module):
     def __init__(self, config: BlockVLAConfig):
         super().__init__()
         self.config = config
-        self.llm, lm_head = build_backbone(config)
-        hidden = self.llm.config.hidden_size
+        self.layout = None  # a VLM's prompt layout (model.vlm.layout); None: [text][image] in prefix_order
+        self.softcap = None  # the LM head's final logit soft-capping (Gemma2 VLMs), kept for the action head
+        if config.is_vlm:  # a pretrained VLM: its vision tower + connector, its language model, its prompt
+            from .vlm.attach import attach_vlm
+
+            lm_head, self.config = attach_vlm(self, config)
+            hidden = self.llm.config.hidden_size
+        else:
+            self.llm, lm_head = build_backbone(config)
+            hidden = self.llm.config.hidden_size
+            self.vision = build_vision_encoder(config.vision, config.image_size)
+            self.projector = nn.Sequential(nn.Linear(self.vision.out_dim, hidden), nn.GELU(),
+                                           nn.Linear(hidden, hidden))
         self.hidden_size = hidden
-        self.vision = build_vision_encoder(config.vision, config.image_size)
-        self.projector = nn.Sequential(nn.Linear(self.vision.out_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
         self.state_proj = nn.Linear(config.state_dim, hidden) if config.state_dim else None
         self.action_embed = nn.Embedding(config.n_bins + 1, hidden)  # bins + [MASK]
         self.action_head = nn.Linear(hidden, config.n_bins)
@@ -88,10 +97,13 @@ class BlockVLAPolicy(nn.Module):
     @torch.no_grad()
     def _init_action_rows(self, lm_head: Optional[torch.Tensor]):
         n = self.config.n_bins
-        emb = self.llm.get_input_embeddings().weight
-        if emb.shape[0] >= n:
-            self.action_embed.weight[:n] = emb[-n:]
-            self.action_embed.weight[n] = emb.mean(0)
+        table = self.llm.get_input_embeddings()
+        vocab = table.weight.shape[0]
+        if vocab >= n:  # what the embedding module outputs (Gemma's scales its rows by sqrt(hidden))
+            rows = table(torch.arange(vocab - n, vocab, device=table.weight.device))
+            self.action_embed.weight[:n] = rows
+            scale = 1.0 if type(table) is nn.Embedding else float(rows.norm() / table.weight[-n:].norm())
+            self.action_embed.weight[n] = table.weight.mean(0) * scale  # [MASK]: the mean row
         if lm_head is not None and lm_head.shape[0] >= n and lm_head.shape[1] == self.hidden_size:
             self.action_head.weight.copy_(lm_head[-n:])
             self.action_head.bias.zero_()
@@ -106,12 +118,14 @@ class BlockVLAPolicy(nn.Module):
         return c.num_hidden_layers, getattr(c, 'num_key_value_heads', None) or heads, head_dim
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        """pixels [N, 3, S, S] (normalized) -> image tokens [N, n_image_tokens, hidden]."""
+        """pixels [N, ...] (the image processor's output) -> image tokens [N, n_image_tokens, hidden]."""
         return self.projector(self.vision(pixels))
 
     def embed_prefix(self, text_ids: torch.Tensor, text_valid: torch.Tensor, image_tokens: torch.Tensor,
                      state: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """-> prefix embeddings [N, P, hidden] and validity [N, P] in the configured order (state last)."""
+        if self.layout is not None:
+            return self._embed_layout(text_ids, text_valid, image_tokens, state)
         n = text_ids.shape[0]
         text = self.llm.get_input_embeddings()(text_ids)  # [N, Lt, hidden]
         img_valid = text_valid.new_ones(n, image_tokens.shape[1])
@@ -126,6 +140,27 @@ class BlockVLAPolicy(nn.Module):
             valid.append(text_valid.new_ones(n, 1))
         return torch.cat(parts, 1), torch.cat(valid, 1)
 
+    def _embed_layout(self, text_ids, text_valid, image_tokens, state):
+        """The layout's segments in order: template ids, image tokens, the instruction slot, the state."""
+        n = text_ids.shape[0]
+        table = self.llm.get_input_embeddings()
+        parts, valid = [], []
+        for seg in self.layout.segments:
+            valid.append(text_valid if seg.source == 'text' else text_valid.new_ones(n, seg.length))
+            if seg.source == 'text':
+                parts.append(table(text_ids))  # [N, Lt, hidden]
+            elif seg.source == 'image':
+                parts.append(image_tokens)  # [N, Ni, hidden]
+            elif seg.source == 'state':
+                if state is None:
+                    raise ValueError(f'this policy reads a {self.config.state_dim}-dim proprioceptive state; '
+                                     'none given')
+                parts.append(self.state_proj(state)[:, None])  # [N, S] -> [N, 1, hidden]
+            else:  # fixed template ids
+                ids = torch.tensor(seg.ids, dtype=torch.long, device=text_ids.device)
+                parts.append(table(ids)[None].expand(n, -1, -1))  # [len] -> [N, len, hidden]
+        return torch.cat(parts, 1), torch.cat(valid, 1)
+
     def prefix_from_inputs(self, pixels, text_ids, text_valid, state=None):
         return self.embed_prefix(text_ids, text_valid, self.encode_image(pixels), state)
 
@@ -137,7 +172,10 @@ class BlockVLAPolicy(nn.Module):
         return out.last_hidden_state, out.past_key_values
 
     def action_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.action_head(hidden)  # [..., hidden] -> [..., n_bins]
+        logits = self.action_head(hidden)  # [..., hidden] -> [..., n_bins]
+        if self.softcap:  # as the VLM's LM head: c * tanh(logits / c)
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
 
     # --------------------------------------------------------------------------------------------------------
     def save(self, folder: str | os.PathLike) -> None:
@@ -153,7 +191,11 @@ class BlockVLAPolicy(nn.Module):
 
     def portable_config(self) -> BlockVLAConfig:
         """This policy's config with the backbone and an HF vision tower described inline (no dependency on the
-        original folders: a policy folder's config names no path outside it)."""
+        original folders: a policy folder's config names no path outside it; a VLM: its config dict)."""
+        if self.config.is_vlm:
+            from .vlm.attach import portable
+
+            return portable(self, self.config)
         vision = dict(self.config.vision)
         if vision.get('path'):
             vision.pop('path')

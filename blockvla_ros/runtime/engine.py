@@ -25,13 +25,22 @@ class PrefixInputs:
     state: Optional[np.ndarray] = None  # [1, S] float32, normalized
 
     def prefix_valid(self, config: BlockVLAConfig) -> np.ndarray:
-        """[P] bool in the prefix order of `config` (text, image, state)."""
+        """[P] bool in the prefix order of `config` (text, image, state; a VLM: its prompt layout)."""
+        if config.is_vlm:
+            return vlm_layout(config).valid(self.text_valid.reshape(-1))
         img = np.ones(config.n_image_tokens, dtype=bool)
         text = self.text_valid.reshape(-1).astype(bool)
         parts = [text, img] if config.prefix_order == 'text_first' else [img, text]
         if config.state_dim:
             parts.append(np.ones(1, dtype=bool))
         return np.concatenate(parts)
+
+
+def vlm_layout(config: BlockVLAConfig):
+    """The prompt layout of a VLM policy (model.vlm.layout, numpy)."""
+    from ..model.vlm.layout import PromptLayout
+
+    return PromptLayout.from_dict(config.vlm_layout)
 
 
 class Engine(ABC):
@@ -45,6 +54,8 @@ class Engine(ABC):
         self.cache = KVCache(self._alloc((layers, 2, kv_heads, config.max_seq_len, head_dim)), config.max_seq_len)
         self.n_valid_prefix = 0
         self.n_committed = 0
+        self.layout = vlm_layout(config) if config.is_vlm else None  # its positions (PaliGemma 1-based, M-RoPE)
+        self._prefix_valid = None
 
     # --- backend hooks --------------------------------------------------------------------------------------
     @abstractmethod
@@ -64,6 +75,7 @@ class Engine(ABC):
         valid = prefix.prefix_valid(self.config)
         logits, kv = self._prefill(prefix)
         self.cache.set_prefix(kv, valid)
+        self._prefix_valid = valid
         self.n_valid_prefix = int(valid.sum())
         self.n_committed = 0
         return logits
@@ -71,8 +83,11 @@ class Engine(ABC):
     def step(self, tokens: np.ndarray, commit: bool = False) -> np.ndarray:
         """Evaluate action tokens [n] at the next n action positions; on commit their K/V join the cache."""
         tokens = np.asarray(tokens, dtype=np.int64).reshape(1, -1)  # [n] -> [1, n]
-        start = self.n_valid_prefix + self.n_committed
-        positions = np.arange(start, start + tokens.shape[1], dtype=np.int64)[None]  # [1, n]
+        if self.layout is not None:  # [1, n], or [3, 1, n] for M-RoPE
+            positions = self.layout.action_positions(self._prefix_valid, self.n_committed, tokens.shape[1])[..., None, :]
+        else:
+            start = self.n_valid_prefix + self.n_committed
+            positions = np.arange(start, start + tokens.shape[1], dtype=np.int64)[None]  # [1, n]
         logits, new_kv = self._step(tokens, positions)
         if commit:
             self.cache.append(new_kv)

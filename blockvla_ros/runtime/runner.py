@@ -66,7 +66,13 @@ class _PhaseTimer:
 
 def build_preprocessor(config, stats, folder=None, tokenizer_files=None) -> Preprocessor:
     """Image/text/state -> prefix. ``tokenizer_files``: explicit tokenizer file paths (a policy folder's listed
-    files, read without transformers); ``folder``: a checkpoint or backbone folder (transformers' AutoTokenizer)."""
+    files, read without transformers); ``folder``: a checkpoint or backbone folder (transformers' AutoTokenizer).
+    A VLM policy's instruction slot: its tokenizer.json (among the files, else in the folder), tokenizers only."""
+    if config.is_vlm and config.text_tokenizer == 'auto':
+        from ..model.vlm.slot_tokenizer import slot_tokenizer
+
+        text = slot_tokenizer(folder, config.max_text_tokens, config.vlm_layout, files=tokenizer_files)
+        return Preprocessor(config, text, ActionTokenizer(stats, config.n_bins))
     vocab = int((config.backbone or {}).get('vocab_size', 1 << 20))
     text = load_text_tokenizer(config.text_tokenizer, config.max_text_tokens, vocab, folder, files=tokenizer_files)
     return Preprocessor(config, text, ActionTokenizer(stats, config.n_bins))

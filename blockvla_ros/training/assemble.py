@@ -123,8 +123,13 @@ def build_data(config: TrainConfig, policy, train_eps, val_eps, stats: NormStats
     from ..model.text_tokenizer import load_text_tokenizer
 
     cfg = policy.config
-    text = load_text_tokenizer(cfg.text_tokenizer, cfg.max_text_tokens, policy.llm.config.vocab_size,
-                               cfg.backbone_path)
+    if cfg.is_vlm and cfg.text_tokenizer == 'auto':  # the VLM's own tokenizer fills its prompt's instruction slot
+        from ..model.vlm.slot_tokenizer import slot_tokenizer
+
+        text = slot_tokenizer(cfg.vlm_path, cfg.max_text_tokens, cfg.vlm_layout)
+    else:
+        text = load_text_tokenizer(cfg.text_tokenizer, cfg.max_text_tokens, policy.llm.config.vocab_size,
+                                   cfg.backbone_path)
     actions = ActionTokenizer(stats, cfg.n_bins)
     train = ChunkDataset(train_eps, cfg, text, actions, config.data.tail)
     val = ChunkDataset(val_eps, cfg, text, actions, config.data.tail) if val_eps else None

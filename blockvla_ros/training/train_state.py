@@ -58,7 +58,11 @@ class Saver:
         self.acc.wait_for_everyone()
 
     def _tokenizer_files(self, folder: Path) -> None:
-        tok = getattr(self.data.text_tokenizer, 'tok', None)
+        text = self.data.text_tokenizer
+        if hasattr(text, 'save_files'):  # a VLM's slot tokenizer: its tokenizer.json
+            text.save_files(folder)
+            return
+        tok = getattr(text, 'tok', None)
         if tok is not None:  # text_tokenizer: auto -> the policy folder carries the tokenizer
             tok.save_pretrained(str(folder))
 

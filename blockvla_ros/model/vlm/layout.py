@@ -179,6 +179,10 @@ class PromptLayout:
     def attention(self, valid: np.ndarray) -> np.ndarray:
         """valid [..., P] -> [..., P, P] bool (query, key): causal + spans over valid keys, and the diagonal."""
         valid = np.asarray(valid, dtype=bool)
+        return (self.rule() & valid[..., None, :]) | np.eye(self.length, dtype=bool)
+
+    def rule(self) -> np.ndarray:
+        """[P, P] bool: who may see whom before validity (causal + the spans)."""
         p = self.length
         rule = np.tril(np.ones((p, p), dtype=bool))
         for span in {s.span for s in self.segments if s.span}:
@@ -187,7 +191,16 @@ class PromptLayout:
                 if s.span == span:
                     member[self.offsets[s.name]] = True
             rule |= member[:, None] & member[None, :]
-        return (rule & valid[..., None, :]) | np.eye(p, dtype=bool)
+        return rule
+
+    def position_table(self) -> tuple[np.ndarray, np.ndarray, int]:
+        """The constants of `positions` for a traced (torch) version: base [R, P] (an empty slot), the slot's
+        indicator [P], and the next position with an empty slot. positions = (base + valid slot tokens before)
+        * valid; next = that + valid slot tokens."""
+        advance, base = self._base()
+        slot = np.zeros(self.length, dtype=bool)
+        slot[self.offsets[self.segment('text').name]] = True
+        return base, slot, int(advance.sum()) + self.position_offset
 
     # --- helpers ----------------------------------------------------------------------------------------------
     def _base(self) -> tuple[np.ndarray, np.ndarray]:

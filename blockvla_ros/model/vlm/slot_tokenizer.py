@@ -43,6 +43,17 @@ class SlotTokenizer(_FixedLength):
         return ids
 
 
-def slot_tokenizer(folder: str | os.PathLike, max_len: int, layout: dict) -> SlotTokenizer:
-    """The slot tokenizer of a VLM (or policy) folder for a resolved layout dict (`config.vlm_layout`)."""
-    return SlotTokenizer(Path(folder) / 'tokenizer.json', max_len, layout.get('slot_format', '{}'))
+    def save_files(self, folder: str | os.PathLike) -> None:
+        """Write tokenizer.json into `folder` (a checkpoint: the exporter copies it into the policy folder)."""
+        (Path(folder) / 'tokenizer.json').write_bytes(self.path.read_bytes())
+
+
+def slot_tokenizer(folder, max_len: int, layout: dict, files=None) -> SlotTokenizer:
+    """The slot tokenizer for a resolved layout dict (`config.vlm_layout`): the tokenizer.json among `files` (a
+    policy folder's listed files), else the one in `folder` (a VLM or checkpoint folder)."""
+    path = next((Path(f) for f in files or () if Path(f).name == 'tokenizer.json'), None)
+    if path is None:
+        if folder is None:
+            raise ValueError('a VLM policy needs its tokenizer.json (a folder or the policy\'s tokenizer files)')
+        path = Path(folder) / 'tokenizer.json'
+    return SlotTokenizer(path, max_len, layout.get('slot_format', '{}'))
