@@ -219,3 +219,18 @@ def test_the_node_runs_each_family_over_loopback(trained):
         node.shutdown()
         node.destroy_node()
         rclpy.shutdown(context=context)
+
+
+def test_vlm_config_errors_name_the_setting():
+    from blockvla_ros.model.config import BlockVLAConfig
+
+    with pytest.raises(ValueError, match='vlm_image_size'):
+        BlockVLAConfig(vlm_path='/x', text_tokenizer='auto', vlm_image_size=[56])
+    with pytest.raises(ValueError, match='not both'):
+        BlockVLAConfig(vlm_path='/x', backbone_path='/y')
+    with pytest.raises(ValueError, match="text_tokenizer 'byte'"):
+        BlockVLAConfig(vlm={'model_type': 'smolvlm'}, text_tokenizer='auto')
+    with pytest.raises(ValueError, match='resolved when the policy is built'):
+        BlockVLAConfig(vlm={'model_type': 'smolvlm'}).prefix_len
+    with pytest.raises(ValueError, match='belong to a VLM'):
+        BlockVLAConfig(vlm_layout={'segments': []}, vlm_processor={})

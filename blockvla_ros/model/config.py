@@ -185,6 +185,8 @@ class BlockVLAConfig:
         need(self.backbone_path is not None or 'model_type' in self.backbone,
              'either backbone_path or backbone.model_type must be given')
         need(self.text_tokenizer in ('byte', 'auto'), "text_tokenizer must be 'byte' or 'auto'")
+        need(self.attn_implementation in ATTN_IMPLEMENTATIONS,
+             f'attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {self.attn_implementation!r}')
         self._validate_vlm(need)
 
     def _validate_vlm(self, need):
@@ -207,8 +209,6 @@ class BlockVLAConfig:
             need(value is None or isinstance(value, dict), f'{name} must be a mapping, got {type(value).__name__}')
         need((self.vlm_layout is None) == (self.vlm_processor is None),
              'vlm_layout and vlm_processor are resolved together')
-        need(self.attn_implementation in ATTN_IMPLEMENTATIONS,
-             f'attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {self.attn_implementation!r}')
 
     def _validate_types(self, need) -> None:
         """Every field's type and a sane range, before any arithmetic on them (a policy.yaml is input too)."""
