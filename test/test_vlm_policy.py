@@ -234,3 +234,16 @@ def test_vlm_config_errors_name_the_setting():
         BlockVLAConfig(vlm={'model_type': 'smolvlm'}).prefix_len
     with pytest.raises(ValueError, match='belong to a VLM'):
         BlockVLAConfig(vlm_layout={'segments': []}, vlm_processor={})
+
+
+def test_a_broken_saved_layout_is_a_config_error(vlms):
+    from blockvla_ros.model.config import BlockVLAConfig
+
+    config = BlockVLAPolicy(BlockVLAConfig(**model_config('qwen2_vl-tiny', vlms['qwen2_vl-tiny']))).config
+    for bad in ({'segments': [{'name': 'x'}]}, {**config.vlm_layout, 'rope_dims': 2}, {'unknown': 1}):
+        with pytest.raises(ValueError, match='vlm_layout'):
+            config.replace(vlm_layout=bad)
+    with pytest.raises(ValueError, match='vlm_layout / vlm_processor'):
+        config.replace(vlm_processor={**config.vlm_processor, 'grid_hw': [55, 56]})
+    with pytest.raises(ValueError, match='instruction slot'):
+        config.replace(max_text_tokens=17)

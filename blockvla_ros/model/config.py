@@ -209,6 +209,18 @@ class BlockVLAConfig:
             need(value is None or isinstance(value, dict), f'{name} must be a mapping, got {type(value).__name__}')
         need((self.vlm_layout is None) == (self.vlm_processor is None),
              'vlm_layout and vlm_processor are resolved together')
+        if self.vlm_layout is not None:  # a saved policy's: checked here, so a bad one never reaches a runtime
+            from ..runtime.image_processors import build_image_processor
+            from .vlm.layout import PromptLayout
+
+            try:
+                layout = PromptLayout.from_dict(self.vlm_layout)
+                build_image_processor(self.vlm_processor)
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                need(False, f'vlm_layout / vlm_processor: {type(e).__name__}: {e}')
+            need(layout.slot_len == self.max_text_tokens and layout.has_state == bool(self.state_dim),
+                 f'vlm_layout (instruction slot {layout.slot_len}, state {layout.has_state}) does not match '
+                 f'max_text_tokens {self.max_text_tokens} / state_dim {self.state_dim}')
 
     def _validate_types(self, need) -> None:
         """Every field's type and a sane range, before any arithmetic on them (a policy.yaml is input too)."""

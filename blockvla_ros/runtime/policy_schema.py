@@ -200,6 +200,9 @@ def config(doc: Any, where: str):
         raise PolicyFolderError(f'{where}: config.vision.path is {cfg.vision["path"]!r}: the runtime never loads a '
                                 'vision tower from outside the policy folder; re-export (blockvla-export writes the '
                                 "tower's config inline)")
+    if cfg.vlm_path is not None:  # the same rule for a VLM backbone's folder
+        raise PolicyFolderError(f'{where}: config.vlm_path is {cfg.vlm_path!r}: a policy folder carries its weights; '
+                                're-export (blockvla-export writes the VLM config inline and vlm_path: null)')
     return cfg
 
 
