@@ -247,3 +247,16 @@ def test_a_broken_saved_layout_is_a_config_error(vlms):
         config.replace(vlm_processor={**config.vlm_processor, 'grid_hw': [55, 56]})
     with pytest.raises(ValueError, match='instruction slot'):
         config.replace(max_text_tokens=17)
+
+
+@pytest.mark.parametrize('shape', ['paligemma-tiny', 'smolvlm-tiny', 'qwen2_vl-tiny'])
+def test_the_vision_tower_is_frozen_by_config_and_the_connector_trains(vlms, shape):
+    from blockvla_ros.model.config import BlockVLAConfig
+
+    policy = BlockVLAPolicy(BlockVLAConfig(**model_config(shape, vlms[shape])))
+    trainable = {n for n, p in policy.vision.named_parameters() if p.requires_grad}
+    connector = {'paligemma-tiny': 'connector.', 'smolvlm-tiny': 'connector.', 'qwen2_vl-tiny': 'tower.merger.'}[shape]
+    assert trainable and all(n.startswith(connector) for n in trainable)
+    assert all(p.requires_grad for n, p in policy.vision.named_parameters() if n.startswith(connector))
+    thawed = BlockVLAPolicy(BlockVLAConfig(**model_config(shape, vlms[shape], vlm_freeze_vision=False)))
+    assert all(p.requires_grad for p in thawed.vision.parameters())

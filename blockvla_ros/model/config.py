@@ -41,7 +41,7 @@ class BlockVLAConfig:
         'num_hidden_layers': 2, 'num_attention_heads': 4, 'num_key_value_heads': 2,
         'max_position_embeddings': 1024})
     backbone_path: Optional[str] = None  # local HF folder (save_pretrained layout); overrides `backbone`
-    text_tokenizer: str = 'byte'  # 'byte' (built-in, no files) or 'auto' (AutoTokenizer from backbone_path)
+    text_tokenizer: str = 'byte'  # 'byte' (no files) or 'auto' (backbone_path's tokenizer; a VLM's tokenizer.json)
     max_text_tokens: int = 48  # instruction tokens in the prefix (static shape); longer is an error
     attn_implementation: str = 'sdpa'  # the backbone's attention: sdpa | eager (Gemma2 supports eager only)
     # --- a pretrained VLM as the backbone (replaces backbone + vision; see model.vlm) ----------------------------

@@ -33,9 +33,9 @@ def attach_vlm(policy, config):
     policy.softcap = parts.softcap
     policy.vlm_family = parts.family.name
     policy.vlm_hf_config = parts.hf_config
-    tower = getattr(parts.vision, 'tower', parts.vision)
-    for p in tower.parameters():
-        p.requires_grad = not config.vlm_freeze_vision
+    connector = getattr(parts.vision, 'connector_in_tower', ())
+    for name, p in parts.vision.tower.named_parameters():  # the connector always trains
+        p.requires_grad = not config.vlm_freeze_vision or name.startswith(connector)
     resolved = config.replace(vlm_layout=parts.layout.to_dict(), vlm_processor=parts.processor)
     log.info('VLM backbone %s (%s): %d image tokens, prefix %d, vision tower %s', parts.hf_config.model_type,
              parts.family.name, parts.layout.n_image_tokens, parts.layout.length,

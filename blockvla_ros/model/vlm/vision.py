@@ -49,7 +49,10 @@ class Idefics3Vision(nn.Module):
 class Qwen2VLVision(nn.Module):
     """Qwen2-VL / Qwen2.5-VL vision transformer with its patch merger at one fixed grid.
 
-    pixels [N, gh*gw, 3*tp*p*p] (the processor's flat patches per image) -> [N, gh*gw / merge^2, hidden]."""
+    pixels [N, gh*gw, 3*tp*p*p] (the processor's flat patches per image) -> [N, gh*gw / merge^2, hidden].
+    Its connector (the patch merger) lives inside the tower: `connector_in_tower` names it for freezing."""
+
+    connector_in_tower = ('merger.',)
 
     def __init__(self, hf_model, grid_thw: tuple):
         super().__init__()
