@@ -4,7 +4,8 @@
     python benchmarks/real_size.py --shape qwen2.5-0.5b --json out/real_size_qwen2.5-0.5b.json
     python benchmarks/real_size.py --shape qwen3-0.6b --json out/real_size_qwen3-0.6b.json   # > 2 GiB fp32
 
-Shapes: benchmarks/shapes.py (Qwen2.5-0.5B, SmolLM2-360M, Qwen3-0.6B dimensions; `tiny` for smoke tests). Steps,
+Shapes: benchmarks/shapes.py (Qwen2.5-0.5B, SmolLM2-360M, Qwen3-0.6B dimensions; `tiny` for smoke tests; a whole
+VLM: `smolvlm2-256m`, its vision tower, connector and prompt included, shapes.VLM_POLICY). Steps,
 each heavy one in its own process so its memory is its own (peak = that process's ru_maxrss, from os.wait4):
 
 1. prepare: the random-weight HF folder (written shard by shard), a policy checkpoint on it with the demo's vision /
@@ -80,7 +81,7 @@ def child_prepare(shape: str, work: str, observations: int) -> dict:
     prepare_s = time.perf_counter() - t0
     policy = BlockVLAPolicy.load(ckpt)
     stats = NormStats.load(ckpt / 'stats.json')
-    pre = build_preprocessor(policy.config, stats)
+    pre = build_preprocessor(policy.config, stats, ckpt)  # a VLM's tokenizer.json is in the checkpoint
     obs = random_observations(policy.config, stats, observations, seed=0, tokenizer=pre.text)
     engine, decoder = TorchEngine(policy), Decoder(policy.config)
     t1 = time.perf_counter()
@@ -232,7 +233,8 @@ def main(argv=None) -> int:
     if 'error' in prep:
         print(prep['error'], file=sys.stderr)
         return 1
-    out = {'shape': args.shape, 'backbone': shapes.SHAPES[args.shape], 'policy': shapes.POLICY,
+    policy = shapes.VLM_POLICY if args.shape in shapes.VLM_SHAPES else shapes.POLICY
+    out = {'shape': args.shape, 'backbone': shapes.SHAPES[args.shape], 'policy': policy,
            'params_m': prep['params'] / 1e6, 'weight_gb': prep['weight_bytes_fp32'] / 1e9,
            'prepare_s': prep['prepare_s'], 'prepare_peak_rss_gb': prep['peak_rss_gb'],
            'torch_fp32_ms_per_chunk': prep['torch_ms_per_chunk'], 'exporter': args.exporter,

@@ -4,6 +4,9 @@
     SHAPES['smollm2-360m']   SmolLM2-360M dimensions (362 M params)
     SHAPES['qwen3-0.6b']     Qwen3-0.6B dimensions (596 M params, 2.38 GB fp32: above 2 GiB, the protobuf limit)
     SHAPES['tiny']           a toy Qwen2 for smoke tests of the harnesses
+    SHAPES['smolvlm2-256m']  a whole VLM (model.vlm_path): SmolVLM2-256M dimensions (256 M params with its LM head;
+                             the policy keeps 228 M), written by blockvla_ros.model.vlm.random_folder with its
+                             processor and tokenizer files (real_size.py only; `smolvlm-tiny` for smoke tests)
 
 Nothing is downloaded: the configs carry the published dimensions and every weight is random (normal(0, 0.02)
 matrices, unit norms, zero biases). `write_random_backbone` never holds more than one shard (~0.5 GB) of weights:
@@ -36,6 +39,14 @@ SHAPES = {
                  tie_word_embeddings=True),
 }
 
+# Whole pretrained VLMs (model.vlm_path): their folder, processor and tokenizer come from model.vlm.random_folder
+VLM_SHAPES = ('smolvlm2-256m', 'smolvlm-tiny')  # the tiny one: smoke tests
+for _vlm in VLM_SHAPES:
+    SHAPES[_vlm] = {'vlm': f'{_vlm} (blockvla_ros.model.vlm.random_folder.SHAPES)'}
+# A VLM policy: its own image processor and prompt; 32 instruction slots for its tokenizer, the demo's action space
+VLM_POLICY = dict(text_tokenizer='auto', max_text_tokens=32, action_dim=3, state_dim=2, chunk_len=8, block_size=3,
+                  steps_per_block=3, schedule='fixed', n_bins=32)
+
 # The demo policy's vision / action settings (config/train/demo.yaml): 64x64 image, 16 patch tokens, a state token,
 # 8 x 3 = 24 action tokens in blocks of 3, 32 bins; 48 text slots (the byte tokenizer: a random shape has no tokenizer
 # files, and the tabletop instructions take up to ~40 bytes) -> prefix 65.
@@ -50,6 +61,8 @@ def hf_config(shape: str):
 
     if shape not in SHAPES:
         raise ValueError(f'unknown shape {shape!r}; known: {sorted(SHAPES)}')
+    if shape in VLM_SHAPES:
+        raise ValueError(f'{shape} is a whole VLM, not a causal LM (real_size.py measures it)')
     spec = dict(SHAPES[shape])
     return AutoConfig.for_model(spec.pop('model_type'), **spec)
 
@@ -83,6 +96,10 @@ def write_random_backbone(shape: str, folder: Path, seed: int = 0) -> Path:
     from safetensors.torch import save_file
 
     folder = Path(folder)
+    if shape in VLM_SHAPES:
+        from blockvla_ros.model.vlm.random_folder import write_random_vlm
+
+        return folder if (folder / 'config.json').is_file() else write_random_vlm(folder, shape, seed=seed)
     if (folder / 'model.safetensors.index.json').is_file():
         return folder  # already written (same shape: the config is compared)
     folder.mkdir(parents=True, exist_ok=True)
@@ -118,9 +135,14 @@ def make_policy_checkpoint(backbone: Path, out: Path, **policy_overrides) -> Pat
     from blockvla_ros.model.policy import BlockVLAPolicy
 
     out = Path(out)
-    config = BlockVLAConfig(backbone_path=str(backbone), **{**POLICY, **policy_overrides})
+    if (Path(backbone) / 'preprocessor_config.json').is_file():  # a whole VLM: its prompt, processor, tokenizer
+        config = BlockVLAConfig(vlm_path=str(backbone), **{**VLM_POLICY, **policy_overrides})
+    else:
+        config = BlockVLAConfig(backbone_path=str(backbone), **{**POLICY, **policy_overrides})
     policy = BlockVLAPolicy(config).eval()
     policy.save(out)
+    if config.is_vlm:  # the checkpoint carries the tokenizer the exporter copies into the policy folder
+        (out / 'tokenizer.json').write_bytes((Path(backbone) / 'tokenizer.json').read_bytes())
     rng = np.random.default_rng(0)
     NormStats.from_data(rng.normal(size=(500, config.action_dim)),
                         rng.normal(size=(500, config.state_dim)) if config.state_dim else None).save(out / 'stats.json')

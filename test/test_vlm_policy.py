@@ -260,3 +260,22 @@ def test_the_vision_tower_is_frozen_by_config_and_the_connector_trains(vlms, sha
     assert all(p.requires_grad for n, p in policy.vision.named_parameters() if n.startswith(connector))
     thawed = BlockVLAPolicy(BlockVLAConfig(**model_config(shape, vlms[shape], vlm_freeze_vision=False)))
     assert all(p.requires_grad for p in thawed.vision.parameters())
+
+
+@pytest.mark.slow
+def test_real_size_benchmark_runs_a_vlm_shape(tmp_path):
+    """benchmarks/real_size.py on a whole VLM (the tiny SmolVLM; README has the SmolVLM2-256M figures)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / 'rs.json'
+    cmd = [sys.executable, str(root / 'benchmarks' / 'real_size.py'), '--shape', 'smolvlm-tiny', '--json', str(out),
+           '--runs', '2', '--observations', '2', '--threads', '1']
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=root)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    fp32 = data['precisions']['fp32']
+    assert fp32['token_agreement'] == 1.0 and fp32['ms_per_chunk_1t'] > 0 and data['folder_over_weights'] > 0
+    assert data['policy']['text_tokenizer'] == 'auto'
