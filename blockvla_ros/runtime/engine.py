@@ -84,7 +84,8 @@ class Engine(ABC):
         """Evaluate action tokens [n] at the next n action positions; on commit their K/V join the cache."""
         tokens = np.asarray(tokens, dtype=np.int64).reshape(1, -1)  # [n] -> [1, n]
         if self.layout is not None:  # [1, n], or [3, 1, n] for M-RoPE
-            positions = self.layout.action_positions(self._prefix_valid, self.n_committed, tokens.shape[1])[..., None, :]
+            n = tokens.shape[1]
+            positions = self.layout.action_positions(self._prefix_valid, self.n_committed, n)[..., None, :]
         else:
             start = self.n_valid_prefix + self.n_committed
             positions = np.arange(start, start + tokens.shape[1], dtype=np.int64)[None]  # [1, n]

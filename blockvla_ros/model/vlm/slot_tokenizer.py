@@ -42,7 +42,6 @@ class SlotTokenizer(_FixedLength):
                              'structure of the VLM prompt')
         return ids
 
-
     def save_files(self, folder: str | os.PathLike) -> None:
         """Write tokenizer.json into `folder` (a checkpoint: the exporter copies it into the policy folder)."""
         (Path(folder) / 'tokenizer.json').write_bytes(self.path.read_bytes())
