@@ -103,7 +103,12 @@ def check_tokenizer_parity(runtime_tokenizer, source: Path, config: BlockVLAConf
     ``source``. Refuse the export if they disagree on any sample instruction."""
     from ..model.text_tokenizer import load_text_tokenizer
 
-    reference = load_text_tokenizer('auto', config.max_text_tokens, 0, folder=source)
+    if config.is_vlm:  # training filled the VLM's instruction slot with its tokenizer.json (model.vlm.slot_tokenizer)
+        from ..model.vlm.slot_tokenizer import slot_tokenizer
+
+        reference = slot_tokenizer(source, config.max_text_tokens, config.vlm_layout)
+    else:
+        reference = load_text_tokenizer('auto', config.max_text_tokens, 0, folder=source)
     for text in TOKENIZER_SAMPLES:
         outcomes = []
         for tok in (reference, runtime_tokenizer):
