@@ -162,6 +162,23 @@ def test_expert_succeeds_on_every_task(noise):
             assert steps == env.steps < env.max_steps
 
 
+def test_intended_labels_are_the_noise_free_expert_on_the_same_rollout():
+    """DART labels: the same noisy rollout (same states), but each label is the expert's noise-free action there."""
+    env_a, env_b = (TabletopEnv('touch_red_then_blue', episode_seed(0, 'touch_red_then_blue', 2, 'train'))
+                    for _ in range(2))
+    executed = list(expert_rollout(env_a, ScriptedExpert(0.3, seed=5)))
+    intended = list(expert_rollout(env_b, ScriptedExpert(0.3, seed=5), labels='intended'))
+    assert env_a.success and env_b.success and len(executed) == len(intended)
+    differ = 0
+    for (obs_e, act_e), (obs_i, act_i) in zip(executed, intended):
+        assert np.array_equal(obs_e.image, obs_i.image) and np.allclose(obs_e.state, obs_i.state)
+        differ += int(not np.allclose(act_e, act_i))
+        assert np.isclose(np.hypot(*act_i[:2]), 1.0, atol=1e-5) or act_i[2] == 1.0  # unit heading or the final touch
+    assert differ > len(executed) // 2  # the noise moved most executed actions away from the label
+    with pytest.raises(ValueError, match='labels'):
+        next(expert_rollout(env_a, labels='noisy'))
+
+
 # --- closed-loop evaluation -------------------------------------------------------------------------------
 def test_image_only_policy_succeeds_and_random_policy_does_not():
     oracle = evaluate_closed_loop(_image_oracle(4), episodes_per_task=3, seed=1, progress=False)

@@ -28,6 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     rec.add_argument('--image-size', type=int, default=64, help='square image side in pixels (default 64)')
     rec.add_argument('--noise', type=float, default=0.0,
                      help='std of the expert heading noise, for varied demonstrations (default 0)')
+    rec.add_argument('--labels', choices=('executed', 'intended'), default='executed',
+                     help='action recorded per tick: the executed (noisy) one, or the expert\'s noise-free action at '
+                          'the reached state (DART: labels without the noise; default executed)')
 
     rnd = sub.add_parser('random-baseline', help='closed-loop success of uniform random actions')
     rnd.add_argument('--episodes', type=int, default=50, help='episodes per task (default 50)')
@@ -62,7 +65,8 @@ def _record(args) -> int:
     logging.getLogger('blockvla_ros.io.bag_writer').setLevel(logging.WARNING)  # the progress bar says it per bag
     paths = record_demonstrations(args.out, tasks=args.tasks, episodes_per_task=args.episodes, seed=args.seed,
                                   rate_hz=args.rate_hz, storage=args.storage, image_format=args.image_format,
-                                  action_msg=args.action_msg, image_size=args.image_size, expert_noise=args.noise)
+                                  action_msg=args.action_msg, image_size=args.image_size, expert_noise=args.noise,
+                                  labels=args.labels)
     print(f'wrote {len(paths)} recordings to {args.out}')
     return 0
 

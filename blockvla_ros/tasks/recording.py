@@ -8,7 +8,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from blockvla_ros.io.bag_writer import RecordingWriter, TopicNames
-from blockvla_ros.tasks.expert import ScriptedExpert, expert_rollout
+from blockvla_ros.tasks.expert import LABELS, ScriptedExpert, expert_rollout
 from blockvla_ros.tasks.spec import ACTION_NAMES, STATE_NAMES, resolve_tasks
 from blockvla_ros.tasks.tabletop import TabletopEnv, episode_seed
 
@@ -25,16 +25,20 @@ def bag_name(task: str, seed: int, index: int) -> str:
 
 def record_demonstrations(out_dir, tasks=None, episodes_per_task: int = 10, seed: int = 0, rate_hz: float = 10,
                           storage: str = 'mcap', image_format: str = 'raw', action_msg: str = 'JointTrajectory',
-                          image_size: int = 64, expert_noise: float = 0.0, topics: TopicNames | None = None,
-                          progress: bool = True) -> list[Path]:
+                          image_size: int = 64, expert_noise: float = 0.0, labels: str = 'executed',
+                          topics: TopicNames | None = None, progress: bool = True) -> list[Path]:
     """Run the scripted expert on each task and write one bag per episode under `out_dir`; returns their paths.
 
     Per tick k (stamp t0 + k / rate_hz): image, state and the expert's action, all with the same stamp; the
     instruction at the first tick and then once per second. The terminal observation is not written (no action
-    follows it). Episodes come from the 'train' seed stream. An episode the expert fails (only possible with
-    a large `expert_noise`) is dropped with a warning. Refuses (FileExistsError) if any bag already exists.
+    follows it). The action recorded is the executed one or, with labels='intended', the expert's noise-free action
+    at the reached state (DART; tasks.expert.LABELS). Episodes come from the 'train' seed stream. An episode the
+    expert fails (only possible with a large `expert_noise`) is dropped with a warning. Refuses (FileExistsError)
+    if any bag already exists.
     """
     names = resolve_tasks(tasks)
+    if labels not in LABELS:
+        raise ValueError(f'labels must be one of {LABELS}, got {labels!r}')
     if not isinstance(episodes_per_task, int) or episodes_per_task < 1:
         raise ValueError(f'episodes_per_task must be a positive int, got {episodes_per_task!r}')
     if not (isinstance(rate_hz, (int, float)) and math.isfinite(rate_hz) and rate_hz > 0):
@@ -54,7 +58,8 @@ def record_demonstrations(out_dir, tasks=None, episodes_per_task: int = 10, seed
                                  topics=topics).open()
         try:
             last_instruction = None
-            for k, (obs, action) in enumerate(expert_rollout(env, ScriptedExpert(expert_noise, seed=ep_seed))):
+            rollout = expert_rollout(env, ScriptedExpert(expert_noise, seed=ep_seed), labels)
+            for k, (obs, action) in enumerate(rollout):
                 t = RECORDING_START_NS + k * dt_ns
                 if last_instruction is None or t - last_instruction >= INSTRUCTION_PERIOD_NS:
                     writer.write_instruction(t, obs.instruction)
@@ -63,7 +68,8 @@ def record_demonstrations(out_dir, tasks=None, episodes_per_task: int = 10, seed
                 writer.write_state(t, obs.state, STATE_NAMES)
                 writer.write_action(t, action, ACTION_NAMES)
             for key, value in (('task', name), ('seed', seed), ('episode', index), ('episode_seed', ep_seed),
-                               ('rate_hz', rate_hz), ('steps', env.steps), ('success', env.success)):
+                               ('rate_hz', rate_hz), ('steps', env.steps), ('success', env.success),
+                               ('noise', expert_noise), ('labels', labels)):
                 writer.set_metadata(f'blockvla.{key}', str(value))
         except BaseException:
             writer.abort()
