@@ -67,6 +67,9 @@ class BlockVLAConfig:
     control_rate_hz: Optional[float] = None  # rate the training data was aligned at (data.rate_hz); None: unknown
     # --- block diffusion ------------------------------------------------------------------------------------
     block_size: int = 6  # B tokens per block; H*D must be a multiple (B = D makes a block one timestep)
+    # block sizes the policy is trained with, one drawn per training step (empty: block_size only); decoding may use
+    # any of them (block_size is the default), so calibration can pick bigger blocks where the policy allows
+    train_block_sizes: list = field(default_factory=list)
     decoder: str = 'blockdiff'  # default decoder at inference: blockdiff | ar | fulldiff | fulldiff_nocache
     steps_per_block: int = 4  # refine passes per block (fixed schedule) or the maximum (threshold)
     schedule: str = 'threshold'  # fixed: exactly the scheduled count per step; threshold: also all >= tau
@@ -97,6 +100,11 @@ class BlockVLAConfig:
     @property
     def n_action_tokens(self) -> int:
         return self.chunk_len * self.action_dim
+
+    @property
+    def block_sizes(self) -> list:
+        """The block sizes this policy was trained with (and may decode with), ascending."""
+        return sorted(set(self.train_block_sizes)) or [self.block_size]
 
     @property
     def n_blocks(self) -> int:
@@ -147,6 +155,10 @@ class BlockVLAConfig:
         need(self.n_action_tokens % self.block_size == 0,
              f'chunk_len*action_dim = {self.chunk_len}*{self.action_dim} = {self.n_action_tokens} action tokens '
              f'is not divisible by block_size {self.block_size}')
+        bad_sizes = [b for b in self.train_block_sizes if self.n_action_tokens % b]
+        need(not bad_sizes, f'train_block_sizes {bad_sizes} do not divide the {self.n_action_tokens} action tokens')
+        need(not self.train_block_sizes or self.block_size in self.train_block_sizes,
+             f'block_size {self.block_size} is not one of train_block_sizes {self.train_block_sizes}')
         need(self.steps_per_block <= self.block_size,
              f'steps_per_block {self.steps_per_block} > block_size {self.block_size}: a step must unmask a token')
         need(self.decoder in DECODERS, f'decoder must be one of {DECODERS}, got {self.decoder!r}')
@@ -252,6 +264,9 @@ class BlockVLAConfig:
             value = getattr(self, name)
             need(isinstance(value, list) and all(isinstance(v, str) for v in value),
                  f'{name} must be a list of strings, got {value!r:.60}')
+        sizes = self.train_block_sizes
+        need(isinstance(sizes, list) and len(sizes) <= 64 and all(is_int(b) and 0 < b <= 65536 for b in sizes),
+             f'train_block_sizes must be a list of at most 64 positive integers, got {sizes!r:.60}')
         for name in ('backbone', 'vision'):
             value = getattr(self, name)
             need(isinstance(value, dict) and all(isinstance(k, str) for k in value),

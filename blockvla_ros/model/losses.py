@@ -60,8 +60,17 @@ def _shifted(out_noisy: torch.Tensor, boundary: torch.Tensor, block_size: int) -
     return torch.cat([boundary[:, :, None], within], dim=2).reshape(n, L, h)  # [N, nb, B, H] -> [N, L, H]
 
 
+def training_block_size(cfg, generator=None) -> int:
+    """The block size of this training step: block_size, or one of train_block_sizes drawn with `generator`."""
+    sizes = cfg.block_sizes
+    if len(sizes) == 1:
+        return sizes[0]
+    return sizes[int(torch.randint(len(sizes), (1,), generator=generator))]
+
+
 def compute_loss(policy: BlockVLAPolicy, batch: Batch, mode: Optional[str] = None, generator=None):
-    """-> (loss, info dict). mode defaults to policy.config.train_mode."""
+    """-> (loss, info dict). mode defaults to policy.config.train_mode. With train_block_sizes, a blockdiff call draws
+    its block size from `generator` (before the mask sampling, so a seeded step is reproducible)."""
     cfg = policy.config
     mode = mode or cfg.train_mode
     if batch.actions.shape[1] != cfg.n_action_tokens:
@@ -73,6 +82,8 @@ def compute_loss(policy: BlockVLAPolicy, batch: Batch, mode: Optional[str] = Non
     clean = batch.actions
     if mode == 'ar':
         return _ar_loss(policy, prefix, prefix_valid, clean)
+    if mode == 'blockdiff':
+        B = training_block_size(cfg, generator)
     block = B if mode == 'blockdiff' else L  # full diffusion: one mask ratio for the whole chunk
     masked, t = sample_block_mask(n, L, block, cfg.mask_eps, generator, clean.device)
     noisy = torch.where(masked, torch.full_like(clean, cfg.mask_token_id), clean)

@@ -28,7 +28,7 @@ from .preprocess import Preprocessor
 
 log = logging.getLogger(__name__)
 
-DECODING_OVERRIDES = ('steps_per_block', 'schedule', 'threshold', 'fulldiff_steps')
+DECODING_OVERRIDES = ('block_size', 'steps_per_block', 'schedule', 'threshold', 'fulldiff_steps')
 
 
 @dataclass
@@ -88,6 +88,10 @@ def apply_overrides(config, decoder: Optional[str], overrides: Optional[dict]):
     unknown = sorted(set(overrides) - set(DECODING_OVERRIDES))
     if unknown:
         raise ValueError(f'unknown decoding overrides {unknown}; allowed: {list(DECODING_OVERRIDES)}')
+    size = overrides.get('block_size', config.block_size)
+    if size not in config.block_sizes:
+        raise ValueError(f'block_size {size!r}: this policy was trained with block sizes {config.block_sizes} '
+                         '(model.train_block_sizes) and decodes only with those')
     if decoder is not None:
         overrides['decoder'] = decoder
     return config.replace(**overrides) if overrides else config
@@ -117,7 +121,8 @@ class PolicyRunner:
         """Verify the folder's manifest, build the engine, check the decoding overrides.
 
         engine: onnxruntime | onnxruntime-cuda | tensorrt | torch. decoder: blockdiff | ar | fulldiff |
-        fulldiff_nocache (default: the policy's). overrides: steps_per_block, schedule, threshold, fulldiff_steps.
+        fulldiff_nocache (default: the policy's). overrides: block_size (one the policy was trained with),
+        steps_per_block, schedule, threshold, fulldiff_steps.
         engine_options: see runtime.engine_factory.create_engine.
         """
         t = time.perf_counter()
