@@ -70,3 +70,38 @@ def decode_error(policy, dataset: ChunkDataset, indices: np.ndarray, device) -> 
         return {}
     return {'val_action_err': float(np.mean(errs)), 'val_token_acc': float(np.mean(accs)),
             'val_nfe': float(np.mean(nfes)), 'decoder': decoder.decoder}
+
+
+def held_out_windows(train_config, config, text_tokenizer, action_tokenizer, bags=None, max_windows: int = 128,
+                     progress: bool = False) -> tuple[list, str]:
+    """Observation windows nobody trained on, for decoding calibration at export -> ([PrefixInputs], source).
+
+    train_config: the run's resolved training config (a checkpoint's train_config.yaml, or a TrainConfig). Without
+    `bags`: its validation split (the same bags, the same seeded episode split as training). With `bags`: every
+    episode of those bags, read with the run's topics and rate. `max_windows` evenly spaced windows are kept.
+    """
+    from ..runtime.engine import PrefixInputs
+    from .assemble import read_and_split
+    from .bag_data import load_episodes
+    from .config import TrainConfig, load_train_config
+    from .dataset import ChunkDataset, evenly_spaced
+
+    tc = train_config if isinstance(train_config, TrainConfig) else load_train_config(train_config)
+    if bags:
+        tc = tc.replace({'data.bags': [str(b) for b in bags]})
+        episodes, _ = load_episodes(tc.data, tc.model_config(), progress=progress)
+        source = f'{len(episodes)} episodes of {", ".join(str(b) for b in bags)}'
+    else:
+        _train, episodes, _cfg, _report = read_and_split(tc, progress=progress)
+        if not episodes:
+            raise ValueError(f'the run has no validation split (data.val_fraction {tc.data.val_fraction}); '
+                             'give held-out bags instead')
+        source = (f'validation split of {", ".join(str(b) for b in tc.data.bags)} ({len(episodes)} episodes, '
+                  f'val_fraction {tc.data.val_fraction}, seed {tc.train.seed})')
+    dataset = ChunkDataset(episodes, config, text_tokenizer, action_tokenizer, tc.data.tail)
+    windows = []
+    for i in evenly_spaced(len(dataset), max_windows):
+        item = dataset[int(i)]
+        state = item['state'][None] if 'state' in item else None  # [S] -> [1, S]
+        windows.append(PrefixInputs(item['pixels'][None], item['text_ids'][None], item['text_valid'][None], state))
+    return windows, f'{len(windows)} windows from the {source}'

@@ -1,0 +1,185 @@
+"""Decoding calibration: the fewest passes whose tokens still agree with the full schedule on held-out windows.
+
+A trained policy decodes well with far fewer passes than one token per pass, but how few depends on the policy: how
+sharp its per-token distributions are (a threshold that never fires saves nothing) and which block sizes it was
+trained with. Calibration measures it instead of guessing:
+
+    reference   the full schedule: the smallest trained block size, one token committed per pass (fixed)
+    candidates  every trained block size B x steps_per_block S in {1 .. min(4, B), B} x (fixed | threshold tau)
+    agreement   share of action tokens equal to the reference's, over the same held-out windows
+    chosen      the candidate with the fewest mean passes (NFE) whose agreement is >= `level`
+                (ties: higher agreement, then the smaller block, then fixed before threshold)
+
+The result is stored in policy.yaml (`calibration`) and its setting becomes the policy's default decoding
+(`config.block_size / steps_per_block / schedule / threshold`). Pure numpy: the decoding itself is a callable, so
+any engine can run it (export uses the folder's own ONNX Runtime graphs).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+DEFAULT_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+DEFAULT_LEVEL = 0.9
+MAX_SMALL_STEPS = 4  # steps_per_block candidates 1..4 (and B): more passes than 4 are never "fewer passes"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One blockdiff decoding setting (the policy.yaml decoding keys it overrides)."""
+
+    block_size: int
+    steps_per_block: int
+    schedule: str = 'fixed'  # fixed | threshold
+    threshold: Optional[float] = None  # threshold schedule only
+
+    def __post_init__(self):
+        if self.schedule not in ('fixed', 'threshold'):
+            raise ValueError(f"schedule must be 'fixed' or 'threshold', got {self.schedule!r}")
+        if not 1 <= self.steps_per_block <= self.block_size:
+            raise ValueError(f'steps_per_block must be in [1, block_size {self.block_size}], got '
+                             f'{self.steps_per_block}')
+        if (self.schedule == 'threshold') != (self.threshold is not None):
+            raise ValueError('a threshold is given exactly when the schedule is threshold')
+        if self.threshold is not None and not 0.0 < self.threshold <= 1.0:
+            raise ValueError(f'threshold must be in (0, 1], got {self.threshold}')
+
+    def overrides(self) -> dict:
+        """Keys for BlockVLAConfig.replace / PolicyRunner overrides (threshold kept when the schedule ignores it)."""
+        out = {'block_size': self.block_size, 'steps_per_block': self.steps_per_block, 'schedule': self.schedule}
+        if self.threshold is not None:
+            out['threshold'] = self.threshold
+        return out
+
+    @property
+    def label(self) -> str:
+        if self.threshold is None:
+            return f'B={self.block_size}, {self.steps_per_block} passes'
+        return f'B={self.block_size}, <={self.steps_per_block} passes, tau {self.threshold:g}'
+
+    def sort_key(self) -> tuple:
+        return (self.block_size, self.schedule != 'fixed', self.steps_per_block, self.threshold or 0.0)
+
+
+def reference_setting(block_sizes: Sequence[int]) -> Setting:
+    """The full schedule: the smallest trained block, one token per pass."""
+    b = min(block_sizes)
+    return Setting(b, b, 'fixed')
+
+
+def candidate_settings(block_sizes: Sequence[int], thresholds: Sequence[float] = DEFAULT_THRESHOLDS) -> list:
+    """Every trained block size x steps_per_block in {1..min(4, B), B} x (fixed, each threshold)."""
+    out = []
+    for b in sorted(set(int(x) for x in block_sizes)):
+        for s in sorted(set(range(1, min(MAX_SMALL_STEPS, b) + 1)) | {b}):
+            out.append(Setting(b, s, 'fixed'))
+            if s > 1:  # with one pass per block every token is taken at once: a threshold changes nothing
+                out.extend(Setting(b, s, 'threshold', float(t)) for t in thresholds)
+    return out
+
+
+@dataclass
+class Row:
+    setting: Setting
+    nfe: float  # mean passes per chunk (prefill counted)
+    agreement: float  # share of tokens equal to the reference's
+    bin_error: float  # mean |token - reference token| in bins
+
+    def to_dict(self) -> dict:
+        return {**asdict(self.setting), 'nfe': round(self.nfe, 4), 'agreement': round(self.agreement, 6),
+                'bin_error': round(self.bin_error, 6)}
+
+
+@dataclass
+class Calibration:
+    chosen: Setting
+    level: float
+    reference: Row
+    rows: list  # [Row] per candidate, as measured
+    windows: int
+    source: str = ''  # where the windows came from
+    notes: list = field(default_factory=list)
+
+    @property
+    def chosen_row(self) -> Row:
+        return next(r for r in self.rows if r.setting == self.chosen)
+
+    def to_dict(self) -> dict:
+        """The policy.yaml `calibration` section."""
+        return {'level': self.level, 'windows': self.windows, 'source': self.source,
+                'reference': self.reference.to_dict(), 'chosen': self.chosen_row.to_dict(),
+                'candidates': [r.to_dict() for r in self.rows]}
+
+    def table(self) -> str:
+        """Markdown: every candidate, the chosen one marked."""
+        lines = ['| setting | NFE | token agreement | mean bin error |', '| --- | ---: | ---: | ---: |']
+        for r in [self.reference] + self.rows:
+            mark = ' **(chosen)**' if r.setting == self.chosen else ' (reference)' if r is self.reference else ''
+            lines.append(f'| {r.setting.label}{mark} | {r.nfe:.2f} | {100 * r.agreement:.1f} % | '
+                         f'{r.bin_error:.3f} |')
+        return '\n'.join(lines)
+
+
+# decode(setting, window index) -> (tokens [L] int, nfe)
+DecodeFn = Callable[[Setting, int], tuple]
+
+
+def _measure(decode: DecodeFn, setting: Setting, n: int, reference: Optional[np.ndarray]) -> tuple:
+    tokens, nfes = [], []
+    for i in range(n):
+        t, nfe = decode(setting, i)
+        tokens.append(np.asarray(t, dtype=np.int64).reshape(-1))
+        nfes.append(int(nfe))
+    tokens = np.stack(tokens)  # [n, L]
+    if reference is None:
+        return tokens, Row(setting, float(np.mean(nfes)), 1.0, 0.0)
+    agree = float((tokens == reference).mean())
+    return tokens, Row(setting, float(np.mean(nfes)), agree, float(np.abs(tokens - reference).mean()))
+
+
+def calibrate(decode: DecodeFn, n_windows: int, block_sizes: Sequence[int], level: float = DEFAULT_LEVEL,
+              thresholds: Sequence[float] = DEFAULT_THRESHOLDS, candidates: Optional[Sequence[Setting]] = None,
+              source: str = '', progress: Optional[Callable] = None) -> Calibration:
+    """Decode `n_windows` held-out windows with the reference and every candidate; choose the fewest passes whose
+    token agreement with the reference is >= `level` (the reference itself always qualifies)."""
+    if not (isinstance(level, (int, float)) and math.isfinite(level) and 0.0 < level <= 1.0):
+        raise ValueError(f'calibration level must be in (0, 1], got {level!r}')
+    if not isinstance(n_windows, int) or n_windows < 1:
+        raise ValueError(f'calibration needs at least one held-out window, got {n_windows!r}')
+    ref_setting = reference_setting(block_sizes)
+    ref_tokens, ref_row = _measure(decode, ref_setting, n_windows, None)
+    cands = list(candidates) if candidates is not None else candidate_settings(block_sizes, thresholds)
+    rows = []
+    for setting in cands:
+        if setting == ref_setting:
+            rows.append(ref_row)
+            continue
+        rows.append(_measure(decode, setting, n_windows, ref_tokens)[1])
+        if progress is not None:
+            progress(rows[-1])
+    if ref_row not in rows:
+        rows.append(ref_row)
+    qualified = [r for r in rows if r.agreement >= level - 1e-12]
+    best = min(qualified, key=lambda r: (round(r.nfe, 9), -r.agreement, r.setting.sort_key()))
+    return Calibration(chosen=best.setting, level=float(level), reference=ref_row, rows=rows, windows=n_windows,
+                       source=source)
+
+
+def engine_decode_fn(engine, config, windows: Sequence) -> DecodeFn:
+    """A DecodeFn over `engine` (torch or graph engine) and held-out `windows` [PrefixInputs]: blockdiff with
+    the setting's decoding keys on top of `config`."""
+    from ..runtime.decoding import Decoder
+
+    decoders = {}
+
+    def decode(setting: Setting, i: int):
+        dec = decoders.get(setting)
+        if dec is None:
+            dec = decoders[setting] = Decoder(config.replace(**setting.overrides()), 'blockdiff')
+        res = dec(engine, windows[i])
+        return res.tokens, res.nfe
+
+    return decode
