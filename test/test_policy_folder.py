@@ -149,6 +149,8 @@ def test_runner_api_and_known_actions(runner):
 
 def test_overrides_are_validated(exported):
     with pytest.raises(ValueError, match='unknown decoding overrides'):
+        PolicyRunner.load(exported, overrides={'n_bins': 2})
+    with pytest.raises(ValueError, match=r'block_size 2: this policy was trained with block sizes \[3\]'):
         PolicyRunner.load(exported, overrides={'block_size': 2})
     with pytest.raises(ValueError, match='steps_per_block'):
         PolicyRunner.load(exported, overrides={'steps_per_block': 99})
