@@ -9,7 +9,11 @@ STAMP := $(VENV)/.setup-stamp
 export ROS_AUTOMATIC_DISCOVERY_RANGE := LOCALHOST
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup test test-fast demo bench demo-policy clean
+.PHONY: setup setup-sim test test-fast demo bench demo-policy metaworld-policy clean
+SIM_STAMP := $(VENV)/.setup-sim-stamp
+# Meta-World renders off-screen through EGL (Debian packages below); MUJOCO_GL=osmesa needs libosmesa6 instead.
+SIM_APT := libegl1 libegl-mesa0 libgl1-mesa-dri
+export MUJOCO_GL ?= egl
 DEMO_STEPS ?= 9000
 DEMO_EPISODES ?= 300
 DEMO_TASKS ?=  # empty: all nine tasks
@@ -27,11 +31,25 @@ $(STAMP): requirements.txt setup.py package.xml
 	$(PY) -c "import torch, transformers, onnxruntime, rosbags, rclpy, cv2" 
 	touch $(STAMP)
 
-test: setup
+# The optional Meta-World extra (pip install .[sim]) and the EGL libraries it renders with (apt-get, as root, only
+# when they are missing); then one rendered frame proves the set-up.
+setup-sim: $(SIM_STAMP)
+
+$(SIM_STAMP): $(STAMP) setup.py
+	@if ! ldconfig -p | grep -q 'libEGL_mesa.so.0'; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SIM_APT); \
+		else echo "Meta-World needs EGL: sudo apt-get install $(SIM_APT)"; exit 1; fi; \
+	fi
+	$(PIP) install -q -e '.[sim]' 2>&1 | grep -v 'is ignored' ; test $${PIPESTATUS[0]} -eq 0
+	$(PY) -c "from blockvla_ros.sim.env import MetaWorldEnv; MetaWorldEnv('reach-v3').reset()"
+	touch $(SIM_STAMP)
+
+test: setup setup-sim
 	$(PY) -m pytest -q -ra test
 
 # Skips the slow end-to-end tests (marked `slow`).
-test-fast: setup
+test-fast: setup setup-sim
 	$(PY) -m pytest -q -ra -m "not slow" test
 
 demo: setup
@@ -50,6 +68,18 @@ demo-policy: setup
 		--no-torch-weights --no-split-prefill
 	rm -rf data/demo_recording
 	$(VENV)/bin/blockvla-task record --out data/demo_recording --episodes 1 --tasks touch_red_then_blue --seed 1
+
+# The shipped Meta-World MT10 policy (config/train/metaworld_mt10.yaml; fixed seeds; CPU; see README).
+MT10_EPISODES ?= 50
+metaworld-policy: setup setup-sim
+	rm -rf data/mt10_train runs/mt10 runs/mt10_backbone
+	$(VENV)/bin/blockvla-sim make-backbone --out runs/mt10_backbone --seed 0
+	$(VENV)/bin/blockvla-sim record --out data/mt10_train --suite mt10 --episodes $(MT10_EPISODES) --seed 0
+	$(VENV)/bin/blockvla-train --config config/train/metaworld_mt10.yaml --no-progress
+	$(VENV)/bin/blockvla-export --checkpoint $$(ls -d runs/mt10/checkpoints/step_* | tail -n 1) \
+		--out models/metaworld_mt10 --no-torch-weights --no-split-prefill
+	$(VENV)/bin/blockvla-sim evaluate --policy models/metaworld_mt10 --suite mt10 --episodes 50 --seed 1 \
+		--out reports/metaworld_mt10_seed1
 
 bench: setup
 	mkdir -p out

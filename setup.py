@@ -34,6 +34,9 @@ setup(
         *_tree('data/demo_recording', 'data/demo_recording'),  # what `python -m blockvla_ros.demo` plays
     ],
     install_requires=['setuptools'],
+    # Meta-World simulation (blockvla_ros/sim, `blockvla-sim`, the sim bridge node): metaworld pins mujoco 3.3.0.
+    # Off-screen rendering also needs EGL (apt: libegl1 libegl-mesa0 libgl1-mesa-dri) or OSMesa (libosmesa6).
+    extras_require={'sim': ['metaworld==3.1.1', 'mujoco==3.3.0', 'packaging']},
     zip_safe=True,
     maintainer='blockvla_ros maintainers',
     maintainer_email='maintainers@blockvla-ros.dev',
@@ -50,6 +53,8 @@ setup(
             'blockvla-live-replay = blockvla_ros.evaluation.live:main',
             'bag_record = blockvla_ros.ros.bag_recorder_node:main',
             'blockvla-task = blockvla_ros.tasks.cli:main',
+            'blockvla-sim = blockvla_ros.sim.cli:main',
+            'sim_bridge = blockvla_ros.ros.sim_bridge_node:main',
         ],
     },
 )

@@ -47,9 +47,11 @@ def build_word_tokenizer(words: list[str]):
 
 
 def write_word_backbone(out, hidden_size: int = 128, num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2,
-                        intermediate_size: int = 256, max_positions: int = 512, seed: int = 0) -> Path:
-    """Write a random-init LlamaForCausalLM (seeded) with the task's word-level tokenizer to `out` (atomically:
-    an existing folder is replaced only once the new one is complete). Returns the folder."""
+                        intermediate_size: int = 256, max_positions: int = 512, seed: int = 0,
+                        words: list[str] | None = None) -> Path:
+    """Write a random-init LlamaForCausalLM (seeded) with a word-level tokenizer over `words` (default: the
+    tabletop task's vocabulary) to `out` (atomically: an existing folder is replaced only once the new one is
+    complete). Returns the folder."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -58,7 +60,7 @@ def write_word_backbone(out, hidden_size: int = 128, num_layers: int = 2, num_he
     if hidden_size % num_heads or num_heads % num_kv_heads:
         raise ValueError(f'hidden_size {hidden_size} must divide by num_heads {num_heads}, and num_heads by '
                          f'num_kv_heads {num_kv_heads}')
-    tokenizer = build_word_tokenizer(task_vocabulary())
+    tokenizer = build_word_tokenizer(task_vocabulary() if words is None else list(words))
     vocab_size = 8 * -(-len(tokenizer) // 8)  # room to spare, a multiple of 8
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
                          num_hidden_layers=num_layers, num_attention_heads=num_heads,
