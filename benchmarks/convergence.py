@@ -3,6 +3,12 @@
     python benchmarks/convergence.py --json out/convergence.json      # four colour tasks (README; ~52 min, 2 cores)
     python benchmarks/convergence.py --json out/convergence_red.json --work out/conv_red --tasks touch_red \
         --steps 3000 --eval-every 250 --episodes 30                     # one task (README; ~18 min)
+    python benchmarks/convergence.py --suite mt10 --json out/convergence_mt10.json --work out/conv_mt10   # Meta-World
+
+``--suite mt10`` (needs the sim extra): the Meta-World MT10 recipe (config/train/metaworld_mt10.yaml), 50 expert
+episodes per task recorded on layout seed ``--seed``, closed loop on layout seed ``--seed + 1`` (held out), the
+per-task curves in a second PNG (OUT with _tasks.png); the recipe's own run (make metaworld-policy) is this
+benchmark's blockdiff run: same config, data, backbone and seed.
 
 One training config (default config/train/convergence.yaml: the demo policy's recipe), one set
 of recorded demonstrations, one seed; only ``train.mode`` differs between the runs. Every ``--eval-every`` steps
@@ -31,10 +37,17 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 MODES = ('blockdiff', 'fulldiff', 'ar')
+# Per-suite defaults of the options left unset (the tabletop values are the README's four-colour run).
+SUITE_DEFAULTS = {
+    'tabletop': dict(config=REPO / 'config/train/convergence.yaml', steps=8000, eval_every=1000, episodes=20,
+                     tasks=['touch_red', 'touch_green', 'touch_blue', 'touch_yellow'], train_episodes=300),
+    'mt10': dict(config=REPO / 'config/train/metaworld_mt10.yaml', steps=6000, eval_every=1000, episodes=10,
+                 tasks=None, train_episodes=50),
+}
 LEVELS = (0.25, 0.5, 0.75)  # steps_to_levels: one target hides how the curves cross
 
 
-def record(work: Path, tasks, episodes: int, noise: float, seed: int) -> Path:
+def record(work: Path, tasks, episodes: int, noise: float, seed: int, suite: str = 'tabletop') -> Path:
     from blockvla_ros.tasks.recording import record_demonstrations
 
     bags = work / 'demonstrations'
@@ -44,8 +57,12 @@ def record(work: Path, tasks, episodes: int, noise: float, seed: int) -> Path:
             import shutil
             shutil.rmtree(bags)  # an interrupted recording: start it again
         print(f'recording {episodes} expert episodes per task into {bags} ...', flush=True)
-        record_demonstrations(bags, tasks=tasks, episodes_per_task=episodes, seed=seed, expert_noise=noise,
-                              progress=False)
+        if suite == 'mt10':
+            from blockvla_ros.sim.recording import record_suite
+            record_suite(bags, 'mt10', tasks, episodes_per_task=episodes, seed=seed, progress=False)
+        else:
+            record_demonstrations(bags, tasks=tasks, episodes_per_task=episodes, seed=seed, expert_noise=noise,
+                                  progress=False)
         done.write_text('ok\n')
     return bags
 
@@ -57,6 +74,8 @@ def claim_work(work: Path, args) -> None:
     settings = {'config_sha256': hashlib.sha256(args.config.read_bytes()).hexdigest(), 'steps': args.steps,
                 'tasks': list(args.tasks), 'train_episodes': args.train_episodes, 'noise': args.noise,
                 'seed': args.seed}
+    if args.suite != 'tabletop':
+        settings['suite'] = args.suite
     path = work / 'settings.json'
     if path.is_file():
         old = json.loads(path.read_text())
@@ -71,7 +90,7 @@ def claim_work(work: Path, args) -> None:
     path.write_text(json.dumps(settings, indent=1) + '\n')
 
 
-def starting_points(config_path: Path, work: Path, seed: int) -> list[str]:
+def starting_points(config_path: Path, work: Path, seed: int, suite: str = 'tabletop') -> list[str]:
     """Config overrides pointing at a backbone folder / pretrained vision weights made here, when the config
     uses them (written once; a rerun reuses them)."""
     from blockvla_ros.training import load_train_config
@@ -83,7 +102,11 @@ def starting_points(config_path: Path, work: Path, seed: int) -> list[str]:
         folder = work / 'backbone'
         if not (folder / 'config.json').is_file():
             print(f'writing the random-init word-tokenizer backbone into {folder} ...', flush=True)
-            write_word_backbone(folder, seed=seed)
+            words = None
+            if suite == 'mt10':
+                from blockvla_ros.sim.suites import vocabulary
+                words = vocabulary('mt10')
+            write_word_backbone(folder, seed=seed, words=words)
         overrides.append(f'model.backbone_path={folder}')
     if config.model.get('vision', {}).get('init_from'):
         from blockvla_ros.tasks.vision_pretrain import pretrain_patch_encoder
@@ -117,7 +140,7 @@ def train_mode(config_path: Path, mode: str, bags: Path, work: Path, args, extra
     return out / 'checkpoints'
 
 
-def closed_loop(checkpoint: Path, tasks, episodes: int, seed: int, execute_steps: int) -> dict:
+def closed_loop(checkpoint: Path, tasks, episodes: int, seed: int, execute_steps: int, suite: str = 'tabletop') -> dict:
     """Success of one checkpoint in closed loop, with the decoder its training mode implies."""
     import torch
 
@@ -139,19 +162,22 @@ def closed_loop(checkpoint: Path, tasks, episodes: int, seed: int, execute_steps
             result = decoder(engine, pre(image, instruction, state))
         return pre.actions.decode(result.tokens).reshape(-1, config.action_dim)  # [H, D]
 
+    if suite == 'mt10':  # held-out layouts: the recording used MT1(task, seed)
+        from blockvla_ros.sim.evaluate import evaluate_suite
+        return evaluate_suite(predict_chunk, 'mt10', tasks, episodes, seed + 1, execute_steps, progress=False)
     return evaluate_closed_loop(predict_chunk, tasks=tasks, episodes_per_task=episodes, seed=seed,
                                 image_size=config.image_size, progress=False, execute_steps=execute_steps)
 
 
 def evaluate_mode(checkpoints: Path, tasks, episodes: int, seed: int, execute_steps: int,
-                  cache: dict) -> list[dict]:
+                  cache: dict, suite: str = 'tabletop') -> list[dict]:
     curve = []
     for folder in sorted(checkpoints.glob('step_*')):
         step = int(folder.name.split('_')[1])
         key = f'{folder}|{",".join(tasks)}|{episodes}|{seed}|{execute_steps}'  # holds for these settings only
         if key not in cache:
             start = time.monotonic()
-            result = closed_loop(folder, tasks, episodes, seed, execute_steps)
+            result = closed_loop(folder, tasks, episodes, seed, execute_steps, suite)
             cache[key] = {'step': step, 'success_rate': result['success_rate'],
                           'per_task': {t: r['success_rate'] for t, r in result['per_task'].items()},
                           'eval_s': round(time.monotonic() - start, 1)}
@@ -164,7 +190,7 @@ def steps_to(curve: list[dict], target: float):
     return next((p['step'] for p in curve if p['success_rate'] >= target), None)
 
 
-def plot(curves: dict, target: float, path: Path) -> None:
+def plot(curves: dict, target: float, path: Path, title: str = 'tabletop benchmark') -> None:
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -178,7 +204,34 @@ def plot(curves: dict, target: float, path: Path) -> None:
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend()
-    ax.set_title('tabletop benchmark: success vs training steps')
+    ax.set_title(f'{title}: success vs training steps')
+    fig.tight_layout()
+    tmp = path.with_name(path.name + '.tmp.png')
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def plot_tasks(curves: dict, tasks, path: Path) -> None:
+    """One panel per task: each mode's success on that task against training steps."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    cols = min(5, len(tasks))
+    rows = -(-len(tasks) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 2.4 * rows), dpi=100, squeeze=False, sharey=True)
+    for ax, task in zip(axes.flat, tasks):
+        for mode, curve in curves.items():
+            ax.plot([p['step'] for p in curve], [p['per_task'][task] for p in curve], marker='.', label=mode)
+        ax.set_title(task, fontsize=9)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(tasks):]:
+        ax.axis('off')
+    axes.flat[0].legend(fontsize=7)
+    fig.supxlabel('training step')
+    fig.supylabel('closed-loop success')
     fig.tight_layout()
     tmp = path.with_name(path.name + '.tmp.png')
     fig.savefig(tmp)
@@ -190,14 +243,18 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     ap.add_argument('--json', type=Path, required=True, help='write the results here')
     ap.add_argument('--png', type=Path, help='the curves (default: OUT with .png)')
-    ap.add_argument('--config', type=Path, default=REPO / 'config/train/convergence.yaml', help='training config')
+    ap.add_argument('--suite', choices=sorted(SUITE_DEFAULTS), default='tabletop',
+                    help='tabletop (the built-in task) or mt10 (Meta-World, needs the sim extra)')
+    ap.add_argument('--config', type=Path, default=None, help='training config (default: the suite\'s recipe)')
     ap.add_argument('--modes', nargs='+', default=list(MODES), choices=MODES)
-    ap.add_argument('--steps', type=int, default=8000, help='training steps per mode (default 8000)')
-    ap.add_argument('--eval-every', type=int, default=1000, help='steps between closed-loop evaluations')
-    ap.add_argument('--episodes', type=int, default=20, help='closed-loop episodes per task per evaluation')
-    ap.add_argument('--tasks', nargs='+', default=['touch_red', 'touch_green', 'touch_blue', 'touch_yellow'],
-                    help='tasks recorded and evaluated (default: the four colour tasks; see README)')
-    ap.add_argument('--train-episodes', type=int, default=300, help='recorded expert episodes per task')
+    ap.add_argument('--steps', type=int, default=None, help='training steps per mode (default 8000; mt10 6000)')
+    ap.add_argument('--eval-every', type=int, default=None, help='steps between closed-loop evaluations (1000)')
+    ap.add_argument('--episodes', type=int, default=None,
+                    help='closed-loop episodes per task per evaluation (default 20; mt10 10)')
+    ap.add_argument('--tasks', nargs='+', default=None,
+                    help='tasks recorded and evaluated (default: the four colour tasks; mt10: all ten)')
+    ap.add_argument('--train-episodes', type=int, default=None,
+                    help='recorded expert episodes per task (default 300; mt10 50)')
     ap.add_argument('--noise', type=float, default=0.1, help='expert direction noise of the recordings')
     ap.add_argument('--execute-steps', type=int, default=4,
                     help='actions executed per predicted chunk before the next prediction (default 4)')
@@ -205,6 +262,12 @@ def main(argv=None) -> int:
     ap.add_argument('--seed', type=int, default=0, help='recording, training and evaluation seed')
     ap.add_argument('--work', type=Path, default=REPO / 'out/convergence_work', help='recordings + checkpoints')
     args = ap.parse_args(argv)
+    for key, value in SUITE_DEFAULTS[args.suite].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.suite == 'mt10':
+        from blockvla_ros.sim.suites import resolve_suite
+        args.tasks = resolve_suite('mt10', args.tasks)
     if args.steps < 1 or args.eval_every < 1 or args.episodes < 1 or not 0 < args.target <= 1:
         ap.error('--steps, --eval-every and --episodes must be positive, --target in (0, 1]')
 
@@ -213,8 +276,8 @@ def main(argv=None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     claim_work(args.work, args)
     start = time.monotonic()
-    bags = record(args.work, args.tasks, args.train_episodes, args.noise, args.seed)
-    extra = starting_points(args.config, args.work, args.seed)
+    bags = record(args.work, args.tasks, args.train_episodes, args.noise, args.seed, args.suite)
+    extra = starting_points(args.config, args.work, args.seed, args.suite)
     cache_path = args.work / 'evaluations.json'
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     curves, train_s = {}, {}
@@ -222,7 +285,8 @@ def main(argv=None) -> int:
         t = time.monotonic()
         checkpoints = train_mode(args.config, mode, bags, args.work, args, extra)
         train_s[mode] = round(time.monotonic() - t, 1)
-        curves[mode] = evaluate_mode(checkpoints, args.tasks, args.episodes, args.seed, args.execute_steps, cache)
+        curves[mode] = evaluate_mode(checkpoints, args.tasks, args.episodes, args.seed, args.execute_steps, cache,
+                                     args.suite)
         tmp = cache_path.with_name(cache_path.name + '.tmp')
         tmp.write_text(json.dumps(cache, indent=1))
         os.replace(tmp, cache_path)
@@ -236,7 +300,7 @@ def main(argv=None) -> int:
         'speedup_vs_fulldiff_at_least': (args.steps / reached['blockdiff'] if 'fulldiff' in reached
                                          and reached['fulldiff'] is None and reached.get('blockdiff') else None),
         'best': {mode: max((p['success_rate'] for p in curve), default=None) for mode, curve in curves.items()},
-        'curves': curves, 'train_wall_s': train_s, 'config': str(args.config), 'steps': args.steps,
+        'curves': curves, 'train_wall_s': train_s, 'config': str(args.config), 'suite': args.suite, 'steps': args.steps,
         'eval_every': args.eval_every, 'episodes_per_task': args.episodes, 'tasks': args.tasks,
         'execute_steps': args.execute_steps,
         'train_episodes_per_task': args.train_episodes, 'expert_noise': args.noise, 'seed': args.seed,
@@ -244,7 +308,9 @@ def main(argv=None) -> int:
     }
     png = args.png or args.json.with_suffix('.png')
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    plot(curves, args.target, png)
+    plot(curves, args.target, png, 'Meta-World MT10' if args.suite == 'mt10' else 'tabletop benchmark')
+    if args.suite == 'mt10':
+        plot_tasks(curves, args.tasks, png.with_name(png.stem + '_tasks.png'))
     tmp = args.json.with_name(args.json.name + '.tmp')
     tmp.write_text(json.dumps(result, indent=2))
     os.replace(tmp, args.json)

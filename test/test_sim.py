@@ -127,6 +127,10 @@ def test_fast_path_evaluation_writes_the_report(tiny_mt10_policy, tmp_path):
     import cv2
     montage = cv2.imread(str(out / 'montage.png'))
     assert montage.shape[0] > 2 * 128 and montage.shape[1] >= 128   # two task rows of 2x-scaled frames
+    # two processes, one task each: the same episodes, the same outcomes
+    split = evaluate_policy_folder(tiny_mt10_policy, tmp_path / 'jobs', tasks=['reach', 'drawer-close'], episodes=2,
+                                   seed=1, max_steps=12, expert=False, progress=False, jobs=2)
+    assert split['per_task'] == saved['per_task'] and list(split['per_task']) == ['reach-v3', 'drawer-close-v3']
 
 
 def test_cli_names_the_problem(tiny_mt10_policy, capsys):
@@ -147,7 +151,8 @@ def test_one_episode_through_the_sim_bridge_and_the_real_policy_node(tiny_mt10_p
     from blockvla_ros.sim.evaluate import evaluate_policy_folder
 
     result = evaluate_policy_folder(tiny_mt10_policy, tmp_path / 'ros', tasks=['reach'], episodes=1, seed=1,
-                                    max_steps=40, via_ros=True, expert=False, progress=False)
+                                    max_steps=40, via_ros=True, real_time_factor=0.25, expert=False,
+                                    progress=False)
     [r] = result['per_task']['reach-v3']['episodes_detail']
     assert r['steps'] == 40 and result['path'] == 'ros' and result['actions_rejected'] == 0
     # the node acted: most steps applied a policy action, not a hold (it holds only until its first chunk)

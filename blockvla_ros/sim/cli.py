@@ -40,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
                     help='--via-ros: sim seconds per wall second (default 1)')
     ev.add_argument('--no-expert', action='store_true', help='skip the expert on the same layouts')
     ev.add_argument('--threads', type=int, default=1, help='inference threads (default 1)')
+    ev.add_argument('--jobs', type=int, default=1, help='fast path: evaluate the tasks in this many processes')
 
     bb = sub.add_parser('make-backbone', help="write a tiny random-init Llama folder with a word-level tokenizer over "
                                               "the suite's instructions (for model.backbone_path)")
@@ -74,7 +75,7 @@ def _evaluate(args) -> int:
     evaluate_policy_folder(args.policy, out, suite=args.suite, tasks=args.tasks, episodes=args.episodes,
                            seed=args.seed, execute_steps=args.execute_steps, max_steps=args.max_steps,
                            via_ros=args.via_ros, real_time_factor=args.real_time_factor,
-                           expert=not args.no_expert, threads=args.threads)
+                           expert=not args.no_expert, threads=args.threads, jobs=args.jobs)
     print((out / 'report.md').read_text())
     print(f'wrote {out}/report.json, report.md, montage.png')
     return 0
