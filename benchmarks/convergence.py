@@ -170,10 +170,12 @@ def closed_loop(checkpoint: Path, tasks, episodes: int, seed: int, execute_steps
 
 
 def evaluate_mode(checkpoints: Path, tasks, episodes: int, seed: int, execute_steps: int,
-                  cache: dict, suite: str = 'tabletop') -> list[dict]:
+                  cache: dict, suite: str = 'tabletop', max_step: int | None = None) -> list[dict]:
     curve = []
     for folder in sorted(checkpoints.glob('step_*')):
         step = int(folder.name.split('_')[1])
+        if max_step is not None and step > max_step:
+            continue
         key = f'{folder}|{",".join(tasks)}|{episodes}|{seed}|{execute_steps}'  # holds for these settings only
         if key not in cache:
             start = time.monotonic()
@@ -184,6 +186,16 @@ def evaluate_mode(checkpoints: Path, tasks, episodes: int, seed: int, execute_st
             print(f'  {folder.parent.parent.name:9s} step {step:6d}: success {result["success_rate"]:.3f}', flush=True)
         curve.append(cache[key])
     return curve
+
+
+def common_step(work: Path, modes) -> int:
+    """The last checkpoint step every mode has in `work` (--evaluate-only)."""
+    from blockvla_ros.training.checkpoint import list_checkpoints
+
+    last = {mode: (list_checkpoints(work / mode) or [(0,)])[-1][0] for mode in modes}
+    if min(last.values()) < 1:
+        raise SystemExit(f'convergence: --evaluate-only needs a checkpoint of every mode in {work}; have {last}')
+    return min(last.values())
 
 
 def steps_to(curve: list[dict], target: float):
@@ -261,6 +273,11 @@ def main(argv=None) -> int:
     ap.add_argument('--target', type=float, default=0.5, help='success rate that counts as converged')
     ap.add_argument('--seed', type=int, default=0, help='recording, training and evaluation seed')
     ap.add_argument('--work', type=Path, default=REPO / 'out/convergence_work', help='recordings + checkpoints')
+    ap.add_argument('--eval-tasks', nargs='+', default=None,
+                    help='evaluate only these of the trained tasks (default: all of --tasks)')
+    ap.add_argument('--evaluate-only', action='store_true',
+                    help='train nothing: compare the checkpoints already in --work up to the last step every mode '
+                         'has (a partial comparison while runs are still training; marked partial in OUT)')
     args = ap.parse_args(argv)
     for key, value in SUITE_DEFAULTS[args.suite].items():
         if getattr(args, key) is None:
@@ -281,19 +298,29 @@ def main(argv=None) -> int:
     cache_path = args.work / 'evaluations.json'
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     curves, train_s = {}, {}
+    max_step = common_step(args.work, args.modes) if args.evaluate_only else None
+    eval_tasks = args.tasks
+    if args.eval_tasks:
+        eval_tasks = (resolve_suite('mt10', args.eval_tasks) if args.suite == 'mt10' else list(args.eval_tasks))
+        if not set(eval_tasks) <= set(args.tasks):
+            raise SystemExit(f'convergence: --eval-tasks {eval_tasks} are not all among the trained tasks')
     for mode in args.modes:
         t = time.monotonic()
-        checkpoints = train_mode(args.config, mode, bags, args.work, args, extra)
+        if args.evaluate_only:
+            checkpoints = args.work / mode / 'checkpoints'
+        else:
+            checkpoints = train_mode(args.config, mode, bags, args.work, args, extra)
         train_s[mode] = round(time.monotonic() - t, 1)
-        curves[mode] = evaluate_mode(checkpoints, args.tasks, args.episodes, args.seed, args.execute_steps, cache,
-                                     args.suite)
+        curves[mode] = evaluate_mode(checkpoints, eval_tasks, args.episodes, args.seed, args.execute_steps, cache,
+                                     args.suite, max_step)
         tmp = cache_path.with_name(cache_path.name + '.tmp')
         tmp.write_text(json.dumps(cache, indent=1))
         os.replace(tmp, cache_path)
     reached = {mode: steps_to(curve, args.target) for mode, curve in curves.items()}
     levels = {f'{level:.2f}': {mode: steps_to(curve, level) for mode, curve in curves.items()} for level in LEVELS}
     result = {
-        'target': args.target, 'steps_to_target': reached, 'steps_to_levels': levels,
+        'target': args.target, 'steps_to_target': reached,
+        'partial': args.evaluate_only, 'last_step': max_step, 'steps_to_levels': levels,
         'speedup_vs_fulldiff': (reached['fulldiff'] / reached['blockdiff']
                                 if reached.get('fulldiff') and reached.get('blockdiff') else None),
         # fulldiff never reached the target: the ratio is at least (steps trained) / (blockdiff's steps)
@@ -302,6 +329,7 @@ def main(argv=None) -> int:
         'best': {mode: max((p['success_rate'] for p in curve), default=None) for mode, curve in curves.items()},
         'curves': curves, 'train_wall_s': train_s, 'config': str(args.config), 'suite': args.suite, 'steps': args.steps,
         'eval_every': args.eval_every, 'episodes_per_task': args.episodes, 'tasks': args.tasks,
+        'eval_tasks': eval_tasks,
         'execute_steps': args.execute_steps,
         'train_episodes_per_task': args.train_episodes, 'expert_noise': args.noise, 'seed': args.seed,
         'wall_s': round(time.monotonic() - start, 1), 'cpu_count': os.cpu_count(),
@@ -310,13 +338,13 @@ def main(argv=None) -> int:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     plot(curves, args.target, png, 'Meta-World MT10' if args.suite == 'mt10' else 'tabletop benchmark')
     if args.suite == 'mt10':
-        plot_tasks(curves, args.tasks, png.with_name(png.stem + '_tasks.png'))
+        plot_tasks(curves, eval_tasks, png.with_name(png.stem + '_tasks.png'))
     tmp = args.json.with_name(args.json.name + '.tmp')
     tmp.write_text(json.dumps(result, indent=2))
     os.replace(tmp, args.json)
 
     steps = sorted({p['step'] for curve in curves.values() for p in curve})
-    print('\nclosed-loop success by training step (' + ', '.join(args.tasks) + f'; {args.episodes} episodes each)')
+    print('\nclosed-loop success by training step (' + ', '.join(eval_tasks) + f'; {args.episodes} episodes each)')
     print(f'{"step":>8s} ' + ' '.join(f'{m:>10s}' for m in curves))
     for s in steps:
         row = [next((f'{p["success_rate"]:.3f}' for p in curves[m] if p['step'] == s), '-') for m in curves]
