@@ -38,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
                     help='run the sim bridge node and the real policy node over loopback DDS instead')
     ev.add_argument('--real-time-factor', type=float, default=1.0,
                     help='--via-ros: sim seconds per wall second (default 1)')
+    ev.add_argument('--node-param', action='append', default=[], metavar='NAME=VALUE',
+                    help='--via-ros: a policy node parameter (repeatable), e.g. real_time_chunking=false')
     ev.add_argument('--no-expert', action='store_true', help='skip the expert on the same layouts')
     ev.add_argument('--threads', type=int, default=1, help='inference threads (default 1)')
     ev.add_argument('--jobs', type=int, default=1, help='fast path: evaluate the tasks in this many processes')
@@ -75,10 +77,21 @@ def _evaluate(args) -> int:
     evaluate_policy_folder(args.policy, out, suite=args.suite, tasks=args.tasks, episodes=args.episodes,
                            seed=args.seed, execute_steps=args.execute_steps, max_steps=args.max_steps,
                            via_ros=args.via_ros, real_time_factor=args.real_time_factor,
-                           expert=not args.no_expert, threads=args.threads, jobs=args.jobs)
+                           expert=not args.no_expert, threads=args.threads, jobs=args.jobs,
+                           node_params=_node_params(args.node_param))
     print((out / 'report.md').read_text())
     print(f'wrote {out}/report.json, report.md, montage.png')
     return 0
+
+
+def _node_params(items: list[str]) -> dict:
+    params = {}
+    for item in items:
+        name, sep, value = item.partition('=')
+        if not sep or not name.strip():
+            raise ValueError(f'--node-param wants NAME=VALUE, got {item!r}')
+        params[name.strip()] = value.strip()
+    return params
 
 
 def _make_backbone(args) -> int:

@@ -120,10 +120,11 @@ def runner_predictor(runner) -> PredictChunk:
 def evaluate_policy_folder(policy, out, suite: str = 'mt10', tasks=None, episodes: int = 50, seed: int = 1,
                            execute_steps: int | None = 4, max_steps: int | None = None, via_ros: bool = False,
                            real_time_factor: float = 1.0, expert: bool = True, threads: int = 1,
-                           progress: bool = True, jobs: int = 1) -> dict:
+                           progress: bool = True, jobs: int = 1, node_params: dict | None = None) -> dict:
     """Evaluate a policy folder (fast path through PolicyRunner on ONNX Runtime, or `via_ros`) and write
     report.json, report.md and montage.png into `out`. Returns the report dict. `jobs` > 1 splits the fast
-    path's tasks over that many processes (each with its own runner; results are the same)."""
+    path's tasks over that many processes (each with its own runner; results are the same). `node_params` are
+    extra policy node parameters for `via_ros`."""
     from blockvla_ros.sim.report import write_report
 
     policy = Path(policy)
@@ -131,13 +132,16 @@ def evaluate_policy_folder(policy, out, suite: str = 'mt10', tasks=None, episode
     if via_ros:
         from blockvla_ros.sim.via_ros import evaluate_via_ros
         result = evaluate_via_ros(policy, names, episodes=episodes, seed=seed, max_steps=max_steps,
-                                  real_time_factor=real_time_factor, threads=threads, progress=progress)
+                                  real_time_factor=real_time_factor, threads=threads, progress=progress,
+                                  node_params=node_params)
     elif jobs > 1 and len(names) > 1:
         result = _evaluate_in_processes(policy, suite, names, episodes, seed, execute_steps, max_steps, threads,
                                         jobs, progress)
     else:
         result = _evaluate_runner(policy, suite, names, episodes, seed, execute_steps, max_steps, threads, progress)
     result.update(policy=str(policy), suite=suite, path='ros' if via_ros else 'policy_runner')
+    if via_ros:
+        result['node_params'] = dict(node_params or {})
     if expert:
         result['expert'] = expert_success(suite, names, episodes, seed, max_steps, progress)
         result['expert_success_rate'] = float(np.mean(list(result['expert'].values())))

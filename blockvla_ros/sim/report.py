@@ -15,7 +15,7 @@ def markdown_table(result: dict) -> str:
     expert = result.get('expert') or {}
     lines = [f"Closed-loop success on Meta-World {result.get('suite', 'mt10').upper()}, layout seed "
              f"{result['seed']}, {result['episodes_per_task']} episodes per task, policy `{result.get('policy')}` "
-             f"({'sim bridge + policy node over ROS 2' if result.get('path') == 'ros' else 'PolicyRunner'})", '',
+             f"({_path(result)})", '',
              '| task | policy | expert | mean steps |', '| --- | ---: | ---: | ---: |']
     for name, r in result['per_task'].items():
         e = f'{100 * expert[name]:.0f} %' if name in expert else '-'
@@ -24,6 +24,13 @@ def markdown_table(result: dict) -> str:
     avg_e = f"{100 * result['expert_success_rate']:.1f} %" if 'expert_success_rate' in result else '-'
     lines.append(f"| **average** | **{100 * result['success_rate']:.1f} %** | {avg_e} | |")
     return '\n'.join(lines) + '\n'
+
+
+def _path(result: dict) -> str:
+    if result.get('path') != 'ros':
+        return f"PolicyRunner, replanning every {result.get('execute_steps')} actions"
+    params = ''.join(f', {k}={v}' for k, v in (result.get('node_params') or {}).items())
+    return f"sim bridge + policy node over ROS 2, real-time factor {result.get('real_time_factor')}{params}"
 
 
 def montage(frames: dict, per_task: dict, scale: int = 2) -> np.ndarray:

@@ -19,7 +19,8 @@ from blockvla_ros.sim.suites import CONTROL_RATE_HZ, MAX_STEPS
 
 def evaluate_via_ros(policy: Path, tasks: list[str], episodes: int, seed: int, max_steps: int | None = None,
                      real_time_factor: float = 1.0, threads: int = 1, progress: bool = True,
-                     startup_timeout_s: float = 180.0, domain_id: int | None = None) -> dict:
+                     startup_timeout_s: float = 180.0, domain_id: int | None = None,
+                     node_params: dict | None = None) -> dict:
     """Run `episodes` of each task through bridge + node; returns the same dict as evaluate_suite (plus holds)."""
     from blockvla_ros.sim.evaluate import summarize
 
@@ -32,7 +33,7 @@ def evaluate_via_ros(policy: Path, tasks: list[str], episodes: int, seed: int, m
     work = Path(tempfile.mkdtemp(prefix='blockvla_sim_ros_'))
     out, frames_path = work / 'result.json', work / 'frames.npz'
     node_cmd = _node_cmd(policy.name, [str(policy.parent)], 'onnxruntime', CONTROL_RATE_HZ, '', None,
-                         {}, {'threads': int(threads)})
+                         {}, {'threads': int(threads), **(node_params or {})})
     bridge_cmd = [sys.executable, '-m', 'blockvla_ros.ros.sim_bridge_node', '--tasks', *tasks,
                   '--episodes', str(episodes), '--seed', str(seed), '--max-steps', str(max_steps or MAX_STEPS),
                   '--real-time-factor', str(real_time_factor), '--wait-timeout', str(startup_timeout_s),
