@@ -64,8 +64,7 @@ demo-policy: setup
 	$(VENV)/bin/blockvla-task record --out data/demo_train $(if $(strip $(DEMO_TASKS)),--tasks $(DEMO_TASKS)) --episodes $(DEMO_EPISODES) \
 		--noise 0.1 --seed 0
 	$(VENV)/bin/blockvla-train --config config/train/demo.yaml train.steps=$(DEMO_STEPS) --no-progress
-	$(VENV)/bin/blockvla-export --checkpoint $$(ls -d runs/demo/checkpoints/step_* | tail -n 1) --out models/demo \
-		--no-torch-weights --no-split-prefill
+	$(VENV)/bin/blockvla-export --checkpoint $$(ls -d runs/demo/checkpoints/step_* | tail -n 1) --out models/demo
 	rm -rf data/demo_recording
 	$(VENV)/bin/blockvla-task record --out data/demo_recording --episodes 1 --tasks touch_red_then_blue --seed 1
 

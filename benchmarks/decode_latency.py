@@ -4,13 +4,17 @@
     python benchmarks/decode_latency.py --json out/decode_latency.json [--runs 30] [--small-config small]
 
 A random policy of the chosen size is saved as a checkpoint, exported with blockvla-export (parity-checked),
-and then decoded with: block diffusion (ours), AR with KV cache, full diffusion with the prefix cached, and full
-diffusion with the prefix recomputed every pass (the paper's baseline). Latency = median over --runs decodes of
-one action chunk (prefill included), on identical observations for every engine/decoder. Also measured: the
-instruction K/V reuse (prefill with an unchanged vs a new instruction) and the RSS after 100 and after 1,000
-predictions through PolicyRunner. Peers (benchmarks/peers.py, --no-peers skips them): onnxruntime-genai AR and HF
-`generate` on the policy's own backbone, interleaved with ONNX Runtime block diffusion in the same run ->
-blockdiff_vs_genai_ar_speedup, blockdiff_vs_hf_generate_speedup. Timings are printed, never asserted.
+and then decoded with: block diffusion (ours; B = 8, 2 refine passes per block on the small shape), the same with
+each commit as its own pass instead of fused into the next block's first refine pass (`blockdiff_unfused`), AR
+with KV cache, full diffusion with the prefix cached, and full diffusion with the prefix recomputed every pass
+(the paper's baseline). Latency = median over --runs decodes of one action chunk (prefill included), on identical
+observations for every engine/decoder; `cpu_ms` is the median CPU time of the decoding thread (steadier than wall
+time on a shared machine). Per-pass figures: one backbone pass of n = 1 (AR), B (refine) and 2B (fused commit +
+refine) tokens on ONNX Runtime. Also measured: the instruction K/V reuse (prefill with an unchanged vs a new
+instruction) and the RSS after 100 and after 1,000 predictions through PolicyRunner. Peers (benchmarks/peers.py,
+--no-peers skips them): onnxruntime-genai AR and HF `generate` on the policy's own backbone, interleaved with ONNX
+Runtime block diffusion in the same run -> blockdiff_vs_genai_ar_speedup, blockdiff_vs_hf_generate_speedup.
+Timings are printed, never asserted.
 """
 from __future__ import annotations
 
@@ -33,14 +37,14 @@ CONFIGS = {
                             'num_hidden_layers': 8, 'num_attention_heads': 8, 'num_key_value_heads': 4,
                             'max_position_embeddings': 1024},
                   vision={'type': 'patch', 'patch_size': 8, 'dim': 256}, image_size=128, max_text_tokens=44,
-                  action_dim=7, chunk_len=8, block_size=8, steps_per_block=4, schedule='fixed'),
+                  action_dim=7, chunk_len=8, block_size=8, steps_per_block=2, schedule='fixed'),
     'tiny': dict(backbone={'model_type': 'qwen2', 'vocab_size': 512, 'hidden_size': 64, 'intermediate_size': 128,
                            'num_hidden_layers': 2, 'num_attention_heads': 4, 'num_key_value_heads': 2,
                            'max_position_embeddings': 1024},
                  vision={'type': 'patch', 'patch_size': 16, 'dim': 32}, image_size=32, max_text_tokens=40,
                  action_dim=3, chunk_len=4, block_size=3, steps_per_block=3, schedule='fixed'),
 }
-DECODERS = ('blockdiff', 'ar', 'fulldiff', 'fulldiff_nocache')
+DECODERS = ('blockdiff', 'blockdiff_unfused', 'ar', 'fulldiff', 'fulldiff_nocache')
 INSTRUCTIONS = ('put the red block on the plate', 'open the top drawer', 'stack the green cup')
 
 
@@ -58,7 +62,7 @@ def rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
-def make_policy_folder(work: Path, size: str, fulldiff_steps: int | None, exporter: str, threads: int):
+def make_policy_folder(work: Path, size: str, fulldiff_steps: int | None, threads: int):
     """Random checkpoint of `size` -> exported policy folder. -> (policy, folder, export report)."""
     from blockvla_ros.export.policy_writer import export_policy
     from blockvla_ros.model.action_tokenizer import NormStats
@@ -75,8 +79,7 @@ def make_policy_folder(work: Path, size: str, fulldiff_steps: int | None, export
     policy.save(ckpt)
     rng = np.random.default_rng(0)
     NormStats.from_data(rng.normal(size=(500, config.action_dim))).save(ckpt / 'stats.json')
-    report = export_policy(ckpt, work / 'models' / size, exporter=exporter, parity_samples=2, threads=threads,
-                           progress=True)
+    report = export_policy(ckpt, work / 'models' / size, parity_samples=2, threads=threads, progress=True)
     return policy, work / 'models' / size, report
 
 
@@ -92,8 +95,8 @@ class Timed:
         self.prefill_s += time.perf_counter() - t
         return out
 
-    def step(self, tokens, commit=False):
-        return self.engine.step(tokens, commit)
+    def step(self, tokens, commit=0, block_size=1):
+        return self.engine.step(tokens, commit=commit, block_size=block_size)
 
 
 def bench_all(engines: dict, config, prefixes, runs, warmup) -> dict:
@@ -102,37 +105,56 @@ def bench_all(engines: dict, config, prefixes, runs, warmup) -> dict:
     from blockvla_ros.runtime.decoding import Decoder
 
     variants = [(e, d) for e in engines for d in DECODERS]
-    decoders = {d: Decoder(config, d) for d in DECODERS}
-    times = {v: ([], []) for v in variants}
+    decoders = {d: Decoder(config, d.replace('_unfused', ''), fuse_commit='unfused' not in d) for d in DECODERS}
+    times = {v: ([], [], []) for v in variants}
     last = {}
     for i in range(warmup + runs):
         for ename, dec in variants:
             timed = Timed(engines[ename])
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.thread_time()
             res = decoders[dec](timed, prefixes[i % len(prefixes)])
             if i >= warmup:
                 times[(ename, dec)][0].append((time.perf_counter() - t) * 1e3)
                 times[(ename, dec)][1].append(timed.prefill_s * 1e3)
+                times[(ename, dec)][2].append((time.thread_time() - c) * 1e3)
             last[(ename, dec)] = res
         if i >= warmup:
             print(f'  run {i - warmup + 1}/{runs}: ' + '  '.join(
                 f'{e}/{d} {times[(e, d)][0][-1]:.0f}' for e, d in variants), flush=True)
     results = {e: {} for e in engines}
-    for (ename, dec), (total, prefill) in times.items():
+    for (ename, dec), (total, prefill, cpu) in times.items():
         res, med = last[(ename, dec)], statistics.median(total)
         results[ename][dec] = {
-            'decoder': dec, 'median_ms': med, 'p10_ms': float(np.percentile(total, 10)),
+            'decoder': dec, 'median_ms': med, 'cpu_ms': statistics.median(cpu),
+            'p10_ms': float(np.percentile(total, 10)),
             'p90_ms': float(np.percentile(total, 90)), 'prefill_ms': statistics.median(prefill), 'nfe': res.nfe,
             'calls': res.calls, 'tokens_per_nfe': res.tokens_per_nfe,
             'action_tokens_per_s': config.n_action_tokens / (med / 1e3), 'runs': runs}
     return results
 
 
+def per_pass(engine, config, prefix, runs: int) -> dict:
+    """Median wall / CPU ms of one backbone pass of n = 1, B and 2B tokens after a prefill, interleaved."""
+    B = config.block_size
+    engine.prefill(prefix)
+    shapes = {'n=1 (AR)': 1, f'n={B} (refine)': B, f'n={2 * B} (fused commit + refine)': 2 * B}
+    times = {k: ([], []) for k in shapes}
+    for i in range(runs + 2):
+        for name, n in shapes.items():
+            t, c = time.perf_counter(), time.thread_time()
+            engine.step(np.full(n, config.mask_token_id), commit=0)
+            if i >= 2:
+                times[name][0].append((time.perf_counter() - t) * 1e3)
+                times[name][1].append((time.thread_time() - c) * 1e3)
+    return {k: {'median_ms': statistics.median(w), 'cpu_ms': statistics.median(c)} for k, (w, c) in times.items()}
+
+
 def ratios(rows: dict) -> dict:
     b = rows['blockdiff']['median_ms']
     return {'blockdiff_vs_fulldiff_speedup': rows['fulldiff_nocache']['median_ms'] / b,
             'blockdiff_vs_fulldiff_cached_speedup': rows['fulldiff']['median_ms'] / b,
-            'blockdiff_vs_ar_speedup': rows['ar']['median_ms'] / b}
+            'blockdiff_vs_ar_speedup': rows['ar']['median_ms'] / b,
+            'fused_commit_speedup': rows['blockdiff_unfused']['median_ms'] / b}
 
 
 def instruction_reuse(folder, threads, prefixes_same, prefixes_new, runs):
@@ -141,8 +163,8 @@ def instruction_reuse(folder, threads, prefixes_same, prefixes_new, runs):
     from blockvla_ros.runtime.policy_folder import load_policy_folder
 
     engine = OrtEngine(load_policy_folder(folder), threads=threads, reuse_text_kv=True)
-    if not engine.reuse_text_kv:
-        return {'implemented': False, 'reason': 'no text_prefill/obs_prefill graphs (image-first prefix)'}
+    if not engine.reuse_instruction:
+        return {'implemented': False, 'reason': 'the prefix does not start with the instruction (image first)'}
     out = {'implemented': True}
     for name, prefixes in (('prefill_ms_reused', prefixes_same), ('prefill_ms_new_instruction', prefixes_new)):
         engine.prefill(prefixes[0])
@@ -210,7 +232,6 @@ def main(argv=None) -> int:
     p.add_argument('--threads', type=int, default=min(2, os.cpu_count() or 1),
                    help='CPU threads for torch and ONNX Runtime (use 1 on a machine shared with other jobs)')
     p.add_argument('--fulldiff-steps', type=int, help='refine passes of full diffusion (default n_blocks*steps)')
-    p.add_argument('--exporter', choices=('legacy', 'dynamo'), default='legacy')
     p.add_argument('--memory-predictions', type=int, default=1000, help='predictions for the RSS check (0: skip)')
     p.add_argument('--memory-config', choices=sorted(CONFIGS), default='tiny',
                    help='policy size for the RSS check (the same runtime code paths; tiny keeps it minutes)')
@@ -232,8 +253,7 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
-    policy, folder, export = make_policy_folder(work, args.small_config, args.fulldiff_steps, args.exporter,
-                                                args.threads)
+    policy, folder, export = make_policy_folder(work, args.small_config, args.fulldiff_steps, args.threads)
     spec = load_policy_folder(folder)
     config = spec.config
     pre = build_preprocessor(config, spec.stats, folder)
@@ -249,6 +269,7 @@ def main(argv=None) -> int:
     engines = {'torch': TorchEngine(policy),
                'onnxruntime': OrtEngine(spec, threads=args.threads, reuse_text_kv=False)}  # every call pays prefill
     results = bench_all(engines, config, prefixes, args.runs, args.warmup)
+    passes = per_pass(engines['onnxruntime'], config, prefixes[0], args.runs)
     reuse = instruction_reuse(folder, args.threads, prefixes, prefixes_new, args.runs)
     peers = peer_latency(policy, engines['onnxruntime'], config, prefixes, work, args) if args.peers else None
     del engines
@@ -257,7 +278,7 @@ def main(argv=None) -> int:
     if args.memory_predictions:
         mem_folder = folder
         if args.memory_config != args.small_config:
-            _, mem_folder, _ = make_policy_folder(work, args.memory_config, None, args.exporter, args.threads)
+            _, mem_folder, _ = make_policy_folder(work, args.memory_config, None, args.threads)
         print(f'memory: {args.memory_predictions} predictions through PolicyRunner ({args.memory_config}), in a '
               'fresh process so its RSS is the runner alone...', flush=True)
         memory = memory_check_subprocess(mem_folder, args.threads, args.memory_predictions)
@@ -279,9 +300,11 @@ def main(argv=None) -> int:
             'median_ms'] for d in DECODERS},
         'torch_ratios': tch,
         'nfe_blockdiff': results['onnxruntime']['blockdiff']['nfe'], 'nfe_ar': results['onnxruntime']['ar']['nfe'],
+        'nfe_blockdiff_unfused': results['onnxruntime']['blockdiff_unfused']['nfe'],
         'nfe_fulldiff': results['onnxruntime']['fulldiff']['nfe'],
         'nfe_fulldiff_nocache': results['onnxruntime']['fulldiff_nocache']['nfe'],
         'tokens_per_nfe': {d: results['onnxruntime'][d]['tokens_per_nfe'] for d in DECODERS},
+        'per_pass_onnxruntime': passes,
         'instruction_kv_reuse': reuse,
         'peers': peers,  # interleaved with ONNX Runtime blockdiff in their own loop (benchmarks/peers.py)
         'blockdiff_vs_genai_ar_speedup': peers and peers['blockdiff_vs_genai_ar_speedup'],
@@ -304,15 +327,17 @@ def main(argv=None) -> int:
 
 def print_table(out: dict, results: dict) -> None:
     print()
-    print(f'{"engine":<12} {"decoder":<17} {"median ms":>10} {"p90 ms":>9} {"prefill ms":>11} {"NFE":>5} '
-          f'{"tok/NFE":>8} {"tok/s":>8}')
+    print(f'{"engine":<12} {"decoder":<18} {"median ms":>10} {"CPU ms":>8} {"p90 ms":>9} {"prefill ms":>11} '
+          f'{"NFE":>5} {"tok/NFE":>8} {"tok/s":>8}')
     for ename, rows in results.items():
         for r in rows.values():
-            print(f'{ename:<12} {r["decoder"]:<17} {r["median_ms"]:10.1f} {r["p90_ms"]:9.1f} {r["prefill_ms"]:11.1f} '
-                  f'{r["nfe"]:5d} {r["tokens_per_nfe"]:8.2f} {r["action_tokens_per_s"]:8.1f}')
+            print(f'{ename:<12} {r["decoder"]:<18} {r["median_ms"]:10.1f} {r["cpu_ms"]:8.1f} {r["p90_ms"]:9.1f} '
+                  f'{r["prefill_ms"]:11.1f} {r["nfe"]:5d} {r["tokens_per_nfe"]:8.2f} {r["action_tokens_per_s"]:8.1f}')
     print()
+    for name, r in out['per_pass_onnxruntime'].items():
+        print(f'ONNX Runtime pass {name:<34} {r["median_ms"]:7.2f} ms  (CPU {r["cpu_ms"]:.2f} ms)')
     for k in ('blockdiff_vs_fulldiff_speedup', 'blockdiff_vs_fulldiff_cached_speedup', 'blockdiff_vs_ar_speedup',
-              'ort_vs_torch_speedup'):
+              'fused_commit_speedup', 'ort_vs_torch_speedup'):
         print(f'{k:<40} {out[k]:6.2f}x   (torch: {out["torch_ratios"].get(k, float("nan")):.2f}x)'
               if k in out['torch_ratios'] else f'{k:<40} {out[k]:6.2f}x')
     peers = out['peers']

@@ -16,7 +16,7 @@ each heavy one in its own process so its memory is its own (peak = that process'
    warm-up), runner_rss_over_weights; ms per chunk with 1 and 2 threads (median of --runs, prefill included);
    token_agreement = share of action tokens equal to the fp32 torch policy's.
 
-Precisions: --precisions is a list; a precision the installed exporter cannot write yet (today: everything but fp32)
+Precisions: --precisions is a list; a precision the installed exporter cannot write
 is listed under `skipped` with the reason instead of being measured. The top-level export_s, export_peak_rss_gb,
 folder_over_weights, runner_rss_over_weights and load_s are those of the first measured precision. Random weights
 make logits nearly flat, so token agreement at reduced precision is a pessimistic figure. Printed, never asserted.
@@ -149,9 +149,9 @@ def folder_bytes(folder: Path) -> int:
 
 
 # --- the benchmark --------------------------------------------------------------------------------------------------
-def export_cmd(ckpt: str, folder: Path, precision: str, exporter: str, threads: int) -> list:
+def export_cmd(ckpt: str, folder: Path, precision: str, threads: int) -> list:
     cmd = [sys.executable, '-m', 'blockvla_ros.export.cli', '--checkpoint', ckpt, '--out', str(folder),
-           '--no-torch-weights', '--parity-samples', '1', '--threads', str(threads), '--exporter', exporter, '-q']
+           '--no-torch-weights', '--parity-samples', '1', '--threads', str(threads), '-q']
     return cmd + (['--precision', precision] if precision != 'fp32' else [])
 
 
@@ -172,7 +172,7 @@ def timed_process(cmd: list, threads: int) -> dict:
 def measure_precision(precision: str, ckpt: str, work: Path, prep: dict, args) -> dict:
     folder = work / f'policy_{args.shape}_{precision}'
     print(f'[{precision}] export ...', flush=True)
-    ex = timed_process(export_cmd(ckpt, folder, precision, args.exporter, args.threads), args.threads)
+    ex = timed_process(export_cmd(ckpt, folder, precision, args.threads), args.threads)
     row = {'export_s': ex['seconds'], 'export_cpu_s': ex['cpu_s'], 'export_peak_rss_gb': ex['peak_rss_gb']}
     if ex['exit'] != 0:
         row['export_error'] = ex['error']
@@ -204,7 +204,6 @@ def main(argv=None) -> int:
     p.add_argument('--shape', choices=sorted(shapes.SHAPES))
     p.add_argument('--json', type=Path)
     p.add_argument('--precisions', nargs='+', default=['fp32'], choices=sorted(BYTES_PER_WEIGHT))
-    p.add_argument('--exporter', choices=('legacy', 'dynamo'), default='legacy')
     p.add_argument('--observations', type=int, default=4, help='observations for the token agreement')
     p.add_argument('--runs', type=int, default=5, help='timed chunks per thread count (median)')
     p.add_argument('--threads', type=int, default=min(2, os.cpu_count() or 1), help='threads for export')
@@ -237,7 +236,7 @@ def main(argv=None) -> int:
     out = {'shape': args.shape, 'backbone': shapes.SHAPES[args.shape], 'policy': policy,
            'params_m': prep['params'] / 1e6, 'weight_gb': prep['weight_bytes_fp32'] / 1e9,
            'prepare_s': prep['prepare_s'], 'prepare_peak_rss_gb': prep['peak_rss_gb'],
-           'torch_fp32_ms_per_chunk': prep['torch_ms_per_chunk'], 'exporter': args.exporter,
+           'torch_fp32_ms_per_chunk': prep['torch_ms_per_chunk'], 'exporter': 'dynamo',
            'observations': args.observations, 'runs': args.runs, 'precisions': {}, 'skipped': skipped,
            'machine': platform.machine(), 'cpu_count': os.cpu_count(),
            'note': 'shared 2-core machine; figures are pessimistic and noisy'}

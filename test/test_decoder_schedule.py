@@ -12,20 +12,20 @@ from tiny import tiny_config
 
 
 class CountingEngine(TorchEngine):
-    """The real torch engine, counting the graph calls it actually receives and their widths."""
+    """The real torch engine, counting the prefills and the width of every action pass it receives."""
 
     def __init__(self, policy):
-        super().__init__(policy)
+        super().__init__(policy, reuse_instruction=False)
         self.widths = []
         self.prefills = 0
 
-    def _prefill(self, prefix):
+    def prefill(self, prefix):
         self.prefills += 1
-        return super()._prefill(prefix)
+        return super().prefill(prefix)
 
-    def _step(self, tokens, positions):
-        self.widths.append(tokens.shape[1])
-        return super()._step(tokens, positions)
+    def step(self, tokens, commit=0, block_size=1):
+        self.widths.append(len(tokens))
+        return super().step(tokens, commit, block_size)
 
 
 @pytest.fixture(scope='module')
@@ -44,8 +44,11 @@ def test_nfe_matches_the_schedule(setup56):
     eng = CountingEngine(policy)
     res = Decoder(config, 'blockdiff')(eng, prefix)
     assert res.steps == [4] * 7
-    assert res.nfe == res.calls == 7 * (4 + 1)  # prefill + 7 x 4 refines + 6 commits (the last needs none)
-    assert eng.prefills == 1 and eng.widths == [8] * (7 * 4 + 6)
+    assert res.nfe == res.calls == 1 + 7 * 4  # prefill + 7 x 4 refines; each commit rides on the next refine
+    assert eng.prefills == 1 and eng.widths == [8] * 4 + ([16] + [8] * 3) * 6
+    eng = CountingEngine(policy)
+    unfused = Decoder(config, 'blockdiff', fuse_commit=False)(eng, prefix)
+    assert unfused.nfe == unfused.calls == 1 + 7 * 4 + 6 and eng.widths == [8] * (7 * 4 + 6)
     eng = CountingEngine(policy)
     ar = Decoder(config, 'ar')(eng, prefix)
     assert ar.nfe == 56 and eng.widths == [1] * 55
@@ -63,7 +66,7 @@ def test_threshold_never_exceeds_fixed_and_always_progresses(setup56):
         thr = config.replace(schedule='threshold', threshold=tau)
         res = Decoder(thr, 'blockdiff')(TorchEngine(policy), prefix)
         assert all(1 <= s <= 4 for s in res.steps)
-        assert res.nfe <= 7 * (4 + 1)
+        assert res.nfe == 1 + sum(res.steps) <= 1 + 7 * 4
     low = Decoder(config.replace(schedule='threshold', threshold=0.0001), 'blockdiff')(TorchEngine(policy), prefix)
     assert low.steps == [1] * 7  # everything above tau: one pass per block
 

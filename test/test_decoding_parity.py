@@ -7,32 +7,29 @@ from blockvla_ros.model.masks import decoding_reference_mask, position_ids
 from blockvla_ros.model.policy import BlockVLAPolicy
 from blockvla_ros.model.text_tokenizer import ByteTokenizer
 from blockvla_ros.runtime.decoding import Decoder
-from blockvla_ros.runtime.engine import Engine
 from blockvla_ros.runtime.preprocess import Preprocessor
 from blockvla_ros.runtime.torch_engine import TorchEngine
 
 from tiny import LLAMA, QWEN2, tiny_config
 
 
-class UncachedEngine(Engine):
-    """Recomputes [prefix][committed tokens][step tokens] from scratch on every call; never reads a cache."""
+class UncachedEngine:
+    """Recomputes [prefix][committed tokens][step tokens] from scratch on every call; never reads a cache.
+
+    Its masks and positions come straight from the training rules (model.masks with the policy's prefix layout: a
+    VLM's prefix-LM and M-RoPE included), not from the runtime's pass masks."""
 
     name = 'uncached-reference'
 
     def __init__(self, policy, committed_block_size):
         self.policy = policy.eval()
+        self.config = policy.config
         self.block = committed_block_size  # 1 for AR (causal history), B for block diffusion
-        super().__init__(policy.config, policy.kv_shape)
 
-    def _alloc(self, shape):
-        return np.zeros(shape, np.float32)
-
-    def _prefill(self, prefix):
+    def prefill(self, prefix):
         self.prefix = prefix
         self.history = np.zeros(0, np.int64)
-        logits = self._forward(np.zeros((1, 0), np.int64))[-1]
-        shape = self.cache.buffer.shape[:3] + (len(prefix.prefix_valid(self.config)), self.cache.buffer.shape[4])
-        return logits, np.zeros(shape, np.float32)
+        return self._forward(np.zeros(0, np.int64))[-1]
 
     def _forward(self, tokens):
         p = self.policy
@@ -40,22 +37,16 @@ class UncachedEngine(Engine):
         with torch.no_grad():
             prefix, valid = p.prefix_from_inputs(t(self.prefix.pixels), t(self.prefix.text_ids),
                                                  t(self.prefix.text_valid), t(self.prefix.state))
-            acts = torch.from_numpy(np.concatenate([self.history, tokens[0]]))[None]
+            acts = torch.from_numpy(np.concatenate([self.history, tokens]))[None]
             embeds = torch.cat([prefix, p.action_embed(acts)], 1)
-            mask = decoding_reference_mask(valid, len(self.history), tokens.shape[1], self.block)
-            hidden, _ = p.run_backbone(embeds, position_ids(valid, acts.shape[1], 1), mask)
+            mask = decoding_reference_mask(valid, len(self.history), len(tokens), self.block, p.layout)
+            hidden, _ = p.run_backbone(embeds, position_ids(valid, acts.shape[1], 1, p.layout), mask)
             return p.action_logits(hidden[0]).numpy()  # [T, n_bins]
 
-    def _step(self, tokens, positions):
-        logits = self._forward(tokens)[-tokens.shape[1]:]
-        return logits, np.zeros(self.cache.buffer.shape[:3] + (tokens.shape[1], self.cache.buffer.shape[4]),
-                                np.float32)
-
-    def step(self, tokens, commit=False):
-        out = super().step(tokens, commit)
-        if commit:
-            self.history = np.concatenate([self.history, np.asarray(tokens, np.int64).reshape(-1)])
-        return out
+    def step(self, tokens, commit=0, block_size=1):
+        tokens = np.asarray(tokens, np.int64).reshape(-1)
+        self.history = np.concatenate([self.history, tokens[:commit]])  # committed: clean, block-causal
+        return self._forward(tokens[commit:])[-len(tokens):]
 
 
 def _observation(config, seed, text='put the red block on the plate', state=False):
@@ -123,3 +114,53 @@ def test_known_tokens_are_kept_and_decoding_continues_them():
     assert res.steps[0] == 0  # a fully known block is only committed
     with pytest.raises(ValueError, match='known tokens'):
         Decoder(config, 'blockdiff')(TorchEngine(policy), prefix, known=np.array([999]))
+
+
+SCHEDULES = [dict(schedule='fixed', steps_per_block=1), dict(schedule='fixed', steps_per_block=2),
+             dict(schedule='fixed', steps_per_block=3), dict(schedule='threshold', threshold=0.004, steps_per_block=3),
+             dict(schedule='threshold', threshold=0.9, steps_per_block=2)]
+KNOWN = {'none': None, 'block+1': np.array([5, 6, 7, 8]), 'two-blocks': np.array([1, 2, 3, 4, 5, 6])}
+
+
+def _compare(cached, ref, tol=1e-4):
+    assert cached.calls == ref.calls and cached.nfe == ref.nfe and cached.steps == ref.steps
+    for (phase_a, toks_a, log_a), (phase_b, toks_b, log_b) in zip(cached.trace, ref.trace):
+        assert phase_a == phase_b and (toks_a is None) == (toks_b is None)
+        assert toks_a is None or np.array_equal(toks_a, toks_b)
+        assert float(np.abs(log_a - log_b).max()) <= tol
+    assert np.array_equal(cached.tokens, ref.tokens)
+
+
+@pytest.mark.parametrize('known', list(KNOWN), ids=list(KNOWN))
+@pytest.mark.parametrize('schedule', SCHEDULES, ids=lambda s: f'{s["schedule"]}-{s["steps_per_block"]}')
+@pytest.mark.parametrize('shift', ['next', 'same'])
+def test_fused_commit_equals_the_uncached_reference_and_counts_1_plus_refine_passes(schedule, known, shift):
+    config = tiny_config(logit_shift=shift, **schedule)
+    B = config.block_size
+    policy = BlockVLAPolicy(config).eval()
+    prefix = _observation(config, 11)
+    known = KNOWN[known]
+    fused = Decoder(config, 'blockdiff')(TorchEngine(policy), prefix, known=known, trace=True)
+    _compare(fused, Decoder(config, 'blockdiff')(UncachedEngine(policy, B), prefix, known=known, trace=True))
+    assert fused.nfe == 1 + sum(fused.steps)
+    if known is None and schedule['schedule'] == 'fixed':
+        assert fused.nfe == 1 + config.n_blocks * min(schedule['steps_per_block'], B)
+    widths = {len(t) for phase, t, _ in fused.trace if phase == 'refine'}
+    assert widths <= {B, 2 * B, 3 * B}  # refine, fused commit + refine, two carried blocks + refine
+    unfused = Decoder(config, 'blockdiff', fuse_commit=False)(TorchEngine(policy), prefix, known=known)
+    refined = [b for b, s in enumerate(fused.steps) if s]
+    assert np.array_equal(unfused.tokens, fused.tokens)
+    assert unfused.nfe == fused.nfe + len(refined) - (1 if refined and refined[0] == 0 else 0)
+
+
+@pytest.mark.parametrize('decoder', ['ar', 'fulldiff'])
+def test_known_tokens_on_ar_and_fulldiff_match_the_uncached_reference(decoder):
+    config = tiny_config(schedule='fixed')
+    policy = BlockVLAPolicy(config).eval()
+    prefix = _observation(config, 12)
+    block = 1 if decoder == 'ar' else config.block_size
+    known = KNOWN['block+1']
+    cached = Decoder(config, decoder)(TorchEngine(policy), prefix, known=known, trace=True)
+    _compare(cached, Decoder(config, decoder)(UncachedEngine(policy, block), prefix, known=known, trace=True))
+    if decoder == 'ar':  # the 4 known tokens are committed by one pass
+        assert cached.nfe == 1 + 1 + (config.n_action_tokens - len(known) - 1)

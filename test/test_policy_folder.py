@@ -32,12 +32,12 @@ def runner(exported):
 
 
 def test_changed_file_is_refused_naming_it(copy):
-    with open(copy / 'block_step.onnx', 'r+b') as f:
+    with open(copy / 'backbone.onnx', 'r+b') as f:
         f.seek(100)
         byte = f.read(1)
         f.seek(100)
         f.write(bytes([byte[0] ^ 0xFF]))
-    with pytest.raises(PolicyFolderError, match=r'block_step\.onnx: sha256 mismatch'):
+    with pytest.raises(PolicyFolderError, match=r'backbone\.onnx: sha256 mismatch'):
         PolicyRunner.load(copy)
 
 
@@ -48,8 +48,8 @@ def test_changed_policy_yaml_or_stats_is_refused(copy):
 
 
 def test_missing_graph_is_refused_naming_it(copy):
-    (copy / 'ar_step.onnx').unlink()
-    with pytest.raises(PolicyFolderError, match=r'ar_step\.onnx: listed in manifest.json but missing'):
+    (copy / 'backbone.onnx').unlink()
+    with pytest.raises(PolicyFolderError, match=r'backbone\.onnx: listed in manifest.json but missing'):
         load_policy_folder(copy)
 
 
@@ -59,12 +59,12 @@ def test_missing_manifest_and_unlisted_graph_are_refused(copy):
         load_policy_folder(copy)
     write_manifest(copy)
     manifest = json.loads((copy / 'manifest.json').read_text())
-    del manifest['files']['full_step.onnx']  # a graph policy.yaml names but the manifest does not cover
+    del manifest['files']['vision.onnx']  # a graph policy.yaml names but the manifest does not cover
     (copy / 'manifest.json').write_text(json.dumps(manifest))
-    with pytest.raises(PolicyFolderError, match=r"files not listed in manifest.json: \['full_step\.onnx'\]"):
+    with pytest.raises(PolicyFolderError, match=r"files not listed in manifest.json: \['vision\.onnx'\]"):
         load_policy_folder(copy)  # closed world: the unlisted file itself is refused
-    (copy / 'full_step.onnx').unlink()
-    with pytest.raises(PolicyFolderError, match=r'full_step\.onnx: graph .* not covered by manifest.json'):
+    (copy / 'vision.onnx').unlink()
+    with pytest.raises(PolicyFolderError, match=r'vision\.onnx: graph .* not covered by manifest.json'):
         load_policy_folder(copy)
 
 

@@ -93,7 +93,7 @@ def models(tmp_path_factory):
     (models / 'renamed' / 'policy.yaml').write_text(yaml.safe_dump(doc, sort_keys=False))
     write_manifest(models / 'renamed')
     shutil.copytree(models / 'alpha', models / 'broken')  # passes validation, fails to load
-    (models / 'broken' / 'block_step.onnx').write_bytes(b'not an onnx graph')
+    (models / 'broken' / 'backbone.onnx').write_bytes(b'not an onnx graph')
     write_manifest(models / 'broken')
     return models
 

@@ -21,12 +21,15 @@ def test_decode_latency_smoke(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(out.read_text())
     for key in ('blockdiff_vs_fulldiff_speedup', 'blockdiff_vs_fulldiff_cached_speedup', 'blockdiff_vs_ar_speedup',
-                'ort_vs_torch_speedup'):
+                'fused_commit_speedup', 'ort_vs_torch_speedup'):
         assert data[key] > 0
-    # tiny: L = 12, B = 3, 3 steps per block, full diffusion 4 blocks * 3 = 12 passes
-    assert data['nfe_ar'] == 12 and data['nfe_blockdiff'] == 1 + 4 * 3 + 3 and data['nfe_fulldiff'] == 1 + 12
-    assert {r['decoder'] for r in data['results']['onnxruntime']} == {'blockdiff', 'ar', 'fulldiff',
-                                                                      'fulldiff_nocache'}
+    # tiny: L = 12, B = 3, 3 steps per block (commits fused: NFE = 1 + refine passes), full diffusion 4 * 3 passes
+    assert data['nfe_ar'] == 12 and data['nfe_blockdiff'] == 1 + 4 * 3 and data['nfe_fulldiff'] == 1 + 12
+    assert data['nfe_blockdiff_unfused'] == 1 + 4 * 3 + 3
+    assert {r['decoder'] for r in data['results']['onnxruntime']} == {'blockdiff', 'blockdiff_unfused', 'ar',
+                                                                      'fulldiff', 'fulldiff_nocache'}
+    passes = data['per_pass_onnxruntime']
+    assert len(passes) == 3 and all(r['cpu_ms'] > 0 for r in passes.values())
     assert data['instruction_kv_reuse']['implemented'] is True
     # peers on the same backbone, same run: onnxruntime-genai AR (pinned in requirements.txt) and HF generate
     assert data['blockdiff_vs_genai_ar_speedup'] > 0 and data['blockdiff_vs_hf_generate_speedup'] > 0

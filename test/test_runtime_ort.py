@@ -44,7 +44,7 @@ def test_ort_matches_torch_on_20_observations(folder, reference, reuse):
     assert report.graph_calls > 20 * 4 * 5
     assert report.tokens_equal, report.mismatches
     assert report.max_abs_diff <= 1e-3
-    assert engine.reuse_text_kv == reuse
+    assert engine.reuse_instruction == reuse
 
 
 def test_threshold_schedule_and_overrides_match_torch(folder, reference):
@@ -78,16 +78,18 @@ def test_io_binding_shares_preallocated_buffers(folder):
     image, text, state = random_observations(spec.config, spec.stats, 1, seed=1, tokenizer=pre.text)[0]
     cache_buffer = engine.cache.buffer
     Decoder(spec.config, 'blockdiff')(engine, pre(image, text, state))
-    step = engine.graph(spec.step_key(spec.config.block_size))
-    new_kv, logits = step.buffer('new_kv'), step.buffer('logits')
+    B = spec.config.block_size
+    assert {B, 2 * B} <= set(engine._passes)  # refine passes and fused commit + refine passes
+    passes = {n: (p.binding, p.new_kv, p.logits) for n, p in engine._passes.items()}
     Decoder(spec.config, 'blockdiff')(engine, pre(image, text, state))
-    assert engine.cache.buffer is cache_buffer and step.buffer('new_kv') is new_kv and step.buffer('logits') is logits
-    assert step.buffers['kv'] is cache_buffer and step.buffers['kv_valid'] is engine.cache.valid
-    # the OrtValue bound as `kv` reads the numpy cache in place: zeroing the cache changes the step's output
+    assert engine.cache.buffer is cache_buffer
+    assert all(engine._passes[n].binding is b and engine._passes[n].new_kv is kv and engine._passes[n].logits is lg
+               for n, (b, kv, lg) in passes.items())
+    # the OrtValues bound as past_* read the numpy cache in place: zeroing the cache changes the step's output
     engine.prefill(pre(image, text, state))
-    before = engine.step(np.zeros(spec.config.block_size, np.int64))
+    before = engine.step(np.zeros(B, np.int64))
     cache_buffer[:] = 0.0
-    after = engine.step(np.zeros(spec.config.block_size, np.int64))
+    after = engine.step(np.zeros(B, np.int64))
     assert not np.allclose(before, after)
 
 
@@ -116,6 +118,51 @@ def test_onnxruntime_cuda_falls_back_or_fails_with_require_gpu(folder, caplog):
     engine = create_engine(spec, 'onnxruntime-cuda', threads=1)
     assert engine.describe()['provider'] == 'CPUExecutionProvider'
     assert any('CPU' in r.getMessage() or 'CUDA' in r.getMessage() for r in caplog.records)
+
+
+class _Widths:
+    """Records the token count of every backbone pass an engine makes."""
+
+    def __init__(self, engine):
+        self.engine, self.widths = engine, set()
+        original = engine._backbone
+
+        def backbone(embeds, positions, mask):
+            self.widths.add(embeds.shape[1])
+            return original(embeds, positions, mask)
+
+        engine._backbone = backbone
+
+
+def test_tensorrt_profiles_cover_every_pass_the_decoders_make(folder):
+    """The static side of the TensorRT path, on the CPU: the profiles built into the engine cover every token count
+    the decoders use (exactly for the regular ones), and their input shapes are consistent."""
+    from blockvla_ros.runtime.tensorrt_profiles import check_profiles, pick_profile, profile_shapes, token_counts
+
+    spec = load_policy_folder(folder)
+    cfg = spec.config
+    profiles = check_profiles(spec)
+    regular = set(token_counts(cfg))
+    assert regular == {1, cfg.block_size, 2 * cfg.block_size, cfg.n_action_tokens, cfg.prefix_len,
+                       cfg.max_text_tokens, cfg.prefix_len - cfg.max_text_tokens}
+    pre = build_preprocessor(cfg, spec.stats, folder)
+    seen = set()
+    for reuse in (True, False):
+        rec = _Widths(OrtEngine(spec, threads=1, reuse_text_kv=reuse))
+        for image, text, state in random_observations(cfg, spec.stats, 2, seed=4, tokenizer=pre.text):
+            for dec in DECODERS:
+                Decoder(cfg, dec)(rec.engine, pre(image, text, state))
+            Decoder(cfg, 'blockdiff')(rec.engine, pre(image, text, state), known=np.arange(7))  # RTC carries
+        seen |= rec.widths
+    assert seen - regular  # the known-action carries make other widths...
+    for n in seen:  # ...and every width has a profile (an exact one for the regular passes)
+        assert profiles[pick_profile(profiles, n)].covers(n)
+        assert profiles[pick_profile(profiles, n)].exact == (n in regular)
+    t_max = cfg.max_seq_len
+    shapes = profile_shapes(spec.graphs['backbone'], profiles[-1])
+    assert shapes['mask'] == ((1, 1, 1, t_max + 1), (1, 1, 2 * cfg.block_size, t_max + 2 * cfg.block_size),
+                              (1, 1, t_max, 2 * t_max))
+    assert set(shapes) == {'embeds', 'positions', 'mask'}  # the cache inputs are static
 
 
 @pytest.mark.skipif(cuda_device_count()[0] > 0, reason='this machine has a GPU')

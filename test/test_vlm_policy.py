@@ -2,8 +2,8 @@
 
 Random VLM folders (model.vlm.random_folder) of PaliGemma, SmolVLM2 and Qwen2.5-VL are finetuned with block
 diffusion for 20 steps (LoRA on the language model, the vision tower frozen) on rosbag2 recordings the test writes,
-exported (vision graph = the VLM's vision part, prefill/step graphs = its language model) and checked against torch
-by the exporter for every decoder (logits <= 1e-3, identical tokens). Cached decoding equals the uncached reference
+exported (vision graph = the VLM's vision part, backbone graph = its language model) and checked against torch by
+the exporter for every decoder (lock-step logits <= 1e-3, identical tokens). Cached decoding equals the uncached reference
 for all six tiny shapes (PaliGemma/2, SmolVLM, Idefics3, Qwen2-VL, Qwen2.5-VL). The node then runs each family's
 policy over loopback DDS.
 """
@@ -14,12 +14,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from blockvla_ros.model.masks import decoding_reference_mask, position_ids
 from blockvla_ros.model.policy import BlockVLAPolicy
 from blockvla_ros.model.vlm.random_folder import write_random_vlm
 from blockvla_ros.runtime.decoding import Decoder
-from blockvla_ros.runtime.engine import Engine
 from blockvla_ros.runtime.torch_engine import TorchEngine
+
+from test_decoding_parity import UncachedEngine  # the reference: masks/positions from the training rules
 
 E2E = ['paligemma-tiny', 'smolvlm-tiny', 'qwen2_5_vl-tiny']
 ALL = ['paligemma-tiny', 'paligemma2-tiny', 'smolvlm-tiny', 'idefics3-tiny', 'qwen2_vl-tiny', 'qwen2_5_vl-tiny']
@@ -95,49 +95,6 @@ def test_trains_exports_and_onnx_runtime_matches_torch(trained, vlms, shape):
         for k in tower[:8]:
             hf_name = next(n for n in names if n.endswith(k[len('vision.tower.'):]))
             assert torch.equal(trained_w.get_tensor(k), base.get_tensor(hf_name)), k
-
-
-class UncachedEngine(Engine):
-    """Recomputes [prefix][committed tokens][step tokens] from scratch on every call (the VLM's own prefix mask and
-    positions included); never reads a cache."""
-
-    name = 'uncached-reference'
-
-    def __init__(self, policy, committed_block_size):
-        self.policy = policy.eval()
-        self.block = committed_block_size
-        super().__init__(policy.config, policy.kv_shape)
-
-    def _alloc(self, shape):
-        return np.zeros(shape, np.float32)
-
-    def _prefill(self, prefix):
-        self.prefix, self.history = prefix, np.zeros(0, np.int64)
-        logits = self._forward(np.zeros((1, 0), np.int64))[-1]
-        return logits, np.zeros(self.cache.buffer.shape[:3] + (self.config.prefix_len, self.cache.buffer.shape[4]),
-                                np.float32)
-
-    def _forward(self, tokens):
-        p, t = self.policy, (lambda x: None if x is None else torch.from_numpy(x))
-        with torch.no_grad():
-            prefix, valid = p.prefix_from_inputs(t(self.prefix.pixels), t(self.prefix.text_ids),
-                                                 t(self.prefix.text_valid), t(self.prefix.state))
-            acts = torch.from_numpy(np.concatenate([self.history, tokens[0]]))[None]
-            embeds = torch.cat([prefix, p.action_embed(acts)], 1)
-            mask = decoding_reference_mask(valid, len(self.history), tokens.shape[1], self.block, p.layout)
-            hidden, _ = p.run_backbone(embeds, position_ids(valid, acts.shape[1], 1, p.layout), mask)
-            return p.action_logits(hidden[0]).numpy()  # [T, n_bins]
-
-    def _step(self, tokens, positions):
-        logits = self._forward(tokens)[-tokens.shape[1]:]
-        return logits, np.zeros(self.cache.buffer.shape[:3] + (tokens.shape[1], self.cache.buffer.shape[4]),
-                                np.float32)
-
-    def step(self, tokens, commit=False):
-        out = super().step(tokens, commit)
-        if commit:
-            self.history = np.concatenate([self.history, np.asarray(tokens, np.int64).reshape(-1)])
-        return out
 
 
 @pytest.mark.parametrize('shape', ALL)

@@ -2,7 +2,8 @@
 
     blockvla-export --checkpoint runs/ckpt --out models/pick_v1 [--trt [--fp16]]
 
-The folder is replaced only when every check passes (static shapes, TensorRT op list, parity with torch).
+The folder (format 2: vision.onnx, one backbone.onnx serving every pass, tables.safetensors; each weight once) is
+replaced only when every check passes (dims dynamic only in the token count, TensorRT op list, parity with torch).
 --trt builds and caches the TensorRT engines on this machine's GPU and checks their parity too; without a GPU
 it fails at once.
 """
@@ -18,7 +19,8 @@ from ..runtime.engine_factory import GPUUnavailableError, require_cuda_device
 from ..io.atomic import check_output_dir
 from ..runtime.policy_folder import PolicyFolderError
 from .onnx_checks import GraphCheckError
-from .onnx_export import EXPORTERS
+from .onnx_export import INLINE_LIMIT
+from .precision import PRECISIONS
 from .parity import ExportParityError
 from .policy_writer import CheckpointError, export_policy
 
@@ -36,15 +38,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--fp16', action='store_true', help='with --trt: FP16 engines (parity reported, not enforced)')
     p.add_argument('--engine-cache', type=Path, help='TensorRT engine cache directory '
                    '(default $BLOCKVLA_TRT_CACHE or ~/.cache/blockvla_ros/tensorrt)')
-    p.add_argument('--exporter', choices=EXPORTERS, default='legacy',
-                   help='torch.onnx exporter: legacy (TorchScript, opset 18, fast) or dynamo (opset 20)')
-    p.add_argument('--opset', type=int, help='ONNX opset (18-20; TensorRT 10.0 parses up to 20)')
-    p.add_argument('--no-split-prefill', action='store_true',
-                   help='do not export text_prefill/obs_prefill (no instruction K/V reuse)')
-    p.add_argument('--no-torch-weights', action='store_true',
-                   help="do not copy model.safetensors (the folder then cannot run engine 'torch')")
+    p.add_argument('--precision', choices=PRECISIONS, default='fp32',
+                   help='fp32 (default); fp16 for GPUs; int8 / int4 weight-only for CPUs (ONNX Runtime only)')
+    p.add_argument('--opset', type=int, default=20, help='ONNX opset (18-20; TensorRT 10.0 parses up to 20)')
+    p.add_argument('--inline-limit-mb', type=float, default=INLINE_LIMIT / 2**20,
+                   help='a graph with more weight bytes keeps them in one <file>.data (default 1024 MiB)')
+    weights = p.add_mutually_exclusive_group()
+    weights.add_argument('--torch-weights', action='store_true',
+                         help="also copy model.safetensors so engine 'torch' can run the folder (a second copy of "
+                              'every weight)')
+    weights.add_argument('--no-torch-weights', action='store_true', help='the default: ONNX graphs + tables only')
     p.add_argument('--parity-samples', type=int, default=4, help='random observations for the parity check')
     p.add_argument('--tolerance', type=float, default=1e-3, help='max |logits diff| allowed vs torch (fp32)')
+    p.add_argument('--min-agreement', type=float, default=0.0,
+                   help='minimum token agreement with the fp32 torch policy (default: reported only)')
     p.add_argument('--threads', type=int, help='CPU threads for the parity run')
     p.add_argument('-q', '--quiet', action='store_true', help='warnings and errors only')
     return p
@@ -60,10 +67,10 @@ def main(argv=None) -> int:
             require_cuda_device('blockvla-export --trt')  # before any work
         if args.opset is not None and not 18 <= args.opset <= 20:
             raise ValueError(f'--opset must be 18, 19 or 20 (got {args.opset})')
-        report = export_policy(args.checkpoint, args.out, name=args.name, exporter=args.exporter, opset=args.opset,
-                               split_prefill=not args.no_split_prefill, torch_weights=not args.no_torch_weights,
-                               parity_samples=args.parity_samples, tolerance=args.tolerance, threads=args.threads,
-                               progress=not args.quiet)
+        report = export_policy(args.checkpoint, args.out, name=args.name, precision=args.precision, opset=args.opset,
+                               torch_weights=args.torch_weights, inline_limit=int(args.inline_limit_mb * 2**20),
+                               parity_samples=args.parity_samples, tolerance=args.tolerance,
+                               min_agreement=args.min_agreement, threads=args.threads, progress=not args.quiet)
         trt_report = None
         if args.trt:
             from .tensorrt_export import build_and_check
@@ -75,14 +82,18 @@ def main(argv=None) -> int:
         print(f'blockvla-export: error: {e}', file=sys.stderr)
         return 2 if isinstance(e, GPUUnavailableError) else 1
     print(f'policy folder: {report.folder}  ({report.seconds:.1f} s)')
-    print(f'{"graph":<14} {"file":<20} opset  ops')
+    print(f'{"graph":<10} {"file":<16} opset  ops')
     for key, file in report.graphs.items():
         c = report.checks[key]
-        print(f'{key:<14} {file:<20} {c["opset"]:<6} {len(c["ops"])} ops, all in TensorRT\'s ONNX support list')
+        dyn = f', dynamic in {c["dynamic"]}' if c['dynamic'] else ''
+        trt = ', all in TensorRT\'s ONNX support list' if c.get('tensorrt', True) else ' (ONNX Runtime only)'
+        print(f'{key:<10} {file:<16} {c["opset"]:<6} {len(c["ops"])} ops{trt}{dyn}')
     for r in report.parity + ([trt_report] if trt_report else []):
-        print(f'parity {r["engine"]:<28} max|diff| {r["max_abs_diff"]:.2e}  tokens equal: {r["tokens_equal"]}  '
-              f'({r["samples"]} observations, {r["graph_calls"]} graph calls)')
-    print('files: ' + ', '.join(report.files))
+        print(f'parity {r["engine"]:<32} max|diff| {r["max_abs_diff"]:.2e}  token agreement '
+              f'{r["token_agreement"]:.3f}  ({r["samples"]} observations, {r["graph_calls"]} calls)')
+    total = sum(v for k, v in report.sizes.items() if k != 'weights')
+    print(f'files ({total / 2**20:.1f} MiB, {total / report.sizes["weights"]:.2f}x the fp32 weights): '
+          + ', '.join(report.files))
     return 0
 
 

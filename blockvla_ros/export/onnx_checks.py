@@ -1,10 +1,14 @@
-"""CPU-side checks of exported graphs: fully static shapes, and only ops in TensorRT's ONNX support list.
+"""CPU-side checks of exported graphs: shapes dynamic only in the token count n, and only ops in TensorRT's ONNX
+support list.
 
 The support list is data (tensorrt_onnx_ops.txt next to this file, from onnx/onnx-tensorrt docs/operators.md),
-so a graph that TensorRT's parser would reject is caught at export time on a machine without a GPU.
+so a graph that TensorRT's parser would reject is caught at export time on a machine without a GPU. A graph's
+inputs and outputs have static dims or expressions of the symbols it declares (the backbone: 'n' and e.g.
+'n + 356'); the TensorRT optimization profiles (runtime.tensorrt_profiles) give every such input a range.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +17,7 @@ ONNX_DTYPES = {1: 'float32', 7: 'int64', 9: 'bool', 10: 'float16', 6: 'int32', 1
 
 
 class GraphCheckError(ValueError):
-    """An exported graph has a dynamic shape or an op TensorRT cannot parse."""
+    """An exported graph has an unexpected dynamic shape or an op TensorRT cannot parse."""
 
 
 @dataclass(frozen=True)
@@ -45,48 +49,36 @@ def _dims(value_info) -> list:
             for d in t.shape.dim]
 
 
-def io_specs(model) -> tuple[list, list]:
-    """Graph inputs (initializers excluded) and outputs -> [{'name', 'shape', 'dtype'}]; dynamic dims raise."""
+def symbols(dim) -> set:
+    """The free symbols of one dimension: {} for an int, {'n'} for 'n' or 'n + 356'."""
+    return set() if isinstance(dim, int) else set(re.findall(r'[A-Za-z_]\w*', str(dim)))
+
+
+def io_specs(model, dynamic: tuple = ('n',)) -> tuple[list, list]:
+    """Graph inputs (initializers excluded) and outputs -> [{'name', 'shape', 'dtype'}]; a dim is an int or an
+    expression of the `dynamic` symbols (a string), anything else raises GraphCheckError."""
     inits = {i.name for i in model.graph.initializer}
     out = []
     for group in ([i for i in model.graph.input if i.name not in inits], list(model.graph.output)):
         specs = []
         for v in group:
             dims = _dims(v)
-            if any(not isinstance(d, int) for d in dims):
-                raise GraphCheckError(f'graph {model.graph.name!r}: tensor {v.name!r} has a dynamic shape {dims}')
+            if any(d is None or not symbols(d) <= set(dynamic) for d in dims):
+                raise GraphCheckError(f'graph {model.graph.name!r}: tensor {v.name!r} has dims {dims}; only '
+                                      f'{list(dynamic)} may vary')
             specs.append({'name': v.name, 'shape': dims, 'dtype': ONNX_DTYPES.get(v.type.tensor_type.elem_type,
                                                                                   'unsupported')})
         out.append(specs)
     return out[0], out[1]
 
 
-def check_static_shapes(model, where: str) -> int:
-    """Every graph input/output and every inferred intermediate tensor has fully static dims. -> #tensors."""
-    import onnx
+def check_tensorrt_ops(model, where: str, supported: TensorRTOps | None = None, enforce: bool = True) -> set:
+    """All nodes (subgraphs included) use default-domain ops in the TensorRT list at a supported opset.
 
-    try:
-        io_specs(model)
-    except GraphCheckError as e:
-        raise GraphCheckError(f'{where}: {e}') from e
-    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
-    dynamic = []
-    for v in inferred.graph.value_info:
-        if v.type.HasField('tensor_type'):
-            dims = _dims(v)
-            if any(not isinstance(d, int) for d in dims):
-                dynamic.append(f'{v.name} {dims}')
-    if dynamic:
-        raise GraphCheckError(f'{where}: {len(dynamic)} intermediate tensors have non-static shapes, e.g. '
-                              f'{dynamic[:5]}')
-    return len(inferred.graph.value_info)
-
-
-def check_tensorrt_ops(model, where: str, supported: TensorRTOps | None = None) -> set:
-    """All nodes (subgraphs included) use default-domain ops in the TensorRT list at a supported opset."""
+    -> the ops used; with enforce=False they are only collected (a graph meant for ONNX Runtime only)."""
     supported = supported or load_tensorrt_ops()
     opset = next((o.version for o in model.opset_import if o.domain in ('', 'ai.onnx')), None)
-    if opset is None or not supported.opset_min <= opset <= supported.opset_max:
+    if enforce and (opset is None or not supported.opset_min <= opset <= supported.opset_max):
         raise GraphCheckError(f'{where}: opset {opset} is outside what TensorRT parses '
                               f'({supported.opset_min}-{supported.opset_max})')
     used, bad = set(), set()
@@ -104,18 +96,24 @@ def check_tensorrt_ops(model, where: str, supported: TensorRTOps | None = None) 
                     visit(g)
 
     visit(model.graph)
-    if bad:
+    if bad and enforce:
         raise GraphCheckError(f'{where}: ops not in TensorRT\'s ONNX support list ({OPS_FILE.name}): {sorted(bad)}')
     return used
 
 
-def check_graph_file(path: str | Path) -> dict:
-    """Both checks on one exported file (external data not loaded). -> {'ops': [...], 'opset': n}."""
+def check_graph_file(path: str | Path, dynamic: tuple = ('n',), tensorrt: bool = True) -> dict:
+    """Both checks on one exported file (external data not loaded; tensorrt=False: the op list is only recorded).
+
+    -> {'ops': [...], 'opset': n, 'dynamic': [...], 'tensorrt': bool}."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
     where = str(path)
-    check_static_shapes(model, where)
-    ops = check_tensorrt_ops(model, where)
+    try:
+        ins, outs = io_specs(model, dynamic)
+    except GraphCheckError as e:
+        raise GraphCheckError(f'{where}: {e}') from e
+    ops = check_tensorrt_ops(model, where, enforce=tensorrt)
     opset = next(o.version for o in model.opset_import if o.domain in ('', 'ai.onnx'))
-    return {'ops': sorted(ops), 'opset': opset}
+    used = sorted(set().union(*(symbols(d) for t in ins + outs for d in t['shape'])))
+    return {'ops': sorted(ops), 'opset': opset, 'dynamic': used, 'tensorrt': tensorrt}

@@ -1,151 +1,134 @@
-"""torch -> ONNX for every graph a policy folder holds: static shapes, batch 1, logits over the bins only.
+"""torch -> ONNX for the two graphs of a policy folder (`model.graphs`): vision (static) and backbone (dynamic n).
 
-Traces exactly `model.graphs` (VisionGraph, PrefillGraph, StepGraph) plus the split prefill of
-`export.prefix_graphs`. The step graph is exported once per width n the decoders need:
+    vision.onnx     pixels [1, 3, S, S] -> image_tokens [1, Ni, hidden]
+    backbone.onnx   embeds [1, n, hidden], positions [1, n], mask [1, 1, n, T_max + n],
+                    past_key_i / past_value_i [1, kv_heads, T_max, head_dim] -> logits [1, n, n_bins],
+                    new_kv [layers, 2, kv_heads, n, head_dim]; n in [1, T_max] ('n' in the graph)
 
-    block_step.onnx  n = block_size   (block diffusion refine + commit passes)
-    ar_step.onnx     n = 1            (AR with KV cache)
-    full_step.onnx   n = H*D          (full-sequence diffusion)
-
-Exporters: 'legacy' (TorchScript, opset 18; ~0.5 s per tiny graph, the default) or 'dynamo' (opset 20, cleaner
-graphs, ~4 s per graph). Shape arithmetic is folded into constants (export.onnx_fold), so every intermediate
-shape is static too. Weights stay inline below 1 GiB per graph, otherwise in one `<file>.data` sidecar.
+The dynamo exporter (torch.export, opset 20) writes the weights straight from the torch parameters into one
+external-data file, tensor by tensor: no second in-memory copy of the model and no constant folding over the
+weights here (the exporter folds shape arithmetic only). A graph whose weights stay below `INLINE_LIMIT` is then
+rewritten with its weights inline (one file); above it, the graph keeps its single `<file>.data`, which is also what
+lets a graph pass protobuf's 2 GiB limit.
 """
 from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
-from torch import nn
 
-from ..model.graphs import PrefillGraph, StepGraph, VisionGraph
+from ..model.graphs import BackboneGraph, VisionGraph, past_inputs, past_names
 from ..runtime.policy_folder import GraphSpec, TensorSpec
 from .onnx_checks import io_specs
-from .onnx_fold import fold_constants
-from .prefix_graphs import ObsPrefillGraph, TextPrefillGraph
 
 log = logging.getLogger(__name__)
 
-EXPORTERS = ('legacy', 'dynamo')
-DEFAULT_OPSET = {'legacy': 18, 'dynamo': 20}
-INLINE_LIMIT = 1 << 30  # bytes of weights per graph kept inside the .onnx file
+OPSET = 20  # TensorRT 10 parses up to 20; 23+ would emit fused Attention/RMSNormalization of unknown support
+INLINE_LIMIT = 1 << 30  # bytes of weights kept inside a .onnx file; above: one <file>.data sidecar
 
 
-@dataclass
-class GraphPlan:
-    key: str
-    file: str
-    module: nn.Module
-    args: tuple
-    inputs: list
-    outputs: list
-    step_width: Optional[int] = None
+def _free_size(taken: set, start: int = 3) -> int:
+    """An example token count equal to no other dimension (torch.export would tie the two otherwise)."""
+    n = start
+    while n in taken:
+        n += 1
+    return n
 
 
-def step_files(config) -> dict:
-    """{n: file} for the step widths the decoders use (one file per distinct n)."""
-    out = {}
-    for n, file in ((config.block_size, 'block_step.onnx'), (1, 'ar_step.onnx'),
-                    (config.n_action_tokens, 'full_step.onnx')):
-        out.setdefault(n, file)
-    return out
-
-
-def plan_graphs(policy, split_prefill: bool = True) -> list:
-    """The graphs to export with example inputs (generic values: padding and invalid cache slots included)."""
+def backbone_example(policy) -> tuple:
+    """Example inputs of the backbone graph (generic values; n differs from every static dimension)."""
     cfg = policy.config
     layers, kv_heads, head_dim = policy.kv_shape
+    t_max, hidden = cfg.max_seq_len, policy.hidden_size
+    dtype = next(policy.llm.parameters()).dtype
+    n = _free_size({layers, kv_heads, head_dim, t_max, hidden, cfg.n_bins, 2})
     gen = torch.Generator().manual_seed(0)
-    lt, p, t_max = cfg.max_text_tokens, cfg.prefix_len, cfg.max_seq_len
-    vocab = int(policy.llm.config.vocab_size)
+    embeds = torch.randn(1, n, hidden, generator=gen).to(dtype)
+    positions = (t_max // 2 + torch.arange(n))[None]
+    if policy.layout.rope_dims != 1:  # M-RoPE: [3, 1, n]
+        positions = positions[None].expand(policy.layout.rope_dims, 1, n).contiguous()
+    mask = torch.rand(1, 1, n, t_max + n, generator=gen) > 0.5
+    mask[..., t_max:] |= torch.eye(n, dtype=torch.bool)
+    kv = torch.zeros(layers, 2, kv_heads, t_max, head_dim, dtype=dtype)
+    return embeds, positions, mask, past_inputs(kv)
+
+
+def export_vision(policy, folder: Path, opset: int = OPSET, inline_limit: int = INLINE_LIMIT) -> GraphSpec:
     from ..runtime.preprocess import image_processor_for
 
+    cfg = policy.config
     shape = (1, 3, cfg.image_size, cfg.image_size) if not cfg.is_vlm else image_processor_for(cfg).pixel_shape
-    pixels = torch.randn(*shape, generator=gen)
-    text_ids = torch.randint(0, vocab, (1, lt), generator=gen)
-    text_valid = torch.zeros(1, lt, dtype=torch.bool)
-    text_valid[:, lt // 2:] = True  # left-padded
-    image_tokens = torch.randn(1, cfg.n_image_tokens, policy.hidden_size, generator=gen)
-    state = torch.randn(1, cfg.state_dim, generator=gen) if cfg.state_dim else None
-    text_kv = torch.randn(layers, 2, kv_heads, lt, head_dim, generator=gen)
-    with_state = (lambda names, args: (names + ['state'], args + (state,))) if cfg.state_dim else \
-        (lambda names, args: (names, args))
-
-    plans = [GraphPlan('vision', 'vision.onnx', VisionGraph(policy), (pixels,), ['pixels'], ['image_tokens'])]
-    names, args = with_state(['text_ids', 'text_valid', 'image_tokens'], (text_ids, text_valid, image_tokens))
-    plans.append(GraphPlan('prefill', 'prefill.onnx', PrefillGraph(policy), args, names, ['logits', 'kv']))
-    if split_prefill and cfg.prefix_order == 'text_first' and not cfg.is_vlm:  # a VLM's image comes first
-        plans.append(GraphPlan('text_prefill', 'text_prefill.onnx', TextPrefillGraph(policy), (text_ids, text_valid),
-                               ['text_ids', 'text_valid'], ['text_kv']))
-        names, args = with_state(['image_tokens', 'text_kv', 'text_valid'], (image_tokens, text_kv, text_valid))
-        plans.append(GraphPlan('obs_prefill', 'obs_prefill.onnx', ObsPrefillGraph(policy), args, names,
-                               ['logits', 'kv']))
-    kv = torch.randn(layers, 2, kv_heads, t_max, head_dim, generator=gen)
-    kv_valid = torch.zeros(1, t_max, dtype=torch.bool)
-    kv_valid[:, lt // 2:p] = True  # valid prefix, nothing committed yet
-    for n, file in step_files(cfg).items():
-        tokens = torch.randint(0, cfg.n_bins + 1, (1, n), generator=gen)
-        positions = (p - lt // 2 + torch.arange(n))[None]  # [1, n]
-        if policy.layout is not None and policy.layout.rope_dims == 3:
-            positions = positions[None].expand(3, 1, n).contiguous()  # M-RoPE: [3, 1, n]
-        plans.append(GraphPlan(f'step_{n}', file, StepGraph(policy), (tokens, positions, kv, kv_valid),
-                               ['tokens', 'positions', 'kv', 'kv_valid'], ['logits', 'new_kv'], step_width=n))
-    return plans
+    pixels = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    pixels = pixels.to(next(policy.vision.parameters()).dtype)
+    return _export(VisionGraph(policy), (pixels,), None, ['pixels'], ['image_tokens'], Path(folder) / 'vision.onnx',
+                   'vision', opset, inline_limit)
 
 
-def export_graph(plan: GraphPlan, folder: Path, exporter: str = 'legacy', opset: Optional[int] = None) -> GraphSpec:
-    """Export one plan into `folder`; -> its GraphSpec (I/O names, static shapes, dtypes, sidecars)."""
+def export_backbone(policy, folder: Path, opset: int = OPSET, inline_limit: int = INLINE_LIMIT) -> GraphSpec:
+    layers = policy.kv_shape[0]
+    t_max = policy.config.max_seq_len
+    args = backbone_example(policy)
+    n = torch.export.Dim('n', min=1, max=t_max)
+    pos_axis = 1 if policy.layout.rope_dims == 1 else 2
+    dynamic = ({1: n}, {pos_axis: n}, {2: n, 3: n + t_max}, [None] * (2 * layers))
+    return _export(BackboneGraph(policy), args, dynamic, ['embeds', 'positions', 'mask'] + past_names(layers),
+                   ['logits', 'new_kv'], Path(folder) / 'backbone.onnx', 'backbone', opset, inline_limit)
+
+
+def _export(module, args, dynamic, inputs, outputs, path: Path, key: str, opset: int, inline_limit: int) -> GraphSpec:
     import onnx
 
-    if exporter not in EXPORTERS:
-        raise ValueError(f'exporter must be one of {EXPORTERS}, got {exporter!r}')
-    folder = Path(folder)
-    path = folder / plan.file
-    before = {p.name for p in folder.iterdir()}
-    plan.module.eval()
+    module.eval()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        if exporter == 'legacy':
-            torch.onnx.export(plan.module, plan.args, str(path), input_names=plan.inputs, output_names=plan.outputs,
-                              opset_version=opset or DEFAULT_OPSET['legacy'], do_constant_folding=True, dynamo=False)
-        else:
-            torch.onnx.export(plan.module, plan.args, str(path), input_names=plan.inputs, output_names=plan.outputs,
-                              opset_version=opset or DEFAULT_OPSET['dynamo'], dynamo=True, external_data=True,
-                              verbose=False)
-    written = {p.name for p in folder.iterdir()} - before - {plan.file}
-    data = _finalize(path, sidecars=written)
-    model = onnx.load(str(path), load_external_data=False)
-    inputs, outputs = io_specs(model)
-    if [t['name'] for t in inputs] != plan.inputs or [t['name'] for t in outputs] != plan.outputs:
-        raise RuntimeError(f'{path}: exported I/O {[t["name"] for t in inputs]} -> {[t["name"] for t in outputs]}'
-                           f' differ from {plan.inputs} -> {plan.outputs} (an input unused by the graph?)')
-    return GraphSpec(key=plan.key, file=plan.file, data=data, step_width=plan.step_width,
-                     inputs=[TensorSpec(**t) for t in inputs], outputs=[TensorSpec(**t) for t in outputs])
+        torch.onnx.export(module, args, str(path), input_names=inputs, output_names=outputs, opset_version=opset,
+                          dynamo=True, external_data=True, dynamic_shapes=dynamic, verbose=False)
+    model = onnx.load(str(path), load_external_data=False)  # the graph only; weights stay in the .data file
+    if dynamic is not None:
+        _name_token_count(model, inputs[0])
+    for node in model.graph.node:  # the exporter's per-node provenance (~1.5 kB a node): not needed to run
+        del node.metadata_props[:]
+    onnx.save_model(model, str(path))  # keeps the external-data references as they are
+    data = _place_weights(path, inline_limit)
+    ins, outs = io_specs(model)
+    if [t['name'] for t in ins] != inputs or [t['name'] for t in outs] != outputs:
+        raise RuntimeError(f'{path}: exported I/O {[t["name"] for t in ins]} -> {[t["name"] for t in outs]} '
+                           f'differ from {inputs} -> {outputs} (an input unused by the graph?)')
+    return GraphSpec(key=key, file=path.name, data=data, inputs=[TensorSpec(**t) for t in ins],
+                     outputs=[TensorSpec(**t) for t in outs])
 
 
-def _finalize(path: Path, sidecars: set) -> list:
-    """Fold shape arithmetic, then store weights inline below INLINE_LIMIT, else in one `<file>.data` sidecar.
+def _name_token_count(model, first_input: str) -> None:
+    """Call the token-count symbol 'n' everywhere (torch.export names it e.g. 's18')."""
+    import re
 
-    -> the sidecar file names (empty when inline)."""
+    dim = next(v for v in model.graph.input if v.name == first_input).type.tensor_type.shape.dim[1]
+    old = dim.dim_param
+    if not old or old == 'n':
+        return
+    pattern = re.compile(rf'\b{re.escape(old)}\b')
+    for v in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
+        for d in v.type.tensor_type.shape.dim:
+            if d.dim_param:
+                d.dim_param = pattern.sub('n', d.dim_param)
+
+
+def _place_weights(path: Path, inline_limit: int) -> list:
+    """Weights below `inline_limit` bytes go inline (one file); otherwise the one `<file>.data` stays. -> sidecars."""
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
-    fold_constants(model)
-    if not sidecars:
-        onnx.save_model(model, str(path))
+    data = path.with_name(path.name + '.data')
+    if not data.is_file():
         return []
-    onnx.load_external_data_for_model(model, str(path.parent))
-    size = sum(len(t.raw_data) for t in model.graph.initializer)
-    for name in sidecars:
-        (path.parent / name).unlink()
-    if size < INLINE_LIMIT:
-        onnx.save_model(model, str(path))
-        return []
-    location = path.name + '.data'
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=location,
-                    size_threshold=1024)
-    return [location]
+    if data.stat().st_size >= inline_limit:
+        model = onnx.load(str(path), load_external_data=False)
+        locations = {e.value for t in model.graph.initializer for e in t.external_data if e.key == 'location'}
+        if locations - {data.name}:
+            raise RuntimeError(f'{path}: weights in unexpected files {sorted(locations)}')
+        return [data.name]
+    model = onnx.load(str(path))  # small: load the weights to store them inline
+    onnx.save_model(model, str(path))
+    data.unlink()
+    return []

@@ -1,8 +1,13 @@
 """Parity of an exported engine against the torch reference on random observations.
 
-Every decoder is run on both engines with tracing on; each graph call's logits are compared (max abs diff) and
-the decoded tokens must be identical. Instructions repeat across observations, so the reused-instruction-K/V
-path of the engines is exercised too.
+Two measurements per decoder and observation:
+- lock step: one decode drives both engines with identical calls (the reference's choices, so it is also the
+  reference's own decode), and every call's logits are compared on identical inputs (max abs diff): this is what
+  the tolerance bounds;
+- free run: each engine decodes on its own; the fraction of equal tokens is the token agreement (a random
+  model's near-tied confidences can flip one unmasking order without any real difference, so for fp32 it is
+  reported; lower precisions are judged by it).
+Instructions repeat across observations, so the reused-instruction-K/V path of the engines is exercised too.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ log = logging.getLogger(__name__)
 
 WORDS = ('pick', 'up', 'the', 'red', 'blue', 'green', 'block', 'cup', 'and', 'place', 'it', 'on', 'plate', 'left',
          'right', 'of', 'push', 'open', 'drawer', 'close', 'a', 'bowl', 'put', 'in', 'stack', 'slowly')
+DECODERS = ('blockdiff', 'ar', 'fulldiff')
 
 
 class ExportParityError(RuntimeError):
@@ -28,15 +34,50 @@ class ParityReport:
     engine: str
     samples: int
     decoders: list
-    max_abs_diff: float = 0.0
-    tokens_equal: bool = True
-    graph_calls: int = 0
-    mismatches: list = field(default_factory=list)  # (sample, decoder) with different tokens
+    max_abs_diff: float = 0.0  # lock step, over every call
+    graph_calls: int = 0  # lock-step calls compared
+    tokens: int = 0  # free-run tokens compared
+    agreeing: int = 0  # ... of which equal
+    mismatches: list = field(default_factory=list)  # (sample, decoder) whose free-run chunks differ
+
+    @property
+    def token_agreement(self) -> float:
+        return self.agreeing / max(self.tokens, 1)
+
+    @property
+    def tokens_equal(self) -> bool:
+        return self.agreeing == self.tokens
 
     def to_dict(self) -> dict:
         return {'engine': self.engine, 'samples': self.samples, 'decoders': list(self.decoders),
-                'max_abs_diff': float(self.max_abs_diff), 'tokens_equal': bool(self.tokens_equal),
-                'graph_calls': self.graph_calls, 'mismatches': [list(m) for m in self.mismatches]}
+                'max_abs_diff': float(self.max_abs_diff), 'graph_calls': self.graph_calls,
+                'token_agreement': float(self.token_agreement), 'tokens_equal': bool(self.tokens_equal),
+                'mismatches': [list(m) for m in self.mismatches]}
+
+
+class LockStep:
+    """An engine that forwards every call to `reference` and `engine` and answers with the reference's logits."""
+
+    def __init__(self, reference, engine):
+        self.reference, self.engine = reference, engine
+        self.max_abs_diff, self.calls = 0.0, 0
+
+    def _compare(self, a, b):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        if a.shape != b.shape:
+            raise ExportParityError(f'logits shapes differ: {a.shape} vs {b.shape}')
+        self.max_abs_diff = max(self.max_abs_diff, float(np.abs(a - b).max()) if a.size else 0.0)
+        if not np.isfinite(b).all():
+            self.max_abs_diff = float('inf')
+        self.calls += 1
+        return a.astype(np.float32)
+
+    def prefill(self, prefix):
+        return self._compare(self.reference.prefill(prefix), self.engine.prefill(prefix))
+
+    def step(self, tokens, commit=0, block_size=1):
+        return self._compare(self.reference.step(tokens, commit=commit, block_size=block_size),
+                             self.engine.step(tokens, commit=commit, block_size=block_size))
 
 
 def random_observations(config, stats, n: int, seed: int = 0, tokenizer=None) -> list:
@@ -62,30 +103,29 @@ def random_observations(config, stats, n: int, seed: int = 0, tokenizer=None) ->
 
 
 def compare_engines(config, reference, engine, observations, preprocessor, name: str,
-                    decoders=('blockdiff', 'ar', 'fulldiff')) -> ParityReport:
+                    decoders=DECODERS) -> ParityReport:
     report = ParityReport(engine=name, samples=len(observations), decoders=list(decoders))
+    lock = LockStep(reference, engine)
     for i, (image, text, state) in enumerate(observations):
         prefix = preprocessor(image, text, state)
         for dec in decoders:
-            a = Decoder(config, dec)(reference, prefix, trace=True)
-            b = Decoder(config, dec)(engine, prefix, trace=True)
-            if not np.array_equal(a.tokens, b.tokens):
-                report.tokens_equal = False
+            a = Decoder(config, dec)(lock, prefix).tokens  # driven by the reference: its own free run
+            b = Decoder(config, dec)(engine, prefix).tokens
+            report.tokens += a.size
+            report.agreeing += int((a == b).sum())
+            if not np.array_equal(a, b):
                 report.mismatches.append((i, dec))
-            for (pa, _, la), (pb, _, lb) in zip(a.trace, b.trace):
-                if pa != pb or la.shape != lb.shape:
-                    report.tokens_equal = False
-                    break
-                report.max_abs_diff = max(report.max_abs_diff, float(np.abs(la - lb).max()))
-                report.graph_calls += 1
+    report.max_abs_diff, report.graph_calls = lock.max_abs_diff, lock.calls
     return report
 
 
-def require_parity(report: ParityReport, tolerance: float) -> None:
-    if not report.tokens_equal or not report.max_abs_diff <= tolerance:
+def require_parity(report: ParityReport, tolerance: float, min_agreement: float = 0.0) -> None:
+    """Lock-step logits within `tolerance` (None: not checked) and free-run token agreement >= min_agreement."""
+    if (tolerance is not None and not report.max_abs_diff <= tolerance) or report.token_agreement < min_agreement:
         raise ExportParityError(
-            f'{report.engine} does not match torch: max |logits diff| = {report.max_abs_diff:.3g} (tolerance '
-            f'{tolerance:g}), tokens equal: {report.tokens_equal} (mismatches (sample, decoder): '
+            f'{report.engine} does not match torch: max |logits diff| = {report.max_abs_diff:.3g} over '
+            f'{report.graph_calls} lock-step calls (tolerance {tolerance}), token agreement '
+            f'{report.token_agreement:.3f} (required {min_agreement}; differing (sample, decoder): '
             f'{report.mismatches[:5]}) over {report.samples} observations')
-    log.info('parity %s vs torch: max |logits diff| %.3g over %d graph calls, tokens identical',
-             report.engine, report.max_abs_diff, report.graph_calls)
+    log.info('parity %s vs torch: max |logits diff| %.3g over %d calls, token agreement %.3f',
+             report.engine, report.max_abs_diff, report.graph_calls, report.token_agreement)

@@ -1,9 +1,16 @@
-"""export_policy: a training checkpoint folder -> a verified policy folder, written atomically.
+"""export_policy: a training checkpoint folder -> a verified policy folder (format 2), written atomically.
+
+    from blockvla_ros.export.policy_writer import export_policy
+    report = export_policy('runs/x/checkpoints/step_100', 'models/x')        # fp32, ONNX Runtime parity-checked
+    report = export_policy(ckpt, 'models/x_int4', precision='int4')           # fp16 | int8 | int4: export.precision
+    report.folder, report.parity, report.seconds, report.sizes               # what was written and measured
 
 Checkpoint folder (what BlockVLAPolicy.save + NormStats.save write): config.json, model.safetensors, stats.json
-(+ tokenizer files when text_tokenizer is 'auto'). The policy folder is assembled in a temporary sibling,
-checked (static shapes, TensorRT op list, manifest, ONNX Runtime vs torch parity) and only then renamed into
-place; any failure leaves the previous folder untouched.
+(+ tokenizer files when text_tokenizer is 'auto'). The policy folder holds each weight once: vision.onnx,
+backbone.onnx (+ backbone.onnx.data above `inline_limit` bytes of weights) and tables.safetensors; see
+runtime.policy_folder. It is assembled in a temporary sibling, checked (dims dynamic only in n, TensorRT op list,
+manifest, ONNX Runtime vs torch parity) and only then renamed into place; any failure leaves the previous folder
+untouched.
 """
 from __future__ import annotations
 
@@ -22,10 +29,11 @@ import yaml
 from ..io.atomic import atomic_directory, atomic_write_text, check_output_dir
 from ..model.action_tokenizer import NormStats
 from ..model.config import BlockVLAConfig
-from ..runtime.policy_folder import (FORMAT_VERSION, POLICY_FILE, STATS_FILE, WEIGHTS_FILE, load_policy_folder,
-                                     write_manifest)
+from ..runtime.policy_folder import (FORMAT_VERSION, POLICY_FILE, STATS_FILE, TABLES_FILE, WEIGHTS_FILE,
+                                     load_policy_folder, write_manifest)
 from .onnx_checks import check_graph_file
-from .onnx_export import DEFAULT_OPSET, export_graph, plan_graphs
+from .onnx_export import INLINE_LIMIT, OPSET, export_backbone, export_vision
+from .precision import PRECISIONS, check_precision, default_tolerance, quantize_weights  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +53,10 @@ class ExportReport:
     name: str
     graphs: dict  # key -> file
     parity: list  # ParityReport dicts
-    checks: dict  # key -> {'ops', 'opset'}
+    checks: dict  # key -> {'ops', 'opset', 'dynamic'}
     seconds: float
     files: list = field(default_factory=list)
+    sizes: dict = field(default_factory=dict)  # file -> bytes; 'weights' -> parameter bytes at fp32
 
 
 def load_checkpoint(folder: str | Path):
@@ -133,37 +142,44 @@ def _plain(data):
     return json.loads(json.dumps(data))
 
 
-def export_policy(checkpoint: str | Path, out: str | Path, *, name: Optional[str] = None, exporter: str = 'legacy',
-                  opset: Optional[int] = None, split_prefill: bool = True, torch_weights: bool = True,
-                  parity_samples: int = 4, tolerance: float = 1e-3, threads: Optional[int] = None,
-                  progress: bool = True) -> ExportReport:
+def export_policy(checkpoint: str | Path, out: str | Path, *, name: Optional[str] = None, precision: str = 'fp32',
+                  opset: int = OPSET, torch_weights: bool = False, inline_limit: int = INLINE_LIMIT,
+                  parity_samples: int = 4, tolerance: float = 1e-3, min_agreement: float = 0.0,
+                  threads: Optional[int] = None, progress: bool = True) -> ExportReport:
     """Export `checkpoint` into the policy folder `out` (replaced atomically on success).
 
+    precision: fp32 | fp16 | int8 | int4 (see export.precision: what each stores, how parity is judged).
+    torch_weights: also copy model.safetensors (engine 'torch'; a second copy of every weight).
+    inline_limit: weight bytes above which a graph keeps its weights in one `<file>.data` (default ~1 GiB).
+    tolerance: max lock-step |logits diff| vs the fp32 torch policy (fp32 only); min_agreement: minimum token
+    agreement (every precision; 0 = reported only).
     threads: CPU threads for the parity run (torch and ONNX Runtime); None keeps the libraries' defaults.
     """
-    import onnx
-    import torch
-    import transformers
     from tqdm import tqdm
-
-    from ..runtime.ort_engine import OrtEngine
-    from ..runtime.runner import policy_preprocessor
-    from ..runtime.torch_engine import TorchEngine
-    from .parity import compare_engines, random_observations, require_parity
 
     start = time.perf_counter()
     checkpoint, out = Path(checkpoint), check_output_dir(out)  # before any work
+    check_precision(precision)
     policy, stats = load_checkpoint(checkpoint)
     config = policy.portable_config()
     config = config.replace(action_kinds=config.kinds)  # written out: absolute where training did not say
+    weight_bytes = sum(p.numel() * 4 for p in policy.parameters())
     name = name or out.name
     with atomic_directory(out) as tmp:
-        plans = plan_graphs(policy, split_prefill=split_prefill)
         graphs, checks = {}, {}
-        for plan in tqdm(plans, desc=f'export {name}', unit='graph', disable=not progress):
-            spec = export_graph(plan, tmp, exporter=exporter, opset=opset)
-            checks[plan.key] = check_graph_file(tmp / spec.file)  # static shapes + TensorRT op list
-            graphs[plan.key] = spec
+        if precision == 'fp16':
+            policy.half()  # traced in half precision; the parity reference is reloaded in fp32 below
+        steps = (('vision', export_vision), ('backbone', export_backbone))
+        for key, fn in tqdm(steps, desc=f'export {name}', unit='graph', disable=not progress):
+            graphs[key] = fn(policy, tmp, opset=opset, inline_limit=inline_limit)
+            checks[key] = check_graph_file(tmp / graphs[key].file)  # dims vary only in n + TensorRT op list
+        if precision in ('int8', 'int4'):  # weight-only MatMulNBits: ONNX Runtime only
+            graphs['backbone'].data = quantize_weights(tmp / graphs['backbone'].file, precision, inline_limit)
+            checks['backbone'] = check_graph_file(tmp / graphs['backbone'].file, tensorrt=False)
+        _write_tables(policy, tmp / TABLES_FILE)
+        if precision == 'fp16':
+            del policy
+            policy, _ = load_checkpoint(checkpoint)
         stats.save(tmp / STATS_FILE)
         if torch_weights:
             shutil.copyfile(checkpoint / WEIGHTS_FILE, tmp / WEIGHTS_FILE)
@@ -175,58 +191,96 @@ def export_policy(checkpoint: str | Path, out: str | Path, *, name: Optional[str
         if sources and 'tokenizer.json' not in tokenizer_files:
             _write_tokenizer_json(sources[0].parent, tmp)  # the runtime reads tokenizer.json only
             tokenizer_files.append('tokenizer.json')
-        doc = {
-            'format_version': FORMAT_VERSION,
-            'name': name,
-            'config': _plain(config.to_dict()),
-            'kv_shape': list(policy.kv_shape),
-            'image_size': config.image_size,
-            'prefix': {'order': config.prefix_order, 'text_tokens': config.max_text_tokens,
-                       'image_tokens': config.n_image_tokens, 'state_token': bool(config.state_dim),
-                       'length': config.prefix_len, 'max_seq_len': config.max_seq_len},
-            'actions': {'names': list(config.action_names) or [f'a{i}' for i in range(config.action_dim)],
-                        'low': [float(x) for x in stats.action_low], 'high': [float(x) for x in stats.action_high],
-                        'limits_source': LIMITS_SOURCE},
-            'graphs': {k: g.to_dict() for k, g in graphs.items()},
-            'weights': WEIGHTS_FILE if torch_weights else None,
-            'tokenizer_files': tokenizer_files,
-            'export': {'exporter': exporter, 'opset': opset or DEFAULT_OPSET[exporter], 'torch': str(torch.__version__),
-                       'transformers': str(transformers.__version__), 'onnx': str(onnx.__version__),
-                       'created_utc': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
-                       'checkpoint': str(checkpoint.resolve())},
-        }
+        doc = _policy_doc(policy, config, stats, name, graphs, tokenizer_files, torch_weights, opset, checkpoint)
+        doc['precision'] = precision
         atomic_write_text(tmp / POLICY_FILE, yaml.safe_dump(doc, sort_keys=False))
         write_manifest(tmp)
-
-        spec = load_policy_folder(tmp)  # the folder as a runtime sees it (manifest verified)
-        pre = policy_preprocessor(spec)
-        if sources:
-            check_tokenizer_parity(pre.text, sources[0].parent, spec.config)
-        observations = random_observations(spec.config, spec.stats, parity_samples, seed=0, tokenizer=pre.text)
-        reference = TorchEngine(policy)
-        reports = []
-        torch_threads = torch.get_num_threads()
-        try:
-            if threads:
-                torch.set_num_threads(int(threads))
-            engine = OrtEngine(spec, threads=threads, reuse_text_kv=True)
-            reports.append(compare_engines(spec.config, reference, engine, observations, pre, 'onnxruntime'))
-            if spec.split_prefill:  # the one-call prefill graph too
-                engine = OrtEngine(spec, threads=threads, reuse_text_kv=False)
-                reports.append(compare_engines(spec.config, reference, engine, observations, pre,
-                                               'onnxruntime (prefill.onnx)', decoders=('blockdiff',)))
-            del engine
-        finally:
-            torch.set_num_threads(torch_threads)
-        for r in reports:
-            require_parity(r, tolerance)
-        doc['export']['parity'] = {'tolerance': tolerance, 'results': [r.to_dict() for r in reports]}
+        tolerance = default_tolerance(precision, tolerance)
+        reports = _check_parity(policy, tmp, parity_samples, tolerance, min_agreement, threads,
+                                sources[0].parent if sources else None)
+        doc['export']['parity'] = {'tolerance': tolerance, 'min_agreement': min_agreement,
+                                   'results': [r.to_dict() for r in reports]}
         atomic_write_text(tmp / POLICY_FILE, yaml.safe_dump(doc, sort_keys=False))
         write_manifest(tmp)
-        files = sorted(p.name for p in tmp.iterdir())
+        sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+        sizes['weights'] = weight_bytes
         _readable(tmp)
     seconds = time.perf_counter() - start
-    log.info('exported %s to %s in %.1f s (%d graphs, parity max diff %.2g)', name, out, seconds, len(graphs),
+    log.info('exported %s to %s in %.1f s (parity max diff %.2g)', name, out, seconds,
              max(r.max_abs_diff for r in reports))
     return ExportReport(folder=out, name=name, graphs={k: g.file for k, g in graphs.items()},
-                        parity=[r.to_dict() for r in reports], checks=checks, seconds=seconds, files=files)
+                        parity=[r.to_dict() for r in reports], checks=checks, seconds=seconds,
+                        files=[f for f in sizes if f != 'weights'], sizes=sizes)
+
+
+def _write_tables(policy, path: Path) -> None:
+    """The small tables, in the policy's float type (fp32, or fp16 for an fp16 export)."""
+    from safetensors.torch import save_file
+
+    from ..model.graphs import tables
+
+    dtype = next(policy.parameters()).dtype
+    save_file({k: v.to(dtype) for k, v in tables(policy).items()}, str(path))
+
+
+def _policy_doc(policy, config, stats, name, graphs, tokenizer_files, torch_weights, opset, checkpoint) -> dict:
+    import onnx
+    import torch
+    import transformers
+
+    return {
+        'format_version': FORMAT_VERSION,
+        'name': name,
+        'config': _plain(config.to_dict()),
+        'kv_shape': list(policy.kv_shape),
+        'image_size': config.image_size,
+        'prefix': _plain(policy.layout.to_dict()),
+        'actions': {'names': list(config.action_names) or [f'a{i}' for i in range(config.action_dim)],
+                    'low': [float(x) for x in stats.action_low], 'high': [float(x) for x in stats.action_high],
+                    'limits_source': LIMITS_SOURCE},
+        'graphs': {k: g.to_dict() for k, g in graphs.items()},
+        'tables': TABLES_FILE,
+        'precision': 'fp32',
+        'weights': WEIGHTS_FILE if torch_weights else None,
+        'tokenizer_files': tokenizer_files,
+        'export': {'exporter': 'dynamo', 'opset': opset, 'torch': str(torch.__version__),
+                   'transformers': str(transformers.__version__), 'onnx': str(onnx.__version__),
+                   'created_utc': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+                   'checkpoint': str(checkpoint.resolve())},
+    }
+
+
+def _check_parity(policy, folder: Path, samples: int, tolerance: Optional[float], min_agreement: float,
+                  threads: Optional[int], tokenizer_source: Optional[Path] = None) -> list:
+    """ONNX Runtime vs torch on the folder as a runtime sees it (manifest verified), both prefill paths; the
+    runtime's tokenizer vs training's (tokenizer_source) first."""
+    import torch
+
+    from ..runtime.ort_engine import OrtEngine
+    from ..runtime.runner import policy_preprocessor
+    from ..runtime.torch_engine import TorchEngine
+    from .parity import compare_engines, random_observations, require_parity
+
+    spec = load_policy_folder(folder)
+    pre = policy_preprocessor(spec)
+    if tokenizer_source is not None:
+        check_tokenizer_parity(pre.text, tokenizer_source, spec.config)
+    observations = random_observations(spec.config, spec.stats, samples, seed=0, tokenizer=pre.text)
+    reports = []
+    torch_threads = torch.get_num_threads()
+    try:
+        if threads:
+            torch.set_num_threads(int(threads))
+        for reuse in (True, False):
+            engine = OrtEngine(spec, threads=threads, reuse_text_kv=reuse)
+            if reuse or engine.split:
+                label = 'onnxruntime' if reuse else 'onnxruntime (one-call prefill)'
+                decoders = ('blockdiff', 'ar', 'fulldiff') if reuse else ('blockdiff',)
+                reference = TorchEngine(policy, reuse_instruction=reuse)
+                reports.append(compare_engines(spec.config, reference, engine, observations, pre, label, decoders))
+            del engine
+    finally:
+        torch.set_num_threads(torch_threads)
+    for r in reports:
+        require_parity(r, tolerance, min_agreement)
+    return reports

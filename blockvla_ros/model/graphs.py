@@ -1,38 +1,42 @@
-"""The three static-shape graphs the runtime calls: vision, prefill, step (batch 1).
+"""The two graphs the runtime calls, and the small tables it applies itself (batch 1).
 
 The torch engine runs these modules directly and the exporter traces the same modules to ONNX, so torch and
-ONNX Runtime / TensorRT compute the same thing by construction.
+ONNX Runtime / TensorRT compute the same thing by construction. Each weight lives in exactly one of them:
 
-    vision:  pixels [1, 3, S, S]                                   -> image_tokens [1, Ni, hidden]
-    prefill: text_ids [1, Lt], text_valid [1, Lt], image_tokens,
-             (state [1, S])                                        -> logits [1, n_bins] (last prefix position),
-                                                                      kv [layers, 2, kv_heads, P, head_dim]
-    step:    tokens [1, n], positions [1, n],
-             kv [layers, 2, kv_heads, T_max, head_dim],
-             kv_valid [1, T_max] bool                              -> logits [1, n, n_bins],
-                                                                      new_kv [layers, 2, kv_heads, n, head_dim]
+    vision:    pixels [1, 3, S, S]                                  -> image_tokens [1, Ni, hidden]
+               (vision tower + projector)
+    backbone:  embeds [1, n, hidden], positions [1, n] ([3, 1, n] with M-RoPE), mask [1, 1, n, T_max + n] bool,
+               past_key_i, past_value_i [1, kv_heads, T_max, head_dim] for every layer i
+                                                                    -> logits [1, n, n_bins],
+                                                                       new_kv [layers, 2, kv_heads, n, head_dim]
+               (the HF decoder layers + final norm + the action head; n is dynamic)
+    tables:    text_embed [vocab, hidden], action_embed [n_bins + 1, hidden] (bins + [MASK]),
+               state_proj.weight [hidden, S], state_proj.bias [hidden]   (`tables(policy)`; numpy on the runtime)
 
-The step's n tokens see every valid cache slot and each other (bidirectional inside the step): a block being
-refined (n = B), a commit pass (n = B), one AR token (n = 1) or the whole chunk (n = L, full diffusion).
+One backbone graph serves every pass: the prefill (n = P, or the instruction and the observation as two calls),
+refine passes (n = B), the fused commit + refine pass (n = 2B), AR (n = 1) and full diffusion (n = L). The mask
+(True = attend; built by `runtime.pass_masks`) says what each new token sees of the cache and of the pass; the
+cache is read in place through per-layer inputs (`model.split_attention`), never copied, and the runtime writes
+the committed slots of `new_kv` into it.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .masks import position_ids, training_mask
 from .policy import BlockVLAPolicy
+from .split_attention import SplitCache, use_split_attention
+
+TABLES = ('text_embed', 'action_embed', 'state_proj.weight', 'state_proj.bias')
 
 
-def _stack_cache(cache, start: int = 0) -> torch.Tensor:
-    """DynamicCache -> [layers, 2, kv_heads, T - start, head_dim] (batch 1 dropped)."""
-    return torch.stack([torch.stack([layer.keys[0, :, start:], layer.values[0, :, start:]]) for layer in cache.layers])
+def past_inputs(kv) -> list:
+    """A [layers, 2, kv_heads, T, head_dim] cache -> [k_0, v_0, k_1, ...] views [1, kv_heads, T, head_dim]."""
+    return [kv[i, j][None] for i in range(kv.shape[0]) for j in (0, 1)]
 
 
-def _cache_from(kv: torch.Tensor):
-    from transformers import DynamicCache
-
-    return DynamicCache(ddp_cache_data=[(kv[i, 0][None], kv[i, 1][None]) for i in range(kv.shape[0])])
+def past_names(layers: int) -> list:
+    return [f'past_{w}_{i}' for i in range(layers) for w in ('key', 'value')]
 
 
 class VisionGraph(nn.Module):
@@ -44,31 +48,31 @@ class VisionGraph(nn.Module):
         return self.policy.encode_image(pixels)
 
 
-class PrefillGraph(nn.Module):
+class BackboneGraph(nn.Module):
     def __init__(self, policy: BlockVLAPolicy):
         super().__init__()
         self.policy = policy
 
-    def forward(self, text_ids, text_valid, image_tokens, state=None):
-        from transformers import DynamicCache
-
-        embeds, valid = self.policy.embed_prefix(text_ids, text_valid, image_tokens, state)  # [1, P, h], [1, P]
-        layout = self.policy.layout  # a VLM's prompt (its prefix attention and positions), else None: causal
-        mask = training_mask(valid, 0, 1, 'ar', layout)  # prefix only: causal over valid tokens
-        hidden, cache = self.policy.run_backbone(embeds, position_ids(valid, 0, 0, layout), mask, DynamicCache())
-        logits = self.policy.action_logits(hidden[:, -1])  # [1, n_bins]
-        return logits, _stack_cache(cache)
+    def forward(self, embeds, positions, mask, past: list):
+        cache = SplitCache([(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)])
+        with use_split_attention(self.policy.llm):
+            out = self.policy.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                                  past_key_values=cache, use_cache=True, split_cache=cache)
+        return self.policy.action_logits(out.last_hidden_state), cache.new_kv()
 
 
-class StepGraph(nn.Module):
-    def __init__(self, policy: BlockVLAPolicy):
-        super().__init__()
-        self.policy = policy
-
-    def forward(self, tokens, positions, kv, kv_valid):
-        n, t_max = tokens.shape[1], kv.shape[3]
-        embeds = self.policy.action_embed(tokens)  # [1, n, hidden]
-        mask = torch.cat([kv_valid[:, None, None, :].expand(1, 1, n, t_max),
-                          torch.ones(1, 1, n, n, dtype=torch.bool, device=kv.device)], dim=-1)  # [1, 1, n, T+n]
-        hidden, cache = self.policy.run_backbone(embeds, positions, mask, _cache_from(kv))
-        return self.policy.action_logits(hidden), _stack_cache(cache, t_max)
+@torch.no_grad()
+def tables(policy: BlockVLAPolicy) -> dict:
+    """The small tables as float32 CPU tensors (views of the parameters where possible)."""
+    emb = policy.llm.get_input_embeddings()
+    if type(emb) is nn.Embedding:
+        text = emb.weight
+    else:  # e.g. a scaled embedding: store what the module computes
+        vocab = emb.weight.shape[0]
+        text = torch.cat([emb(torch.arange(i, min(i + 8192, vocab), device=emb.weight.device))
+                          for i in range(0, vocab, 8192)])
+    out = {'text_embed': text, 'action_embed': policy.action_embed.weight}
+    if policy.state_proj is not None:
+        out['state_proj.weight'] = policy.state_proj.weight
+        out['state_proj.bias'] = policy.state_proj.bias
+    return {k: v.detach().float().cpu().contiguous() for k, v in out.items()}

@@ -1,14 +1,15 @@
-"""Attention masks (bool, True = may attend) for training and for the uncached reference forward.
+"""Attention masks (bool, True = may attend) over [prefix][action tokens], for training and for every decode pass.
 
-Every token carries three attributes: its kind (PREFIX, NOISY action copy, CLEAN action copy), its block id
-(counted from the start of the action region) and whether it is valid (prefix padding is not). One vectorized rule
-set covers all three training modes:
+Every action token carries a kind (NOISY action copy, CLEAN action copy) and a block id (counted from the start of
+the action region). The prefix rows and columns come from the prefix layout (`model.prefix_layout`: causal over
+valid tokens unless a VLM family says otherwise); the action rules are `action_rule`, one vectorized rule set for
+all three training modes and for the decode passes (`runtime.pass_masks` builds those from the same functions):
 
     blockdiff (teacher forcing), P=3 prefix, L=4 actions, B=2 -> noisy blocks n0 n1, clean blocks c0 c1
 
                   keys:  p p p | n0 n0 n1 n1 | c0 c0 c1 c1
-        p               x . .    .  .  .  .    .  .  .  .      prefix: causal over valid prefix,
-        p               x x .    .  .  .  .    .  .  .  .      never sees actions
+        p               x . .    .  .  .  .    .  .  .  .      prefix: the layout's pattern (causal over valid
+        p               x x .    .  .  .  .    .  .  .  .      prefix), never sees actions
         p               x x x    .  .  .  .    .  .  .  .
         n0              x x x    x  x  .  .    .  .  .  .      noisy block b: itself (bidirectional)
         n0              x x x    x  x  .  .    .  .  .  .      + clean blocks < b
@@ -22,113 +23,100 @@ set covers all three training modes:
     ar:       prefix + a CLEAN copy with block size 1 (plain causal attention).
     fulldiff: prefix + a NOISY copy that is one block (bidirectional over all actions).
 
-Padding keys are never attended; a padding query attends to itself only (so no softmax row is empty).
+Every action token sees every valid prefix token. The rules are numpy (the runtime imports this module without
+torch); `training_mask`, `decoding_reference_mask` and `position_ids` wrap them for torch callers.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
-import torch
+
+from .prefix_layout import PromptLayout, generic_layout
 
 PREFIX, NOISY, CLEAN = 0, 1, 2
 
 
-def build_mask(kind: torch.Tensor, block: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """kind, block: [T] int; valid: [..., T] bool -> mask [..., T, T] bool (query, key)."""
-    q_kind, k_kind = kind[:, None], kind[None, :]  # [T, 1], [1, T]
-    q_blk, k_blk = block[:, None], block[None, :]
-    idx = torch.arange(kind.shape[0], device=kind.device)
-    causal = idx[None, :] <= idx[:, None]
-    prefix_q = (q_kind == PREFIX) & (k_kind == PREFIX) & causal
-    action_q_prefix_k = (q_kind != PREFIX) & (k_kind == PREFIX)
-    clean_q = (q_kind == CLEAN) & (k_kind == CLEAN) & (k_blk <= q_blk)
-    noisy_q_clean_k = (q_kind == NOISY) & (k_kind == CLEAN) & (k_blk < q_blk)
-    noisy_q_noisy_k = (q_kind == NOISY) & (k_kind == NOISY) & (k_blk == q_blk)
-    rule = prefix_q | action_q_prefix_k | clean_q | noisy_q_clean_k | noisy_q_noisy_k  # [T, T]
-    eye = torch.eye(kind.shape[0], dtype=torch.bool, device=kind.device)
-    return (rule & valid[..., None, :]) | eye  # [..., T, T]
+def action_rule(q_kind, q_block, k_kind, k_block) -> np.ndarray:
+    """Action queries x action keys: kinds/blocks [Q] and [K] int -> [Q, K] bool (see the module picture)."""
+    qk, kk = np.asarray(q_kind)[:, None], np.asarray(k_kind)[None, :]
+    qb, kb = np.asarray(q_block)[:, None], np.asarray(k_block)[None, :]
+    clean_q = (qk == CLEAN) & (kk == CLEAN) & (kb <= qb)
+    noisy_q_clean_k = (qk == NOISY) & (kk == CLEAN) & (kb < qb)
+    noisy_q_noisy_k = (qk == NOISY) & (kk == NOISY) & (kb == qb)
+    return clean_q | noisy_q_clean_k | noisy_q_noisy_k
 
 
-def layout(prefix_len: int, n_actions: int, block_size: int, mode: str, device=None):
-    """Token attributes (kind [T], block [T]) of the training sequence for `mode`."""
-    a = torch.arange(n_actions, device=device)
-    pk = torch.full((prefix_len,), PREFIX, device=device)
-    pb = torch.zeros(prefix_len, dtype=torch.long, device=device)
+def action_layout(n_actions: int, block_size: int, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """Kinds and block ids [A] of the action tokens of the training sequence for `mode`."""
+    a = np.arange(n_actions)
     if mode == 'blockdiff':
-        kind = torch.cat([pk, torch.full((n_actions,), NOISY, device=device),
-                          torch.full((n_actions,), CLEAN, device=device)])
-        block = torch.cat([pb, a // block_size, a // block_size])
-    elif mode == 'ar':
-        kind = torch.cat([pk, torch.full((n_actions,), CLEAN, device=device)])
-        block = torch.cat([pb, a])
-    elif mode == 'fulldiff':
-        kind = torch.cat([pk, torch.full((n_actions,), NOISY, device=device)])
-        block = torch.cat([pb, torch.zeros(n_actions, dtype=torch.long, device=device)])
-    else:
-        raise ValueError(f'unknown mask mode {mode!r}')
-    return kind.long(), block.long()
+        return (np.concatenate([np.full(n_actions, NOISY), np.full(n_actions, CLEAN)]),
+                np.concatenate([a // block_size, a // block_size]))
+    if mode == 'ar':
+        return np.full(n_actions, CLEAN), a
+    if mode == 'fulldiff':
+        return np.full(n_actions, NOISY), np.zeros(n_actions, dtype=np.int64)
+    raise ValueError(f'unknown mask mode {mode!r}')
 
 
-def training_mask(prefix_valid: torch.Tensor, n_actions: int, block_size: int, mode: str,
-                  prefix_layout=None) -> torch.Tensor:
-    """prefix_valid [N, P] bool -> mask [N, 1, T, T] for the training sequence of `mode`.
-
-    `prefix_layout` (a VLM's prompt layout, model.vlm.layout) replaces the prefix block's causal rule with its own
-    (PaliGemma's prefix-LM); the action rows and columns are the same."""
-    n, p = prefix_valid.shape
-    kind, block = layout(p, n_actions, block_size, mode, prefix_valid.device)
-    valid = torch.cat([prefix_valid, prefix_valid.new_ones(n, kind.shape[0] - p)], dim=1)  # [N, T]
-    mask = build_mask(kind, block, valid)[:, None]  # [N, T, T] -> [N, 1, T, T]
-    return _with_prefix_rule(mask, prefix_valid, prefix_layout)
+def sequence_mask(layout: PromptLayout, prefix_valid: np.ndarray, kind, block) -> np.ndarray:
+    """[prefix][actions with kind/block [A]]: prefix_valid [N, P] -> [N, T, T] bool, T = P + A."""
+    prefix_valid = np.asarray(prefix_valid, dtype=bool)
+    p, a = layout.length, len(kind)
+    out = np.zeros(prefix_valid.shape[:-1] + (p + a, p + a), dtype=bool)
+    out[..., :p, :p] = layout.attention(prefix_valid)
+    out[..., p:, :p] = prefix_valid[..., None, :]
+    out[..., p:, p:] = action_rule(kind, block, kind, block)
+    return out
 
 
-def _with_prefix_rule(mask: torch.Tensor, prefix_valid: torch.Tensor, prefix_layout) -> torch.Tensor:
-    """Tensor ops on the layout's constant rule (so a traced graph keeps its dependence on the validity)."""
-    if prefix_layout is None:
-        return mask
-    p = prefix_valid.shape[1]
-    rule = torch.from_numpy(prefix_layout.rule()).to(mask.device)  # [P, P]
-    eye = torch.eye(p, dtype=torch.bool, device=mask.device)
-    prefix = (rule & prefix_valid[:, None, :]) | eye  # [N, P, P]
-    return torch.cat([torch.cat([prefix[:, None], mask[:, :, :p, p:]], -1), mask[:, :, p:]], 2)
+# --- torch wrappers (training, the uncached reference) ----------------------------------------------------------
+def _numpy(prefix_valid, prefix_layout):
+    """(layout, prefix validity [N, P] as numpy) for a torch validity tensor; no layout: a plain causal prefix."""
+    valid = prefix_valid.detach().cpu().numpy().astype(bool)
+    layout = prefix_layout if prefix_layout is not None else generic_layout(valid.shape[-1])
+    if layout.length != valid.shape[-1]:
+        raise ValueError(f'prefix has {valid.shape[-1]} slots, the layout {layout.length}')
+    return layout, valid
 
 
-def decoding_reference_mask(prefix_valid: torch.Tensor, n_committed: int, n_current: int,
-                            block_size: int, prefix_layout=None) -> torch.Tensor:
+def _torch_like(array: np.ndarray, like):
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(array)).to(like.device)
+
+
+def training_mask(prefix_valid, n_actions: int, block_size: int, mode: str,
+                  prefix_layout: Optional[PromptLayout] = None):
+    """prefix_valid [N, P] bool tensor -> mask [N, 1, T, T] for the training sequence of `mode`."""
+    layout, valid = _numpy(prefix_valid, prefix_layout)
+    kind, block = action_layout(n_actions, block_size, mode)
+    return _torch_like(sequence_mask(layout, valid, kind, block)[:, None], prefix_valid)
+
+
+def decoding_reference_mask(prefix_valid, n_committed: int, n_current: int, block_size: int,
+                            prefix_layout: Optional[PromptLayout] = None):
     """Mask of one uncached forward over [prefix][committed clean blocks][current noisy block].
 
     This is what block-diffusion decoding with a KV cache computes implicitly: the committed blocks are the clean
     copy (block-causal) and the block being refined sees the prefix, every committed block and itself.
     prefix_valid [N, P] -> [N, 1, T, T] with T = P + n_committed + n_current.
     """
-    n, p = prefix_valid.shape
-    dev = prefix_valid.device
-    committed = torch.arange(n_committed, device=dev) // block_size
-    current_block = n_committed // block_size
-    kind = torch.cat([torch.full((p,), PREFIX, device=dev), torch.full((n_committed,), CLEAN, device=dev),
-                      torch.full((n_current,), NOISY, device=dev)]).long()
-    block = torch.cat([torch.zeros(p, dtype=torch.long, device=dev), committed,
-                       torch.full((n_current,), current_block, dtype=torch.long, device=dev)])
-    valid = torch.cat([prefix_valid, prefix_valid.new_ones(n, n_committed + n_current)], dim=1)
-    return _with_prefix_rule(build_mask(kind, block, valid)[:, None], prefix_valid, prefix_layout)
+    layout, valid = _numpy(prefix_valid, prefix_layout)
+    kind = np.concatenate([np.full(n_committed, CLEAN), np.full(n_current, NOISY)])
+    block = np.concatenate([np.arange(n_committed) // block_size,
+                            np.full(n_current, n_committed // block_size)])
+    return _torch_like(sequence_mask(layout, valid, kind, block)[:, None], prefix_valid)
 
 
-def position_ids(prefix_valid: torch.Tensor, n_actions: int, copies: int, prefix_layout=None) -> torch.Tensor:
-    """Positions: valid prefix tokens 0..n-1 (padding gets 0), every action copy continues at n.
+def position_ids(prefix_valid, n_actions: int, copies: int, prefix_layout: Optional[PromptLayout] = None):
+    """Positions of [prefix][copies x actions]: the layout's prefix positions, every copy continues after it.
 
-    prefix_valid [N, P] -> [N, P + copies * n_actions]; both action copies carry the same positions. With a VLM's
-    `prefix_layout`: its positions (PaliGemma from 1; Qwen2-VL's 3-D M-RoPE, [3, N, ...]), actions continuing.
+    prefix_valid [N, P] -> [N, P + copies * n_actions] (or [3, N, ...] with M-RoPE).
     """
-    if prefix_layout is not None:  # tensor ops on the layout's constants (traceable)
-        base, slot, empty_next = (torch.from_numpy(np.asarray(x)).to(prefix_valid.device)
-                                  for x in prefix_layout.position_table())
-        in_slot = (prefix_valid & slot).long()  # [N, P]: valid instruction tokens
-        before = in_slot.cumsum(1) - in_slot  # valid instruction tokens before each token
-        pre = (base[:, None, :] + before[None]) * prefix_valid.long()[None]  # [R, N, P]
-        first = empty_next + in_slot.sum(1, keepdim=True) + torch.arange(n_actions, device=prefix_valid.device)
-        pos = torch.cat([pre] + [first[None].expand(pre.shape[0], -1, -1)] * copies, dim=-1)  # [R, N, T]
-        return pos if prefix_layout.rope_dims == 3 else pos[0]
-    pv = prefix_valid.long()
-    prefix_pos = (pv.cumsum(1) - 1).clamp(min=0) * pv  # [N, P]
-    n_valid = pv.sum(1, keepdim=True)  # [N, 1]
-    act = n_valid + torch.arange(n_actions, device=pv.device)[None]  # [N, L]
-    return torch.cat([prefix_pos] + [act] * copies, dim=1)
+    layout, valid = _numpy(prefix_valid, prefix_layout)
+    prefix = layout.positions(valid)  # [N, P] (or [3, N, P])
+    act = layout.next_position(valid)[:, None] + np.arange(n_actions)  # [N, L]
+    act = np.broadcast_to(act, prefix.shape[:-1] + act.shape[-1:])
+    return _torch_like(np.concatenate([prefix] + [act] * copies, axis=-1), prefix_valid)

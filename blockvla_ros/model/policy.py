@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .config import ATTN_IMPLEMENTATIONS, BlockVLAConfig
+from .prefix_layout import layout_for
 from .vision import build_vision_encoder
 
 log = logging.getLogger(__name__)
@@ -75,14 +76,14 @@ class BlockVLAPolicy(nn.Module):
     def __init__(self, config: BlockVLAConfig):
         super().__init__()
         self.config = config
-        self.layout = None  # a VLM's prompt layout (model.vlm.layout); None: [text][image] in prefix_order
         self.softcap = None  # the LM head's final logit soft-capping (Gemma2 VLMs), kept for the action head
-        if config.is_vlm:  # a pretrained VLM: its vision tower + connector, its language model, its prompt
+        if config.is_vlm:  # a pretrained VLM: its vision tower + connector, its language model, its prompt layout
             from .vlm.attach import attach_vlm
 
             lm_head, self.config = attach_vlm(self, config)
             hidden = self.llm.config.hidden_size
         else:
+            self.layout = layout_for(config)  # model.prefix_layout: the prefix's segments, positions, attention
             self.llm, lm_head = build_backbone(config)
             hidden = self.llm.config.hidden_size
             self.vision = build_vision_encoder(config.vision, config.image_size)
@@ -123,30 +124,12 @@ class BlockVLAPolicy(nn.Module):
 
     def embed_prefix(self, text_ids: torch.Tensor, text_valid: torch.Tensor, image_tokens: torch.Tensor,
                      state: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> prefix embeddings [N, P, hidden] and validity [N, P] in the configured order (state last)."""
-        if self.layout is not None:
-            return self._embed_layout(text_ids, text_valid, image_tokens, state)
-        n = text_ids.shape[0]
-        text = self.llm.get_input_embeddings()(text_ids)  # [N, Lt, hidden]
-        img_valid = text_valid.new_ones(n, image_tokens.shape[1])
-        if self.config.prefix_order == 'text_first':
-            parts, valid = [text, image_tokens], [text_valid, img_valid]
-        else:
-            parts, valid = [image_tokens, text], [img_valid, text_valid]
-        if self.state_proj is not None:
-            if state is None:
-                raise ValueError(f'this policy reads a {self.config.state_dim}-dim proprioceptive state; none given')
-            parts.append(self.state_proj(state)[:, None])  # [N, S] -> [N, 1, hidden]
-            valid.append(text_valid.new_ones(n, 1))
-        return torch.cat(parts, 1), torch.cat(valid, 1)
-
-    def _embed_layout(self, text_ids, text_valid, image_tokens, state):
-        """The layout's segments in order: template ids, image tokens, the instruction slot, the state."""
+        """-> prefix embeddings [N, P, hidden] and validity [N, P]: the layout's segments in order (template ids,
+        image tokens, the instruction slot, the state)."""
         n = text_ids.shape[0]
         table = self.llm.get_input_embeddings()
-        parts, valid = [], []
+        parts = []
         for seg in self.layout.segments:
-            valid.append(text_valid if seg.source == 'text' else text_valid.new_ones(n, seg.length))
             if seg.source == 'text':
                 parts.append(table(text_ids))  # [N, Lt, hidden]
             elif seg.source == 'image':
@@ -159,7 +142,8 @@ class BlockVLAPolicy(nn.Module):
             else:  # fixed template ids
                 ids = torch.tensor(seg.ids, dtype=torch.long, device=text_ids.device)
                 parts.append(table(ids)[None].expand(n, -1, -1))  # [len] -> [N, len, hidden]
-        return torch.cat(parts, 1), torch.cat(valid, 1)
+        valid = torch.from_numpy(self.layout.valid(text_valid.detach().cpu().numpy())).to(text_valid.device)
+        return torch.cat(parts, 1), valid
 
     def prefix_from_inputs(self, pixels, text_ids, text_valid, state=None):
         return self.embed_prefix(text_ids, text_valid, self.encode_image(pixels), state)
@@ -204,7 +188,8 @@ class BlockVLAPolicy(nn.Module):
 
     @classmethod
     def load(cls, folder: str | os.PathLike, config: Optional[BlockVLAConfig] = None) -> 'BlockVLAPolicy':
-        from safetensors.torch import load_file
+        """Build from config.json and copy model.safetensors in tensor by tensor (no second full copy in memory)."""
+        from safetensors import safe_open
 
         folder = Path(folder)
         weights = folder / 'model.safetensors'
@@ -212,8 +197,18 @@ class BlockVLAPolicy(nn.Module):
             raise FileNotFoundError(f'no model.safetensors in {folder}')
         config = config or BlockVLAConfig.load(folder / 'config.json')
         policy = cls(config)
-        missing, unexpected = policy.load_state_dict(load_file(str(weights)), strict=False)
-        if missing or unexpected:
-            raise ValueError(f'{weights}: weights do not match the config (missing {missing[:5]}, '
-                             f'unexpected {unexpected[:5]})')
+        state = policy.state_dict()  # views of the parameters
+        with safe_open(str(weights), framework='pt') as f:
+            keys = set(f.keys())
+            missing, unexpected = sorted(set(state) - keys), sorted(keys - set(state))
+            if missing or unexpected:
+                raise ValueError(f'{weights}: weights do not match the config (missing {missing[:5]}, '
+                                 f'unexpected {unexpected[:5]})')
+            with torch.no_grad():
+                for key in sorted(keys):
+                    value = f.get_tensor(key)
+                    if value.shape != state[key].shape:
+                        raise ValueError(f'{weights}: {key} is {list(value.shape)}, the config makes '
+                                         f'{list(state[key].shape)}')
+                    state[key].copy_(value)
         return policy.eval()

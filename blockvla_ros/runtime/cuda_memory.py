@@ -1,7 +1,7 @@
 """CUDA device buffers for the GPU engines through cuda-python (no torch), plus a driver-level GPU probe.
 
-`DeviceArray` supports exactly what the KV cache needs: `buf[:, :, :, a:b] = other` along the slot axis of a
-[layers, 2, kv_heads, T, head_dim] array (one strided 2-D copy), host <-> device copies and a zero fill.
+`DeviceArray` supports exactly what the KV cache needs: `buf[:, :, :, a:b] = other[:, :, :, :c]` along the slot
+axis of [layers, 2, kv_heads, T, head_dim] arrays (one strided 2-D copy), host <-> device copies and a zero fill.
 All work goes to one process-wide stream and is synchronized before returning, so it orders correctly with
 TensorRT (same stream) and with ONNX Runtime's CUDA provider (which synchronizes at the end of every run).
 """
@@ -116,12 +116,21 @@ class DeviceArray:
         synchronize()
         return out
 
-    def __setitem__(self, key, value) -> None:
-        """buf[:, :, :, a:b] = value: value [d0, d1, d2, b - a, d4] (DeviceArray or host array)."""
+    def _slots(self, key) -> tuple:
         if not (isinstance(key, tuple) and len(key) == 4 and all(k == slice(None) for k in key[:3])
                 and isinstance(key[3], slice) and key[3].step in (None, 1) and len(self.shape) == 5):
-            raise TypeError(f'DeviceArray supports only buf[:, :, :, a:b] = ... on 5-D buffers, got {key!r}')
+            raise TypeError(f'DeviceArray supports only buf[:, :, :, a:b] on 5-D buffers, got {key!r}')
         start, stop, _ = key[3].indices(self.shape[3])
+        return start, stop
+
+    def __getitem__(self, key) -> 'SlotView':
+        """buf[:, :, :, a:b]: a strided view along the slot axis (only for copying into another buffer)."""
+        start, stop = self._slots(key)
+        return SlotView(self, start, stop - start)
+
+    def __setitem__(self, key, value) -> None:
+        """buf[:, :, :, a:b] = value: value [d0, d1, d2, b - a, d4] (DeviceArray, SlotView or host array)."""
+        start, stop = self._slots(key)
         n = stop - start
         want = self.shape[:3] + (n, self.shape[4])
         if tuple(value.shape) != want:
@@ -134,12 +143,16 @@ class DeviceArray:
         width = n * self.shape[4] * item
         dst = self.ptr + start * self.shape[4] * item
         dpitch = self.shape[3] * self.shape[4] * item
-        if isinstance(value, DeviceArray):
+        spitch = width
+        if isinstance(value, SlotView):
+            src, kind = value.ptr, rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice
+            spitch = value.pitch
+        elif isinstance(value, DeviceArray):
             src, kind = value.ptr, rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice
         else:
             host = np.ascontiguousarray(value, dtype=self.dtype)
             src, kind = host.ctypes.data, rt.cudaMemcpyKind.cudaMemcpyHostToDevice
-        check(rt.cudaMemcpy2DAsync(dst, dpitch, src, width, width, rows, kind, stream()))
+        check(rt.cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, rows, kind, stream()))
         synchronize()
 
     def free(self) -> None:
@@ -152,3 +165,14 @@ class DeviceArray:
 
     def __del__(self):
         self.free()
+
+
+class SlotView:
+    """Slots [start, start + count) of a 5-D DeviceArray: rows of `count * d4` elements, `pitch` bytes apart."""
+
+    def __init__(self, base: DeviceArray, start: int, count: int):
+        item = base.dtype.itemsize
+        self.shape = base.shape[:3] + (count, base.shape[4])
+        self.ptr = base.ptr + start * base.shape[4] * item
+        self.pitch = base.shape[3] * base.shape[4] * item
+        self._base = base

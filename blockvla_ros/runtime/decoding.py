@@ -1,14 +1,17 @@
-"""One decode loop for every decoder: prefill -> per block: refine steps -> commit.
+"""One decode loop for every decoder: prefill -> per block: refine passes, the first one carrying the commit.
 
     blockdiff         blocks of B tokens left to right; each starts all [MASK] and is refined in parallel
-                      (<= steps_per_block passes), then one commit pass stores its exact K/V. The last block needs
-                      no commit. NFE (fixed schedule) = 1 + n_blocks * (steps + 1) - 1.
-    ar                one token per pass with the KV cache: NFE = L.
+                      (<= steps_per_block passes). A finished block is committed (its exact K/V stored) by the next
+                      block's first refine pass, which carries [block b-1 clean ; block b masks] (n = 2B,
+                      block-causal inside the pass): NFE = 1 + sum of refine passes (fixed schedule: 1 + blocks *
+                      steps). `fuse_commit=False` runs the commit as its own pass (n = B; + blocks - 1 NFE).
+    ar                one token per pass with the KV cache, each pass committing the previous token: NFE = L.
     fulldiff          the whole chunk is one block refined fulldiff_steps times over the cached prefix.
     fulldiff_nocache  the same, but the prefix is recomputed for every pass (the paper's baseline).
 
 `known` tokens (real-time chunking: actions already sent to the robot while this chunk was computed) are placed
-as already decoded and are never changed.
+as already decoded and are never changed; whole known blocks (AR: known tokens) cost no pass of their own: they
+are committed by the next pass.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from .engine import Engine, PrefixInputs
 class DecodeResult:
     tokens: np.ndarray  # [L] int64
     nfe: int  # forward passes over the sequence (prefill counted; a recomputed prefix+chunk pass counts once)
-    calls: int  # graph calls actually made
+    calls: int  # engine calls actually made
     steps: list = field(default_factory=list)  # refine passes per block
     trace: list = field(default_factory=list)  # (phase, tokens_in, logits) per call when tracing
 
@@ -63,9 +66,10 @@ def select_unmask(logits: np.ndarray, masked: np.ndarray, count: int, schedule: 
 class Decoder:
     """Runs one decoder variant over an Engine; variants are config values checked here, in one place."""
 
-    def __init__(self, config: BlockVLAConfig, decoder: Optional[str] = None):
+    def __init__(self, config: BlockVLAConfig, decoder: Optional[str] = None, fuse_commit: bool = True):
         self.config = config
         self.decoder = decoder or config.decoder
+        self.fuse_commit = bool(fuse_commit)
         if self.decoder not in ('blockdiff', 'ar', 'fulldiff', 'fulldiff_nocache'):
             raise ValueError(f'unknown decoder {self.decoder!r}')
 
@@ -86,25 +90,19 @@ class Decoder:
         if self.decoder == 'ar':
             self._ar(engine, prefix, tokens, fixed, res)
         elif self.decoder == 'blockdiff':
-            boundary = self._call(engine.prefill, res, 'prefill', None, prefix)
-            for b in range(cfg.n_blocks):
-                sl = slice(b * cfg.block_size, (b + 1) * cfg.block_size)
-                steps = self._refine(engine, res, tokens[sl], fixed[sl], boundary, cfg.steps_per_block, sl.start)
-                res.steps.append(steps)
-                if b < cfg.n_blocks - 1:  # commit pass: the finished block's exact K/V, and the next boundary
-                    boundary = self._call(engine.step, res, 'commit', tokens[sl], tokens[sl], True)[-1]
+            self._blockdiff(engine, prefix, tokens, fixed, res)
         else:
             boundary = None
             if self.decoder == 'fulldiff':
                 boundary = self._call(engine.prefill, res, 'prefill', None, prefix)
             nocache = prefix if self.decoder == 'fulldiff_nocache' else None
-            res.steps.append(self._refine(engine, res, tokens, fixed, boundary, cfg.fulldiff_steps, 0, nocache))
+            res.steps.append(self._refine(engine, res, tokens, fixed, boundary, cfg.fulldiff_steps, nocache)[0])
         self._trace = None
         return res
 
     # --------------------------------------------------------------------------------------------------------
-    def _call(self, fn, res: DecodeResult, phase: str, tokens_in, *args, nfe: int = 1):
-        out = fn(*args)
+    def _call(self, fn, res: DecodeResult, phase: str, tokens_in, *args, nfe: int = 1, **kwargs):
+        out = fn(*args, **kwargs)
         res.calls += 1
         res.nfe += nfe
         if self._trace is not None:
@@ -117,29 +115,59 @@ class Decoder:
             return logits
         return np.concatenate([boundary[None], logits[:-1]], axis=0)  # [n, n_bins]
 
-    def _refine(self, engine, res, block, fixed, boundary, max_steps, start, nocache_prefix=None) -> int:
-        """Unmask `block` in place (a view into the chunk). Returns the refine passes used."""
+    def _blockdiff(self, engine, prefix, tokens, fixed, res):
+        cfg, B = self.config, self.config.block_size
+        boundary = self._call(engine.prefill, res, 'prefill', None, prefix)
+        pending = 0  # finished tokens (whole blocks) before the current block, not yet in the cache
+        for b in range(cfg.n_blocks):
+            sl = slice(b * B, (b + 1) * B)
+            if pending and not self.fuse_commit and (~fixed[sl]).any():
+                done = tokens[sl.start - pending:sl.start]
+                boundary = self._call(engine.step, res, 'commit', done, done, commit=pending, block_size=B)[-1]
+                pending = 0
+            steps, boundary = self._refine(engine, res, tokens[sl], fixed[sl], boundary, cfg.steps_per_block,
+                                           carry=tokens[sl.start - pending:sl.start])
+            if steps:
+                pending = 0
+            res.steps.append(steps)
+            pending += B
+
+    def _refine(self, engine, res, block, fixed, boundary, max_steps, nocache_prefix=None, carry=None):
+        """Unmask `block` in place (a view into the chunk); the first pass also commits the `carry` tokens (finished
+        blocks before it). -> (refine passes used, the boundary logits after the carry)."""
         cfg = self.config
+        carry = np.zeros(0, np.int64) if carry is None else carry
         masked = ~fixed & (block == cfg.mask_token_id)
         counts = scheduled_counts(int(masked.sum()), max_steps)
         steps = 0
         while masked.any():
             if nocache_prefix is not None:  # baseline: recompute the prefix, then the chunk (one NFE)
                 boundary = self._call(engine.prefill, res, 'prefill', None, nocache_prefix, nfe=0)
-            logits = self._call(engine.step, res, 'refine', block, block, False)
+            k = len(carry) if steps == 0 else 0
+            tokens_in = np.concatenate([carry, block]) if k else block
+            logits = self._call(engine.step, res, 'refine', tokens_in, tokens_in, commit=k,
+                                block_size=cfg.block_size)
+            if k:
+                boundary, logits = logits[k - 1], logits[k:]
             pred = self._predictions(logits, boundary)
             count = counts[steps] if steps < len(counts) - 1 else int(masked.sum())  # last pass fills the rest
             chosen = select_unmask(pred, masked, count, cfg.schedule, cfg.threshold)
             block[chosen] = pred[chosen].argmax(-1)
             masked &= ~chosen
             steps += 1
-        return steps
+        return steps, boundary
 
     def _ar(self, engine, prefix, tokens, fixed, res):
         logits = self._call(engine.prefill, res, 'prefill', None, prefix)
-        for i in range(len(tokens)):
-            if not fixed[i]:
+        i, L = 0, len(tokens)
+        while i < L:
+            j = i
+            while j < L and fixed[j]:
+                j += 1
+            if j == i:  # predict token i, then commit it (its pass predicts token i + 1)
                 tokens[i] = int(np.argmax(logits))
-            if i < len(tokens) - 1:
-                logits = self._call(engine.step, res, 'ar', tokens[i:i + 1], tokens[i:i + 1], True)[0]
-        res.steps = [1] * len(tokens)
+                j = i + 1
+            if j < L:  # known tokens i..j-1 are committed by one pass
+                logits = self._call(engine.step, res, 'ar', tokens[i:j], tokens[i:j], commit=j - i)[-1]
+            i = j
+        res.steps = [1] * L

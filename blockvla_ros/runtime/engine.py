@@ -1,7 +1,24 @@
-"""The small engine interface the decode loop drives: prefill(...) and step(...), plus the shared cache logic.
+"""The engine interface the decode loop drives, and everything engines share: embeddings, positions, masks, cache.
 
-Backends (torch, onnxruntime, tensorrt) implement three graph calls on batch 1; positions, cache slots and
-validity are handled here once.
+A backend implements two graph calls on batch 1 and its buffer type:
+
+    _vision(pixels [1, 3, S, S])                     -> image tokens, numpy [1, Ni, hidden]
+    _backbone(embeds [1, n, h], positions, mask)     -> (logits numpy [n, n_bins] (a copy),
+                                                         new_kv [layers, 2, kv_heads, n, head_dim] (backend array))
+
+where the backbone reads the engine's KV cache in place. This class does the rest in numpy, once for all
+backends: table lookups (`runtime.tables`), the prefix layout (`model.prefix_layout`), every pass mask
+(`runtime.pass_masks`) and writing committed slots into the cache (`runtime.kv_cache`). The decode loop sees:
+
+    prefill(prefix)                       -> logits [n_bins] at the last prefix position
+    step(tokens, commit=k, block_size=B)  -> logits [n, n_bins] of the n action tokens after the committed ones;
+                                             the first k are clean (finished blocks of B tokens, block-causal)
+                                             and their K/V are written to the cache; the rest are one noisy block
+                                             that sees them and itself (the fused commit + refine pass)
+
+With `reuse_instruction` (a prefix that starts with the instruction) the prefill runs as two backbone calls, the
+instruction and then the observation, and the first is skipped while the instruction does not change: its slots
+of the cache are never overwritten by anything else.
 """
 from __future__ import annotations
 
@@ -12,7 +29,10 @@ from typing import Optional
 import numpy as np
 
 from ..model.config import BlockVLAConfig
+from ..model.prefix_layout import graph_positions, layout_for
 from .kv_cache import KVCache
+from .pass_masks import action_mask, prefix_mask
+from .tables import Tables
 
 
 @dataclass
@@ -25,76 +45,105 @@ class PrefixInputs:
     state: Optional[np.ndarray] = None  # [1, S] float32, normalized
 
     def prefix_valid(self, config: BlockVLAConfig) -> np.ndarray:
-        """[P] bool in the prefix order of `config` (text, image, state; a VLM: its prompt layout)."""
-        if config.is_vlm:
-            return vlm_layout(config).valid(self.text_valid.reshape(-1))
-        img = np.ones(config.n_image_tokens, dtype=bool)
-        text = self.text_valid.reshape(-1).astype(bool)
-        parts = [text, img] if config.prefix_order == 'text_first' else [img, text]
-        if config.state_dim:
-            parts.append(np.ones(1, dtype=bool))
-        return np.concatenate(parts)
-
-
-def vlm_layout(config: BlockVLAConfig):
-    """The prompt layout of a VLM policy (model.vlm.layout, numpy)."""
-    from ..model.vlm.layout import PromptLayout
-
-    return PromptLayout.from_dict(config.vlm_layout)
+        """[P] bool in the layout of `config` (model.prefix_layout)."""
+        return layout_for(config).valid(self.text_valid.reshape(-1))
 
 
 class Engine(ABC):
-    """Holds one KV cache; `prefill` starts a chunk, `step` evaluates n action tokens after the committed ones."""
+    """Holds one KV cache; `prefill` starts a chunk, `step` evaluates action tokens after the committed ones."""
 
     name = 'abstract'
 
-    def __init__(self, config: BlockVLAConfig, kv_shape: tuple):
+    def __init__(self, config: BlockVLAConfig, kv_shape: tuple, tables: Tables, reuse_instruction: bool = True):
         self.config = config
+        self.layout = layout_for(config)
         layers, kv_heads, head_dim = kv_shape
+        self.kv_shape = tuple(kv_shape)
         self.cache = KVCache(self._alloc((layers, 2, kv_heads, config.max_seq_len, head_dim)), config.max_seq_len)
-        self.n_valid_prefix = 0
-        self.n_committed = 0
-        self.layout = vlm_layout(config) if config.is_vlm else None  # its positions (PaliGemma 1-based, M-RoPE)
-        self._prefix_valid = None
+        self.tables = tables
+        self.split = self.layout.instruction_len  # prefix slots that depend on the instruction only
+        self.reuse_instruction = bool(reuse_instruction) and self.split > 0
+        self.prefix_valid = None  # [P] of the current chunk
+        self.n_committed = 0  # action tokens in the cache
+        self.text_kv_reused = False  # whether the last prefill reused the instruction's K/V
+        self._instruction = None  # the instruction whose K/V the cache holds
 
     # --- backend hooks --------------------------------------------------------------------------------------
     @abstractmethod
     def _alloc(self, shape: tuple):
-        """A zeroed float32 cache buffer of `shape` in the backend's array type."""
+        """A zeroed cache buffer of `shape` in the backend's array type and the graph's float type."""
 
     @abstractmethod
-    def _prefill(self, prefix: PrefixInputs):
-        """-> (logits np.float32 [n_bins] at the last prefix position, kv [layers, 2, kv_heads, P, head_dim])."""
+    def _vision(self, pixels: np.ndarray) -> np.ndarray:
+        """pixels [1, 3, S, S] float32 -> image tokens numpy [1, Ni, hidden]."""
 
     @abstractmethod
-    def _step(self, tokens: np.ndarray, positions: np.ndarray):
-        """tokens, positions int64 [1, n] -> (logits np.float32 [n, n_bins], new_kv [layers, 2, kv_heads, n, hd])."""
+    def _backbone(self, embeds: np.ndarray, positions: np.ndarray, mask: np.ndarray):
+        """One backbone pass over the cache -> (logits numpy [n, n_bins], new_kv backend array)."""
 
-    # --- the interface the decode loop uses ---------------------------------------------------------------
+    # --- the interface the decode loop uses -------------------------------------------------------------------
     def prefill(self, prefix: PrefixInputs) -> np.ndarray:
-        valid = prefix.prefix_valid(self.config)
-        logits, kv = self._prefill(prefix)
-        self.cache.set_prefix(kv, valid)
-        self._prefix_valid = valid
-        self.n_valid_prefix = int(valid.sum())
+        lay = self.layout
+        valid = lay.valid(prefix.text_valid.reshape(-1))  # [P]
+        attention = lay.attention(valid)  # [P, P]
+        positions = lay.positions(valid)  # [P] (or [3, P])
+        embeds = self._prefix_embeds(prefix)  # [1, P, hidden]
+        self.cache.truncate(0)
         self.n_committed = 0
+        lo, self.text_kv_reused = 0, False
+        if self.reuse_instruction:
+            lo = self.split
+            key = (prefix.text_ids.tobytes(), prefix.text_valid.tobytes())
+            self.text_kv_reused = key == self._instruction
+            if self.text_kv_reused:
+                self.cache.valid[:lo] = valid[:lo]
+            else:
+                self._instruction = None  # until the pass has written the slots
+                self._prefix_pass(embeds, positions, attention, valid, 0, lo)
+                self._instruction = key
+        logits = self._prefix_pass(embeds, positions, attention, valid, lo, lay.length)
+        self.prefix_valid = valid
+        return logits[-1]
+
+    def step(self, tokens, commit: int = 0, block_size: int = 1) -> np.ndarray:
+        """Evaluate action tokens [n] at the next n action positions; the first `commit` join the cache."""
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        n, first = tokens.shape[0], self.n_committed
+        positions = graph_positions(self.layout.action_positions(self.prefix_valid, first, n))  # [1,n] / [3,1,n]
+        mask = action_mask(self.cache.valid, first, commit, n, block_size)
+        logits, new_kv = self._backbone(self.tables.actions(tokens), positions, mask)
+        if commit:
+            self.cache.write(self.layout.length + first, new_kv, commit)
+            self.n_committed += commit
         return logits
 
-    def step(self, tokens: np.ndarray, commit: bool = False) -> np.ndarray:
-        """Evaluate action tokens [n] at the next n action positions; on commit their K/V join the cache."""
-        tokens = np.asarray(tokens, dtype=np.int64).reshape(1, -1)  # [n] -> [1, n]
-        if self.layout is not None:  # [1, n], or [3, 1, n] for M-RoPE
-            n = tokens.shape[1]
-            positions = self.layout.action_positions(self._prefix_valid, self.n_committed, n)[..., None, :]
-        else:
-            start = self.n_valid_prefix + self.n_committed
-            positions = np.arange(start, start + tokens.shape[1], dtype=np.int64)[None]  # [1, n]
-        logits, new_kv = self._step(tokens, positions)
-        if commit:
-            self.cache.append(new_kv)
-            self.n_committed += tokens.shape[1]
-        return logits
+    def forget_instruction(self) -> None:
+        """Drop the reused instruction K/V (the next prefill recomputes it)."""
+        self._instruction = None
 
     def describe(self) -> dict:
         """What this engine runs on (reported in diagnostics)."""
-        return {'engine': self.name}
+        return {'engine': self.name, 'reuse_text_kv': self.reuse_instruction}
+
+    # --- helpers ----------------------------------------------------------------------------------------------
+    def _prefix_embeds(self, prefix: PrefixInputs) -> np.ndarray:
+        parts = []
+        for seg in self.layout.segments:
+            if seg.source == 'text':
+                parts.append(self.tables.text(prefix.text_ids))
+            elif seg.source == 'image':
+                parts.append(self._vision(prefix.pixels).astype(self.tables.dtype, copy=False))
+            elif seg.source == 'state':
+                if prefix.state is None:
+                    raise ValueError(f'this policy needs a {self.config.state_dim}-dim state; none given')
+                parts.append(self.tables.state(prefix.state))
+            else:  # fixed template ids
+                parts.append(self.tables.text(np.asarray(seg.ids)))
+        return np.concatenate(parts, axis=1)  # [1, P, hidden]
+
+    def _prefix_pass(self, embeds, positions, attention, valid, lo: int, hi: int) -> np.ndarray:
+        """Backbone over prefix slots [lo, hi); their K/V go to the same cache slots. -> logits [hi - lo, n_bins]."""
+        mask = prefix_mask(attention, lo, hi, self.cache.max_len)
+        logits, new_kv = self._backbone(embeds[:, lo:hi], graph_positions(positions[..., lo:hi]), mask)
+        self.cache.write(lo, new_kv, hi - lo, valid[lo:hi])
+        return logits

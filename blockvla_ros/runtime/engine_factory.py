@@ -36,7 +36,7 @@ def require_cuda_device(what: str) -> int:
 
 def create_engine(spec: PolicySpec, engine: str = 'onnxruntime', *, require_gpu: bool = False,
                   threads: Optional[int] = None, options: Optional[dict] = None):
-    """Build the named engine. `options`: reuse_text_kv (onnxruntime*/tensorrt), fp16, cache_dir, cuda_graphs
+    """Build the named engine. `options`: reuse_text_kv (every engine), fp16, cache_dir, cuda_graphs, device_id
     (tensorrt), device (torch: 'cpu' | 'cuda')."""
     options = dict(options or {})
     if engine not in ENGINES:
@@ -63,13 +63,15 @@ def create_engine(spec: PolicySpec, engine: str = 'onnxruntime', *, require_gpu:
     from ..model.policy import BlockVLAPolicy
     from .torch_engine import TorchEngine
 
-    device = _take(options, ('device',)).get('device', 'cuda' if require_gpu else 'cpu')
+    options = _take(options, ('device', 'reuse_text_kv'))
+    device = options.get('device', 'cuda' if require_gpu else 'cpu')
     if device.startswith('cuda') and not torch.cuda.is_available():
         raise GPUUnavailableError("engine 'torch' on cuda needs a CUDA build of torch and a GPU; use engine "
                                   "'onnxruntime' for the CPU")
     if threads:
         torch.set_num_threads(int(threads))
-    return TorchEngine(BlockVLAPolicy.load(spec.folder, config=spec.config), device=device)
+    return TorchEngine(BlockVLAPolicy.load(spec.folder, config=spec.config), device=device,
+                       reuse_instruction=options.get('reuse_text_kv', True))
 
 
 def _take(options: dict, allowed: tuple) -> dict:

@@ -1,11 +1,13 @@
-"""OrtEngine: ONNX Runtime over a policy folder; IO binding throughout, nothing allocated per step.
+"""OrtEngine: ONNX Runtime over a policy folder; IO binding throughout, nothing allocated per pass.
 
-CPU (default): every input/output is a preallocated numpy array wrapped once as an OrtValue that shares its
-memory, so the KV cache, `kv_valid` and the step outputs are read and written in place.
-CUDA provider (`device='cuda'`): the large tensors (KV cache, new K/V, image tokens, instruction K/V) live in
-CUDA OrtValues and slot writes are device-to-device copies (cuda-python); small inputs and the logits stay on
-the host. After creating any session the provider actually in use is logged; with `require_gpu` a fallback
-to the CPU raises GPUUnavailableError.
+CPU (default): the KV cache is one numpy buffer; each `past_*` input of the backbone is an OrtValue over its
+layer's slice (shared memory: the graph reads the cache in place), and the committed slots of `new_kv` are copied
+into it. Per token count n, the embeds / positions / mask inputs and the logits / new_kv outputs are numpy buffers
+bound once (an IO binding per n) and reused.
+CUDA provider (`device='cuda'`): the cache and `new_kv` live in CUDA memory, bound by pointer; slot writes are
+device-to-device copies (cuda-python); the small inputs and the logits stay on the host. After creating the
+sessions the provider actually in use is logged; with `require_gpu` a fallback to the CPU raises
+GPUUnavailableError.
 Importing or running this engine never imports torch.
 """
 from __future__ import annotations
@@ -16,12 +18,11 @@ from typing import Optional
 import numpy as np
 
 from .engine_factory import GPUUnavailableError
-from .graph_engine import SHARED_INPUTS, SHARED_OUTPUTS, GraphCall, GraphEngine, check_io
-from .policy_folder import PolicyFolderError, PolicySpec, TensorSpec
+from .graph_engine import GraphEngine, check_io
+from .policy_folder import PolicyFolderError, PolicySpec
 
 log = logging.getLogger(__name__)
 
-DEVICE_TENSORS = ('kv', 'new_kv', 'image_tokens', 'text_kv')  # kept on the GPU with the CUDA provider
 _ORT_TYPES = {'tensor(float)': np.float32, 'tensor(int64)': np.int64, 'tensor(bool)': np.bool_,
               'tensor(float16)': np.float16, 'tensor(int32)': np.int32}
 
@@ -35,52 +36,26 @@ def import_onnxruntime():
     return ort
 
 
-class _OrtGraph(GraphCall):
-    def __init__(self, engine: 'OrtEngine', key: str):
+class _Pass:
+    """The IO binding of one token count n: input/output buffers bound once, the cache bound by reference."""
+
+    def __init__(self, engine: 'OrtEngine', n: int):
+        spec = engine.spec.graphs['backbone']
         ort = engine.ort
-        spec = engine.spec.graphs[key]
-        where = str(engine.spec.path(key))
-        self.session = engine.create_session(key)
-        for io, tensors in (('input', self.session.get_inputs()), ('output', self.session.get_outputs())):
-            listed = spec.inputs if io == 'input' else spec.outputs
-            if [t.name for t in tensors] != [t.name for t in listed]:
-                raise PolicyFolderError(f'{where}: {io}s {[t.name for t in tensors]} differ from policy.yaml '
-                                        f'{[t.name for t in listed]}')
-            for t, s in zip(tensors, listed):
-                check_io(s, t.shape, _ORT_TYPES.get(t.type, np.float64), where)
-        self.binding = self.session.io_binding()
-        self.buffers, self._values = {}, []
-        for t in spec.inputs:
-            buf = engine.shared_buffer(t) if t.name in SHARED_INPUTS else engine.io_buffer(t)
-            self._bind(ort, t.name, buf, self.binding.bind_ortvalue_input)
-        for t in spec.outputs:
-            buf = engine.shared_buffer(t) if t.name in SHARED_OUTPUTS else engine.io_buffer(t)
-            self._bind(ort, t.name, buf, self.binding.bind_ortvalue_output)
-
-    def _bind(self, ort, name, buf, bind):
-        value = ort.OrtValue.ortvalue_from_numpy(buf) if isinstance(buf, np.ndarray) else buf._owner
-        self._values.append(value)  # the OrtValue shares the numpy memory: keep it alive
-        bind(name, value)
-        self.buffers[name] = buf
-
-    def feed(self, name, array):
-        buf = self.buffers[name]
-        if buf is array:
-            return
-        if isinstance(buf, np.ndarray):
-            np.copyto(buf, np.asarray(array).reshape(buf.shape), casting='same_kind')
-        else:
-            buf.copy_from_host(array)
-
-    def run(self):
-        self.session.run_with_iobinding(self.binding)
-
-    def host(self, name):
-        buf = self.buffers[name]
-        return buf if isinstance(buf, np.ndarray) else buf.copy_to_host()
-
-    def buffer(self, name):
-        return self.buffers[name]
+        self.binding = engine.backbone.io_binding()
+        self._keep = []
+        for name, layer, kind in engine.past_views():
+            engine.bind_cache(self.binding, name, layer, kind, self._keep)
+        self.inputs = {t.name: np.zeros(t.concrete(n), np.dtype(t.dtype)) for t in spec.inputs
+                       if t.name in ('embeds', 'positions', 'mask')}
+        self.logits = np.zeros(spec.tensor('logits').concrete(n), np.dtype(spec.tensor('logits').dtype))
+        for name, buf in list(self.inputs.items()) + [('logits', self.logits)]:
+            value = ort.OrtValue.ortvalue_from_numpy(buf)
+            self._keep.append(value)
+            (self.binding.bind_ortvalue_output if name == 'logits' else self.binding.bind_ortvalue_input)(name, value)
+        new_kv = spec.tensor('new_kv')
+        self.new_kv = engine.new_buffer(new_kv.concrete(n), np.dtype(new_kv.dtype))
+        engine.bind_output(self.binding, 'new_kv', self.new_kv, self._keep)
 
 
 class OrtEngine(GraphEngine):
@@ -94,10 +69,10 @@ class OrtEngine(GraphEngine):
         self.device = device
         self.threads = threads
         self.require_gpu = bool(require_gpu)
-        self.provider = None  # the provider actually in use (after the first session)
+        self.provider = None  # the provider actually in use
         self.device_buffers = False
-        self._pending = {}
         self.name = 'onnxruntime-cuda' if device == 'cuda' else 'onnxruntime'
+        self._passes = {}
         super().__init__(spec, reuse_text_kv=reuse_text_kv)
 
     # --- sessions ---------------------------------------------------------------------------------------------
@@ -124,29 +99,34 @@ class OrtEngine(GraphEngine):
         so.log_severity_level = 3
         return so
 
-    def create_session(self, key: str):
-        if key in self._pending:  # opened early (see _start)
-            return self._pending.pop(key)
+    def _session(self, key: str):
         path = self.spec.path(key)
-        sess = self.ort.InferenceSession(str(path), sess_options=self.session_options(),
-                                         providers=self._providers())
+        try:
+            sess = self.ort.InferenceSession(str(path), sess_options=self.session_options(),
+                                             providers=self._providers())
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+            raise PolicyFolderError(f'{path}: ONNX Runtime cannot load it ({e})') from e
         used = sess.get_providers()
         log.info('onnxruntime session %s (%s): providers in use %s', key, path.name, used)
-        if self.provider is None:
-            self.provider = used[0]
         if self.device == 'cuda' and used[0] != 'CUDAExecutionProvider':
             msg = (f"engine 'onnxruntime-cuda': graph {key} fell back to {used[0]} (CUDA provider not usable; "
                    'check the CUDA/cuDNN libraries)')
             if self.require_gpu:
                 raise GPUUnavailableError(msg + "; use engine 'onnxruntime' for the CPU")
             log.warning(msg)
-        return sess
+        gspec = self.spec.graphs[key]
+        for io, tensors, listed in (('input', sess.get_inputs(), gspec.inputs),
+                                    ('output', sess.get_outputs(), gspec.outputs)):
+            if [t.name for t in tensors] != [t.name for t in listed]:
+                raise PolicyFolderError(f'{path}: {io}s {[t.name for t in tensors]} differ from policy.yaml '
+                                        f'{[t.name for t in listed]}')
+            for t, s in zip(tensors, listed):
+                check_io(s, t.shape, _ORT_TYPES.get(t.type, np.float64), str(path))
+        return sess, used[0]
 
-    # --- buffers ----------------------------------------------------------------------------------------------
     def _start(self):
-        # open the vision graph first: the provider actually in use decides host or device buffers
-        self._pending = {}
-        self._pending['vision'] = self.create_session('vision')
+        self.vision, self.provider = self._session('vision')
+        self.backbone, _ = self._session('backbone')
         if self.provider == 'CUDAExecutionProvider':
             try:
                 from .cuda_memory import cudart
@@ -154,31 +134,55 @@ class OrtEngine(GraphEngine):
                 cudart()
                 self.device_buffers = True
             except ImportError as e:
-                log.warning('%s; the KV cache stays in host memory (copied to the GPU every step)', e)
+                log.warning('%s; the KV cache stays in host memory (copied to the GPU every pass)', e)
 
-    def _device_array(self, shape, dtype):
+    # --- buffers ----------------------------------------------------------------------------------------------
+    def new_buffer(self, shape, dtype):
+        if not self.device_buffers:
+            return np.zeros(shape, dtype)
         from .cuda_memory import DeviceArray
 
-        value = self.ort.OrtValue.ortvalue_from_shape_and_type(list(shape), np.dtype(dtype).type, 'cuda', 0)
-        arr = DeviceArray(shape, dtype, ptr=value.data_ptr(), owner=value)
-        arr.zero()
-        return arr
+        return DeviceArray(shape, dtype)
 
     def _alloc(self, shape):
-        return self._device_array(shape, np.float32) if self.device_buffers else np.zeros(shape, np.float32)
+        return self.new_buffer(shape, np.dtype(self.spec.float_dtype))
 
-    def io_buffer(self, t: TensorSpec):
-        if self.device_buffers and t.name in DEVICE_TENSORS:
-            return self._device_array(t.shape, np.dtype(t.dtype))
-        return np.zeros(t.shape, np.dtype(t.dtype))
+    def bind_cache(self, binding, name: str, layer: int, kind: int, keep: list) -> None:
+        """Bind input `name` to the cache slice [layer, kind] (shape [1, kv_heads, T_max, head_dim]), no copy."""
+        buf = self.cache.buffer
+        if isinstance(buf, np.ndarray):
+            value = self.ort.OrtValue.ortvalue_from_numpy(buf[layer, kind][None])
+            keep.append(value)
+            binding.bind_ortvalue_input(name, value)
+        else:
+            per = buf.nbytes // (buf.shape[0] * buf.shape[1])
+            binding.bind_input(name, 'cuda', 0, buf.dtype.type, [1, *buf.shape[2:]],
+                               buf.ptr + (layer * buf.shape[1] + kind) * per)
 
-    def _new_buffer(self, t: TensorSpec):
-        return self.io_buffer(t)
+    def bind_output(self, binding, name: str, buf, keep: list) -> None:
+        if isinstance(buf, np.ndarray):
+            value = self.ort.OrtValue.ortvalue_from_numpy(buf)
+            keep.append(value)
+            binding.bind_ortvalue_output(name, value)
+        else:
+            binding.bind_output(name, 'cuda', 0, buf.dtype.type, list(buf.shape), buf.ptr)
 
-    def _open(self, key):
-        return _OrtGraph(self, key)
+    # --- Engine hooks -----------------------------------------------------------------------------------------
+    def _vision(self, pixels):
+        dtype = np.dtype(self.spec.graphs['vision'].tensor('pixels').dtype)
+        return self.vision.run(['image_tokens'], {'pixels': np.ascontiguousarray(pixels, dtype)})[0]
+
+    def _backbone(self, embeds, positions, mask):
+        n = embeds.shape[1]
+        p = self._passes.get(n)
+        if p is None:
+            p = self._passes[n] = _Pass(self, n)
+        for name, value in (('embeds', embeds), ('positions', positions), ('mask', mask)):
+            np.copyto(p.inputs[name], value, casting='same_kind')
+        self.backbone.run_with_iobinding(p.binding)
+        return p.logits[0].astype(np.float32), p.new_kv  # astype copies: the buffer is reused
 
     def describe(self) -> dict:
         return {'engine': self.name, 'provider': self.provider, 'device': 'cuda:0' if self.provider ==
                 'CUDAExecutionProvider' else 'cpu', 'threads': self.threads, 'device_buffers': self.device_buffers,
-                'reuse_text_kv': self.reuse_text_kv}
+                'reuse_text_kv': self.reuse_instruction}

@@ -1,12 +1,17 @@
 """The policy folder: what `blockvla-export` writes and every engine loads (no torch, nothing unpickled).
 
-    models/<name>/
-      policy.yaml      format_version, name, config (BlockVLAConfig), kv_shape, actions (names, low, high),
-                       graphs (file, sidecars, I/O names/shapes/dtypes; step graphs carry their width n)
-      stats.json       normalization statistics
-      *.onnx (+ *.onnx.data sidecars)
-      model.safetensors + tokenizer files (optional)
-      manifest.json    sha256 of every other file; verified on load
+    models/<name>/                     format 2: each weight stored once
+      policy.yaml        format_version, name, config (BlockVLAConfig), kv_shape, prefix (the layout), actions
+                         (names, low, high), graphs (file, sidecar, I/O names/shapes/dtypes; 'n' = token count),
+                         tables, precision
+      stats.json         normalization statistics
+      vision.onnx        vision tower + projector (static shapes)
+      backbone.onnx      the decoder layers + final norm + action head, one graph for every pass (dynamic n)
+      backbone.onnx.data its weights, when they pass ~1 GiB (one external-data file)
+      tables.safetensors text / action embeddings, state projection (read by numpy, memory-mapped)
+      model.safetensors  (optional) the torch weights for engine 'torch' (a second copy of every weight)
+      tokenizer files    (optional)
+      manifest.json      sha256 of every other file; verified on load
 
 The closed world: every regular file in the folder is listed in manifest.json with its sha256, and nothing else is
 there (no symlinks, files or subfolders alike, no unlisted files: each is refused by name); readers get their paths
@@ -37,38 +42,40 @@ from .policy_schema import PolicyFolderError  # noqa: F401  (re-exported: caller
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 POLICY_FILE = 'policy.yaml'
 STATS_FILE = 'stats.json'
 MANIFEST_FILE = 'manifest.json'
 WEIGHTS_FILE = 'model.safetensors'
+TABLES_FILE = 'tables.safetensors'
 
 
 @dataclass
 class TensorSpec:
     name: str
-    shape: list  # fully static
-    dtype: str  # numpy dtype name: float32 | int64 | bool
+    shape: list  # ints, or strings for dims that vary with the token count ('n', 'n + 356')
+    dtype: str  # numpy dtype name: float32 | float16 | int64 | bool
 
     def to_dict(self) -> dict:
-        return {'name': self.name, 'shape': [int(d) for d in self.shape], 'dtype': self.dtype}
+        return {'name': self.name, 'shape': [d if isinstance(d, str) else int(d) for d in self.shape],
+                'dtype': self.dtype}
+
+    def concrete(self, n: int) -> tuple:
+        """The shape for token count n (a symbolic dim is a sum of 'n' and integers: checked by policy_schema)."""
+        return tuple(d if isinstance(d, int) else schema.dim_value(d, n) for d in self.shape)
 
 
 @dataclass
 class GraphSpec:
-    key: str  # vision | prefill | text_prefill | obs_prefill | step_<n>
+    key: str  # vision | backbone
     file: str
     inputs: list  # [TensorSpec]
     outputs: list  # [TensorSpec]
-    data: list = field(default_factory=list)  # external-data sidecar files
-    step_width: Optional[int] = None  # n for step graphs
+    data: list = field(default_factory=list)  # the external-data file, if any
 
     def to_dict(self) -> dict:
-        out = {'file': self.file, 'data': list(self.data), 'inputs': [t.to_dict() for t in self.inputs],
-               'outputs': [t.to_dict() for t in self.outputs]}
-        if self.step_width is not None:
-            out['step_width'] = int(self.step_width)
-        return out
+        return {'file': self.file, 'data': list(self.data), 'inputs': [t.to_dict() for t in self.inputs],
+                'outputs': [t.to_dict() for t in self.outputs]}
 
     @classmethod
     def from_dict(cls, key: str, d: dict) -> 'GraphSpec':
@@ -79,10 +86,13 @@ class GraphSpec:
     def from_checked(cls, key: str, g: dict) -> 'GraphSpec':
         """From what policy_schema.graph returned."""
         return cls(key=key, file=g['file'], data=g['data'], inputs=[TensorSpec(*t) for t in g['inputs']],
-                   outputs=[TensorSpec(*t) for t in g['outputs']], step_width=g['step_width'])
+                   outputs=[TensorSpec(*t) for t in g['outputs']])
 
     def files(self) -> list:
         return [self.file, *self.data]
+
+    def tensor(self, name: str) -> TensorSpec:
+        return next(t for t in self.inputs + self.outputs if t.name == name)
 
 
 @dataclass
@@ -100,20 +110,15 @@ class PolicySpec:
     action_high: np.ndarray
     manifest: dict  # file -> sha256
     raw: dict  # policy.yaml as loaded
+    tables: str = TABLES_FILE  # the small tables (runtime.tables)
+    precision: str = 'fp32'  # weights of the graphs: fp32 | fp16 | int8 | int4 (weight-only)
     weights: Optional[str] = None  # model.safetensors for the torch engine, if exported
     tokenizer_files: list = field(default_factory=list)
 
     @property
-    def split_prefill(self) -> bool:
-        """True when text_prefill + obs_prefill exist (instruction KV reusable across calls)."""
-        return 'text_prefill' in self.graphs and 'obs_prefill' in self.graphs
-
-    def step_key(self, n: int) -> str:
-        key = f'step_{int(n)}'
-        if key not in self.graphs:
-            widths = sorted(g.step_width for g in self.graphs.values() if g.step_width)
-            raise PolicyFolderError(f'{self.folder}: no step graph of width {n} (exported widths: {widths})')
-        return key
+    def float_dtype(self) -> str:
+        """The float type of the backbone's embeds / cache inputs (float32, or float16 for fp16 exports)."""
+        return self.graphs['backbone'].tensor('embeds').dtype
 
     def path(self, key: str) -> Path:
         return self.listed(self.graphs[key].file)
@@ -272,14 +277,15 @@ def load_policy_folder(folder: str | os.PathLike) -> PolicySpec:
     schema.document_size(raw, where)  # before anything copies it (config.replace deep-copies sections)
     version = raw.get('format_version')
     if version != FORMAT_VERSION or isinstance(version, bool):
-        raise PolicyFolderError(f'{where}: format_version {version!r} is not supported '
-                                f'(this runtime reads {FORMAT_VERSION}); re-export the policy')
+        raise PolicyFolderError(f'{where}: format_version {version!r} is not supported (this runtime reads '
+                                f'{FORMAT_VERSION}, which stores each weight once in one backbone graph); re-export '
+                                'the policy with blockvla-export')
     schema.policy_document(raw, where)
     name = schema.string(raw['name'], f'{where}: name', max_len=schema.MAX_NAME_LEN)
     config = schema.config(raw['config'], where)
     kv_shape = schema.kv_shape(raw['kv_shape'], where)
     names, low, high = schema.actions(raw['actions'], where, config.action_dim)
-    graphs = {k: GraphSpec.from_checked(k, v) for k, v in schema.graphs(raw['graphs'], where).items()}
+    graphs = {k: GraphSpec.from_checked(k, v) for k, v in schema.graphs(raw['graphs'], where, config).items()}
     if 'image_size' in raw and schema.integer(raw['image_size'], f'{where}: image_size', 1) != config.image_size:
         raise PolicyFolderError(f'{where}: image_size {raw["image_size"]} differs from config.image_size '
                                 f'{config.image_size}')
@@ -293,16 +299,19 @@ def load_policy_folder(folder: str | os.PathLike) -> PolicySpec:
     for g in graphs.values():
         for f in g.files():
             covered(f, f'graph {g.key!r}')
+    tables = covered(schema.string(raw['tables'], f'{where}: tables', (TABLES_FILE,)), 'tables')
+    precision = schema.precision(raw.get('precision', 'fp32'), where)
     weights = schema.weights(raw.get('weights'), where, WEIGHTS_FILE)
     if weights:
         covered(weights, 'torch weights')
-    reserved = {POLICY_FILE, STATS_FILE, MANIFEST_FILE, WEIGHTS_FILE, *(f for g in graphs.values() for f in g.files())}
+    reserved = {POLICY_FILE, STATS_FILE, MANIFEST_FILE, WEIGHTS_FILE, TABLES_FILE,
+                *(f for g in graphs.values() for f in g.files())}
     tokenizer_files = [covered(f, 'tokenizer file') for f in
                        schema.tokenizer_files(raw.get('tokenizer_files', []), where, config.text_tokenizer, reserved)]
     return PolicySpec(folder=folder, name=name, config=config, stats=stats, kv_shape=kv_shape, graphs=graphs,
                       action_names=names, action_low=np.asarray(low, dtype=np.float32),
-                      action_high=np.asarray(high, dtype=np.float32), manifest=manifest, raw=raw, weights=weights,
-                      tokenizer_files=tokenizer_files)
+                      action_high=np.asarray(high, dtype=np.float32), manifest=manifest, raw=raw, tables=tables,
+                      precision=precision, weights=weights, tokenizer_files=tokenizer_files)
 
 
 def resolve_policy(name_or_path: str | os.PathLike, policy_dirs: Sequence[str | os.PathLike]) -> Path:

@@ -8,8 +8,9 @@ and builds its dataclasses only from what they return. A new layout of a section
 reader for that section, nothing else.
 
 Numbers: every float must be finite and within +-MAX_ABS_VALUE (1e6: physical action/state units; a stats or limit
-value of 1e308 would saturate every action or overflow float32 to inf). Tensor shapes are positive ints with at most
-MAX_TENSOR_ELEMENTS elements (the engines preallocate their I/O buffers from these shapes).
+value of 1e308 would saturate every action or overflow float32 to inf). Tensor dims are positive ints, or (format 2's
+backbone) 'n' / 'a*n + b' for the token count n in [1, T_max]; at most MAX_TENSOR_ELEMENTS elements at n = T_max (the
+engines allocate their I/O buffers from these shapes).
 """
 from __future__ import annotations
 
@@ -25,18 +26,19 @@ MAX_TENSOR_ELEMENTS = 1 << 30
 MAX_DIMS = 8
 MAX_NAME_LEN = 255
 TENSOR_DTYPES = ('float32', 'float16', 'int64', 'int32', 'bool')
-GRAPH_KEY = re.compile(r'^(vision|prefill|text_prefill|obs_prefill|step_([1-9][0-9]*))$')
+GRAPHS = ('vision', 'backbone')  # format 2: the vision tower and one backbone graph for every pass
+DIM_EXPR = re.compile(r'^(?:([1-9][0-9]{0,3})\*)?n(?: \+ ([0-9]{1,9}))?$')  # n, 2*n, n + 356: a dim that varies with n
+PRECISIONS = ('fp32', 'fp16', 'int8', 'int4')
 SHA256 = re.compile(r'^[0-9a-f]{64}$')
 
 # policy.yaml: top-level keys (required ones first). `export` is provenance, never read by the runtime.
-POLICY_REQUIRED = ('format_version', 'name', 'config', 'kv_shape', 'actions', 'graphs')
-POLICY_OPTIONAL = ('image_size', 'prefix', 'weights', 'tokenizer_files', 'export')
+POLICY_REQUIRED = ('format_version', 'name', 'config', 'kv_shape', 'actions', 'graphs', 'tables')
+POLICY_OPTIONAL = ('image_size', 'prefix', 'precision', 'weights', 'tokenizer_files', 'export')
 ACTIONS_REQUIRED = ('names', 'low', 'high')
 ACTIONS_OPTIONAL = ('limits_source',)
 GRAPH_REQUIRED = ('file', 'inputs', 'outputs')
-GRAPH_OPTIONAL = ('data', 'step_width')
+GRAPH_OPTIONAL = ('data',)
 TENSOR_KEYS = ('name', 'shape', 'dtype')
-PREFIX_KEYS = ('order', 'text_tokens', 'image_tokens', 'state_token', 'length', 'max_seq_len')
 STATS_REQUIRED = ('action_low', 'action_high')
 STATS_OPTIONAL = ('state_low', 'state_high', 'n_samples')
 MANIFEST_REQUIRED = ('files',)
@@ -225,66 +227,70 @@ def actions(doc: Any, where: str, action_dim: int) -> tuple:
     return names, low, high
 
 
-def tensor(doc: Any, where: str) -> tuple:
-    """{name, shape, dtype} -> (name, [dims], dtype); fully static shapes, bounded element count."""
+def dim_value(dim: str, n: int) -> int:
+    """A symbolic dim ('n', '2*n', 'n + 356') at token count n."""
+    m = DIM_EXPR.match(dim)
+    if m is None:
+        raise PolicyFolderError(f'dim {dim!r} is not of the form a*n + b')
+    return int(m.group(1) or 1) * int(n) + int(m.group(2) or 0)
+
+
+def tensor(doc: Any, where: str, n_max: int = 1) -> tuple:
+    """{name, shape, dtype} -> (name, [dims], dtype); dims are ints or a*n + b; bounded element count at n_max."""
     mapping(doc, where, TENSOR_KEYS, ())
     name = string(doc['name'], f'{where}.name', max_len=MAX_NAME_LEN)
-    dims = [integer(d, f'{where}.shape[{i}]', 1, MAX_TENSOR_ELEMENTS)
-            for i, d in enumerate(listing(doc['shape'], f'{where}.shape', max_len=MAX_DIMS))]
-    if math.prod(dims) > MAX_TENSOR_ELEMENTS:
-        raise PolicyFolderError(f'{where}.shape {dims}: {math.prod(dims)} elements (limit {MAX_TENSOR_ELEMENTS})')
+    dims = []
+    for i, d in enumerate(listing(doc['shape'], f'{where}.shape', max_len=MAX_DIMS)):
+        if isinstance(d, str):
+            if not DIM_EXPR.match(d):
+                raise PolicyFolderError(f'{where}.shape[{i}]: {d!r} is neither an integer nor a*n + b')
+            dims.append(d)
+        else:
+            dims.append(integer(d, f'{where}.shape[{i}]', 1, MAX_TENSOR_ELEMENTS))
+    at_max = [d if isinstance(d, int) else dim_value(d, n_max) for d in dims]
+    if math.prod(at_max) > MAX_TENSOR_ELEMENTS:
+        at = f' at n = {n_max}' if at_max != dims else ''
+        raise PolicyFolderError(f'{where}.shape {dims}: {math.prod(at_max)} elements (limit {MAX_TENSOR_ELEMENTS}){at}')
     return name, dims, string(doc['dtype'], f'{where}.dtype', TENSOR_DTYPES)
 
 
-def graph(key: str, doc: Any, where: str) -> dict:
-    """One graph entry -> {'file', 'data', 'inputs', 'outputs', 'step_width'} (tensors as (name, shape, dtype))."""
+def graph(key: str, doc: Any, where: str, n_max: int = 1) -> dict:
+    """One graph entry -> {'file', 'data', 'inputs', 'outputs'} (tensors as (name, shape, dtype))."""
     w = f'{where}: graphs.{key}'
     mapping(doc, w, GRAPH_REQUIRED, GRAPH_OPTIONAL)
     out = {'file': file_name(doc['file'], f'{w}.file'),
-           'data': [file_name(x, f'{w}.data') for x in listing(doc.get('data', []), f'{w}.data', max_len=64)]}
+           'data': [file_name(x, f'{w}.data') for x in listing(doc.get('data', []), f'{w}.data', max_len=1)]}
     for side in ('inputs', 'outputs'):
-        items = listing(doc[side], f'{w}.{side}', max_len=64)
+        items = listing(doc[side], f'{w}.{side}', max_len=4096)
         if not items:
             raise PolicyFolderError(f'{w}.{side}: empty')
-        out[side] = [tensor(t, f'{w}.{side}[{i}]') for i, t in enumerate(items)]
+        out[side] = [tensor(t, f'{w}.{side}[{i}]', n_max) for i, t in enumerate(items)]
         names = [t[0] for t in out[side]]
         if len(set(names)) != len(names):
             raise PolicyFolderError(f'{w}.{side}: duplicate tensor names {names}')
-    width = GRAPH_KEY.match(key).group(2)
-    given = doc.get('step_width')
-    if width is None and given is not None:
-        raise PolicyFolderError(f'{w}.step_width: only step_<n> graphs have a width')
-    if width is not None and integer(given, f'{w}.step_width', 1, 1 << 16) != int(width):
-        raise PolicyFolderError(f'{w}.step_width {given} does not match the key {key!r}')
-    out['step_width'] = None if width is None else int(width)
+    if key == 'vision' and any(isinstance(d, str) for t in out['inputs'] + out['outputs'] for d in t[1]):
+        raise PolicyFolderError(f'{w}: the vision graph has static shapes only')
     return out
 
 
-def graphs(doc: Any, where: str) -> dict:
-    """graphs (format 1): {key: graph}; keys vision | prefill | text_prefill | obs_prefill | step_<n>."""
-    mapping(doc, f'{where}: graphs', optional=None)
-    for key in doc:
-        if not GRAPH_KEY.match(key):
-            raise PolicyFolderError(f'{where}: graphs: unknown graph key {key!r} (expected vision, prefill, '
-                                    'text_prefill, obs_prefill or step_<n>)')
-    for key in ('vision', 'prefill'):
-        if key not in doc:
-            raise PolicyFolderError(f'{where}: graphs: graph {key!r} is not listed')
-    if ('text_prefill' in doc) != ('obs_prefill' in doc):
-        raise PolicyFolderError(f'{where}: graphs: text_prefill and obs_prefill come as a pair')
-    if not any(k.startswith('step_') for k in doc):
-        raise PolicyFolderError(f'{where}: graphs: no step_<n> graph')
-    return {key: graph(key, value, where) for key, value in doc.items()}
+def graphs(doc: Any, where: str, cfg) -> dict:
+    """graphs (format 2): exactly {vision, backbone}; the backbone's dims vary with n in [1, T_max]."""
+    mapping(doc, f'{where}: graphs', GRAPHS, ())
+    return {key: graph(key, doc[key], where, cfg.max_seq_len) for key in GRAPHS}
 
 
 def prefix(doc: Any, where: str, cfg) -> None:
-    """prefix (informational, derived from config): must agree with the config it was derived from."""
-    mapping(doc, f'{where}: prefix', PREFIX_KEYS, ())
-    expected = {'order': cfg.prefix_order, 'text_tokens': cfg.max_text_tokens, 'image_tokens': cfg.n_image_tokens,
-                'state_token': bool(cfg.state_dim), 'length': cfg.prefix_len, 'max_seq_len': cfg.max_seq_len}
-    differs = {k: doc[k] for k in PREFIX_KEYS if doc[k] != expected[k] or type(doc[k]) is not type(expected[k])}
-    if differs:
-        raise PolicyFolderError(f'{where}: prefix {differs} disagrees with config ({expected})')
+    """prefix (informational, derived from config): must agree with the layout the runtime builds from config."""
+    from ..model.prefix_layout import layout_for
+
+    expected = layout_for(cfg).to_dict()
+    if doc != expected:
+        raise PolicyFolderError(f'{where}: prefix {doc!r:.300} disagrees with config (its layout is {expected}); '
+                                're-export the policy')
+
+
+def precision(doc: Any, where: str) -> str:
+    return string(doc, f'{where}: precision', PRECISIONS)
 
 
 def tokenizer_files(doc: Any, where: str, text_tokenizer: str, reserved: set) -> list:

@@ -60,8 +60,8 @@ class _PhaseTimer:
         finally:
             self.prefill_s += time.perf_counter() - t
 
-    def step(self, tokens, commit=False):
-        return self.engine.step(tokens, commit)
+    def step(self, tokens, commit=0, block_size=1):
+        return self.engine.step(tokens, commit=commit, block_size=block_size)
 
 
 def build_preprocessor(config, stats, folder=None, tokenizer_files=None) -> Preprocessor:

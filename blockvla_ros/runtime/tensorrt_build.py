@@ -1,4 +1,5 @@
-"""TensorRT engines from the policy folder's ONNX graphs, built once per GPU and cached on disk.
+"""TensorRT engines from the policy folder's ONNX graphs (the same files ONNX Runtime runs), built once per GPU and
+cached on disk: one engine per graph; the backbone's carries the optimization profiles of runtime.tensorrt_profiles.
 
 Cache key = sha256 over (TensorRT version, GPU name, compute capability, the graph's ONNX sha256 from the
 verified manifest, precision); an engine from another TensorRT or GPU is therefore never loaded. The cache
@@ -17,10 +18,11 @@ from typing import Optional
 
 from ..io.atomic import atomic_write_bytes
 from .policy_folder import PolicySpec
+from .tensorrt_profiles import check_profiles, profile_shapes
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: policy folder format 2 (one backbone engine with token-count profiles)
 
 
 def import_tensorrt():
@@ -85,10 +87,14 @@ class EngineStore:
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
 
+    def profiles(self, key: str) -> list:
+        """The optimization profiles of graph `key` (none for static graphs)."""
+        return check_profiles(self.spec) if key == 'backbone' else []
+
     def cache_key(self, key: str) -> str:
         ident = {'format': CACHE_FORMAT, 'tensorrt': self.trt.__version__, 'gpu': self.gpu['name'],
                  'compute_capability': self.gpu['compute_capability'], 'onnx_sha256': self.spec.graph_sha256(key),
-                 'precision': self.precision}
+                 'precision': self.precision, 'profiles': [repr(p) for p in self.profiles(key)]}
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
     def engine_path(self, key: str) -> Path:
@@ -126,6 +132,11 @@ class EngineStore:
         config = builder.create_builder_config()
         if self.precision == 'fp16':
             config.set_flag(trt.BuilderFlag.FP16)
+        for p in self.profiles(key):
+            profile = builder.create_optimization_profile()
+            for name, (lo, opt, hi) in profile_shapes(self.spec.graphs[key], p).items():
+                profile.set_shape(name, lo, opt, hi)
+            config.add_optimization_profile(profile)
         config.progress_monitor = _progress_monitor(trt, f'TensorRT {key}')
         serialized = builder.build_serialized_network(network, config)
         if serialized is None:

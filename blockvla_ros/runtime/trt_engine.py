@@ -1,9 +1,12 @@
-"""TrtEngine: TensorRT 10 over a policy folder (engines built from its ONNX graphs, cached per GPU).
+"""TrtEngine: TensorRT 10 over a policy folder (one engine per graph, built from its ONNX files, cached per GPU).
 
-Memory is cuda-python (cudaMalloc'd DeviceArray buffers, one stream), not torch. Every tensor is bound once
-with `set_tensor_address`; calls use `execute_async_v3`. Step graphs (static shapes and fixed addresses) are
-captured into a CUDA graph on their second call and replayed from then on (`cuda_graphs=False` turns it off;
-a failed capture falls back to plain execution with a warning). Without a GPU the constructor fails at once.
+Memory is cuda-python (cudaMalloc'd DeviceArray buffers, one stream), not torch. The backbone engine carries the
+optimization profiles of `runtime.tensorrt_profiles`; each profile gets its own execution context (all sharing one
+scratch buffer), so a pass never switches profiles. Every `past_*` input is bound to its layer's slice of the one
+device KV cache; per token count n, the embeds / positions / mask / logits / new_kv buffers are allocated once and
+bound with `set_tensor_address`; calls use `execute_async_v3`. A pass shape is captured into a CUDA graph on its
+second call and replayed from then on (`cuda_graphs=False` turns it off; a failed capture falls back to plain
+execution with a warning). Without a GPU the constructor fails at once.
 """
 from __future__ import annotations
 
@@ -13,86 +16,36 @@ from typing import Optional
 import numpy as np
 
 from .engine_factory import require_cuda_device
-from .graph_engine import SHARED_INPUTS, SHARED_OUTPUTS, GraphCall, GraphEngine, check_io
-from .policy_folder import PolicyFolderError, PolicySpec, TensorSpec
+from .graph_engine import GraphEngine, check_io
+from .policy_folder import PolicyFolderError, PolicySpec
+from .tensorrt_profiles import pick_profile
 
 log = logging.getLogger(__name__)
 
 
-class _TrtGraph(GraphCall):
-    def __init__(self, owner: 'TrtEngine', key: str):
+class _Pass:
+    """Device buffers of one token count n, bound on the context of its profile; optionally a CUDA graph."""
+
+    def __init__(self, owner: 'TrtEngine', n: int):
         from .cuda_memory import DeviceArray
 
-        trt = owner.trt
-        gspec = owner.spec.graphs[key]
-        where = str(owner.spec.path(key))
-        self.key = key
-        self.engine = owner.store.load_or_build(key)
-        self.context = self.engine.create_execution_context()
-        if self.context is None:
-            raise RuntimeError(f'TensorRT could not create an execution context for {where} (GPU memory?)')
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        specs = {t.name: t for t in gspec.inputs + gspec.outputs}
-        if sorted(names) != sorted(specs):
-            raise PolicyFolderError(f'{where}: engine tensors {names} differ from policy.yaml {sorted(specs)}')
-        self.buffers, self.mirrors = {}, {}
-        for name in names:
-            t = specs[name]
-            is_input = self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
-            check_io(t, tuple(self.engine.get_tensor_shape(name)), trt.nptype(self.engine.get_tensor_dtype(name)),
-                     where)
-            shared = name in (SHARED_INPUTS if is_input else SHARED_OUTPUTS) and name != 'kv_valid'
-            buf = owner.shared_buffer(t) if shared else DeviceArray(t.shape, np.dtype(t.dtype))
-            self.buffers[name] = buf
+        spec = owner.spec.graphs['backbone']
+        self.index = pick_profile(owner.profiles, n)
+        self.context = owner.contexts[self.index]
+        self.buffers = {t.name: DeviceArray(t.concrete(n), np.dtype(t.dtype)) for t in spec.inputs + spec.outputs
+                        if not t.name.startswith('past_')}
+        self.logits_host = np.empty(self.buffers['logits'].shape, self.buffers['logits'].dtype)
+        self.graph_exec, self.runs = None, 0
+        self.use_graph = owner.cuda_graphs
+
+    def bind(self, owner: 'TrtEngine') -> None:
+        for name, buf in self.buffers.items():
+            if name in ('embeds', 'positions', 'mask') and not self.context.set_input_shape(name, buf.shape):
+                raise RuntimeError(f'TensorRT rejected shape {buf.shape} for {name}')
             if not self.context.set_tensor_address(name, buf.ptr):
-                raise RuntimeError(f'{where}: set_tensor_address failed for {name}')
-        self.use_graph = owner.cuda_graphs and gspec.step_width is not None
-        self.graph_exec = None
-        self.runs = 0
-
-    def feed(self, name, array):
-        self.buffers[name].copy_from_host(array, sync=False)  # ordered on the engine's stream
-
-    def run(self):
-        from .cuda_memory import check, cudart, stream
-
-        if self.use_graph and self.graph_exec is None and self.runs >= 1:
-            self._capture()
-        if self.graph_exec is not None:
-            check(cudart().cudaGraphLaunch(self.graph_exec, stream()))
-        elif not self.context.execute_async_v3(int(stream())):
-            raise RuntimeError(f'TensorRT execute_async_v3 failed for graph {self.key}')
-        self.runs += 1
-
-    def _capture(self):
-        """Record one execution into a CUDA graph (not executed now; `run` launches it)."""
-        from .cuda_memory import check, cudart, stream
-
-        rt, s = cudart(), stream()
-        try:
-            check(rt.cudaStreamBeginCapture(s, rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal))
-            try:
-                ok = self.context.execute_async_v3(int(s))
-            finally:
-                graph = check(rt.cudaStreamEndCapture(s))
-            if not ok:
-                raise RuntimeError('execute_async_v3 failed while capturing')
-            self.graph_exec = check(rt.cudaGraphInstantiate(graph, 0))
-            check(rt.cudaGraphDestroy(graph))
-            log.info('TensorRT graph %s runs as a CUDA graph', self.key)
-        except Exception as e:  # noqa: BLE001 - capture is an optimization
-            log.warning('CUDA graph capture failed for %s (%s); running it without CUDA graphs', self.key, e)
-            self.use_graph, self.graph_exec = False, None
-
-    def host(self, name):
-        buf = self.buffers[name]
-        out = self.mirrors.get(name)
-        if out is None:
-            out = self.mirrors[name] = np.empty(buf.shape, buf.dtype)
-        return buf.copy_to_host(out)  # synchronizes the stream
-
-    def buffer(self, name):
-        return self.buffers[name]
+                raise RuntimeError(f'TensorRT set_tensor_address failed for {name}')
+        for name, ptr in owner.past_ptrs.items():
+            self.context.set_tensor_address(name, ptr)
 
 
 class TrtEngine(GraphEngine):
@@ -101,6 +54,9 @@ class TrtEngine(GraphEngine):
     def __init__(self, spec: PolicySpec, fp16: bool = False, cache_dir: Optional[str] = None,
                  cuda_graphs: bool = True, reuse_text_kv: bool = True, device_id: int = 0):
         require_cuda_device("engine 'tensorrt'")  # fails at once, naming the ONNX Runtime alternative
+        if spec.precision not in ('fp32', 'fp16'):
+            raise PolicyFolderError(f"{spec.folder}: a {spec.precision} policy (MatMulNBits) runs on engine "
+                                    "'onnxruntime' only; export fp32 or fp16 for TensorRT")
         from .cuda_memory import check, cudart, device_identity
         from .tensorrt_build import EngineStore, import_tensorrt
 
@@ -111,23 +67,118 @@ class TrtEngine(GraphEngine):
         self.cuda_graphs = bool(cuda_graphs)
         self.gpu = device_identity(self.device_id)
         self.store = EngineStore(self.trt, spec, self.gpu, fp16=self.fp16, cache_dir=cache_dir)
+        self._passes = {}
+        self._bound = {}  # profile index -> the token count its context is bound for
         super().__init__(spec, reuse_text_kv=reuse_text_kv)
+        self.past_ptrs = self._past_pointers()
 
+    # --- engines ----------------------------------------------------------------------------------------------
+    def _start(self):
+        from .cuda_memory import DeviceArray
+
+        trt = self.trt
+        self.vision_engine = self._load('vision')
+        self.vision_context = self.vision_engine.create_execution_context()
+        self.vision_buffers = {t.name: DeviceArray(t.shape, np.dtype(t.dtype))
+                               for t in self.spec.graphs['vision'].inputs + self.spec.graphs['vision'].outputs}
+        for name, buf in self.vision_buffers.items():
+            self.vision_context.set_tensor_address(name, buf.ptr)
+        self.backbone_engine = self._load('backbone')
+        self.profiles = self.store.profiles('backbone')
+        strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
+        self.contexts = [self.backbone_engine.create_execution_context(strategy) for _ in self.profiles]
+        if any(c is None for c in self.contexts):
+            raise RuntimeError('TensorRT could not create the backbone execution contexts (GPU memory?)')
+        size = getattr(self.backbone_engine, 'device_memory_size_v2', None) or self.backbone_engine.device_memory_size
+        self.scratch = DeviceArray((max(int(size), 1),), np.uint8)  # one scratch buffer, shared by every context
+        from .cuda_memory import stream
+
+        for i, context in enumerate(self.contexts):
+            context.set_optimization_profile_async(i, int(stream()))
+            context.set_device_memory(self.scratch.ptr, self.scratch.nbytes)
+
+    def _load(self, key: str):
+        engine = self.store.load_or_build(key)
+        trt, gspec, where = self.trt, self.spec.graphs[key], str(self.spec.path(key))
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        specs = {t.name: t for t in gspec.inputs + gspec.outputs}
+        if sorted(names) != sorted(specs):
+            raise PolicyFolderError(f'{where}: engine tensors {names} differ from policy.yaml {sorted(specs)}')
+        for name in names:
+            dims = [d if d >= 0 else specs[name].shape[i] for i, d in enumerate(engine.get_tensor_shape(name))]
+            check_io(specs[name], dims, trt.nptype(engine.get_tensor_dtype(name)), where)
+        return engine
+
+    def _past_pointers(self) -> dict:
+        buf = self.cache.buffer
+        per = buf.nbytes // (buf.shape[0] * buf.shape[1])  # bytes of one [kv_heads, T, head_dim] slice
+        return {name: buf.ptr + (layer * buf.shape[1] + kind) * per for name, layer, kind in self.past_views()}
+
+    def open_all(self) -> None:
+        """Engines are built (or loaded from the cache) in the constructor: nothing left to open."""
+
+    # --- Engine hooks -----------------------------------------------------------------------------------------
     def _alloc(self, shape):
         from .cuda_memory import DeviceArray
 
-        return DeviceArray(shape, np.float32)
+        return DeviceArray(shape, np.dtype(self.spec.float_dtype))
 
-    def _new_buffer(self, t: TensorSpec):
-        from .cuda_memory import DeviceArray
+    def _vision(self, pixels):
+        from .cuda_memory import stream
 
-        return DeviceArray(t.shape, np.dtype(t.dtype))
+        self.vision_buffers['pixels'].copy_from_host(pixels, sync=False)
+        if not self.vision_context.execute_async_v3(int(stream())):
+            raise RuntimeError('TensorRT execute_async_v3 failed for the vision graph')
+        return self.vision_buffers['image_tokens'].copy_to_host()
 
-    def _open(self, key):
-        return _TrtGraph(self, key)
+    def _backbone(self, embeds, positions, mask):
+        n = embeds.shape[1]
+        p = self._passes.get(n)
+        if p is None:
+            p = self._passes[n] = _Pass(self, n)
+        if self._bound.get(p.index) != n:  # the range profile's context serves several n
+            p.bind(self)
+            self._bound[p.index] = n
+        for name, value in (('embeds', embeds), ('positions', positions), ('mask', mask)):
+            p.buffers[name].copy_from_host(value, sync=False)  # ordered on the engine's stream
+        self._run(p)
+        p.buffers['logits'].copy_to_host(p.logits_host)  # synchronizes the stream
+        return p.logits_host[0].astype(np.float32), p.buffers['new_kv']
+
+    def _run(self, p: _Pass) -> None:
+        from .cuda_memory import check, cudart, stream
+
+        if p.use_graph and p.graph_exec is None and p.runs >= 1:
+            self._capture(p)
+        if p.graph_exec is not None:
+            check(cudart().cudaGraphLaunch(p.graph_exec, stream()))
+        elif not p.context.execute_async_v3(int(stream())):
+            raise RuntimeError('TensorRT execute_async_v3 failed for the backbone')
+        p.runs += 1
+
+    def _capture(self, p: _Pass) -> None:
+        """Record one execution of pass `p` into a CUDA graph (not executed now; `_run` launches it)."""
+        from .cuda_memory import check, cudart, stream
+
+        rt, s = cudart(), stream()
+        try:
+            check(rt.cudaStreamBeginCapture(s, rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal))
+            try:
+                ok = p.context.execute_async_v3(int(s))
+            finally:
+                graph = check(rt.cudaStreamEndCapture(s))
+            if not ok:
+                raise RuntimeError('execute_async_v3 failed while capturing')
+            p.graph_exec = check(rt.cudaGraphInstantiate(graph, 0))
+            check(rt.cudaGraphDestroy(graph))
+        except Exception as e:  # noqa: BLE001 - capture is an optimization
+            log.warning('CUDA graph capture failed for %d tokens (%s); running it without CUDA graphs',
+                        p.buffers['embeds'].shape[1], e)
+            p.use_graph, p.graph_exec = False, None
 
     def describe(self) -> dict:
         return {'engine': self.name, 'provider': f'TensorRT {self.trt.__version__}',
                 'device': f'cuda:{self.device_id} ({self.gpu["name"]}, sm {self.gpu["compute_capability"]})',
                 'precision': 'fp16' if self.fp16 else 'fp32', 'cuda_graphs': self.cuda_graphs,
-                'engine_cache': str(self.store.cache_dir), 'reuse_text_kv': self.reuse_text_kv}
+                'profiles': len(self.profiles), 'engine_cache': str(self.store.cache_dir),
+                'reuse_text_kv': self.reuse_instruction}

@@ -126,7 +126,18 @@ class PromptLayout:
 
     @property
     def instruction_len(self) -> int:
-        """Leading slots that depend on the instruction alone (their K/V reusable): none, the image comes first."""
+        """Leading slots that depend on the instruction (and fixed template ids) alone, so their K/V can be kept
+        while the instruction does not change: up to the end of the text segment when no image or state token comes
+        before it and no span joins it to a later segment (PaliGemma's prefix-LM); else 0."""
+        end = 0
+        for s in self.segments:
+            if s.source in ('image', 'state'):
+                return 0
+            end += s.length
+            if s.source == 'text':
+                later = {t.span for t in self.segments[self.segments.index(s) + 1:]}
+                return 0 if any(t.span and t.span in later for t in self.segments[:self.segments.index(s) + 1]) \
+                    else end
         return 0
 
     # --- per-sample arrays ------------------------------------------------------------------------------------

@@ -1,0 +1,49 @@
+"""The attention mask of every backbone pass, built here and nowhere else: [1, 1, n, T_max + n] bool, True = attend.
+
+Columns 0 .. T_max-1 are the cache slots, columns T_max .. T_max+n-1 the pass's own n tokens. The rules come from
+`model.prefix_layout` (the prefix pattern) and `model.masks.action_rule` (the action blocks), the same functions
+the training mask is built from, so a cached decode attends exactly like one uncached forward over the sequence.
+
+    prefix pass over prefix slots [lo, hi)         rows: the layout's attention rows lo .. hi-1
+        (one-call prefill: lo = 0, hi = P;         cache columns 0 .. lo-1: those rows over the slots already cached
+         split prefill: the instruction [0, Lt),   own columns: the pattern among the pass's tokens
+         then the observation [Lt, P))
+
+    action pass: `commit` clean tokens (finished blocks, written to the cache after the pass), then the n - commit
+    noisy tokens of the block being refined (e.g. B = 2, commit = 2: block b-1 clean, block b noisy)
+
+                    cache slots (valid ones)   c c   n n
+        c (b-1)     x x x ... x                x x   . .      clean: block-causal, never sees noisy tokens
+        c (b-1)     x x x ... x                x x   . .
+        n (b)       x x x ... x                x x   x x      noisy: the clean tokens of the pass + its block
+        n (b)       x x x ... x                x x   x x
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..model.masks import CLEAN, NOISY, action_rule
+
+
+def prefix_mask(attention: np.ndarray, lo: int, hi: int, t_max: int) -> np.ndarray:
+    """attention [P, P] (the layout's pattern for this prefix) -> the mask of the pass over prefix slots [lo, hi)."""
+    n = hi - lo
+    mask = np.zeros((1, 1, n, t_max + n), dtype=bool)
+    mask[0, 0, :, :lo] = attention[lo:hi, :lo]
+    mask[0, 0, :, t_max:] = attention[lo:hi, lo:hi]
+    return mask
+
+
+def action_mask(cache_valid: np.ndarray, first: int, commit: int, n: int, block_size: int) -> np.ndarray:
+    """The mask of an action pass: n tokens at action indices first .. first+n-1, the first `commit` of them clean
+    (blocks of `block_size`: 1 for AR), the rest one noisy block. cache_valid [T_max] bool."""
+    t_max = cache_valid.shape[-1]
+    if not 0 <= commit <= n:
+        raise ValueError(f'commit must be in [0, {n}], got {commit}')
+    clean_blocks = (first + np.arange(commit)) // block_size
+    kind = np.concatenate([np.full(commit, CLEAN), np.full(n - commit, NOISY)])
+    block = np.concatenate([clean_blocks, np.full(n - commit, clean_blocks[-1] + 1 if commit else 0)])
+    mask = np.empty((1, 1, n, t_max + n), dtype=bool)
+    mask[0, 0, :, :t_max] = cache_valid.reshape(1, t_max)
+    mask[0, 0, :, t_max:] = action_rule(kind, block, kind, block)
+    return mask
