@@ -76,7 +76,7 @@ metaworld-policy: setup setup-sim
 	$(VENV)/bin/blockvla-sim record --out data/mt10_train --suite mt10 --episodes $(MT10_EPISODES) --seed 0
 	$(VENV)/bin/blockvla-train --config config/train/metaworld_mt10.yaml --no-progress
 	$(VENV)/bin/blockvla-export --checkpoint $$(ls -d runs/mt10/checkpoints/step_* | tail -n 1) \
-		--out models/metaworld_mt10 --no-torch-weights --no-split-prefill
+		--out models/metaworld_mt10
 	$(VENV)/bin/blockvla-sim evaluate --policy models/metaworld_mt10 --suite mt10 --episodes 50 --seed 1 --jobs 3 \
 		--out reports/metaworld_mt10_seed1
 
