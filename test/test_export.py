@@ -45,9 +45,9 @@ def test_folder_layout_manifest_and_policy_yaml(exported):
     assert set(doc['graphs']) == {'vision', 'backbone'} and doc['tables'] == 'tables.safetensors'
     cfg = doc['config']
     assert doc['kv_shape'] == [2, 2, 16]
-    assert doc['prefix']['segments'] == [{'kind': 'instruction', 'length': cfg['max_text_tokens']},
-                                         {'kind': 'image', 'length': 4}]
-    assert doc['prefix']['attention'] == 'causal' and doc['prefix']['rope'] == '1d'
+    assert doc['prefix']['segments'] == [{'name': 'text', 'length': cfg['max_text_tokens'], 'source': 'text'},
+                                         {'name': 'image', 'length': 4, 'source': 'image'}]
+    assert doc['prefix']['rope_dims'] == 1
     assert doc['actions']['names'] == ['a0', 'a1', 'a2'] and len(doc['actions']['low']) == 3
     assert all(r['max_abs_diff'] <= 1e-3 for r in doc['export']['parity']['results'])
     engines = {r['engine'] for r in doc['export']['parity']['results']}
@@ -162,7 +162,7 @@ def test_llama_with_state_and_image_first_exports_without_split(tmp_path):
     report = export_policy(ckpt, tmp_path / 'out', parity_samples=2, threads=1, progress=False)
     spec = load_policy_folder(tmp_path / 'out')
     assert [r['engine'] for r in report.parity] == ['onnxruntime']  # no instruction split to check
-    assert [s['kind'] for s in spec.raw['prefix']['segments']] == ['image', 'instruction', 'state']
+    assert [s['name'] for s in spec.raw['prefix']['segments']] == ['image', 'text', 'state']
     assert report.parity[0]['max_abs_diff'] <= 1e-3
 
 

@@ -1,13 +1,15 @@
 """torch -> ONNX for the two graphs of a policy folder (`model.graphs`): vision (static) and backbone (dynamic n).
 
-    vision.onnx     pixels [1, 3, S, S] -> image_tokens [1, Ni, hidden]
+    vision.onnx     pixels [1, 3, S, S] (a VLM: its processor's pixel shape) -> image_tokens [1, Ni, hidden]
     backbone.onnx   embeds [1, n, hidden], positions [1, n], mask [1, 1, n, T_max + n],
                     past_key_i / past_value_i [1, kv_heads, T_max, head_dim] -> logits [1, n, n_bins],
                     new_kv [layers, 2, kv_heads, n, head_dim]; n in [1, T_max] ('n' in the graph)
 
-The dynamo exporter (torch.export, opset 20) writes the weights straight from the torch parameters into one
-external-data file, tensor by tensor: no second in-memory copy of the model and no constant folding over the
-weights here (the exporter folds shape arithmetic only). A graph whose weights stay below `INLINE_LIMIT` is then
+The backbone goes through the dynamo exporter (torch.export, opset 20, the token count as a symbolic dim), which
+writes the weights straight from the torch parameters into one external-data file, tensor by tensor: no second
+in-memory copy of the model and no constant folding over the weights here. The vision graph is static and goes
+through the TorchScript exporter (opset 18): VLM towers such as Qwen2.5-VL's compute window indices from data, which
+torch.export cannot trace, and a static graph needs nothing more. A graph whose weights stay below `INLINE_LIMIT` is then
 rewritten with its weights inline (one file); above it, the graph keeps its single `<file>.data`, which is also what
 lets a graph pass protobuf's 2 GiB limit.
 """
@@ -26,6 +28,7 @@ from .onnx_checks import io_specs
 log = logging.getLogger(__name__)
 
 OPSET = 20  # TensorRT 10 parses up to 20; 23+ would emit fused Attention/RMSNormalization of unknown support
+VISION_OPSET = 18  # the TorchScript exporter's
 INLINE_LIMIT = 1 << 30  # bytes of weights kept inside a .onnx file; above: one <file>.data sidecar
 
 
@@ -63,7 +66,7 @@ def export_vision(policy, folder: Path, opset: int = OPSET, inline_limit: int = 
     pixels = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
     pixels = pixels.to(next(policy.vision.parameters()).dtype)
     return _export(VisionGraph(policy), (pixels,), None, ['pixels'], ['image_tokens'], Path(folder) / 'vision.onnx',
-                   'vision', opset, inline_limit)
+                   'vision', min(opset, VISION_OPSET), inline_limit)
 
 
 def export_backbone(policy, folder: Path, opset: int = OPSET, inline_limit: int = INLINE_LIMIT) -> GraphSpec:
@@ -83,8 +86,12 @@ def _export(module, args, dynamic, inputs, outputs, path: Path, key: str, opset:
     module.eval()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        torch.onnx.export(module, args, str(path), input_names=inputs, output_names=outputs, opset_version=opset,
-                          dynamo=True, external_data=True, dynamic_shapes=dynamic, verbose=False)
+        if dynamic is None:  # static: TorchScript (weights inline, moved to <file>.data below when large)
+            torch.onnx.export(module, args, str(path), input_names=inputs, output_names=outputs,
+                              opset_version=opset, do_constant_folding=True, dynamo=False)
+        else:
+            torch.onnx.export(module, args, str(path), input_names=inputs, output_names=outputs, opset_version=opset,
+                              dynamo=True, external_data=True, dynamic_shapes=dynamic, verbose=False)
     model = onnx.load(str(path), load_external_data=False)  # the graph only; weights stay in the .data file
     if dynamic is not None:
         _name_token_count(model, inputs[0])
@@ -121,7 +128,12 @@ def _place_weights(path: Path, inline_limit: int) -> list:
 
     data = path.with_name(path.name + '.data')
     if not data.is_file():
-        return []
+        model = onnx.load(str(path))
+        if sum(len(t.raw_data) for t in model.graph.initializer) < inline_limit:
+            return []
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024)
+        return [data.name]
     if data.stat().st_size >= inline_limit:
         model = onnx.load(str(path), load_external_data=False)
         locations = {e.value for t in model.graph.initializer for e in t.external_data if e.key == 'location'}
