@@ -12,8 +12,8 @@ from tiny import tiny_config
 
 def test_layout_of_a_config():
     lay = layout_for(tiny_config(state_dim=2))
-    assert [(s.name, s.length, s.source) for s in lay.segments] == [('text', 40, 'text'), ('image', 4, 'image'),
-                                                                   ('state', 1, 'state')]
+    assert [(s.name, s.length, s.source) for s in lay.segments] == [
+        ('text', 40, 'text'), ('image', 4, 'image'), ('state', 1, 'state')]
     assert lay.length == 45 and lay.instruction_len == 40 and lay.offsets['image'] == slice(40, 44)
     first = layout_for(tiny_config(prefix_order='image_first'))
     assert [s.name for s in first.segments] == ['image', 'text'] and first.instruction_len == 0

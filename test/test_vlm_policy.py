@@ -3,9 +3,9 @@
 Random VLM folders (model.vlm.random_folder) of PaliGemma, SmolVLM2 and Qwen2.5-VL are finetuned with block
 diffusion for 20 steps (LoRA on the language model, the vision tower frozen) on rosbag2 recordings the test writes,
 exported (vision graph = the VLM's vision part, backbone graph = its language model) and checked against torch by
-the exporter for every decoder (lock-step logits <= 1e-3, identical tokens). Cached decoding equals the uncached reference
-for all six tiny shapes (PaliGemma/2, SmolVLM, Idefics3, Qwen2-VL, Qwen2.5-VL). The node then runs each family's
-policy over loopback DDS.
+the exporter for every decoder (lock-step logits <= 1e-3, identical tokens). Cached decoding equals the uncached
+reference for all six tiny shapes (PaliGemma/2, SmolVLM, Idefics3, Qwen2-VL, Qwen2.5-VL). The node then runs each
+family's policy over loopback DDS.
 """
 import json
 

@@ -9,9 +9,9 @@ The backbone goes through the dynamo exporter (torch.export, opset 20, the token
 writes the weights straight from the torch parameters into one external-data file, tensor by tensor: no second
 in-memory copy of the model and no constant folding over the weights here. The vision graph is static and goes
 through the TorchScript exporter (opset 18): VLM towers such as Qwen2.5-VL's compute window indices from data, which
-torch.export cannot trace, and a static graph needs nothing more. A graph whose weights stay below `INLINE_LIMIT` is then
-rewritten with its weights inline (one file); above it, the graph keeps its single `<file>.data`, which is also what
-lets a graph pass protobuf's 2 GiB limit.
+torch.export cannot trace, and a static graph needs nothing more. A graph whose weights stay below `INLINE_LIMIT`
+is then rewritten with its weights inline (one file); above it, the graph keeps its single `<file>.data`, which is
+also what lets a graph pass protobuf's 2 GiB limit.
 """
 from __future__ import annotations
 
