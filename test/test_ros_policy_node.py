@@ -3,9 +3,9 @@
 One node runs in this process (its own executor thread) next to a peer node that plays camera and operator:
 it publishes images and instructions, drives the lifecycle and the parameter service, and records what the
 node publishes. A second test starts ``python -m blockvla_ros.ros.policy_node`` as a process (compressed images,
-autostart, Ctrl-C). Policies: ``alpha`` (a tiny random policy exported to ONNX, actions in [-1, 1]) and ``beta``
-(the same graphs with limits moved to [9, 11], so its output is recognisable), plus folders that must be refused
-or fail to load.
+decompression bombs, autostart, Ctrl-C). Policies: ``alpha`` (a tiny random policy exported to ONNX, actions in
+[-1, 1]) and ``beta`` (the same graphs with limits moved to [9, 11], so its output is recognisable), plus folders
+that must be refused or fail to load.
 """
 import array
 import json
@@ -36,6 +36,7 @@ from trajectory_msgs.msg import JointTrajectory  # noqa: E402
 from blockvla_ros.io.images import encode_compressed, rgb8_to_image_fields  # noqa: E402
 from blockvla_ros.ros.policy_node import PolicyNode  # noqa: E402
 from blockvla_ros.runtime.policy_folder import write_manifest  # noqa: E402
+from image_corpus import bombs  # noqa: E402
 
 pytestmark = [pytest.mark.ros, pytest.mark.slow]
 NAMES = ['j0', 'j1', 'j2']
@@ -426,7 +427,14 @@ def test_deactivate_publishes_a_hold_and_activate_resumes(running):
     restore(peer)
 
 
-# --- as a process: compressed images, autostart, Ctrl-C ------------------------------------------------------------
+# --- as a process: compressed images, bombs, autostart, Ctrl-C -----------------------------------------------------
+def _peak_rss_mb(pid):
+    for line in open(f'/proc/{pid}/status'):
+        if line.startswith('VmHWM:'):
+            return int(line.split()[1]) / 1024
+    raise AssertionError('no VmHWM in /proc/PID/status')
+
+
 def test_node_process_compressed_images_and_ctrl_c(models):
     domain = 100 + (os.getpid() + 37) % 100
     env = dict(os.environ, ROS_DOMAIN_ID=str(domain), ROS_AUTOMATIC_DISCOVERY_RANGE='LOCALHOST')
@@ -448,6 +456,19 @@ def test_node_process_compressed_images_and_ctrl_c(models):
         eight_k = compressed_msg(huge, peer.node.get_clock().now().to_msg())
         peer.make_frame = lambda s: (setattr(eight_k.header, 'stamp', s), eight_k)[1]
         peer.wait_diag(lambda d: 'too large' in d['last_image_error'] and 'camera stale' in d['hold_reason'])
+        # issue 13 item 2: decompression bombs (each ~1 kB, 30000x30000 = 2.7 GB if decoded) at 30 Hz; the executor
+        # stays free (diagnostics keep coming), nothing is decoded (bounded peak RSS), the node acts again after
+        all_bombs = bombs()
+        for name in ('jpeg_junk_after_app0', 'png_30000', 'jpeg_many_scans', 'bmp_rle8_bomb'):
+            msg = CompressedImage(format=name.split('_')[0])
+            msg.data = array.array('B', all_bombs[name])
+            peer.make_frame = lambda s, msg=msg: (setattr(msg.header, 'stamp', s), msg)[1]
+            start = peer.wait_diag(lambda d: True)
+            diag = peer.wait_diag(lambda d, r=int(start['images_rejected']), t=int(start['ticks']):
+                                  int(d['images_rejected']) >= r + 20 and int(d['ticks']) > t + 10, timeout=30)
+            assert 'camera stale' in diag['hold_reason'] and diag['last_image_error'], (name, diag)
+        peak_mb = _peak_rss_mb(proc.pid)
+        assert peak_mb < 1500, f'peak RSS {peak_mb:.0f} MB: a bomb was decoded'
         peer.make_frame = lambda s: compressed_msg(rgb, s, 'jpeg')
         peer.wait_actions(policy_action(-1, 1), mark=peer.mark())
     finally:
