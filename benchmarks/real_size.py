@@ -10,8 +10,9 @@ each heavy one in its own process so its memory is its own (peak = that process'
 
 1. prepare: the random-weight HF folder (written shard by shard), a policy checkpoint on it with the demo's vision /
    action settings (shapes.POLICY), and the fp32 torch policy's tokens on --observations observations (reference).
-2. export, per precision: `blockvla-export --no-torch-weights` (what a robot ships) -> export_s, export_peak_rss_gb,
-   folder_gb, folder_over_weights (folder bytes / weight bytes at that precision).
+2. export, per precision: `blockvla-export --no-torch-weights --no-calibrate` (what a robot ships; random weights,
+   no run to calibrate on) -> export_s, export_peak_rss_gb, folder_gb, folder_over_weights (folder bytes / weight
+   bytes at that precision).
 3. run, per precision: PolicyRunner (ONNX Runtime, CPU) in a fresh process -> load_s, runner_rss_gb (after load and
    warm-up), runner_rss_over_weights; ms per chunk with 1 and 2 threads (median of --runs, prefill included);
    token_agreement = share of action tokens equal to the fp32 torch policy's.
@@ -151,7 +152,7 @@ def folder_bytes(folder: Path) -> int:
 # --- the benchmark --------------------------------------------------------------------------------------------------
 def export_cmd(ckpt: str, folder: Path, precision: str, threads: int) -> list:
     cmd = [sys.executable, '-m', 'blockvla_ros.export.cli', '--checkpoint', ckpt, '--out', str(folder),
-           '--no-torch-weights', '--parity-samples', '1', '--threads', str(threads), '-q']
+           '--no-torch-weights', '--no-calibrate', '--parity-samples', '1', '--threads', str(threads), '-q']
     return cmd + (['--precision', precision] if precision != 'fp32' else [])
 
 

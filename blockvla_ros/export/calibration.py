@@ -10,9 +10,10 @@ trained with. Calibration measures it instead of guessing:
     chosen      the candidate with the fewest mean passes (NFE) whose agreement is >= `level`
                 (ties: higher agreement, then the smaller block, then fixed before threshold)
 
-The result is stored in policy.yaml (`calibration`) and its setting becomes the policy's default decoding
-(`config.block_size / steps_per_block / schedule / threshold`). Pure numpy: the decoding itself is a callable, so
-any engine can run it (export uses the folder's own ONNX Runtime graphs).
+The result is stored in policy.yaml (`calibration`, checked by runtime.policy_schema.calibration) and its setting
+becomes the policy's default decoding (`config.block_size / steps_per_block / schedule / threshold`): blockvla-export
+does this unless told `--no-calibrate` (`calibrate_folder` on the folder's own ONNX Runtime graphs, the windows from
+the run's validation split). The choice itself is pure numpy: the decoding is a callable, so any engine can run it.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import numpy as np
 
 DEFAULT_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 DEFAULT_LEVEL = 0.9
+DEFAULT_WINDOWS = 64  # held-out windows decoded per setting
 MAX_SMALL_STEPS = 4  # steps_per_block candidates 1..4 (and B): more passes than 4 are never "fewer passes"
 
 
@@ -116,11 +118,27 @@ class Calibration:
     def table(self) -> str:
         """Markdown: every candidate, the chosen one marked."""
         lines = ['| setting | NFE | token agreement | mean bin error |', '| --- | ---: | ---: | ---: |']
-        for r in [self.reference] + self.rows:
+        for r in [self.reference] + [r for r in self.rows if r is not self.reference]:
             mark = ' **(chosen)**' if r.setting == self.chosen else ' (reference)' if r is self.reference else ''
             lines.append(f'| {r.setting.label}{mark} | {r.nfe:.2f} | {100 * r.agreement:.1f} % | '
                          f'{r.bin_error:.3f} |')
         return '\n'.join(lines)
+
+
+@dataclass(frozen=True)
+class CalibrationOptions:
+    """What export's calibration measures (blockvla-export --calibration-level / -windows / -bags)."""
+
+    level: float = DEFAULT_LEVEL  # minimum token agreement with the full schedule
+    windows: int = DEFAULT_WINDOWS  # evenly spaced held-out windows
+    bags: tuple = ()  # held-out recordings instead of the run's validation split
+    thresholds: tuple = DEFAULT_THRESHOLDS
+
+    def __post_init__(self):
+        if not (isinstance(self.level, (int, float)) and math.isfinite(self.level) and 0.0 < self.level <= 1.0):
+            raise ValueError(f'calibration level must be in (0, 1], got {self.level!r}')
+        if isinstance(self.windows, bool) or not isinstance(self.windows, int) or self.windows < 1:
+            raise ValueError(f'calibration windows must be a positive integer, got {self.windows!r}')
 
 
 # decode(setting, window index) -> (tokens [L] int, nfe)
@@ -154,10 +172,7 @@ def calibrate(decode: DecodeFn, n_windows: int, block_sizes: Sequence[int], leve
     cands = list(candidates) if candidates is not None else candidate_settings(block_sizes, thresholds)
     rows = []
     for setting in cands:
-        if setting == ref_setting:
-            rows.append(ref_row)
-            continue
-        rows.append(_measure(decode, setting, n_windows, ref_tokens)[1])
+        rows.append(ref_row if setting == ref_setting else _measure(decode, setting, n_windows, ref_tokens)[1])
         if progress is not None:
             progress(rows[-1])
     if ref_row not in rows:
@@ -183,3 +198,37 @@ def engine_decode_fn(engine, config, windows: Sequence) -> DecodeFn:
         return res.tokens, res.nfe
 
     return decode
+
+
+def calibrate_folder(folder, train_config, options: CalibrationOptions = CalibrationOptions(),
+                     threads: Optional[int] = None, progress: bool = False) -> Calibration:
+    """Calibrate a policy folder on its own ONNX Runtime graphs: held-out windows from the run's validation split
+    (`train_config`: the checkpoint's train_config.yaml), or every episode of `options.bags`."""
+    from ..runtime.ort_engine import OrtEngine
+    from ..runtime.policy_folder import load_policy_folder
+    from ..runtime.runner import policy_preprocessor
+    from ..training.validation import held_out_windows
+
+    spec = load_policy_folder(folder)
+    pre = policy_preprocessor(spec)
+    windows, source = held_out_windows(train_config, spec.config, pre.text, pre.actions,
+                                       bags=list(options.bags) or None, max_windows=options.windows)
+    engine = OrtEngine(spec, threads=threads)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(candidate_settings(spec.config.block_sizes, options.thresholds)), unit='setting',
+                   desc=f'calibrate {spec.name}')
+    try:
+        return calibrate(engine_decode_fn(engine, spec.config, windows), len(windows), spec.config.block_sizes,
+                         level=options.level, thresholds=options.thresholds, source=source,
+                         progress=(lambda row: bar.update(1)) if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def calibrated_config(config: dict, calibration: Calibration) -> dict:
+    """policy.yaml's `config` with the chosen setting as the default decoding (blockdiff)."""
+    return {**config, 'decoder': 'blockdiff', **calibration.chosen.overrides()}

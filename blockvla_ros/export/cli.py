@@ -1,11 +1,14 @@
 """blockvla-export: a training checkpoint -> a policy folder (ONNX graphs, stats, manifest) [+ TensorRT engines].
 
-    blockvla-export --checkpoint runs/ckpt --out models/pick_v1 [--trt [--fp16]]
+    blockvla-export --checkpoint runs/ckpt --out models/pick_v1 [--trt [--fp16]] [--no-calibrate]
 
 The folder (format 2: vision.onnx, one backbone.onnx serving every pass, tables.safetensors; each weight once) is
 replaced only when every check passes (dims dynamic only in the token count, TensorRT op list, parity with torch).
 --trt builds and caches the TensorRT engines on this machine's GPU and checks their parity too; without a GPU
-it fails at once.
+it fails at once. The default decoding is calibrated (export.calibration): decoded on held-out windows of the run
+(the validation split its train_config.yaml names, or --calibration-bags), the setting with the fewest passes whose
+tokens agree with the full schedule's at --calibration-level becomes policy.yaml's default; --no-calibrate keeps
+the training config's decoding.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from ..model.action_tokenizer import MissingStatsError
 from ..runtime.engine_factory import GPUUnavailableError, require_cuda_device
 from ..io.atomic import check_output_dir
 from ..runtime.policy_folder import PolicyFolderError
+from .calibration import DEFAULT_LEVEL, DEFAULT_WINDOWS, CalibrationOptions
 from .onnx_checks import GraphCheckError
 from .onnx_export import INLINE_LIMIT
 from .precision import PRECISIONS
@@ -52,7 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--tolerance', type=float, default=1e-3, help='max |logits diff| allowed vs torch (fp32)')
     p.add_argument('--min-agreement', type=float, default=0.0,
                    help='minimum token agreement with the fp32 torch policy (default: reported only)')
-    p.add_argument('--threads', type=int, help='CPU threads for the parity run')
+    p.add_argument('--threads', type=int, help='CPU threads for the parity run and the calibration')
+    p.add_argument('--no-calibrate', action='store_true',
+                   help="keep the training config's decoding (default: calibrate it on held-out windows)")
+    p.add_argument('--calibration-level', type=float, default=DEFAULT_LEVEL,
+                   help=f'minimum token agreement with the full schedule (default {DEFAULT_LEVEL})')
+    p.add_argument('--calibration-windows', type=int, default=DEFAULT_WINDOWS,
+                   help=f'held-out windows decoded per setting (default {DEFAULT_WINDOWS})')
+    p.add_argument('--calibration-bags', type=Path, nargs='+', default=(),
+                   help="held-out recordings to calibrate on instead of the run's validation split")
     p.add_argument('-q', '--quiet', action='store_true', help='warnings and errors only')
     return p
 
@@ -67,10 +79,13 @@ def main(argv=None) -> int:
             require_cuda_device('blockvla-export --trt')  # before any work
         if args.opset is not None and not 18 <= args.opset <= 20:
             raise ValueError(f'--opset must be 18, 19 or 20 (got {args.opset})')
+        calibration = None if args.no_calibrate else CalibrationOptions(
+            level=args.calibration_level, windows=args.calibration_windows, bags=tuple(args.calibration_bags))
         report = export_policy(args.checkpoint, args.out, name=args.name, precision=args.precision, opset=args.opset,
                                torch_weights=args.torch_weights, inline_limit=int(args.inline_limit_mb * 2**20),
                                parity_samples=args.parity_samples, tolerance=args.tolerance,
-                               min_agreement=args.min_agreement, threads=args.threads, progress=not args.quiet)
+                               min_agreement=args.min_agreement, threads=args.threads, progress=not args.quiet,
+                               calibration=calibration)
         trt_report = None
         if args.trt:
             from .tensorrt_export import build_and_check
@@ -91,6 +106,11 @@ def main(argv=None) -> int:
     for r in report.parity + ([trt_report] if trt_report else []):
         print(f'parity {r["engine"]:<32} max|diff| {r["max_abs_diff"]:.2e}  token agreement '
               f'{r["token_agreement"]:.3f}  ({r["samples"]} observations, {r["graph_calls"]} calls)')
+    cal = report.calibration
+    if cal is not None:
+        row = cal.chosen_row
+        print(f'default decoding (calibrated on {cal.source}): {cal.chosen.label}, {row.nfe:.2f} NFE per chunk '
+              f'(full schedule {cal.reference.nfe:.2f}), token agreement {row.agreement:.3f} >= {cal.level:g}')
     total = sum(v for k, v in report.sizes.items() if k != 'weights')
     print(f'files ({total / 2**20:.1f} MiB, {total / report.sizes["weights"]:.2f}x the fp32 weights): '
           + ', '.join(report.files))

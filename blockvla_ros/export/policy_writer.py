@@ -3,6 +3,7 @@
     from blockvla_ros.export.policy_writer import export_policy
     report = export_policy('runs/x/checkpoints/step_100', 'models/x')        # fp32, ONNX Runtime parity-checked
     report = export_policy(ckpt, 'models/x_int4', precision='int4')           # fp16 | int8 | int4: export.precision
+    report = export_policy(ckpt, 'models/x', calibration=CalibrationOptions())  # default decoding calibrated
     report.folder, report.parity, report.seconds, report.sizes               # what was written and measured
 
 Checkpoint folder (what BlockVLAPolicy.save + NormStats.save write): config.json, model.safetensors, stats.json
@@ -10,7 +11,8 @@ Checkpoint folder (what BlockVLAPolicy.save + NormStats.save write): config.json
 backbone.onnx (+ backbone.onnx.data above `inline_limit` bytes of weights) and tables.safetensors; see
 runtime.policy_folder. It is assembled in a temporary sibling, checked (dims dynamic only in n, TensorRT op list,
 manifest, ONNX Runtime vs torch parity) and only then renamed into place; any failure leaves the previous folder
-untouched.
+untouched. With `calibration`, the fewest passes that keep the tokens of the full schedule on held-out windows of
+the run (export.calibration) become the folder's default decoding, recorded in policy.yaml's `calibration`.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from ..model.action_tokenizer import NormStats
 from ..model.config import BlockVLAConfig
 from ..runtime.policy_folder import (FORMAT_VERSION, POLICY_FILE, STATS_FILE, TABLES_FILE, WEIGHTS_FILE,
                                      load_policy_folder, write_manifest)
+from .calibration import CalibrationOptions, calibrate_folder, calibrated_config
 from .onnx_checks import check_graph_file
 from .onnx_export import INLINE_LIMIT, OPSET, export_backbone, export_vision
 from .precision import PRECISIONS, check_precision, default_tolerance, quantize_weights  # noqa: F401
@@ -57,6 +60,7 @@ class ExportReport:
     seconds: float
     files: list = field(default_factory=list)
     sizes: dict = field(default_factory=dict)  # file -> bytes; 'weights' -> parameter bytes at fp32
+    calibration: Optional[object] = None  # export.calibration.Calibration, when calibrated
 
 
 def load_checkpoint(folder: str | Path):
@@ -145,7 +149,8 @@ def _plain(data):
 def export_policy(checkpoint: str | Path, out: str | Path, *, name: Optional[str] = None, precision: str = 'fp32',
                   opset: int = OPSET, torch_weights: bool = False, inline_limit: int = INLINE_LIMIT,
                   parity_samples: int = 4, tolerance: float = 1e-3, min_agreement: float = 0.0,
-                  threads: Optional[int] = None, progress: bool = True) -> ExportReport:
+                  threads: Optional[int] = None, progress: bool = True,
+                  calibration: Optional[CalibrationOptions] = None) -> ExportReport:
     """Export `checkpoint` into the policy folder `out` (replaced atomically on success).
 
     precision: fp32 | fp16 | int8 | int4 (see export.precision: what each stores, how parity is judged).
@@ -154,6 +159,8 @@ def export_policy(checkpoint: str | Path, out: str | Path, *, name: Optional[str
     tolerance: max lock-step |logits diff| vs the fp32 torch policy (fp32 only); min_agreement: minimum token
     agreement (every precision; 0 = reported only).
     threads: CPU threads for the parity run (torch and ONNX Runtime); None keeps the libraries' defaults.
+    calibration: calibrate the default decoding on held-out windows (the run's validation split, read through the
+    checkpoint's train_config.yaml, or options.bags); None keeps the training config's decoding.
     """
     from tqdm import tqdm
 
@@ -161,6 +168,7 @@ def export_policy(checkpoint: str | Path, out: str | Path, *, name: Optional[str
     checkpoint, out = Path(checkpoint), check_output_dir(out)  # before any work
     check_precision(precision)
     policy, stats = load_checkpoint(checkpoint)
+    train_config = _calibration_source(checkpoint) if calibration is not None else None
     config = policy.portable_config()
     config = config.replace(action_kinds=config.kinds)  # written out: absolute where training did not say
     weight_bytes = sum(p.numel() * 4 for p in policy.parameters())
@@ -200,6 +208,17 @@ def export_policy(checkpoint: str | Path, out: str | Path, *, name: Optional[str
                                 sources[0].parent if sources else None)
         doc['export']['parity'] = {'tolerance': tolerance, 'min_agreement': min_agreement,
                                    'results': [r.to_dict() for r in reports]}
+        cal = None
+        if train_config is not None and config.decoder != 'blockdiff':
+            log.warning('not calibrated: the policy decodes with %s (calibration chooses blockdiff settings)',
+                        config.decoder)
+        elif train_config is not None:
+            cal = calibrate_folder(tmp, train_config, calibration, threads=threads, progress=progress)
+            doc['config'] = calibrated_config(doc['config'], cal)
+            doc['calibration'] = _plain(cal.to_dict())
+            log.info('calibrated default decoding: %s, %.2f NFE per chunk (full schedule %.2f), token agreement '
+                     '%.3f >= %g', cal.chosen.label, cal.chosen_row.nfe, cal.reference.nfe, cal.chosen_row.agreement,
+                     cal.level)
         atomic_write_text(tmp / POLICY_FILE, yaml.safe_dump(doc, sort_keys=False))
         write_manifest(tmp)
         sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
@@ -210,7 +229,17 @@ def export_policy(checkpoint: str | Path, out: str | Path, *, name: Optional[str
              max(r.max_abs_diff for r in reports))
     return ExportReport(folder=out, name=name, graphs={k: g.file for k, g in graphs.items()},
                         parity=[r.to_dict() for r in reports], checks=checks, seconds=seconds,
-                        files=[f for f in sizes if f != 'weights'], sizes=sizes)
+                        files=[f for f in sizes if f != 'weights'], sizes=sizes, calibration=cal)
+
+
+def _calibration_source(checkpoint: Path) -> Path:
+    """The run's training config next to the checkpoint (its data section names the validation split)."""
+    path = checkpoint / 'train_config.yaml'
+    if not path.is_file():
+        raise CheckpointError(f'{checkpoint}: train_config.yaml is missing, so the run\'s validation split for '
+                              'calibrating the default decoding is unknown (blockvla-train writes it into every '
+                              'checkpoint); export with --no-calibrate to keep the config\'s decoding')
+    return path
 
 
 def _write_tables(policy, path: Path) -> None:

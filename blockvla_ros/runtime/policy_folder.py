@@ -3,7 +3,7 @@
     models/<name>/                     format 2: each weight stored once
       policy.yaml        format_version, name, config (BlockVLAConfig), kv_shape, prefix (the layout), actions
                          (names, low, high), graphs (file, sidecar, I/O names/shapes/dtypes; 'n' = token count),
-                         tables, precision
+                         tables, precision, calibration (the default decoding chosen on held-out windows)
       stats.json         normalization statistics
       vision.onnx        vision tower + projector (static shapes)
       backbone.onnx      the decoder layers + final norm + action head, one graph for every pass (dynamic n)
@@ -114,6 +114,7 @@ class PolicySpec:
     precision: str = 'fp32'  # weights of the graphs: fp32 | fp16 | int8 | int4 (weight-only)
     weights: Optional[str] = None  # model.safetensors for the torch engine, if exported
     tokenizer_files: list = field(default_factory=list)
+    calibration: Optional[dict] = None  # the decoding calibration export measured (policy_schema.calibration)
 
     @property
     def float_dtype(self) -> str:
@@ -291,6 +292,7 @@ def load_policy_folder(folder: str | os.PathLike) -> PolicySpec:
                                 f'{config.image_size}')
     if 'prefix' in raw:
         schema.prefix(raw['prefix'], where, config)
+    calibration = schema.calibration(raw['calibration'], where, config) if 'calibration' in raw else None
     if 'export' in raw:
         schema.export_info(raw['export'], where)
     covered(STATS_FILE, 'normalization statistics')
@@ -311,7 +313,7 @@ def load_policy_folder(folder: str | os.PathLike) -> PolicySpec:
     return PolicySpec(folder=folder, name=name, config=config, stats=stats, kv_shape=kv_shape, graphs=graphs,
                       action_names=names, action_low=np.asarray(low, dtype=np.float32),
                       action_high=np.asarray(high, dtype=np.float32), manifest=manifest, raw=raw, tables=tables,
-                      precision=precision, weights=weights, tokenizer_files=tokenizer_files)
+                      precision=precision, weights=weights, tokenizer_files=tokenizer_files, calibration=calibration)
 
 
 def resolve_policy(name_or_path: str | os.PathLike, policy_dirs: Sequence[str | os.PathLike]) -> Path:

@@ -33,7 +33,7 @@ SHA256 = re.compile(r'^[0-9a-f]{64}$')
 
 # policy.yaml: top-level keys (required ones first). `export` is provenance, never read by the runtime.
 POLICY_REQUIRED = ('format_version', 'name', 'config', 'kv_shape', 'actions', 'graphs', 'tables')
-POLICY_OPTIONAL = ('image_size', 'prefix', 'precision', 'weights', 'tokenizer_files', 'export')
+POLICY_OPTIONAL = ('image_size', 'prefix', 'precision', 'weights', 'tokenizer_files', 'calibration', 'export')
 ACTIONS_REQUIRED = ('names', 'low', 'high')
 ACTIONS_OPTIONAL = ('limits_source',)
 GRAPH_REQUIRED = ('file', 'inputs', 'outputs')
@@ -41,6 +41,9 @@ GRAPH_OPTIONAL = ('data',)
 TENSOR_KEYS = ('name', 'shape', 'dtype')
 STATS_REQUIRED = ('action_low', 'action_high')
 STATS_OPTIONAL = ('state_low', 'state_high', 'n_samples')
+CALIBRATION_REQUIRED = ('level', 'windows', 'source', 'reference', 'chosen', 'candidates')
+CALIBRATION_ROW = ('block_size', 'steps_per_block', 'schedule', 'threshold', 'nfe', 'agreement', 'bin_error')
+MAX_CALIBRATION_ROWS = 4096
 MANIFEST_REQUIRED = ('files',)
 MANIFEST_OPTIONAL = ('format_version', 'algorithm')
 
@@ -318,6 +321,57 @@ def weights(doc: Any, where: str, expected: str) -> str | None:
 def export_info(doc: Any, where: str) -> None:
     """export: provenance (exporter, versions, parity results); a mapping, never read by the runtime."""
     mapping(doc, f'{where}: export', optional=None)
+
+
+def calibration_row(doc: Any, where: str, cfg) -> dict:
+    """One measured decoding setting: a trained block size, 1..B passes, fixed | threshold (tau in (0, 1]), its mean
+    NFE, token agreement in [0, 1] and mean bin error."""
+    mapping(doc, where, CALIBRATION_ROW, ())
+    b = integer(doc['block_size'], f'{where}.block_size', 1, cfg.n_action_tokens)
+    if b not in cfg.block_sizes:
+        raise PolicyFolderError(f'{where}.block_size: {b} is not one of the trained block sizes {cfg.block_sizes}')
+    row = {'block_size': b, 'steps_per_block': integer(doc['steps_per_block'], f'{where}.steps_per_block', 1, b),
+           'schedule': string(doc['schedule'], f'{where}.schedule', ('fixed', 'threshold')), 'threshold': None}
+    if (row['schedule'] == 'threshold') != (doc['threshold'] is not None):
+        raise PolicyFolderError(f'{where}.threshold: {doc["threshold"]!r:.40}; a threshold is given exactly when the '
+                                'schedule is threshold')
+    if doc['threshold'] is not None:
+        row['threshold'] = number(doc['threshold'], f'{where}.threshold', 1.0)
+        if row['threshold'] <= 0.0:
+            raise PolicyFolderError(f'{where}.threshold: {row["threshold"]} is not in (0, 1]')
+    row['nfe'] = number(doc['nfe'], f'{where}.nfe')
+    row['agreement'] = number(doc['agreement'], f'{where}.agreement', 1.0)
+    row['bin_error'] = number(doc['bin_error'], f'{where}.bin_error', float(cfg.n_bins))
+    if row['nfe'] < 1 or row['agreement'] < 0 or row['bin_error'] < 0:
+        raise PolicyFolderError(f'{where}: nfe must be >= 1, agreement in [0, 1] and bin_error >= 0 '
+                                f'(got {row["nfe"]}, {row["agreement"]}, {row["bin_error"]})')
+    return row
+
+
+def calibration(doc: Any, where: str, cfg) -> dict:
+    """calibration (export.calibration): the setting chosen on held-out windows, which must be config's default
+    decoding (blockdiff with that block size, passes per block, schedule and threshold) and reach `level`."""
+    w = f'{where}: calibration'
+    mapping(doc, w, CALIBRATION_REQUIRED, ())
+    level = number(doc['level'], f'{w}.level', 1.0)
+    if level <= 0.0:
+        raise PolicyFolderError(f'{w}.level: {level} is not in (0, 1]')
+    out = {'level': level, 'windows': integer(doc['windows'], f'{w}.windows', 1),
+           'source': string(doc['source'], f'{w}.source'),
+           'reference': calibration_row(doc['reference'], f'{w}.reference', cfg),
+           'chosen': calibration_row(doc['chosen'], f'{w}.chosen', cfg),
+           'candidates': [calibration_row(r, f'{w}.candidates[{i}]', cfg) for i, r in
+                          enumerate(listing(doc['candidates'], f'{w}.candidates', max_len=MAX_CALIBRATION_ROWS))]}
+    chosen = out['chosen']
+    if chosen['agreement'] < level - 1e-9:
+        raise PolicyFolderError(f'{w}.chosen: agreement {chosen["agreement"]} is below the level {level}')
+    default = {'block_size': cfg.block_size, 'steps_per_block': cfg.steps_per_block, 'schedule': cfg.schedule,
+               'threshold': cfg.threshold if cfg.schedule == 'threshold' else None}
+    setting = {k: chosen[k] for k in default}
+    if cfg.decoder != 'blockdiff' or setting != default:
+        raise PolicyFolderError(f'{w}.chosen {setting} is not config\'s default decoding ({cfg.decoder} {default}): '
+                                'the calibrated setting is the default; re-export the policy')
+    return out
 
 
 def stats(doc: Any, where: str, action_dim: int, state_dim: int):
