@@ -19,7 +19,8 @@ def _cuda_available():
 def pytest_collection_modifyitems(config, items):
     if _cuda_available():
         return
-    skip = pytest.mark.skip(reason='needs an NVIDIA GPU with CUDA and TensorRT')
+    skip = pytest.mark.skip(reason='needs an NVIDIA GPU and a CUDA build of torch (torch.cuda.is_available() is '
+                            'False here)')
     for item in items:
         if 'requires_cuda' in item.keywords:
             item.add_marker(skip)

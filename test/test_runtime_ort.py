@@ -175,6 +175,8 @@ def test_tensorrt_without_gpu_fails_at_once(folder):
 @pytest.mark.requires_cuda
 @pytest.mark.parametrize('cuda_graphs', [False, True])
 def test_tensorrt_matches_torch_on_20_observations(folder, reference, tmp_path, cuda_graphs):
+    pytest.importorskip('tensorrt', reason='TensorRT is not installed (a GPU machine with torch only)')
+    pytest.importorskip('cuda', reason='cuda-python is not installed (the TensorRT engine needs it)')
     from blockvla_ros.runtime.trt_engine import TrtEngine
 
     spec = load_policy_folder(folder)
@@ -189,6 +191,10 @@ def test_tensorrt_matches_torch_on_20_observations(folder, reference, tmp_path, 
 
 @pytest.mark.requires_cuda
 def test_onnxruntime_cuda_matches_torch(folder, reference):
+    import onnxruntime
+
+    if 'CUDAExecutionProvider' not in onnxruntime.get_available_providers():
+        pytest.skip('this onnxruntime has no CUDA provider (onnxruntime-gpu is not installed)')
     spec = load_policy_folder(folder)
     pre = build_preprocessor(spec.config, spec.stats, folder)
     obs = random_observations(spec.config, spec.stats, 20, seed=7, tokenizer=pre.text)

@@ -21,11 +21,13 @@ def write_checkpoint(folder: Path, **overrides) -> Path:
     return folder
 
 
-def export_tiny(root: Path, name: str = 'tiny', parity_samples: int = 2, **overrides) -> Path:
-    """Checkpoint under root/ckpt_<name>, policy folder root/models/<name> (one thread: the CI has 2 cores)."""
+def export_tiny(root: Path, name: str = 'tiny', parity_samples: int = 2, torch_weights: bool = False,
+                **overrides) -> Path:
+    """Checkpoint under root/ckpt_<name>, policy folder root/models/<name> (one thread: the CI has 2 cores);
+    `torch_weights` adds model.safetensors (engine 'torch')."""
     from blockvla_ros.export.policy_writer import export_policy
 
     ckpt = write_checkpoint(root / f'ckpt_{name}', **overrides)
     out = root / 'models' / name
-    export_policy(ckpt, out, parity_samples=parity_samples, threads=1, progress=False)
+    export_policy(ckpt, out, parity_samples=parity_samples, threads=1, progress=False, torch_weights=torch_weights)
     return out

@@ -3,7 +3,8 @@
     onnxruntime        ONNX Runtime on the CPU (the embedded default; never imports torch)
     onnxruntime-cuda   ONNX Runtime with the CUDA provider (falls back to the CPU unless require_gpu)
     tensorrt           TensorRT engines built from the ONNX graphs and cached (NVIDIA GPU only)
-    torch              the reference: the torch modules, from model.safetensors in the folder
+    torch              the torch modules, from model.safetensors in the folder (runtime.torch_static_engine: static
+                       buffers; on a GPU CUDA graphs and bf16 / fp16 weights)
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def require_cuda_device(what: str) -> int:
 def create_engine(spec: PolicySpec, engine: str = 'onnxruntime', *, require_gpu: bool = False,
                   threads: Optional[int] = None, options: Optional[dict] = None):
     """Build the named engine. `options`: reuse_text_kv (every engine), fp16, cache_dir, cuda_graphs, device_id
-    (tensorrt), device (torch: 'cpu' | 'cuda')."""
+    (tensorrt), device ('cpu' | 'cuda' | 'cuda:N'), dtype ('float32' | 'bfloat16' | 'float16'), cuda_graphs (torch)."""
     options = dict(options or {})
     if engine not in ENGINES:
         raise ValueError(f'unknown engine {engine!r}; expected one of {ENGINES}')
@@ -61,17 +62,19 @@ def create_engine(spec: PolicySpec, engine: str = 'onnxruntime', *, require_gpu:
     import torch
 
     from ..model.policy import BlockVLAPolicy
-    from .torch_engine import TorchEngine
+    from .torch_static_engine import StaticTorchEngine, torch_dtype
 
-    options = _take(options, ('device', 'reuse_text_kv'))
-    device = options.get('device', 'cuda' if require_gpu else 'cpu')
+    options = _take(options, ('device', 'dtype', 'cuda_graphs', 'reuse_text_kv'))
+    device = str(options.get('device', 'cuda' if require_gpu else 'cpu'))
+    torch_dtype(options.get('dtype', 'float32'))  # a bad name fails before the weights load
     if device.startswith('cuda') and not torch.cuda.is_available():
         raise GPUUnavailableError("engine 'torch' on cuda needs a CUDA build of torch and a GPU; use engine "
                                   "'onnxruntime' for the CPU")
     if threads:
         torch.set_num_threads(int(threads))
-    return TorchEngine(BlockVLAPolicy.load(spec.folder, config=spec.config), device=device,
-                       reuse_instruction=options.get('reuse_text_kv', True))
+    return StaticTorchEngine(BlockVLAPolicy.load(spec.folder, config=spec.config), device=device,
+                             dtype=options.get('dtype', 'float32'), cuda_graphs=options.get('cuda_graphs', True),
+                             reuse_instruction=options.get('reuse_text_kv', True))
 
 
 def _take(options: dict, allowed: tuple) -> dict:
