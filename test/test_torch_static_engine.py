@@ -27,7 +27,8 @@ DECODERS = ('blockdiff', 'ar', 'fulldiff', 'fulldiff_nocache')
 # ops that wait for the device (a value read on the host) or have data-dependent output shapes: a CUDA graph
 # capture fails on them
 HOST_SYNC_OPS = {'aten._local_scalar_dense', 'aten.item', 'aten.is_nonzero', 'aten.nonzero', 'aten.equal',
-                 'aten.masked_select', 'aten._unique2', 'aten.unique_consecutive', 'aten.unique_dim'}
+                 'aten.masked_select', 'aten._unique2', 'aten.unique_consecutive', 'aten.unique_dim',
+                 'aten.lift_fresh', 'aten.lift_fresh_copy'}  # the last two: a tensor made from host data (a copy in)
 
 
 @pytest.fixture(scope='module')
@@ -147,6 +148,8 @@ def bf16_agreement(folder, device, request) -> float:
     print(f'bf16 on {device} vs fp32 torch (cpu): token agreement {report.token_agreement:.3f} over {report.tokens} '
           f'tokens, lock-step max |logit diff| {report.max_abs_diff:.4f}')
     assert engine.cache.buffer.dtype == torch.bfloat16 and engine.describe()['dtype'] == 'bfloat16'
+    rotary = [b.dtype for name, b in engine.policy.named_buffers() if name.endswith('inv_freq')]
+    assert rotary and set(rotary) == {torch.float32}  # positions ~300 need float32 frequencies
     # bf16 keeps ~3 significant digits: the lock-step logits stay close (an fp16 overflow or a wrong cast would
     # not); free-run agreement is reported (near-tied random logits flip), and far above chance
     assert report.max_abs_diff <= 2e-2

@@ -12,8 +12,8 @@ The same graph modules as `TorchEngine` (model.graphs), driven so that every pas
                  on a side stream, then `torch.cuda.CUDAGraph` into one shared memory pool) and replayed after; any
                  other n (real-time chunking carries) runs eagerly through the same buffers; a failed capture
                  falls back to eager for that n, with a warning
-    dtype        float32 (default), bfloat16 or float16 weights and cache; the attention softmax and the returned
-                 logits stay float32
+    dtype        float32 (default), bfloat16 or float16 weights and cache; the attention softmax, the rotary
+                 frequencies and the returned logits stay float32
 
 With capture off (always on the CPU) this is the same code path minus the replay, so tests on the CPU check it
 against `TorchEngine` and ONNX Runtime; `describe()` reports which shapes were captured and how many passes ran
@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 DTYPES = {'float32': 'float32', 'fp32': 'float32', 'bfloat16': 'bfloat16', 'bf16': 'bfloat16',
           'float16': 'float16', 'fp16': 'float16'}
 WARMUP_RUNS = 2  # eager runs on a side stream before a capture (cuBLAS handles, lazy kernel loads)
+FLOAT32_BUFFERS = ('inv_freq', 'original_inv_freq')  # rotary frequencies: in bf16, the angle at position 300 is off
+# by up to ~1 rad (8-bit mantissa); transformers computes the rotary embedding in float32 from them
 
 
 def torch_dtype(name: str):
@@ -45,6 +47,18 @@ def torch_dtype(name: str):
     if key is None:
         raise ValueError(f'dtype must be one of {sorted(DTYPES)}, got {name!r}')
     return getattr(torch, key)
+
+
+def cast_policy(policy, device, dtype):
+    """`policy.to(device, dtype)` in place, keeping the rotary frequency buffers in float32. -> policy"""
+    import torch
+
+    keep = {name: buf for name, buf in policy.named_buffers() if name.rsplit('.', 1)[-1] in FLOAT32_BUFFERS}
+    policy.to(device=device, dtype=dtype)
+    for name, buf in keep.items():
+        owner, _, attr = name.rpartition('.')
+        policy.get_submodule(owner)._buffers[attr] = buf.to(device=device, dtype=torch.float32)
+    return policy
 
 
 class _SlotCache(KVCache):
@@ -103,7 +117,7 @@ class StaticTorchEngine(Engine):
         if self.device.type == 'cuda' and self.device.index is None:
             self.device = torch.device('cuda', torch.cuda.current_device())
         arrays = {k: v.numpy() for k, v in tables(policy).items()}  # float32, before any cast
-        self.policy = policy.to(device=self.device, dtype=self.dtype).eval()
+        self.policy = cast_policy(policy, self.device, self.dtype).eval()  # in place, like TorchEngine's move
         self.vision, self.backbone = VisionGraph(self.policy), BackboneGraph(self.policy)
         self.cuda_graphs = bool(cuda_graphs) and self.device.type == 'cuda'
         self.captured_shapes = set(token_counts(policy.config)) if self.cuda_graphs else set()
