@@ -2,6 +2,7 @@
 """Decode latency of every decoder on torch and ONNX Runtime, same weights, ratios measured in one run.
 
     python benchmarks/decode_latency.py --json out/decode_latency.json [--runs 30] [--small-config small]
+                                        [--device cuda --dtype bfloat16]   # the torch engine on a GPU
 
 A random policy of the chosen size is saved as a checkpoint, exported with blockvla-export (parity-checked),
 and then decoded with: block diffusion (ours; B = 8, 2 refine passes per block on the small shape), the same with
@@ -19,6 +20,7 @@ Timings are printed, never asserted.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -97,6 +99,17 @@ class Timed:
 
     def step(self, tokens, commit=0, block_size=1):
         return self.engine.step(tokens, commit=commit, block_size=block_size)
+
+
+def torch_engine(policy, device: str, dtype: str):
+    """float32 on the CPU: the reference TorchEngine; otherwise the deployed torch engine (StaticTorchEngine; CUDA
+    graphs on cuda) on a copy of the weights (it casts the module it is given)."""
+    from blockvla_ros.runtime.torch_engine import TorchEngine
+    from blockvla_ros.runtime.torch_static_engine import StaticTorchEngine
+
+    if device == 'cpu' and dtype == 'float32':
+        return TorchEngine(policy)
+    return StaticTorchEngine(copy.deepcopy(policy), device=device, dtype=dtype)
 
 
 def bench_all(engines: dict, config, prefixes, runs, warmup) -> dict:
@@ -238,6 +251,9 @@ def main(argv=None) -> int:
     p.add_argument('--work', type=Path, help='keep the checkpoints and policy folders here (default: temp dir)')
     p.add_argument('--no-peers', dest='peers', action='store_false',
                    help='skip the onnxruntime-genai AR and HF generate peers (benchmarks/peers.py)')
+    p.add_argument('--device', default='cpu', help="the torch engine's device: cpu | cuda | cuda:N (CUDA graphs)")
+    p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16', 'float16'),
+                   help="the torch engine's weights and cache (bfloat16 / float16 on GPUs)")
     args = p.parse_args(argv)
 
     import torch
@@ -245,7 +261,6 @@ def main(argv=None) -> int:
     from blockvla_ros.runtime.ort_engine import OrtEngine
     from blockvla_ros.runtime.policy_folder import load_policy_folder
     from blockvla_ros.runtime.runner import build_preprocessor
-    from blockvla_ros.runtime.torch_engine import TorchEngine
 
     torch.set_num_threads(args.threads)
     tmp = None if args.work else tempfile.TemporaryDirectory(prefix='blockvla_bench_')
@@ -266,9 +281,10 @@ def main(argv=None) -> int:
           f'{config.steps_per_block} steps/block, full diffusion {config.fulldiff_steps} passes; '
           f'{args.threads} threads, {args.runs} runs', flush=True)
 
-    engines = {'torch': TorchEngine(policy),
+    engines = {'torch': torch_engine(policy, args.device, args.dtype),
                'onnxruntime': OrtEngine(spec, threads=args.threads, reuse_text_kv=False)}  # every call pays prefill
     results = bench_all(engines, config, prefixes, args.runs, args.warmup)
+    torch_desc = engines['torch'].describe()
     passes = per_pass(engines['onnxruntime'], config, prefixes[0], args.runs)
     reuse = instruction_reuse(folder, args.threads, prefixes, prefixes_new, args.runs)
     peers = peer_latency(policy, engines['onnxruntime'], config, prefixes, work, args) if args.peers else None
@@ -292,6 +308,7 @@ def main(argv=None) -> int:
                    'action_tokens': config.n_action_tokens, 'block_size': config.block_size,
                    'steps_per_block': config.steps_per_block, 'schedule': config.schedule,
                    'fulldiff_steps': config.fulldiff_steps},
+        'torch_engine': torch_desc,  # device, dtype, CUDA graphs (captured shapes)
         'results': {e: list(rows.values()) for e, rows in results.items()},
         **ort,  # headline ratios: ONNX Runtime (the deployed engine)
         'ort_vs_torch_speedup': results['torch']['blockdiff']['median_ms'] / results['onnxruntime']['blockdiff'][
