@@ -37,7 +37,7 @@ def test_measured_delay_drops_overdue_actions():
     # image taken at t=1.0, chunk ready 0.07 s later: actions for 1.00, 1.02, 1.04 are past, 1.06 is current
     res = q.push_chunk(chunk(), obs_stamp=1.0, now=1.07)
     assert res.accepted and res.dropped == 3 and res.queued == 3
-    head = q.pop(1.075)
+    head = q.pop(1.061)  # the tick of slot 1.06, a millisecond late
     assert head.index == 3 and head.time == pytest.approx(1.06)
     assert q.stats.dropped_overdue == 3
 
@@ -84,13 +84,41 @@ def test_plan_request_before_any_chunk_is_empty():
     assert plan.start_time == 4.2 and plan.known.shape == (0, 3)
 
 
-def test_late_ticks_drop_stale_heads():
+def test_late_ticks_drop_stale_heads_and_stay_on_time():
     q = ActionQueue(DT, 2)
     q.push_chunk(chunk(h=10), obs_stamp=0.0, now=0.0)
     q.pop(0.0)
-    a = q.pop(5 * DT)  # the executor stalled for 4 periods: slots 1..3 are more than 1.5 periods late
-    assert a.index == 4
-    assert q.stats.dropped_late == 3
+    a = q.pop(5 * DT + 0.003)  # the control thread stalled for 4 periods: slots 1..4 are past
+    assert a.index == 5
+    assert q.stats.dropped_late == 4
+    # and the next ticks run their own slots (not the plan one period behind its time, for the rest of the run)
+    assert [q.pop(k * DT).index for k in (6, 7)] == [6, 7]
+
+
+def test_first_chunk_after_a_held_tick_starts_at_the_next_tick():
+    """The node's first tick finds no plan, holds and asks; the chunk (image of that tick) arrives before the
+    next tick. That tick must run the action planned for it: the held tick's slot is over."""
+    q = ActionQueue(DT, 2)
+    assert q.pop(0.0) is None  # tick 0 holds (and sets the grid)
+    res = q.push_chunk(chunk(h=8), obs_stamp=0.0, now=0.004)
+    assert res.accepted and res.dropped == 1  # action 0 was for the held tick
+    got = [q.pop(k * DT) for k in range(1, 8)]
+    assert [a.index for a in got] == list(range(1, 8))
+    assert np.allclose([a.time for a in got], DT * np.arange(1, 8))  # every tick runs its own slot
+    # the same after a dry spell in the middle of a run: holds consume their slots too
+    assert q.pop(8 * DT) is None and q.pop(9 * DT) is None
+    q.push_chunk(chunk(h=8, base=50.0), obs_stamp=9 * DT, now=9 * DT)
+    assert q.pop(10 * DT).index == 1
+
+
+def test_tick_jitter_below_half_a_period_keeps_the_slots():
+    q = ActionQueue(DT, 2)
+    q.pop(0.0)
+    q.push_chunk(chunk(h=8), obs_stamp=0.0, now=0.001)
+    jitter = [0.009, 0.0, 0.004, 0.0095, 0.001, 0.002]  # late ticks, up to just under half a period
+    got = [q.pop(k * DT + j) for k, j in zip(range(1, 7), jitter)]
+    assert [a.index for a in got] == list(range(1, 7))
+    assert q.stats.dropped_late == 0 and q.stats.empty_pops == 1
 
 
 def test_fully_overdue_chunk_is_rejected_and_old_plan_stays():
@@ -108,10 +136,10 @@ def test_dry_queue_seam_is_against_hold_position_and_slots_never_rerun():
     for k in range(3):
         q.pop(k * DT)
     assert q.pop(3 * DT) is None  # ran dry: the node holds action 2
-    # an old image (slot 0) arrives at 0.061: slots 0..2 were executed, 3 is current
+    # a chunk from an old image (slot 0) arrives at 0.061: slots 0..2 were executed, 3's tick held; 4 is next
     res = q.push_chunk(chunk(h=6, base=1.0), obs_stamp=0.0, now=0.061)
-    assert res.dropped == 3 and res.seam_jump == pytest.approx(abs((1.0 + 3) - 2.0))
-    assert q.pop(0.065).time == pytest.approx(3 * DT)
+    assert res.dropped == 4 and res.seam_jump == pytest.approx(abs((1.0 + 4) - 2.0))
+    assert q.pop(4 * DT).time == pytest.approx(4 * DT)
 
 
 def test_clear_keeps_grid_reset_and_backward_clock_forget():
@@ -124,9 +152,10 @@ def test_clear_keeps_grid_reset_and_backward_clock_forget():
     q.pop(0.5)
     assert res.accepted
     q.push_chunk(chunk(), obs_stamp=0.5, now=0.5)
-    assert q.pop(0.1) is None  # the clock went back 0.4 s: everything was forgotten
+    assert q.pop(0.1) is None  # the clock went back 0.4 s: everything was forgotten; this tick sets the new grid
     q.push_chunk(chunk(), obs_stamp=0.101, now=0.101)
-    assert q.remaining()[0].time == pytest.approx(0.101)  # new grid
+    head = q.remaining()[0]  # the image snaps to the tick at 0.1, whose slot is over: action 1, at 0.12
+    assert head.index == 1 and head.time == pytest.approx(0.12)
 
 
 @pytest.mark.parametrize('bad, match', [
@@ -145,7 +174,6 @@ def test_bad_chunks_raise(bad, match):
     (dict(dt=0.0, action_dim=2), 'dt must be'),
     (dict(dt=float('nan'), action_dim=2), 'dt must be'),
     (dict(dt=0.1, action_dim=0), 'action_dim'),
-    (dict(dt=0.1, action_dim=2, late_tolerance=0.5), 'late_tolerance'),
 ])
 def test_bad_construction_raises(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -2,18 +2,20 @@
 
 Time model (seconds on one clock, the node's clock in the ROS node):
 
-- every action has a planned time on one grid of spacing ``dt = 1 / control_rate_hz``; the grid's phase is set
-  by the first chunk (its observation stamp) and kept until :meth:`reset`;
+- every action has a planned time on one grid of spacing ``dt = 1 / control_rate_hz``, whose slots are the
+  control ticks: the first :meth:`pop` (the node's first tick, before any chunk exists) sets the grid's phase, or
+  the first chunk's observation stamp where chunks come first (offline use); it is kept until :meth:`reset`;
 - a chunk computed from an observation stamped ``t_obs`` plans action ``i`` for ``snap(t_obs) + i * dt``
   (action 0 belongs to the moment the image was taken, as in the training data);
-- the control tick calls :meth:`pop` once per period and gets the head action (or None: hold). Heads older
-  than ``late_tolerance * dt`` are dropped first, so after a stall the robot jumps to the present plan instead
-  of replaying the past;
-- a new chunk (:meth:`push_chunk`) replaces the queued plan from the queue head onwards. Its actions planned
-  for times that already passed (the measured delay: image age + waiting + inference) are dropped;
+- the control tick calls :meth:`pop` once per period and gets the action planned for its own slot (the grid slot
+  nearest to it), or None (hold). Each slot runs at most once: a tick consumes its slot whether it ran an action or
+  held, heads planned for earlier slots are dropped (after a stall the robot jumps to the present plan instead of
+  replaying the past, and never runs the plan one tick behind its time);
+- a new chunk (:meth:`push_chunk`) replaces the queued plan from the first slot no tick has consumed yet. Its
+  actions for earlier slots (the measured delay: image age + waiting + inference) are dropped;
 - real-time chunking: :meth:`plan_request` returns the actions already planned (executed or still queued)
-  for ``snap(t_obs) + i * dt`` up to the expected arrival time of the new chunk. The node passes them to the
-  runner as ``known_actions`` so the new chunk starts with exactly these and continues them smoothly.
+  for ``snap(t_obs) + i * dt`` up to the expected arrival time of the new chunk. The node can pass them to the
+  runner as ``known_actions`` so the new chunk starts with exactly these and continues them.
 
 The seam jump of a push is ``max |first new action to execute - the action it replaces|`` (the old head, or
 the last executed action when the queue had run dry): a chunk-seam jerk metric, kept in :class:`QueueStats`.
@@ -79,22 +81,20 @@ class QueueStats:
 class ActionQueue:
     """Thread-safe timed action queue; one producer (the inference worker), one consumer (the control tick)."""
 
-    def __init__(self, dt: float, action_dim: int, *, late_tolerance: float = 1.5, history: int = 256):
+    def __init__(self, dt: float, action_dim: int, *, history: int = 256):
         if not (isinstance(dt, (int, float)) and math.isfinite(dt) and dt > 0):
             raise ValueError(f'ActionQueue: dt must be a positive number of seconds, got {dt!r}')
         if not (isinstance(action_dim, int) and action_dim > 0):
             raise ValueError(f'ActionQueue: action_dim must be a positive integer, got {action_dim!r}')
-        if not late_tolerance >= 1.0:
-            raise ValueError(f'ActionQueue: late_tolerance must be >= 1 period, got {late_tolerance}')
         self.dt = float(dt)
         self.action_dim = action_dim
-        self.late_tolerance = float(late_tolerance)
         self._lock = threading.Lock()
         self._queue: collections.deque[TimedAction] = collections.deque()
         self._history: collections.deque[TimedAction] = collections.deque(maxlen=history)
         self._origin: Optional[float] = None
         self._chunk_id = 0
         self._last_pop_now: Optional[float] = None
+        self._last_tick_slot: Optional[int] = None  # the grid slot the last pop consumed (ran or held)
         self.stats = QueueStats()
 
     # --- grid -----------------------------------------------------------------------------------------------
@@ -150,16 +150,9 @@ class ActionQueue:
             if self._origin is None:
                 self._origin = float(obs_stamp)
             start = self._snap(obs_stamp)
-            keep: list[TimedAction] = []
-            if self._queue:
-                first = int(round((self._queue[0].time - start) / self.dt))
-                if first < 0:  # the head is planned before this chunk starts: keep those old actions
-                    keep = [a for a in self._queue if a.time < start - 1e-9]
-                    first = 0
-            else:
-                first = max(0, math.floor((now - start) / self.dt + 1e-9))  # the slot containing `now`
-                if self._history and self._history[-1].time >= start - 1e-9:  # never re-run executed slots
-                    first = max(first, self._slot(self._history[-1].time) - self._slot(start) + 1)
+            first = self._first_free_slot(now) - self._slot(start)  # index of the chunk's first action to run
+            keep = [a for a in self._queue if a.time < start - 1e-9]  # old plan before this chunk starts: kept
+            first = max(first, 0)
             if first >= horizon:
                 self.stats.chunks_rejected += 1
                 late = now - (start + (horizon - 1) * self.dt)
@@ -174,6 +167,17 @@ class ActionQueue:
             self.stats.chunks_pushed += 1
             self.stats.dropped_overdue += first
             return PushResult(True, first, len(self._queue), seam)
+
+    def _first_free_slot(self, now: float) -> int:
+        """The first grid slot no tick has consumed: the one after the last tick's, or, before any tick, the slot
+        containing ``now``; never one already executed. Called with the lock held (the grid is set)."""
+        if self._last_tick_slot is not None:
+            free = self._last_tick_slot + 1
+        else:
+            free = math.floor((now - self._origin) / self.dt + 1e-9)
+        if self._history:
+            free = max(free, self._slot(self._history[-1].time) + 1)
+        return free
 
     def _seam(self, first_new: TimedAction) -> Optional[float]:
         """|first new action - what it replaces| (the old plan's action for that slot, else the last executed
@@ -193,18 +197,26 @@ class ActionQueue:
 
     # --- consumer side --------------------------------------------------------------------------------------
     def pop(self, now: float) -> Optional[TimedAction]:
-        """The action for this tick, or None (hold). Drops heads more than ``late_tolerance`` periods late.
+        """The action planned for this tick's slot (the grid slot nearest to ``now``), or None (hold).
 
-        A clock that jumps backwards by more than one period (a looping bag under sim time) resets the queue.
+        The tick consumes its slot either way; heads planned for earlier slots are dropped. The first pop on an
+        empty grid sets the grid's phase to the tick. A clock that jumps backwards by more than one period (a
+        looping bag under sim time) resets the queue.
         """
         with self._lock:
             if self._last_pop_now is not None and now < self._last_pop_now - self.dt:
                 self._reset_locked()
             self._last_pop_now = now
-            while self._queue and self._queue[0].time + self.late_tolerance * self.dt < now:
+            if self._origin is None:
+                self._origin = float(now)
+            slot = int(round((now - self._origin) / self.dt))
+            if self._last_tick_slot is not None:  # a tick never goes back to an earlier slot
+                slot = max(slot, self._last_tick_slot)
+            self._last_tick_slot = slot
+            while self._queue and self._slot(self._queue[0].time) < slot:
                 self._queue.popleft()
                 self.stats.dropped_late += 1
-            if not self._queue:
+            if not self._queue or self._slot(self._queue[0].time) > slot:
                 self.stats.empty_pops += 1
                 return None
             action = self._queue.popleft()
@@ -245,6 +257,7 @@ class ActionQueue:
         self._history.clear()
         self._origin = None
         self._last_pop_now = None
+        self._last_tick_slot = None
 
 
 class DelayEstimator:
