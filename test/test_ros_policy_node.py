@@ -313,6 +313,22 @@ def test_actions_and_chunks_at_the_control_rate(running):
         assert key in diag
 
 
+def test_real_time_chunking_is_off_by_default_and_a_live_knob(running):
+    """Off by default (a policy trained on demonstrations can follow the stale prefix instead of the camera); when
+    turned on, chunks are decoded with the old plan's actions as known actions, and off again, without them."""
+    node, peer = running
+    restore(peer)
+    diag = peer.wait_diag(lambda d: d.get('real_time_chunking') == 'False' and int(d['chunks']) >= 3)
+    assert diag['known_actions_last'] == '0'
+    try:
+        assert peer.set_param('real_time_chunking', True).successful
+        peer.wait_diag(lambda d: d['real_time_chunking'] == 'True' and int(d['known_actions_last']) > 0)
+    finally:
+        assert peer.set_param('real_time_chunking', False).successful
+    chunks = int(peer.wait_diag(lambda d: d['real_time_chunking'] == 'False')['chunks'])
+    peer.wait_diag(lambda d: int(d['chunks']) > chunks + 1 and d['known_actions_last'] == '0')
+
+
 def test_swap_policy_through_the_parameter_service(running):
     node, peer = running
     restore(peer)

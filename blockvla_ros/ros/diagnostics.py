@@ -31,6 +31,7 @@ class Sources:
     inference_s: Any = None  # RollingWindow
     e2e_s: Any = None  # RollingWindow
     delay: Any = None  # DelayEstimator
+    real_time_chunking: bool = False  # the live knob: chunks continue the old plan's actions (known_actions_last)
 
 
 def _timing(src: Sources, values: dict) -> None:
@@ -93,6 +94,7 @@ def collect(src: Sources) -> tuple:
     if src.queue is not None:
         _queue(src.queue, values)
     values['actions_clipped'] = st.clipped_values
+    values['real_time_chunking'] = src.real_time_chunking
     values['known_actions_last'] = st.known_last
     values['fresh_chunks_new_instruction'] = st.fresh_chunks
     values['chunks_dropped_instruction_changed'] = st.stale_chunks_dropped

@@ -94,8 +94,10 @@ SPECS = [
          low=1, high=1 << 20),
     Spec('chunk_threshold', 0.5, 'Request the next chunk when the queue holds at most this fraction of a '
          'chunk (never fewer actions than the measured inference delay needs).', low=0.0, high=1.0, live=True),
-    Spec('real_time_chunking', True, 'Pass the actions executed during inference as known actions so the new '
-         'chunk continues the old one (a new instruction always starts a fresh chunk).', live=True),
+    Spec('real_time_chunking', False, 'Decode each new chunk as the continuation of the old plan\'s actions for '
+         'the ticks that pass while it is computed (a new instruction always starts a fresh chunk). Off by '
+         'default: a policy trained on demonstrations can follow that stale plan instead of the camera; turn '
+         'on only for a policy evaluated with it.', live=True),
     Spec('decoding.decoder', '', 'Decoder override (empty: the policy\'s own).', choices=DECODERS),
     Spec('decoding.steps_per_block', 0, 'Refine passes per block override (0: the policy\'s own).',
          low=0, high=1024),

@@ -6,7 +6,8 @@
         pop ActionQueue -> publish action (JointState) + action_chunk (JointTrajectory of the absolute targets
         mapped to joints), or a true hold (0 for delta dimensions, the last target for absolute ones)
         queue below threshold -> hand a snapshot to the inference worker
-    inference worker thread: PolicyRunner.predict(known_actions = RTC prefix) -> postprocess_chunk (the robot's
+    inference worker thread: request_chunk (PolicyRunner.predict; with real_time_chunking, off by default, the old
+        plan's actions for the ticks up to the chunk's arrival as known actions) -> postprocess_chunk (the robot's
         action limits) -> ActionQueue.push_chunk
 configure = load + verify + warm up; activate = start the control thread; deactivate = stop and publish a hold.
 The control rate defaults to the policy's trained rate. Stale camera, no instruction, no joint state or no plan ->
@@ -34,6 +35,7 @@ from trajectory_msgs.msg import JointTrajectory
 from ..io.images import message_to_rgb8
 from ..runtime.action_output import ActionLimits, TrajectoryMap, hold_action, postprocess_chunk
 from ..runtime.action_queue import ActionQueue, DelayEstimator
+from ..runtime.chunk_request import request_chunk
 from . import params as P
 from .control_loop import ControlLoop
 from .diagnostics import Sources, collect
@@ -46,6 +48,11 @@ from .policy_params import PolicyParameters
 from .stats import RollingWindow, TickMonitor
 
 SUCCESS, FAILURE = TransitionCallbackReturn.SUCCESS, TransitionCallbackReturn.FAILURE
+RTC_WARNING = ('real_time_chunking is on: each new chunk is decoded as the continuation of the previous chunk\'s '
+               'actions for the ticks that pass while it is computed. A policy trained on demonstrations takes that '
+               'stale plan for its own choice and can keep following it instead of the camera (README, "Real-time '
+               'chunking": the shipped metaworld_mt10 policy solves fewer episodes with it); keep it on only for a '
+               'policy evaluated with it')
 
 
 def control_rate(param_hz: float, policy_hz: Optional[float], policy: str) -> tuple[float, str]:
@@ -87,6 +94,7 @@ class PolicyNode(PolicyParameters, LifecycleNode):
         self._last_action: Optional[np.ndarray] = None  # control thread: the last action commanded [D]
         self._last_chunk_id, self._chunks_at_hold = 0, 0
         self._chunk_instruction: Optional[str] = None  # worker thread: the instruction of the last chunk pushed
+        self._rtc = False  # live knob real_time_chunking (read once per inference by the worker)
         self._apply_live(P.live_values(self))
         self._revert_guard = self.create_guard_condition(self._apply_revert)
         self._set_cb = self.add_on_set_parameters_callback(self._on_set_parameters)
@@ -106,7 +114,10 @@ class PolicyNode(PolicyParameters, LifecycleNode):
     def _apply_live(self, live: dict) -> None:
         self.max_image_age_s = float(live['max_image_age_s'])
         self._chunk_threshold = float(live['chunk_threshold'])
-        self._rtc = bool(live['real_time_chunking'])
+        rtc = bool(live['real_time_chunking'])
+        if rtc and not self._rtc:
+            self.get_logger().warning(RTC_WARNING)
+        self._rtc = rtc
 
     def _fail(self, what: str, error: Exception) -> None:
         message = f'{what}: {type(error).__name__}: {error}'
@@ -338,7 +349,7 @@ class PolicyNode(PolicyParameters, LifecycleNode):
         runner = self.policies.current
         horizon = runner.config.chunk_len
         span, rate = horizon * self.dt, 1.0 / self.dt
-        latency = self.delay.expected() or (self.inference_s.last or 0.0)
+        latency = self.delay.expected()  # on the node clock, as the chunk's span (not the wall-time latency)
         trained = runner.config.control_rate_hz
         lower = f'lower control_rate_hz (the policy was trained at {trained:g} Hz)' if trained else \
             'lower control_rate_hz'
@@ -356,7 +367,7 @@ class PolicyNode(PolicyParameters, LifecycleNode):
         if age > span / 2:  # chunks start at the image stamp: an old image leaves little of its chunk
             return (f'queue ran dry: the newest image is {age * 1e3:.0f} ms old, most of its '
                     f'{span * 1e3:.0f} ms chunk is over before it is computed (slow camera or refused images)')
-        return (f'queue ran dry: no planned action for this tick (last inference {latency * 1e3:.0f} ms, '
+        return (f'queue ran dry: no planned action for this tick (expected inference delay {latency * 1e3:.0f} ms, '
                 f'newest image {age * 1e3:.0f} ms old)')
 
     def _publish_hold(self, now_ns: int, reason: str) -> None:
@@ -401,16 +412,13 @@ class PolicyNode(PolicyParameters, LifecycleNode):
         runner = self.policies.current  # read once per chunk: a swap takes effect between chunks
         fresh = obs.instruction != self._chunk_instruction  # a new task: do not continue the old task's chunk
         max_known = runner.config.chunk_len - 1 if self._rtc and not fresh else 0
-        asked = self.now_seconds()
-        plan = self.queue.plan_request(obs.stamp, asked, self.delay.expected(), max_known)
+        asked = self.now_seconds()  # node clock (sim time under use_sim_time), as the ticks and the queue
         start = time.perf_counter()
-        pred = runner.predict(obs.image, obs.instruction, state=obs.state,
-                              known_actions=plan.known if len(plan.known) else None)
-        self.inference_s.add(time.perf_counter() - start)
-        k = len(plan.known)
-        actions = np.array(pred.actions, dtype=np.float32)  # [H, D]
-        actions[:k] = plan.known  # exactly what was planned (and clipped when it was planned)
-        actions, clipped = postprocess_chunk(actions, k, self._limits)
+        chunk = request_chunk(runner, self.queue, obs.image, obs.instruction, obs.state, obs.stamp, asked,
+                              self.delay.expected(), max_known)
+        self.inference_s.add(time.perf_counter() - start)  # wall time: the inference latency diagnostics report
+        k, pred = chunk.known, chunk.prediction
+        actions, clipped = postprocess_chunk(chunk.actions, k, self._limits)
         arrived = self.now_seconds()
         self.delay.add(arrived - asked)
         if self.inputs is None or self.inputs.instruction != obs.instruction:
@@ -439,7 +447,8 @@ class PolicyNode(PolicyParameters, LifecycleNode):
                        control_rate_hz=1.0 / self.dt if self.dt and self.policies else None,
                        max_image_age_s=self.max_image_age_s, policies=self.policies, queue=self.queue,
                        inputs=self.inputs, ticks=self.ticks, priority_error=loop.priority_error if loop else '',
-                       inference_s=self.inference_s, e2e_s=self.e2e_s, delay=self.delay)
+                       inference_s=self.inference_s, e2e_s=self.e2e_s, delay=self.delay,
+                       real_time_chunking=self._rtc)
 
     def publish_diagnostics(self) -> None:
         try:

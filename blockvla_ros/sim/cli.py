@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument('--real-time-factor', type=float, default=1.0,
                     help='--via-ros: sim seconds per wall second (default 1)')
     ev.add_argument('--node-param', action='append', default=[], metavar='NAME=VALUE',
-                    help='--via-ros: a policy node parameter (repeatable), e.g. real_time_chunking=false')
+                    help='--via-ros: a policy node parameter (repeatable), e.g. real_time_chunking=true')
     ev.add_argument('--no-expert', action='store_true', help='skip the expert on the same layouts')
     ev.add_argument('--threads', type=int, default=1, help='inference threads (default 1)')
     ev.add_argument('--jobs', type=int, default=1, help='fast path: evaluate the tasks in this many processes')
