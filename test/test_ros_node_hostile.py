@@ -161,15 +161,19 @@ def test_swap_flood_ends_with_the_parameter_naming_the_running_policy(running):
 def test_a_new_instruction_starts_a_fresh_chunk(running):
     """Issue 13 item 10: with real-time chunking on, a changed instruction is not a continuation of the old chunk."""
     node, peer = running
-    alive_at_rate(node, peer, seconds=0.5)
-    before = node.status.get('fresh_chunks')
-    mark = peer.mark()
-    peer.say('put the green cube in the box')
-    peer.wait_diag(lambda d: int(d['fresh_chunks_new_instruction']) > before, timeout=10)
-    peer.wait_actions(policy_action(-1, 1), mark=mark, timeout=10)
-    peer.say(GOOD)
-    peer.wait_diag(lambda d: int(d['fresh_chunks_new_instruction']) > before + 1, timeout=10)
-    alive_at_rate(node, peer)
+    assert peer.set_param('real_time_chunking', True).successful  # off by default
+    try:
+        alive_at_rate(node, peer, seconds=0.5)
+        before = node.status.get('fresh_chunks')
+        mark = peer.mark()
+        peer.say('put the green cube in the box')
+        peer.wait_diag(lambda d: int(d['fresh_chunks_new_instruction']) > before, timeout=10)
+        peer.wait_actions(policy_action(-1, 1), mark=mark, timeout=10)
+        peer.say(GOOD)
+        peer.wait_diag(lambda d: int(d['fresh_chunks_new_instruction']) > before + 1, timeout=10)
+        alive_at_rate(node, peer)
+    finally:
+        assert peer.set_param('real_time_chunking', False).successful
 
 
 def test_a_chunk_shorter_than_an_inference_is_explained(models):
