@@ -2,7 +2,10 @@
 
     SHAPES['qwen2.5-0.5b']   Qwen2.5-0.5B dimensions (494 M params, 1.98 GB fp32)
     SHAPES['smollm2-360m']   SmolLM2-360M dimensions (362 M params)
-    SHAPES['qwen3-0.6b']     Qwen3-0.6B dimensions (596 M params, 2.38 GB fp32: above 2 GiB, the protobuf limit)
+    SHAPES['qwen3-0.6b']     Qwen3-0.6B dimensions (596 M params, 2.38 GB fp32; its backbone graph, the embedding
+                             table aside, 1.76 GB: below protobuf's 2 GiB)
+    SHAPES['qwen2.5-0.5b-40l']  Qwen2.5-0.5B widths in 40 layers instead of 24 (732 M params; the backbone graph
+                             2.38 GB fp32: above protobuf's 2 GiB, so its weights must go to external data)
     SHAPES['tiny']           a toy Qwen2 for smoke tests of the harnesses
     SHAPES['smolvlm2-256m']  a whole VLM (model.vlm_path): SmolVLM2-256M dimensions (256 M params with its LM head;
                              the policy keeps 228 M), written by blockvla_ros.model.vlm.random_folder with its
@@ -34,6 +37,10 @@ SHAPES = {
                        num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
                        max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6,
                        tie_word_embeddings=True),
+    'qwen2.5-0.5b-40l': dict(model_type='qwen2', vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                             num_hidden_layers=40, num_attention_heads=14, num_key_value_heads=2,
+                             max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                             tie_word_embeddings=True),
     'tiny': dict(model_type='qwen2', vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                  tie_word_embeddings=True),
@@ -70,6 +77,13 @@ def hf_config(shape: str):
 def param_count(shape: str) -> int:
     """Parameters of the causal LM (tied embeddings counted once), from a meta-device build."""
     return sum(n for _name, n, _ in _tensors(hf_config(shape)))
+
+
+def backbone_graph_bytes(shape: str) -> int:
+    """fp32 weight bytes of the policy's backbone graph: the causal LM without its input embedding, which policy
+    folder format 2 keeps in tables.safetensors (the shapes here tie the LM head to it; the action head is small)."""
+    cfg = hf_config(shape)
+    return 4 * (param_count(shape) - cfg.vocab_size * cfg.hidden_size)
 
 
 def _tensors(cfg):
