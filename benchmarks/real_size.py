@@ -2,30 +2,35 @@
 """Export and run a policy on a real backbone shape (random weights): time, memory and disk against the weights.
 
     python benchmarks/real_size.py --shape qwen2.5-0.5b --json out/real_size_qwen2.5-0.5b.json
-    python benchmarks/real_size.py --shape qwen3-0.6b --json out/real_size_qwen3-0.6b.json   # > 2 GiB fp32
+    python benchmarks/real_size.py --shape qwen2.5-0.5b-40l --json out/rs_40l.json --precisions fp32 int4  # > 2 GiB
 
-Shapes: benchmarks/shapes.py (Qwen2.5-0.5B, SmolLM2-360M, Qwen3-0.6B dimensions; `tiny` for smoke tests; a whole
+Shapes: benchmarks/shapes.py (Qwen2.5-0.5B, SmolLM2-360M, Qwen3-0.6B dimensions; `qwen2.5-0.5b-40l`, Qwen2.5-0.5B
+widths in 40 layers, whose backbone graph is above protobuf's 2 GiB in fp32; `tiny` for smoke tests; a whole
 VLM: `smolvlm2-256m`, its vision tower, connector and prompt included, shapes.VLM_POLICY). Steps,
 each heavy one in its own process so its memory is its own (peak = that process's ru_maxrss, from os.wait4):
 
 1. prepare: the random-weight HF folder (written shard by shard), a policy checkpoint on it with the demo's vision /
    action settings (shapes.POLICY), and the fp32 torch policy's tokens on --observations observations (reference).
-2. export, per precision: `blockvla-export --no-torch-weights --no-calibrate` (what a robot ships; random weights,
-   no run to calibrate on) -> export_s, export_peak_rss_gb, folder_gb, folder_over_weights (folder bytes / weight
-   bytes at that precision).
+2. export, per precision: `blockvla-export --no-torch-weights --no-calibrate --precision P` (policy folder format 2:
+   what a robot ships; random weights, no run to calibrate on) -> export_s, export_cpu_s, export_peak_rss_gb,
+   folder_gb, files (bytes of each file), backbone_graph_gb (backbone.onnx + its external data),
+   folder_over_weights (folder bytes / weight bytes at that precision: parameters x 4, 2, 1 or 0.5 bytes). The
+   exporter's own parity check is off by default (--export-parity-samples 0): step 3 measures token agreement
+   through the runtime a robot uses, and the parity check's lock-step decoding is not export time.
 3. run, per precision: PolicyRunner (ONNX Runtime, CPU) in a fresh process -> load_s, runner_rss_gb (after load and
-   warm-up), runner_rss_over_weights; ms per chunk with 1 and 2 threads (median of --runs, prefill included);
-   token_agreement = share of action tokens equal to the fp32 torch policy's.
+   warm-up), runner_rss_over_weights (at that precision); ms per chunk with 1 and 2 threads (median of --runs,
+   prefill included; cpu_ms_per_chunk_1t/2t: the CPU time those chunks took, all threads, less dependent on
+   the load of a shared machine); token_agreement = share of action tokens equal to the fp32 torch policy's.
 
-Precisions: --precisions is a list; a precision the installed exporter cannot write
-is listed under `skipped` with the reason instead of being measured. The top-level export_s, export_peak_rss_gb,
-folder_over_weights, runner_rss_over_weights and load_s are those of the first measured precision. Random weights
-make logits nearly flat, so token agreement at reduced precision is a pessimistic figure. Printed, never asserted.
+A precision that fails (e.g. fp16 on ONNX Runtime's CPU provider) keeps its error under export_error / run_error
+instead of figures. The top-level export_s, export_cpu_s, export_peak_rss_gb, folder_over_weights,
+runner_rss_over_weights and load_s are those of the first precision (fp32 by default). Each step records the
+1-minute load average before and after it (`load`): the machine is shared. Random weights make logits nearly
+flat, so token agreement at reduced precision is a pessimistic figure. Printed, never asserted.
 """
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import platform
@@ -41,8 +46,9 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import shapes  # noqa: E402
+from blockvla_ros.export.precision import PRECISIONS  # noqa: E402
 
-BYTES_PER_WEIGHT = {'fp32': 4.0, 'fp16': 2.0, 'bf16': 2.0, 'int8': 1.0, 'int4': 0.5}
+BYTES_PER_WEIGHT = {'fp32': 4.0, 'fp16': 2.0, 'int8': 1.0, 'int4': 0.5}  # per parameter, for each of PRECISIONS
 
 
 # --- child processes ------------------------------------------------------------------------------------------------
@@ -92,20 +98,6 @@ def child_prepare(shape: str, work: str, observations: int) -> dict:
             'weight_bytes_fp32': sum(p.numel() * 4 for p in policy.parameters()), 'reference_tokens': tokens}
 
 
-def exporter_precisions() -> tuple:
-    """Precisions the installed exporter can write: fp32 until export_policy takes a `precision` argument."""
-    from blockvla_ros.export.policy_writer import export_policy
-
-    params = inspect.signature(export_policy).parameters
-    if 'precision' not in params:
-        return ('fp32',)
-    try:
-        from blockvla_ros.export.policy_writer import PRECISIONS
-    except ImportError:
-        return ('fp32',)
-    return tuple(PRECISIONS)
-
-
 def child_run(folder: str, observations: int, reference: list, runs: int) -> dict:
     """Load time and RSS of a PolicyRunner, ms per chunk at 1 and 2 threads, token agreement with the reference."""
     from blockvla_ros.export.parity import random_observations
@@ -125,12 +117,15 @@ def child_run(folder: str, observations: int, reference: list, runs: int) -> dic
             agree = [float(np.mean(np.asarray(t) == np.asarray(r))) for t, r in zip(tokens, reference)]
             out['token_agreement'] = float(np.mean(agree))
             out['chunks_identical'] = int(sum(a == 1.0 for a in agree))
-        times, nfe = [], None
+        times, cpu, nfe = [], [], None
         for i in range(runs):
+            c0 = time.process_time()
             pred = runner.predict(*obs[i % len(obs)])
+            cpu.append((time.process_time() - c0) * 1e3)
             times.append(pred.timings['total_ms'])
             nfe = pred.nfe
         out[f'ms_per_chunk_{threads}t'] = statistics.median(times)
+        out[f'cpu_ms_per_chunk_{threads}t'] = statistics.median(cpu)  # all threads' CPU time: less load-dependent
         out['nfe'] = nfe
         del runner
     out['runner_peak_rss_gb'] = _rss_gb('VmHWM')
@@ -150,10 +145,19 @@ def folder_bytes(folder: Path) -> int:
 
 
 # --- the benchmark --------------------------------------------------------------------------------------------------
-def export_cmd(ckpt: str, folder: Path, precision: str, threads: int) -> list:
-    cmd = [sys.executable, '-m', 'blockvla_ros.export.cli', '--checkpoint', ckpt, '--out', str(folder),
-           '--no-torch-weights', '--no-calibrate', '--parity-samples', '1', '--threads', str(threads), '-q']
-    return cmd + (['--precision', precision] if precision != 'fp32' else [])
+def export_cmd(ckpt: str, folder: Path, precision: str, threads: int, parity_samples: int) -> list:
+    return [sys.executable, '-m', 'blockvla_ros.export.cli', '--checkpoint', ckpt, '--out', str(folder),
+            '--no-torch-weights', '--no-calibrate', '--precision', precision,
+            '--parity-samples', str(parity_samples), '--threads', str(threads), '-q']
+
+
+def backbone_graph_bytes(folder: Path) -> int:
+    """backbone.onnx and its external-data file(s): what protobuf's 2 GiB would have limited."""
+    return sum(p.stat().st_size for p in Path(folder).glob('backbone.onnx*'))
+
+
+def load_average() -> float:
+    return round(os.getloadavg()[0], 1)
 
 
 def timed_process(cmd: list, threads: int) -> dict:
@@ -173,8 +177,12 @@ def timed_process(cmd: list, threads: int) -> dict:
 def measure_precision(precision: str, ckpt: str, work: Path, prep: dict, args) -> dict:
     folder = work / f'policy_{args.shape}_{precision}'
     print(f'[{precision}] export ...', flush=True)
-    ex = timed_process(export_cmd(ckpt, folder, precision, args.threads), args.threads)
-    row = {'export_s': ex['seconds'], 'export_cpu_s': ex['cpu_s'], 'export_peak_rss_gb': ex['peak_rss_gb']}
+    load = [load_average()]
+    cmd = export_cmd(ckpt, folder, precision, args.threads, args.export_parity_samples)
+    ex = timed_process(cmd, args.threads)
+    load.append(load_average())
+    row = {'export_s': ex['seconds'], 'export_cpu_s': ex['cpu_s'], 'export_peak_rss_gb': ex['peak_rss_gb'],
+           'export_command': ' '.join(cmd[2:]), 'load': load}
     if ex['exit'] != 0:
         row['export_error'] = ex['error']
         print(f'[{precision}] export FAILED after {ex["seconds"]:.0f} s: {ex["error"][-600:]}', flush=True)
@@ -182,16 +190,19 @@ def measure_precision(precision: str, ckpt: str, work: Path, prep: dict, args) -
     weights = prep['params'] * BYTES_PER_WEIGHT[precision]
     size = folder_bytes(folder)
     row.update(folder_gb=size / 1e9, weight_gb_at_precision=weights / 1e9, folder_over_weights=size / weights,
-               files=sorted(p.name for p in folder.iterdir()))
+               backbone_graph_gb=backbone_graph_bytes(folder) / 1e9,
+               files={p.name: p.stat().st_size for p in sorted(folder.iterdir())})
     print(f'[{precision}] exported in {ex["seconds"]:.0f} s, peak RSS {ex["peak_rss_gb"]:.2f} GB, folder '
           f'{size / 1e9:.2f} GB ({size / weights:.2f}x the weights); running ...', flush=True)
     run = run_child('run', {'folder': str(folder), 'observations': args.observations,
                             'reference': prep['reference_tokens'], 'runs': args.runs}, work, args.threads)
+    load.append(load_average())
     if 'error' in run:
         row['run_error'] = run['error']
         return row
     row.update({k: run[k] for k in ('load_s', 'runner_rss_gb', 'runner_peak_rss_gb', 'ms_per_chunk_1t',
-                                    'ms_per_chunk_2t', 'token_agreement', 'chunks_identical', 'nfe')})
+                                    'ms_per_chunk_2t', 'cpu_ms_per_chunk_1t', 'cpu_ms_per_chunk_2t',
+                                    'token_agreement', 'chunks_identical', 'nfe')})
     row['runner_rss_over_weights'] = run['runner_rss_gb'] * 1e9 / weights
     if not args.keep_folders:
         import shutil
@@ -204,7 +215,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--shape', choices=sorted(shapes.SHAPES))
     p.add_argument('--json', type=Path)
-    p.add_argument('--precisions', nargs='+', default=['fp32'], choices=sorted(BYTES_PER_WEIGHT))
+    p.add_argument('--precisions', nargs='+', default=['fp32', 'int8', 'int4', 'fp16'], choices=PRECISIONS)
+    p.add_argument('--export-parity-samples', type=int, default=0,
+                   help="observations for the exporter's own parity check (default 0: step 3 measures agreement)")
     p.add_argument('--observations', type=int, default=4, help='observations for the token agreement')
     p.add_argument('--runs', type=int, default=5, help='timed chunks per thread count (median)')
     p.add_argument('--threads', type=int, default=min(2, os.cpu_count() or 1), help='threads for export')
@@ -225,9 +238,7 @@ def main(argv=None) -> int:
     work = (args.work or Path(tmp.name)).resolve()
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    supported = exporter_precisions()
-    todo = [x for x in args.precisions if x in supported] or ['fp32']
-    skipped = {x: f'the installed exporter writes {list(supported)} only' for x in args.precisions if x not in todo}
+    todo = list(dict.fromkeys(args.precisions))
     print(f'shape {args.shape}: preparing the random-weight backbone and checkpoint ...', flush=True)
     prep = run_child('prepare', {'shape': args.shape, 'work': str(work), 'observations': args.observations}, work)
     if 'error' in prep:
@@ -238,16 +249,17 @@ def main(argv=None) -> int:
            'params_m': prep['params'] / 1e6, 'weight_gb': prep['weight_bytes_fp32'] / 1e9,
            'prepare_s': prep['prepare_s'], 'prepare_peak_rss_gb': prep['peak_rss_gb'],
            'torch_fp32_ms_per_chunk': prep['torch_ms_per_chunk'], 'exporter': 'dynamo',
-           'observations': args.observations, 'runs': args.runs, 'precisions': {}, 'skipped': skipped,
+           'observations': args.observations, 'runs': args.runs, 'precisions': {}, 'load_start': load_average(),
            'machine': platform.machine(), 'cpu_count': os.cpu_count(),
            'note': 'shared 2-core machine; figures are pessimistic and noisy'}
     for precision in todo:
         out['precisions'][precision] = measure_precision(precision, prep['checkpoint'], work, prep, args)
         _write(args.json, out)
     first = out['precisions'][todo[0]]
-    for key in ('export_s', 'export_peak_rss_gb', 'folder_over_weights', 'runner_rss_over_weights', 'load_s'):
+    for key in ('export_s', 'export_cpu_s', 'export_peak_rss_gb', 'folder_over_weights', 'runner_rss_over_weights',
+                'load_s'):
         out[key] = first.get(key)
-    out['seconds'] = time.perf_counter() - started
+    out['seconds'], out['load_end'] = time.perf_counter() - started, load_average()
     _write(args.json, out)
     print_table(out)
     if tmp is not None:
@@ -263,7 +275,7 @@ def _write(path: Path, data: dict) -> None:
 def print_table(out: dict) -> None:
     print(f'\n{out["shape"]}: {out["params_m"]:.0f} M params, {out["weight_gb"]:.2f} GB fp32 weights')
     print(f'{"precision":<9} {"export s":>9} {"peak GB":>8} {"folder x":>9} {"load s":>7} {"RSS x":>6} '
-          f'{"ms 1t":>8} {"ms 2t":>8} {"tokens =":>9}')
+          f'{"ms 1t":>8} {"cpu ms 1t":>9} {"ms 2t":>8} {"tokens =":>9}')
     for name, r in out['precisions'].items():
         if 'export_error' in r or 'run_error' in r:
             print(f'{name:<9} {r["export_s"]:9.0f} {r["export_peak_rss_gb"]:8.2f}  failed: '
@@ -271,9 +283,8 @@ def print_table(out: dict) -> None:
             continue
         print(f'{name:<9} {r["export_s"]:9.0f} {r["export_peak_rss_gb"]:8.2f} {r["folder_over_weights"]:9.2f} '
               f'{r["load_s"]:7.1f} {r["runner_rss_over_weights"]:6.2f} {r["ms_per_chunk_1t"]:8.0f} '
-              f'{r["ms_per_chunk_2t"]:8.0f} {r["token_agreement"]:9.3f}')
-    for name, why in out['skipped'].items():
-        print(f'{name:<9} skipped: {why}')
+              f'{r.get("cpu_ms_per_chunk_1t", float("nan")):9.0f} {r["ms_per_chunk_2t"]:8.0f} '
+              f'{r["token_agreement"]:9.3f}')
 
 
 if __name__ == '__main__':

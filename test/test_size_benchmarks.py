@@ -31,24 +31,36 @@ def test_random_backbone_is_written_in_shards_that_from_pretrained_reads(tmp_pat
         assert 0.01 < float(model.model.embed_tokens.weight.std()) < 0.03
     assert model.lm_head.weight is model.model.embed_tokens.weight  # tied, stored once
     assert shapes.param_count('qwen2.5-0.5b') == 494_032_768  # the published size of Qwen2.5-0.5B
-    assert shapes.param_count('qwen3-0.6b') * 4 > 2 ** 31  # the > 2 GiB case
+    assert shapes.backbone_graph_bytes('qwen2.5-0.5b-40l') > 2 ** 31 > shapes.backbone_graph_bytes('qwen3-0.6b')
 
 
 def test_real_size_reports_every_promised_field(tmp_path):
+    """Every precision the exporter writes, on policy folder format 2 (the toy shape)."""
+    from blockvla_ros.export.precision import PRECISIONS
+
     out = tmp_path / 'rs.json'
     cmd = [sys.executable, str(ROOT / 'benchmarks' / 'real_size.py'), '--shape', 'tiny', '--json', str(out),
-           '--precisions', 'fp32', 'int4', '--runs', '2', '--observations', '2', '--threads', '1']
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+           '--precisions', *PRECISIONS, '--runs', '2', '--observations', '2', '--threads', '1']
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads(out.read_text())
-    for key in ('export_s', 'export_peak_rss_gb', 'weight_gb', 'folder_over_weights', 'runner_rss_over_weights',
-                'load_s'):
+    for key in ('export_s', 'export_cpu_s', 'export_peak_rss_gb', 'weight_gb', 'folder_over_weights',
+                'runner_rss_over_weights', 'load_s'):
         assert data[key] > 0, key
-    fp32 = data['precisions']['fp32']
-    for key in ('ms_per_chunk_1t', 'ms_per_chunk_2t'):
-        assert fp32[key] > 0
-    assert fp32['token_agreement'] == 1.0  # ONNX Runtime fp32 decodes what the torch policy decodes
-    assert set(data['precisions']) | set(data['skipped']) == {'fp32', 'int4'}
+    assert set(data['precisions']) == set(PRECISIONS)
+    for name, row in data['precisions'].items():
+        assert 'export_error' not in row and 'run_error' not in row, (name, row)
+        assert f'--precision {name}' in row['export_command']
+        for key in ('ms_per_chunk_1t', 'ms_per_chunk_2t', 'cpu_ms_per_chunk_1t', 'folder_over_weights',
+                    'runner_rss_over_weights'):
+            assert row[key] > 0, (name, key)
+        assert 0.0 <= row['token_agreement'] <= 1.0
+        assert {'vision.onnx', 'backbone.onnx', 'tables.safetensors', 'policy.yaml'} <= set(row['files'])
+        assert row['folder_gb'] * 1e9 == pytest.approx(sum(row['files'].values()))
+        assert 0 < row['backbone_graph_gb'] < row['folder_gb']
+    assert data['precisions']['fp32']['token_agreement'] == 1.0  # ONNX Runtime fp32 decodes what torch decodes
+    sizes = {name: row['files']['backbone.onnx'] for name, row in data['precisions'].items()}
+    assert sizes['int4'] < sizes['int8'] < sizes['fp16'] < sizes['fp32']  # stored at the precision asked for
     assert 'tokens =' in proc.stdout
 
 
