@@ -17,6 +17,7 @@ the run (export.calibration) become the folder's default decoding, recorded in p
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import logging
 import os
@@ -181,12 +182,14 @@ def export_policy(checkpoint: str | Path, out: str | Path, *, name: Optional[str
         for key, fn in tqdm(steps, desc=f'export {name}', unit='graph', disable=not progress):
             graphs[key] = fn(policy, tmp, opset=opset, inline_limit=inline_limit)
             checks[key] = check_graph_file(tmp / graphs[key].file)  # dims vary only in n + TensorRT op list
+        _write_tables(policy, tmp / TABLES_FILE)
+        if precision != 'fp32':  # parity's reference is the fp32 policy: reloaded below
+            del policy  # not held while the graph is rewritten: peak RSS ~ one copy of the model, not two
+            gc.collect()
         if precision in ('int8', 'int4'):  # weight-only MatMulNBits: ONNX Runtime only
             graphs['backbone'].data = quantize_weights(tmp / graphs['backbone'].file, precision, inline_limit)
             checks['backbone'] = check_graph_file(tmp / graphs['backbone'].file, tensorrt=False)
-        _write_tables(policy, tmp / TABLES_FILE)
-        if precision == 'fp16':
-            del policy
+        if precision != 'fp32':
             policy, _ = load_checkpoint(checkpoint)
         stats.save(tmp / STATS_FILE)
         if torch_weights:
