@@ -136,12 +136,16 @@ def test_gemma2_softcap_and_scaling_are_honoured():
     assert model.config._attn_implementation == 'eager'
 
 
-def test_a_sliding_window_shorter_than_the_sequence_is_refused():
+def test_a_sliding_window_no_mask_applies_is_refused():
+    """The windows are applied by the masks (test_sliding_windows); a config whose attention_windows lost the
+    backbone's window would silently attend past it, so the graph refuses to run."""
     backbone = dict(QWEN2, use_sliding_window=True, sliding_window=8, max_window_layers=0)
     policy = BlockVLAPolicy(tiny_config(backbone=backbone)).eval()
+    assert policy.config.attention_windows == [8]
+    policy.config = policy.config.replace(attention_windows=[])
     t_max = policy.config.max_seq_len
     kv = torch.zeros(2, 2, 2, t_max, 16)
-    with pytest.raises(ValueError, match='sliding window of 8 tokens'), torch.no_grad():
+    with pytest.raises(ValueError, match='sliding window of 8 tokens.*no mask applies it'), torch.no_grad():
         mask = torch.ones(1, 1, 2, t_max + 2, dtype=torch.bool)
         BackboneGraph(policy)(torch.zeros(1, 2, 64), torch.arange(2)[None], mask, past_inputs(kv))
 

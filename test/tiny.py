@@ -19,3 +19,11 @@ def tiny_config(backbone=None, **overrides) -> BlockVLAConfig:
 GEMMA2 = {'model_type': 'gemma2', 'vocab_size': 512, 'hidden_size': 64, 'intermediate_size': 128,
           'num_hidden_layers': 2, 'num_attention_heads': 4, 'num_key_value_heads': 2, 'head_dim': 16,
           'max_position_embeddings': 1024}
+
+# sliding windows shorter than a tiny policy's sequence (56 tokens: 40 text + 4 image + 12 actions)
+WINDOW = 7
+MISTRAL = dict(QWEN2, model_type='mistral', head_dim=16, sliding_window=WINDOW)  # every layer slides
+QWEN2_WINDOW = dict(QWEN2, num_hidden_layers=3, use_sliding_window=True, sliding_window=WINDOW,
+                    max_window_layers=1)  # layer 0 full, layers 1-2 slide
+GEMMA2_WINDOW = dict(GEMMA2, sliding_window=WINDOW, attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
+                     query_pre_attn_scalar=10)  # alternating layers; softcaps and a scaling that bind at this size

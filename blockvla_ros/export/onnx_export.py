@@ -1,7 +1,7 @@
 """torch -> ONNX for the two graphs of a policy folder (`model.graphs`): vision (static) and backbone (dynamic n).
 
     vision.onnx     pixels [1, 3, S, S] (a VLM: its processor's pixel shape) -> image_tokens [1, Ni, hidden]
-    backbone.onnx   embeds [1, n, hidden], positions [1, n], mask [1, 1, n, T_max + n],
+    backbone.onnx   embeds [1, n, hidden], positions [1, n], mask [K, 1, n, T_max + n] (K: model.graphs),
                     past_key_i / past_value_i [1, kv_heads, T_max, head_dim] -> logits [1, n, n_bins],
                     new_kv [layers, 2, kv_heads, n, head_dim]; n in [1, T_max] ('n' in the graph)
 
@@ -52,7 +52,7 @@ def backbone_example(policy) -> tuple:
     positions = (t_max // 2 + torch.arange(n))[None]
     if policy.layout.rope_dims != 1:  # M-RoPE: [3, 1, n]
         positions = positions[None].expand(policy.layout.rope_dims, 1, n).contiguous()
-    mask = torch.rand(1, 1, n, t_max + n, generator=gen) > 0.5
+    mask = torch.rand(max(len(cfg.attention_windows), 1), 1, n, t_max + n, generator=gen) > 0.5
     mask[..., t_max:] |= torch.eye(n, dtype=torch.bool)
     kv = torch.zeros(layers, 2, kv_heads, t_max, head_dim, dtype=dtype)
     return embeds, positions, mask, past_inputs(kv)

@@ -12,6 +12,7 @@ from typing import Any, Optional
 import yaml
 
 from ..io.atomic import atomic_write_text
+from .attention_windows import check_windows
 
 DECODERS = ('blockdiff', 'ar', 'fulldiff', 'fulldiff_nocache')
 SCHEDULES = ('fixed', 'threshold')
@@ -44,6 +45,9 @@ class BlockVLAConfig:
     text_tokenizer: str = 'byte'  # 'byte' (no files) or 'auto' (backbone_path's tokenizer; a VLM's tokenizer.json)
     max_text_tokens: int = 48  # instruction tokens in the prefix (static shape); longer is an error
     attn_implementation: str = 'sdpa'  # the backbone's attention: sdpa | eager (Gemma2 supports eager only)
+    # sliding windows that bind on this policy's sequence, one mask row each ([] | [W] | [None, W]); resolved from the
+    # backbone when the policy is built and saved with it (model.attention_windows), so the runtime needs no HF config
+    attention_windows: list = field(default_factory=list)
     # --- a pretrained VLM as the backbone (replaces backbone + vision; see model.vlm) ----------------------------
     vlm: Optional[dict] = None  # HF config kwargs of a VLM (model_type + text/vision configs) for a random init
     vlm_path: Optional[str] = None  # local VLM folder (save_pretrained layout; never remote code); overrides `vlm`
@@ -199,6 +203,8 @@ class BlockVLAConfig:
         need(self.text_tokenizer in ('byte', 'auto'), "text_tokenizer must be 'byte' or 'auto'")
         need(self.attn_implementation in ATTN_IMPLEMENTATIONS,
              f'attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {self.attn_implementation!r}')
+        bad_windows = check_windows(self.attention_windows)
+        need(bad_windows is None, bad_windows)
         self._validate_vlm(need)
 
     def _validate_vlm(self, need):

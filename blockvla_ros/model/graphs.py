@@ -5,7 +5,7 @@ ONNX Runtime / TensorRT compute the same thing by construction. Each weight live
 
     vision:    pixels [1, 3, S, S]                                  -> image_tokens [1, Ni, hidden]
                (vision tower + projector)
-    backbone:  embeds [1, n, hidden], positions [1, n] ([3, 1, n] with M-RoPE), mask [1, 1, n, T_max + n] bool,
+    backbone:  embeds [1, n, hidden], positions [1, n] ([3, 1, n] with M-RoPE), mask [K, 1, n, T_max + n] bool,
                past_key_i, past_value_i [1, kv_heads, T_max, head_dim] for every layer i
                                                                     -> logits [1, n, n_bins],
                                                                        new_kv [layers, 2, kv_heads, n, head_dim]
@@ -17,13 +17,15 @@ One backbone graph serves every pass: the prefill (n = P, or the instruction and
 refine passes (n = B), the fused commit + refine pass (n = 2B), AR (n = 1) and full diffusion (n = L). The mask
 (True = attend; built by `runtime.pass_masks`) says what each new token sees of the cache and of the pass; the
 cache is read in place through per-layer inputs (`model.split_attention`), never copied, and the runtime writes
-the committed slots of `new_kv` into it.
+the committed slots of `new_kv` into it. K = 1, or one mask row per sliding window of the backbone
+(`config.attention_windows`: [None, W] gives full-attention layers row 0 and windowed layers row 1).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from .attention_windows import for_layers
 from .policy import BlockVLAPolicy
 from .split_attention import SplitCache, use_split_attention
 
@@ -54,10 +56,12 @@ class BackboneGraph(nn.Module):
         self.policy = policy
 
     def forward(self, embeds, positions, mask, past: list):
-        cache = SplitCache([(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)])
+        windows = self.policy.config.attention_windows
+        cache = SplitCache([(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)], windows)
+        rows = [mask[i:i + 1] for i in range(max(len(windows), 1))]  # [K, 1, n, T+n] -> K x [1, 1, n, T+n]
         with use_split_attention(self.policy.llm):
-            out = self.policy.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                                  past_key_values=cache, use_cache=True, split_cache=cache)
+            out = self.policy.llm(inputs_embeds=embeds, attention_mask=for_layers(rows, windows),
+                                  position_ids=positions, past_key_values=cache, use_cache=True, split_cache=cache)
         return self.policy.action_logits(out.last_hidden_state), cache.new_kv()
 
 

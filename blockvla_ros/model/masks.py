@@ -3,7 +3,8 @@
 Every action token carries a kind (NOISY action copy, CLEAN action copy) and a block id (counted from the start of
 the action region). The prefix rows and columns come from the prefix layout (`model.prefix_layout`: causal over
 valid tokens unless a VLM family says otherwise); the action rules are `action_rule`, one vectorized rule set for
-all three training modes and for the decode passes (`runtime.pass_masks` builds those from the same functions):
+all three training modes and for the decode passes (`runtime.pass_masks` builds those from the same functions); a
+backbone's sliding window is `window_rule`, applied to every mask over positions (`model.attention_windows`):
 
     blockdiff (teacher forcing), P=3 prefix, L=4 actions, B=2 -> noisy blocks n0 n1, clean blocks c0 c1
 
@@ -24,7 +25,7 @@ all three training modes and for the decode passes (`runtime.pass_masks` builds 
     fulldiff: prefix + a NOISY copy that is one block (bidirectional over all actions).
 
 Every action token sees every valid prefix token. The rules are numpy (the runtime imports this module without
-torch); `training_mask`, `decoding_reference_mask` and `position_ids` wrap them for torch callers.
+torch); `training_mask`, `decoding_reference_mask`, `windowed` and `position_ids` wrap them for torch callers.
 """
 from __future__ import annotations
 
@@ -45,6 +46,13 @@ def action_rule(q_kind, q_block, k_kind, k_block) -> np.ndarray:
     noisy_q_clean_k = (qk == NOISY) & (kk == CLEAN) & (kb < qb)
     noisy_q_noisy_k = (qk == NOISY) & (kk == NOISY) & (kb == qb)
     return clean_q | noisy_q_clean_k | noisy_q_noisy_k
+
+
+def window_rule(q_pos, k_pos, window: int):
+    """What a sliding window of `window` positions lets queries see: keys at positions > query - window (keys after
+    the query, inside a bidirectional block, stay visible). positions [..., Q], [..., K] (numpy or torch)
+    -> [..., Q, K] bool."""
+    return (q_pos[..., :, None] - k_pos[..., None, :]) < window
 
 
 def action_layout(n_actions: int, block_size: int, mode: str) -> tuple[np.ndarray, np.ndarray]:
@@ -108,6 +116,16 @@ def decoding_reference_mask(prefix_valid, n_committed: int, n_current: int, bloc
     block = np.concatenate([np.arange(n_committed) // block_size,
                             np.full(n_current, n_committed // block_size)])
     return _torch_like(sequence_mask(layout, valid, kind, block)[:, None], prefix_valid)
+
+
+def windowed(mask, positions, windows: list) -> list:
+    """One uncached forward's mask [N, 1, T, T] and positions [N, T] -> one mask per entry of `windows` (None: the
+    mask; W: also `window_rule`), or [mask] without windows (model.attention_windows)."""
+    if not windows:
+        return [mask]
+    if positions.dim() != 2:
+        raise ValueError('sliding windows need 1-D positions [N, T]')
+    return [mask if w is None else mask & window_rule(positions, positions, w)[:, None] for w in windows]
 
 
 def position_ids(prefix_valid, n_actions: int, copies: int, prefix_layout: Optional[PromptLayout] = None):

@@ -14,7 +14,9 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .attention_windows import for_layers, mask_windows
 from .config import ATTN_IMPLEMENTATIONS, BlockVLAConfig
+from .masks import windowed
 from .prefix_layout import layout_for
 from .vision import build_vision_encoder
 
@@ -90,6 +92,8 @@ class BlockVLAPolicy(nn.Module):
             self.projector = nn.Sequential(nn.Linear(self.vision.out_dim, hidden), nn.GELU(),
                                            nn.Linear(hidden, hidden))
         self.hidden_size = hidden
+        self.config = self.config.replace(  # resolved from the backbone, saved with the policy
+            attention_windows=mask_windows(self.llm.config, self.config.max_seq_len, self.layout.rope_dims))
         self.state_proj = nn.Linear(config.state_dim, hidden) if config.state_dim else None
         self.action_embed = nn.Embedding(config.n_bins + 1, hidden)  # bins + [MASK]
         self.action_head = nn.Linear(hidden, config.n_bins)
@@ -149,10 +153,17 @@ class BlockVLAPolicy(nn.Module):
         return self.embed_prefix(text_ids, text_valid, self.encode_image(pixels), state)
 
     def run_backbone(self, embeds: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache=None):
-        """One backbone pass with an explicit bool mask [N, 1, Q, K] (True = attend) -> (hidden, cache)."""
-        mask = attention_mask_for(mask, self.config.attn_implementation, embeds.dtype)
-        out = self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                       use_cache=cache is not None)
+        """One backbone pass with an explicit bool mask [N, 1, Q, K] (True = attend) -> (hidden, cache).
+
+        The backbone's sliding windows are applied to the mask by position (model.attention_windows)."""
+        windows = self.config.attention_windows
+        if windows and cache is not None:
+            raise ValueError('run_backbone applies sliding windows to uncached forwards only; decode through '
+                             'model.graphs.BackboneGraph')
+        rows = [attention_mask_for(m, self.config.attn_implementation, embeds.dtype)
+                for m in windowed(mask, positions, windows)]
+        out = self.llm(inputs_embeds=embeds, attention_mask=for_layers(rows, windows), position_ids=positions,
+                       past_key_values=cache, use_cache=cache is not None)
         return out.last_hidden_state, out.past_key_values
 
     def action_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -13,8 +13,10 @@ the new tokens are computed separately, normalized by one softmax over both, and
 The HF model code is unmodified: `SplitCache` is a `Cache` whose `update()` keeps each layer's new K/V (the
 pass's `new_kv` output) and returns only them, and `split_attention` (registered as ``blockvla_split``) reads the
 layer's past K/V from it. The module's own `scaling` and logit softcapping are honoured (Gemma2); a sliding window
-shorter than the cache is refused (the window would not apply). `use_split_attention(model)` switches a model to
-this function for one block of code (the graphs in `model.graphs` run inside it; training keeps its own setting).
+is applied by the layer's mask (`model.attention_windows`: the runtime builds one mask per window); a layer whose
+window is shorter than the cache and that no mask row applies is refused. `use_split_attention(model)` switches a
+model to this function for one block of code (the graphs in `model.graphs` run inside it; training keeps its own
+setting).
 """
 from __future__ import annotations
 
@@ -36,9 +38,10 @@ def _cache_base():
 class SplitCache(_cache_base()):
     """Past K/V per layer (read only, [1, kv_heads, T_max, head_dim] each) + the new K/V each layer produces."""
 
-    def __init__(self, past: list):
+    def __init__(self, past: list, windows=()):
         super().__init__(layers=[])
         self.past = list(past)  # [(k, v)] per layer
+        self.windows = set(windows) - {None}  # the sliding windows the masks of this pass apply
         self.new = [None] * len(self.past)
 
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
@@ -65,10 +68,11 @@ def split_attention(module, query, key, value, attention_mask, scaling=None, dro
     past_k, past_v = split_cache.past[module.layer_idx]  # [1, Hkv, T, d] each
     b, h, n, d = query.shape
     kvh, t_max = key.shape[1], past_k.shape[2]
-    if sliding_window is not None and t_max > sliding_window:
+    if sliding_window is not None and t_max > sliding_window and sliding_window not in split_cache.windows:
         raise ValueError(f'layer {module.layer_idx} uses a sliding window of {sliding_window} tokens, shorter than '
-                         f'the policy sequence ({t_max}): not supported; shorten the prefix/chunk or use a backbone '
-                         'without sliding-window attention')
+                         f'the policy sequence ({t_max}), and no mask applies it: the policy config\'s '
+                         f'attention_windows {sorted(split_cache.windows)} do not match its backbone; rebuild the '
+                         'policy')
     g = h // kvh
     scale = float(scaling) if scaling is not None else d ** -0.5
     q = query.reshape(b, kvh, g * n, d)  # [1, H, n, d] -> [1, Hkv, g*n, d]: head h uses K/V head h // g

@@ -31,7 +31,7 @@ import numpy as np
 from ..model.config import BlockVLAConfig
 from ..model.prefix_layout import graph_positions, layout_for
 from .kv_cache import KVCache
-from .pass_masks import action_mask, prefix_mask
+from .pass_masks import action_mask, prefix_mask, windowed
 from .tables import Tables
 
 
@@ -67,6 +67,7 @@ class Engine(ABC):
         self.n_committed = 0  # action tokens in the cache
         self.text_kv_reused = False  # whether the last prefill reused the instruction's K/V
         self._instruction = None  # the instruction whose K/V the cache holds
+        self.windows = list(config.attention_windows)  # sliding windows: one mask row each (runtime.pass_masks)
 
     # --- backend hooks --------------------------------------------------------------------------------------
     @abstractmethod
@@ -109,11 +110,12 @@ class Engine(ABC):
         """Evaluate action tokens [n] at the next n action positions; the first `commit` join the cache."""
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
         n, first = tokens.shape[0], self.n_committed
-        positions = graph_positions(self.layout.action_positions(self.prefix_valid, first, n))  # [1,n] / [3,1,n]
-        mask = action_mask(self.cache.valid, first, commit, n, block_size)
-        logits, new_kv = self._backbone(self.tables.actions(tokens), positions, mask)
+        positions = self.layout.action_positions(self.prefix_valid, first, n)  # [n] / [3, n]
+        mask = self._windowed(action_mask(self.cache.valid, first, commit, n, block_size), positions)
+        logits, new_kv = self._backbone(self.tables.actions(tokens), graph_positions(positions), mask)
         if commit:
-            self.cache.write(self.layout.length + first, new_kv, commit)
+            self.cache.write(self.layout.length + first, new_kv, commit, positions=positions[-1] if
+                             positions.ndim == 2 else positions)
             self.n_committed += commit
         return logits
 
@@ -143,7 +145,13 @@ class Engine(ABC):
 
     def _prefix_pass(self, embeds, positions, attention, valid, lo: int, hi: int) -> np.ndarray:
         """Backbone over prefix slots [lo, hi); their K/V go to the same cache slots. -> logits [hi - lo, n_bins]."""
-        mask = prefix_mask(attention, lo, hi, self.cache.max_len)
+        mask = self._windowed(prefix_mask(attention, lo, hi, self.cache.max_len), positions[..., lo:hi])
         logits, new_kv = self._backbone(embeds[:, lo:hi], graph_positions(positions[..., lo:hi]), mask)
-        self.cache.write(lo, new_kv, hi - lo, valid[lo:hi])
+        self.cache.write(lo, new_kv, hi - lo, valid[lo:hi], positions[..., lo:hi].reshape(-1, hi - lo)[-1])
         return logits
+
+    def _windowed(self, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """A pass mask [1, 1, n, T_max + n] -> one row per sliding window (none: as it is), [K, 1, n, T_max + n]."""
+        if not self.windows:
+            return mask
+        return windowed(mask, positions, self.cache.positions, self.windows)  # 1-D positions (attention_windows)

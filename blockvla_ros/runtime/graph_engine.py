@@ -47,6 +47,10 @@ class GraphEngine(Engine):
         hidden = backbone.tensor('embeds').shape[-1]
         if tables.hidden != hidden:
             raise PolicyFolderError(f'{path}: tables have hidden size {tables.hidden}, backbone.onnx {hidden}')
+        rows = backbone.tensor('mask').shape[0]
+        if rows != max(len(cfg.attention_windows), 1):
+            raise PolicyFolderError(f'{spec.folder}: backbone.onnx takes {rows} mask rows, config.attention_windows '
+                                    f'{cfg.attention_windows} needs {max(len(cfg.attention_windows), 1)}')
         self.past_names = [t.name for t in backbone.inputs if t.name.startswith('past_')]
         self._start()
         super().__init__(cfg, spec.kv_shape, tables, reuse_instruction=reuse_text_kv)

@@ -14,14 +14,18 @@ class KVCache:
         self.buffer = buffer  # [layers, 2, kv_heads, T_max, head_dim]
         self.max_len = int(max_len)
         self.valid = np.zeros(self.max_len, dtype=bool)  # [T_max]: which slots a query may attend
+        self.positions = np.zeros(self.max_len, dtype=np.int64)  # [T_max]: each slot's position (sliding windows)
 
-    def write(self, start: int, kv, count: int, valid=True) -> None:
-        """Copy the first `count` slots of kv [layers, 2, kv_heads, n >= count, head_dim] to slots start.. in place."""
+    def write(self, start: int, kv, count: int, valid=True, positions=None) -> None:
+        """Copy the first `count` slots of kv [layers, 2, kv_heads, n >= count, head_dim] to slots start.. in place;
+        `positions` [>= count]: their position ids."""
         if start + count > self.max_len:
             raise RuntimeError(f'KV cache overflow: {start} + {count} > {self.max_len} slots')
         if count:
             self.buffer[:, :, :, start:start + count] = kv[:, :, :, :count]
         self.valid[start:start + count] = valid
+        if positions is not None:
+            self.positions[start:start + count] = np.asarray(positions)[:count]
 
     def truncate(self, length: int) -> None:
         """Forget every slot from `length` on (their data stays until overwritten)."""

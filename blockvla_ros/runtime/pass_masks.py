@@ -17,12 +17,16 @@ the training mask is built from, so a cached decode attends exactly like one unc
         c (b-1)     x x x ... x                x x   . .
         n (b)       x x x ... x                x x   x x      noisy: the clean tokens of the pass + its block
         n (b)       x x x ... x                x x   x x
+
+    sliding windows (`config.attention_windows`, model.attention_windows): `windowed` stacks one mask per window,
+    [K, 1, n, T_max + n]; a windowed row also drops keys W or more positions behind the query (the cache slots'
+    positions are the KV cache's `positions`). Without windows, K = 1 and the mask is unchanged.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from ..model.masks import CLEAN, NOISY, action_rule
+from ..model.masks import CLEAN, NOISY, action_rule, window_rule
 
 
 def prefix_mask(attention: np.ndarray, lo: int, hi: int, t_max: int) -> np.ndarray:
@@ -47,3 +51,12 @@ def action_mask(cache_valid: np.ndarray, first: int, commit: int, n: int, block_
     mask[0, 0, :, :t_max] = cache_valid.reshape(1, t_max)
     mask[0, 0, :, t_max:] = action_rule(kind, block, kind, block)
     return mask
+
+
+def windowed(mask: np.ndarray, q_pos: np.ndarray, slot_pos: np.ndarray, windows: list) -> np.ndarray:
+    """mask [1, 1, n, T_max + n], query positions [n], cache slot positions [T_max] -> [K, 1, n, T_max + n]: one row
+    per entry of `windows` (None: the mask; W: within W positions too), the mask itself when there are none."""
+    if not windows:
+        return mask
+    window_ok = lambda w: window_rule(q_pos, np.concatenate([slot_pos, q_pos]), w)  # noqa: E731  [n, T_max + n]
+    return np.concatenate([mask if w is None else mask & window_ok(w) for w in windows])
