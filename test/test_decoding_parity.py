@@ -10,7 +10,7 @@ from blockvla_ros.runtime.decoding import Decoder
 from blockvla_ros.runtime.preprocess import Preprocessor
 from blockvla_ros.runtime.torch_engine import TorchEngine
 
-from tiny import LLAMA, QWEN2, tiny_config
+from tiny import GEMMA2_WINDOW, LLAMA, MISTRAL, QWEN2, tiny_config
 
 
 class UncachedEngine:
@@ -68,6 +68,9 @@ CASES = [
     ('qwen2-threshold', dict(backbone=QWEN2, schedule='threshold', threshold=0.004)),
     ('llama', dict(backbone=LLAMA, schedule='fixed')),
     ('llama-same-shift-state', dict(backbone=LLAMA, logit_shift='same', state_dim=2, prefix_order='image_first')),
+    # sliding windows shorter than the sequence (every layer / alternating layers), Gemma2's softcaps and scaling
+    ('mistral-window', dict(backbone=MISTRAL, schedule='fixed')),
+    ('gemma2-window', dict(backbone=GEMMA2_WINDOW, attn_implementation='eager', schedule='fixed')),
 ]
 
 

@@ -2,7 +2,8 @@
 
 The backbone's own LM head (a 32k-150k vocabulary) is not kept: the action head predicts only the n_bins action
 tokens, and is initialised from the LM head rows of the last n_bins vocabulary ids (OpenVLA's action-token rows),
-so finetuning starts from what the AR checkpoint already knows.
+so finetuning starts from what the AR checkpoint already knows; the head's final logit soft-capping (Gemma2's
+`final_logit_softcapping`) is kept, so the action logits start as the causal LM's own over those rows.
 """
 from __future__ import annotations
 
@@ -78,7 +79,7 @@ class BlockVLAPolicy(nn.Module):
     def __init__(self, config: BlockVLAConfig):
         super().__init__()
         self.config = config
-        self.softcap = None  # the LM head's final logit soft-capping (Gemma2 VLMs), kept for the action head
+        self.softcap = None  # the LM head's final logit soft-capping (Gemma2), kept for the action head
         if config.is_vlm:  # a pretrained VLM: its vision tower + connector, its language model, its prompt layout
             from .vlm.attach import attach_vlm
 
@@ -87,6 +88,7 @@ class BlockVLAPolicy(nn.Module):
         else:
             self.layout = layout_for(config)  # model.prefix_layout: the prefix's segments, positions, attention
             self.llm, lm_head = build_backbone(config)
+            self.softcap = getattr(self.llm.config, 'final_logit_softcapping', None)
             hidden = self.llm.config.hidden_size
             self.vision = build_vision_encoder(config.vision, config.image_size)
             self.projector = nn.Sequential(nn.Linear(self.vision.out_dim, hidden), nn.GELU(),
@@ -168,7 +170,7 @@ class BlockVLAPolicy(nn.Module):
 
     def action_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.action_head(hidden)  # [..., hidden] -> [..., n_bins]
-        if self.softcap:  # as the VLM's LM head: c * tanh(logits / c)
+        if self.softcap:  # as the causal LM's head: c * tanh(logits / c)
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
 
