@@ -8,7 +8,8 @@ A backend implements two graph calls on batch 1 and its buffer type:
 
 where the backbone reads the engine's KV cache in place. This class does the rest in numpy, once for all
 backends: table lookups (`runtime.tables`), the prefix layout (`model.prefix_layout`), every pass mask
-(`runtime.pass_masks`) and writing committed slots into the cache (`runtime.kv_cache`). The decode loop sees:
+(`runtime.pass_masks`; one row per sliding window of `config.attention_windows`, by the positions the cache records)
+and writing committed slots into the cache (`runtime.kv_cache`). The decode loop sees:
 
     prefill(prefix)                       -> logits [n_bins] at the last prefix position
     step(tokens, commit=k, block_size=B)  -> logits [n, n_bins] of the n action tokens after the committed ones;
