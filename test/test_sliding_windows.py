@@ -14,6 +14,7 @@ from blockvla_ros.model.masks import position_ids, training_mask
 from blockvla_ros.model.policy import BlockVLAPolicy, attention_mask_for
 from blockvla_ros.runtime.engine import PrefixInputs
 from blockvla_ros.runtime.torch_engine import TorchEngine
+from blockvla_ros.runtime.torch_static_engine import StaticTorchEngine
 
 from tiny import GEMMA2, GEMMA2_WINDOW, MISTRAL, QWEN2, QWEN2_WINDOW, WINDOW, tiny_config
 
@@ -50,16 +51,17 @@ def test_the_policy_equals_the_backbones_own_forward_past_the_window(name):
     policy = _policy(name)
     config = policy.config
     assert config.attention_windows == BACKBONES[name][2] and config.max_seq_len > 7 * WINDOW
-    engine = TorchEngine(policy)
     prefix = _full_prefix(config)
     tokens = np.random.default_rng(1).integers(0, config.n_bins, config.n_action_tokens)
-    embeds = np.concatenate([engine._prefix_embeds(prefix), engine.tables.actions(tokens)], 1)  # [1, T, hidden]
+    tables = TorchEngine(policy).tables
+    embeds = np.concatenate([TorchEngine(policy)._prefix_embeds(prefix), tables.actions(tokens)], 1)  # [1, T, h]
     ref = _own_forward(policy, embeds)
     p = config.prefix_len
-    # runtime: prefill (instruction, then observation), then the actions as committed AR tokens in two passes
-    got = [engine.prefill(prefix)[None], engine.step(tokens[:5], commit=5), engine.step(tokens[5:], commit=7)]
-    diff = np.abs(np.concatenate(got) - ref[p - 1:]).max()
-    assert diff <= 1e-4, f'{name}: runtime passes differ from the backbone by {diff}'
+    for engine in (TorchEngine(policy), StaticTorchEngine(policy)):  # the reference and the GPU engine (on CPU)
+        # prefill (instruction, then observation), then the actions as committed AR tokens in two passes
+        got = [engine.prefill(prefix)[None], engine.step(tokens[:5], commit=5), engine.step(tokens[5:], commit=7)]
+        diff = np.abs(np.concatenate(got) - ref[p - 1:]).max()
+        assert diff <= 1e-4, f'{name}: {type(engine).__name__} passes differ from the backbone by {diff}'
     # training: one forward with the AR training mask (plain causal here) and its positions
     valid = torch.ones(1, p, dtype=torch.bool)
     mask = training_mask(valid, len(tokens), 1, 'ar', policy.layout)

@@ -22,10 +22,14 @@ class KVCache:
         if start + count > self.max_len:
             raise RuntimeError(f'KV cache overflow: {start} + {count} > {self.max_len} slots')
         if count:
-            self.buffer[:, :, :, start:start + count] = kv[:, :, :, :count]
+            self._copy(start, kv, count)
         self.valid[start:start + count] = valid
         if positions is not None:
             self.positions[start:start + count] = np.asarray(positions)[:count]
+
+    def _copy(self, start: int, kv, count: int) -> None:
+        """The data copy of `write` (a backend may do it its own way, e.g. one index_copy_)."""
+        self.buffer[:, :, :, start:start + count] = kv[:, :, :, :count]
 
     def truncate(self, length: int) -> None:
         """Forget every slot from `length` on (their data stays until overwritten)."""

@@ -70,12 +70,9 @@ class _SlotCache(KVCache):
         super().__init__(buffer, max_len)
         self.slots = torch.arange(self.max_len, device=buffer.device)  # [T_max]: index views, never reallocated
 
-    def write(self, start: int, kv, count: int, valid=True) -> None:
-        if start + count > self.max_len:
-            raise RuntimeError(f'KV cache overflow: {start} + {count} > {self.max_len} slots')
-        if count:  # kv [layers, 2, kv_heads, n >= count, head_dim] -> slots start .. start+count-1
-            self.buffer.index_copy_(3, self.slots[start:start + count], kv[:, :, :, :count])
-        self.valid[start:start + count] = valid
+    def _copy(self, start: int, kv, count: int) -> None:
+        # kv [layers, 2, kv_heads, n >= count, head_dim] -> slots start .. start+count-1
+        self.buffer.index_copy_(3, self.slots[start:start + count], kv[:, :, :, :count])
 
 
 class _Pass:
@@ -86,7 +83,7 @@ class _Pass:
         n = embeds.shape[1]
         self.embeds = torch.zeros(embeds.shape, dtype=engine.dtype, device=dev)  # [1, n, hidden]
         self.positions = torch.zeros(positions.shape, dtype=torch.int64, device=dev)  # [1, n] or [3, 1, n]
-        self.mask = torch.zeros(mask.shape, dtype=torch.bool, device=dev)  # [1, 1, n, T_max + n]
+        self.mask = torch.zeros(mask.shape, dtype=torch.bool, device=dev)  # [K, 1, n, T_max + n]
         self.logits = torch.zeros((n, engine.config.n_bins), dtype=torch.float32, device=dev)  # [n, n_bins]
         layers, kv_heads, head_dim = engine.kv_shape
         self.new_kv = torch.zeros((layers, 2, kv_heads, n, head_dim), dtype=engine.dtype, device=dev)
