@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-KINDS = {'full_attention': None, 'sliding_attention': 'window'}
+LAYER_TYPES = ('full_attention', 'sliding_attention')  # the layer types whose masks the policy builds
 
 
 def layer_windows(hf_config) -> list:
@@ -30,30 +30,27 @@ def layer_windows(hf_config) -> list:
     types = getattr(hf_config, 'layer_types', None)
     if types is None:  # Mistral, Mixtral, Phi3, Starcoder2: one window (or none) for every layer
         return [window] * hf_config.num_hidden_layers
-    unknown = sorted(set(types) - set(KINDS))
+    unknown = sorted(set(types) - set(LAYER_TYPES))
     if unknown:
         raise ValueError(f'backbone.layer_types: {", ".join(map(repr, unknown))} attention is not supported (only '
-                         f'{" / ".join(KINDS)} layers); use a backbone without it')
+                         f'{" / ".join(LAYER_TYPES)} layers); use a backbone without it')
     return [window if t == 'sliding_attention' else None for t in types]
 
 
 def mask_windows(hf_config, max_seq_len: int, rope_dims: int = 1) -> list:
     """`config.attention_windows` of a backbone: the windows that bind on a `max_seq_len` sequence (module doc)."""
-    binding = sorted({w for w in layer_windows(hf_config) if w is not None and w < max_seq_len})
+    per_layer = [w if w is not None and w < max_seq_len else None for w in layer_windows(hf_config)]
+    binding = sorted(set(per_layer) - {None})
     if not binding:
         return []
-    window = binding[0]
     if len(binding) > 1:  # HF configs have one sliding_window; a second value would need a third mask kind
         raise ValueError(f'backbone.sliding_window: layers use windows {binding}; one window is supported')
     if rope_dims != 1:
-        raise ValueError(f'backbone.sliding_window {window} is shorter than the policy sequence ({max_seq_len} '
+        raise ValueError(f'backbone.sliding_window {binding[0]} is shorter than the policy sequence ({max_seq_len} '
                          f'tokens) and the positions are M-RoPE ({rope_dims}-D): no distance to apply the window '
                          'by; set sliding_window >= the sequence or use a backbone without windows')
-    if all(w is not None and w < max_seq_len for w in layer_windows(hf_config)):
-        return [window]
-    if getattr(hf_config, 'layer_types', None) is None:  # pragma: no cover - one window for all layers above
-        raise ValueError('backbone.sliding_window applies to some layers only, and the model has no layer_types')
-    return [None, window]
+    # a model without layer_types gives every layer the same window, so [None, W] always comes with layer_types
+    return binding if None not in per_layer else [None] + binding
 
 
 def for_layers(rows: list, windows: list):

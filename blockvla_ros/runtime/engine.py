@@ -115,8 +115,7 @@ class Engine(ABC):
         mask = self._windowed(action_mask(self.cache.valid, first, commit, n, block_size), positions)
         logits, new_kv = self._backbone(self.tables.actions(tokens), graph_positions(positions), mask)
         if commit:
-            self.cache.write(self.layout.length + first, new_kv, commit, positions=positions[-1] if
-                             positions.ndim == 2 else positions)
+            self.cache.write(self.layout.length + first, new_kv, commit, positions=_row(positions))
             self.n_committed += commit
         return logits
 
@@ -148,11 +147,16 @@ class Engine(ABC):
         """Backbone over prefix slots [lo, hi); their K/V go to the same cache slots. -> logits [hi - lo, n_bins]."""
         mask = self._windowed(prefix_mask(attention, lo, hi, self.cache.max_len), positions[..., lo:hi])
         logits, new_kv = self._backbone(embeds[:, lo:hi], graph_positions(positions[..., lo:hi]), mask)
-        self.cache.write(lo, new_kv, hi - lo, valid[lo:hi], positions[..., lo:hi].reshape(-1, hi - lo)[-1])
+        self.cache.write(lo, new_kv, hi - lo, valid[lo:hi], _row(positions[..., lo:hi]))
         return logits
 
     def _windowed(self, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """A pass mask [1, 1, n, T_max + n] -> one row per sliding window (none: as it is), [K, 1, n, T_max + n]."""
         if not self.windows:
             return mask
-        return windowed(mask, positions, self.cache.positions, self.windows)  # 1-D positions (attention_windows)
+        return windowed(mask, positions, self.cache.positions, self.windows)  # 1-D: windows refuse M-RoPE
+
+
+def _row(positions: np.ndarray) -> np.ndarray:
+    """[n] positions as they are; M-RoPE [3, n]: the temporal row (recorded only; windows never apply there)."""
+    return positions.reshape(-1, positions.shape[-1])[0]
