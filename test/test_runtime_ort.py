@@ -7,6 +7,7 @@ import pytest
 
 from blockvla_ros.export.parity import compare_engines, random_observations
 from blockvla_ros.export.policy_writer import load_checkpoint
+from blockvla_ros.model.graphs import past_names
 from blockvla_ros.runtime.cuda_memory import cuda_device_count
 from blockvla_ros.runtime.decoding import Decoder
 from blockvla_ros.runtime.engine_factory import GPUUnavailableError, create_engine
@@ -78,8 +79,12 @@ def test_io_binding_shares_preallocated_buffers(folder):
     image, text, state = random_observations(spec.config, spec.stats, 1, seed=1, tokenizer=pre.text)[0]
     cache_buffer = engine.cache.buffer
     Decoder(spec.config, 'blockdiff')(engine, pre(image, text, state))
-    B = spec.config.block_size
-    assert {B, 2 * B} <= set(engine._passes)  # refine passes and fused commit + refine passes
+    B, t_max, lt = spec.config.block_size, spec.config.max_seq_len, engine.split
+    assert engine.dynamic_past and lt > 0
+    assert {(B, t_max), (2 * B, t_max)} <= set(engine._passes)  # refine, fused commit + refine: the whole cache
+    # the prefix passes read only the slots before them: the instruction pass one (masked), the observation pass the
+    # instruction's (a copy of them: the `head` buffer)
+    assert {(lt, 1), (spec.config.prefix_len - lt, lt)} <= set(engine._passes)
     passes = {n: (p.binding, p.new_kv, p.logits) for n, p in engine._passes.items()}
     Decoder(spec.config, 'blockdiff')(engine, pre(image, text, state))
     assert engine.cache.buffer is cache_buffer
@@ -159,10 +164,12 @@ def test_tensorrt_profiles_cover_every_pass_the_decoders_make(folder):
         assert profiles[pick_profile(profiles, n)].covers(n)
         assert profiles[pick_profile(profiles, n)].exact == (n in regular)
     t_max = cfg.max_seq_len
-    shapes = profile_shapes(spec.graphs['backbone'], profiles[-1])
+    shapes = profile_shapes(spec.graphs['backbone'], profiles[-1], t_max)
     assert shapes['mask'] == ((1, 1, 1, t_max + 1), (1, 1, 2 * cfg.block_size, t_max + 2 * cfg.block_size),
                               (1, 1, t_max, 2 * t_max))
-    assert set(shapes) == {'embeds', 'positions', 'mask'}  # the cache inputs are static
+    layers, kv_heads, head_dim = spec.kv_shape
+    assert set(shapes) == {'embeds', 'positions', 'mask'} | set(past_names(layers))
+    assert shapes['past_key_0'] == ((1, kv_heads, t_max, head_dim),) * 3  # TensorRT reads the whole cache
 
 
 @pytest.mark.skipif(cuda_device_count()[0] > 0, reason='this machine has a GPU')

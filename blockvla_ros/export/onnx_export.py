@@ -1,11 +1,12 @@
 """torch -> ONNX for the two graphs of a policy folder (`model.graphs`): vision (static) and backbone (dynamic n).
 
     vision.onnx     pixels [1, 3, S, S] (a VLM: its processor's pixel shape) -> image_tokens [1, Ni, hidden]
-    backbone.onnx   embeds [1, n, hidden], positions [1, n], mask [K, 1, n, T_max + n] (K: model.graphs),
-                    past_key_i / past_value_i [1, kv_heads, T_max, head_dim] -> logits [1, n, n_bins],
-                    new_kv [layers, 2, kv_heads, n, head_dim]; n in [1, T_max] ('n' in the graph)
+    backbone.onnx   embeds [1, n, hidden], positions [1, n], mask [K, 1, n, past + n] (K: model.graphs),
+                    past_key_i / past_value_i [1, kv_heads, past, head_dim] -> logits [1, n, n_bins],
+                    new_kv [layers, 2, kv_heads, n, head_dim]; n and past in [1, T_max] ('n', 'past' in the graph:
+                    the runtime binds the whole cache, past = T_max, or only the slots a pass reads)
 
-The backbone goes through the dynamo exporter (torch.export, opset 20, the token count as a symbolic dim), which
+The backbone goes through the dynamo exporter (torch.export, opset 20, n and past as symbolic dims), which
 writes the weights straight from the torch parameters into one external-data file, tensor by tensor: no second
 in-memory copy of the model and no constant folding over the weights here. The vision graph is static and goes
 through the TorchScript exporter (opset 18): VLM towers such as Qwen2.5-VL's compute window indices from data, which
@@ -41,20 +42,22 @@ def _free_size(taken: set, start: int = 3) -> int:
 
 
 def backbone_example(policy) -> tuple:
-    """Example inputs of the backbone graph (generic values; n differs from every static dimension)."""
+    """Example inputs of the backbone graph (generic values; n and past differ from every static dimension)."""
     cfg = policy.config
     layers, kv_heads, head_dim = policy.kv_shape
     t_max, hidden = cfg.max_seq_len, policy.hidden_size
     dtype = next(policy.llm.parameters()).dtype
-    n = _free_size({layers, kv_heads, head_dim, t_max, hidden, cfg.n_bins, 2})
+    taken = {layers, kv_heads, head_dim, t_max, hidden, cfg.n_bins, 2}
+    n = _free_size(taken)
+    past = _free_size(taken | {n}, start=max(n + 1, t_max // 2))
     gen = torch.Generator().manual_seed(0)
     embeds = torch.randn(1, n, hidden, generator=gen).to(dtype)
     positions = (t_max // 2 + torch.arange(n))[None]
     if policy.layout.rope_dims != 1:  # M-RoPE: [3, 1, n]
         positions = positions[None].expand(policy.layout.rope_dims, 1, n).contiguous()
-    mask = torch.rand(max(len(cfg.attention_windows), 1), 1, n, t_max + n, generator=gen) > 0.5
-    mask[..., t_max:] |= torch.eye(n, dtype=torch.bool)
-    kv = torch.zeros(layers, 2, kv_heads, t_max, head_dim, dtype=dtype)
+    mask = torch.rand(max(len(cfg.attention_windows), 1), 1, n, past + n, generator=gen) > 0.5
+    mask[..., past:] |= torch.eye(n, dtype=torch.bool)
+    kv = torch.zeros(layers, 2, kv_heads, past, head_dim, dtype=dtype)
     return embeds, positions, mask, past_inputs(kv)
 
 
@@ -74,8 +77,10 @@ def export_backbone(policy, folder: Path, opset: int = OPSET, inline_limit: int 
     t_max = policy.config.max_seq_len
     args = backbone_example(policy)
     n = torch.export.Dim('n', min=1, max=t_max)
+    past = torch.export.Dim('past', min=1, max=t_max)
     pos_axis = 1 if policy.layout.rope_dims == 1 else 2
-    dynamic = ({1: n}, {pos_axis: n}, {2: n, 3: n + t_max}, [None] * (2 * layers))
+    # the mask's last dim is past + n, which torch.export cannot state (a sum of two dims): AUTO, renamed below
+    dynamic = ({1: n}, {pos_axis: n}, {2: n, 3: torch.export.Dim.AUTO}, [{2: past}] * (2 * layers))
     return _export(BackboneGraph(policy), args, dynamic, ['embeds', 'positions', 'mask'] + past_names(layers),
                    ['logits', 'new_kv'], Path(folder) / 'backbone.onnx', 'backbone', opset, inline_limit)
 
@@ -94,7 +99,7 @@ def _export(module, args, dynamic, inputs, outputs, path: Path, key: str, opset:
                               dynamo=True, external_data=True, dynamic_shapes=dynamic, verbose=False)
     model = onnx.load(str(path), load_external_data=False)  # the graph only; weights stay in the .data file
     if dynamic is not None:
-        _name_token_count(model, inputs[0])
+        _name_dynamic_dims(model)
     for node in model.graph.node:  # the exporter's per-node provenance (~1.5 kB a node): not needed to run
         del node.metadata_props[:]
     onnx.save_model(model, str(path))  # keeps the external-data references as they are
@@ -107,19 +112,22 @@ def _export(module, args, dynamic, inputs, outputs, path: Path, key: str, opset:
                      outputs=[TensorSpec(**t) for t in outs])
 
 
-def _name_token_count(model, first_input: str) -> None:
-    """Call the token-count symbol 'n' everywhere (torch.export names it e.g. 's18')."""
+def _name_dynamic_dims(model) -> None:
+    """Name the symbols 'n' (token count), 'past' (cache slots read) and the mask's last dim 'n + past' everywhere
+    (torch.export names them e.g. 's18', 's44', 's82')."""
     import re
 
-    dim = next(v for v in model.graph.input if v.name == first_input).type.tensor_type.shape.dim[1]
-    old = dim.dim_param
-    if not old or old == 'n':
+    dims = {v.name: v.type.tensor_type.shape.dim for v in model.graph.input}
+    names = {dims['embeds'][1].dim_param: 'n', dims['past_key_0'][2].dim_param: 'past',
+             dims['mask'][3].dim_param: 'n + past'}
+    names = {old: new for old, new in names.items() if old and old != new}
+    if not names:
         return
-    pattern = re.compile(rf'\b{re.escape(old)}\b')
+    pattern = re.compile(r'\b(' + '|'.join(map(re.escape, names)) + r')\b')
     for v in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
         for d in v.type.tensor_type.shape.dim:
             if d.dim_param:
-                d.dim_param = pattern.sub('n', d.dim_param)
+                d.dim_param = pattern.sub(lambda m: names[m.group(1)], d.dim_param)
 
 
 def _place_weights(path: Path, inline_limit: int) -> list:

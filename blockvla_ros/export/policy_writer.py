@@ -181,7 +181,7 @@ def export_policy(checkpoint: str | Path, out: str | Path, *, name: Optional[str
         steps = (('vision', export_vision), ('backbone', export_backbone))
         for key, fn in tqdm(steps, desc=f'export {name}', unit='graph', disable=not progress):
             graphs[key] = fn(policy, tmp, opset=opset, inline_limit=inline_limit)
-            checks[key] = check_graph_file(tmp / graphs[key].file)  # dims vary only in n + TensorRT op list
+            checks[key] = check_graph_file(tmp / graphs[key].file)  # dims vary only in n, past + TensorRT op list
         _write_tables(policy, tmp / TABLES_FILE)
         if precision != 'fp32':  # parity's reference is the fp32 policy: reloaded below
             del policy  # not held while the graph is rewritten: peak RSS ~ one copy of the model, not two

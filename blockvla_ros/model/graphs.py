@@ -5,8 +5,8 @@ ONNX Runtime / TensorRT compute the same thing by construction. Each weight live
 
     vision:    pixels [1, 3, S, S]                                  -> image_tokens [1, Ni, hidden]
                (vision tower + projector)
-    backbone:  embeds [1, n, hidden], positions [1, n] ([3, 1, n] with M-RoPE), mask [K, 1, n, T_max + n] bool,
-               past_key_i, past_value_i [1, kv_heads, T_max, head_dim] for every layer i
+    backbone:  embeds [1, n, hidden], positions [1, n] ([3, 1, n] with M-RoPE), mask [K, 1, n, past + n] bool,
+               past_key_i, past_value_i [1, kv_heads, past, head_dim] for every layer i (past: T_max or fewer)
                                                                     -> logits [1, n, n_bins],
                                                                        new_kv [layers, 2, kv_heads, n, head_dim]
                (the HF decoder layers + final norm + the action head; n is dynamic)

@@ -6,7 +6,10 @@ A backend implements two graph calls on batch 1 and its buffer type:
     _backbone(embeds [1, n, h], positions, mask)     -> (logits numpy [n, n_bins] (a copy),
                                                          new_kv [layers, 2, kv_heads, n, head_dim] (backend array))
 
-where the backbone reads the engine's KV cache in place. This class does the rest in numpy, once for all
+where the backbone reads the engine's KV cache in place: all T_max slots, or, for a backend with `dynamic_past`
+(a graph whose cache inputs have a 'past' dim), only the first past = mask.shape[-1] - n slots. Such a backend reads
+only the slots before a prefix pass (at least one): a one-call prefill scores no empty cache slot, an observation
+pass only the instruction's. This class does the rest in numpy, once for all
 backends: table lookups (`runtime.tables`), the prefix layout (`model.prefix_layout`), every pass mask
 (`runtime.pass_masks`; one row per sliding window of `config.attention_windows`, by the positions the cache records)
 and writing committed slots into the cache (`runtime.kv_cache`). The decode loop sees:
@@ -54,6 +57,7 @@ class Engine(ABC):
     """Holds one KV cache; `prefill` starts a chunk, `step` evaluates action tokens after the committed ones."""
 
     name = 'abstract'
+    dynamic_past = False  # whether the backend can read fewer than T_max cache slots (see the module doc)
 
     def __init__(self, config: BlockVLAConfig, kv_shape: tuple, tables: Tables, reuse_instruction: bool = True):
         self.config = config
@@ -145,16 +149,18 @@ class Engine(ABC):
 
     def _prefix_pass(self, embeds, positions, attention, valid, lo: int, hi: int) -> np.ndarray:
         """Backbone over prefix slots [lo, hi); their K/V go to the same cache slots. -> logits [hi - lo, n_bins]."""
-        mask = self._windowed(prefix_mask(attention, lo, hi, self.cache.max_len), positions[..., lo:hi])
+        past = max(lo, 1) if self.dynamic_past else self.cache.max_len
+        mask = self._windowed(prefix_mask(attention, lo, hi, past), positions[..., lo:hi])
         logits, new_kv = self._backbone(embeds[:, lo:hi], graph_positions(positions[..., lo:hi]), mask)
         self.cache.write(lo, new_kv, hi - lo, valid[lo:hi], _row(positions[..., lo:hi]))
         return logits
 
     def _windowed(self, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """A pass mask [1, 1, n, T_max + n] -> one row per sliding window (none: as it is), [K, 1, n, T_max + n]."""
+        """A pass mask [1, 1, n, past + n] -> one row per sliding window (none: as it is), [K, 1, n, past + n]."""
         if not self.windows:
             return mask
-        return windowed(mask, positions, self.cache.positions, self.windows)  # 1-D: windows refuse M-RoPE
+        past = mask.shape[-1] - mask.shape[-2]  # the cache slots the pass reads
+        return windowed(mask, positions, self.cache.positions[:past], self.windows)  # 1-D: windows refuse M-RoPE
 
 
 def _row(positions: np.ndarray) -> np.ndarray:

@@ -2,8 +2,10 @@
 
 CPU (default): the KV cache is one numpy buffer; each `past_*` input of the backbone is an OrtValue over its
 layer's slice (shared memory: the graph reads the cache in place), and the committed slots of `new_kv` are copied
-into it. Per token count n, the embeds / positions / mask inputs and the logits / new_kv outputs are numpy buffers
-bound once (an IO binding per n) and reused.
+into it. Per pass shape (token count n, cache slots read), the embeds / positions / mask inputs and the logits /
+new_kv outputs are numpy buffers bound once (an IO binding per shape) and reused. On a graph whose cache inputs have
+a 'past' dim (`dynamic_past`), a prefix pass reads only the `lo` slots before it: their K/V (the instruction's, or
+one masked slot) are copied into a small buffer of that length, so no query scores the empty rest of the cache.
 CUDA provider (`device='cuda'`): the cache and `new_kv` live in CUDA memory, bound by pointer; slot writes are
 device-to-device copies (cuda-python); the small inputs and the logits stay on the host. After creating the
 sessions the provider actually in use is logged; with `require_gpu` a fallback to the CPU raises
@@ -37,16 +39,18 @@ def import_onnxruntime():
 
 
 class _Pass:
-    """The IO binding of one token count n: input/output buffers bound once, the cache bound by reference."""
+    """The IO binding of one pass shape: n tokens reading `past` cache slots. Input/output buffers are bound once;
+    the cache is bound by reference (past = T_max), or a small copy of its first `past` slots (`OrtEngine.head`)."""
 
-    def __init__(self, engine: 'OrtEngine', n: int):
+    def __init__(self, engine: 'OrtEngine', n: int, past: int):
         spec = engine.spec.graphs['backbone']
         ort = engine.ort
         self.binding = engine.backbone.io_binding()
         self._keep = []
+        source = engine.cache.buffer if past == engine.cache.max_len else engine.head(past)
         for name, layer, kind in engine.past_views():
-            engine.bind_cache(self.binding, name, layer, kind, self._keep)
-        self.inputs = {t.name: np.zeros(t.concrete(n), np.dtype(t.dtype)) for t in spec.inputs
+            engine.bind_cache(self.binding, name, layer, kind, self._keep, source)
+        self.inputs = {t.name: np.zeros(t.concrete(n, past), np.dtype(t.dtype)) for t in spec.inputs
                        if t.name in ('embeds', 'positions', 'mask')}
         self.logits = np.zeros(spec.tensor('logits').concrete(n), np.dtype(spec.tensor('logits').dtype))
         for name, buf in list(self.inputs.items()) + [('logits', self.logits)]:
@@ -73,6 +77,7 @@ class OrtEngine(GraphEngine):
         self.device_buffers = False
         self.name = 'onnxruntime-cuda' if device == 'cuda' else 'onnxruntime'
         self._passes = {}
+        self._heads = {}  # past -> [layers, 2, kv_heads, past, head_dim] copies of the cache's first slots
         super().__init__(spec, reuse_text_kv=reuse_text_kv)
 
     # --- sessions ---------------------------------------------------------------------------------------------
@@ -127,6 +132,7 @@ class OrtEngine(GraphEngine):
     def _start(self):
         self.vision, self.provider = self._session('vision')
         self.backbone, _ = self._session('backbone')
+        self.dynamic_past = 'past' in self.spec.graphs['backbone'].tensor(self.past_names[0]).symbols
         if self.provider == 'CUDAExecutionProvider':
             try:
                 from .cuda_memory import cudart
@@ -147,9 +153,17 @@ class OrtEngine(GraphEngine):
     def _alloc(self, shape):
         return self.new_buffer(shape, np.dtype(self.spec.float_dtype))
 
-    def bind_cache(self, binding, name: str, layer: int, kind: int, keep: list) -> None:
-        """Bind input `name` to the cache slice [layer, kind] (shape [1, kv_heads, T_max, head_dim]), no copy."""
-        buf = self.cache.buffer
+    def head(self, past: int):
+        """The buffer a pass reading only the cache's first `past` slots is bound to (`_backbone` fills it)."""
+        if past not in self._heads:
+            layers, kv_heads, head_dim = self.kv_shape
+            self._heads[past] = self._alloc((layers, 2, kv_heads, past, head_dim))
+        return self._heads[past]
+
+    def bind_cache(self, binding, name: str, layer: int, kind: int, keep: list, buf=None) -> None:
+        """Bind input `name` to the slice [layer, kind] of the cache (or of `buf`): [1, kv_heads, slots, head_dim],
+        no copy."""
+        buf = self.cache.buffer if buf is None else buf
         if isinstance(buf, np.ndarray):
             value = self.ort.OrtValue.ortvalue_from_numpy(buf[layer, kind][None])
             keep.append(value)
@@ -174,9 +188,12 @@ class OrtEngine(GraphEngine):
 
     def _backbone(self, embeds, positions, mask):
         n = embeds.shape[1]
-        p = self._passes.get(n)
+        past = mask.shape[-1] - n
+        p = self._passes.get((n, past))
         if p is None:
-            p = self._passes[n] = _Pass(self, n)
+            p = self._passes[(n, past)] = _Pass(self, n, past)
+        if past != self.cache.max_len:  # a prefix pass reading the first `past` slots: their copy (tens of slots)
+            self.head(past)[:, :, :, 0:past] = self.cache.buffer[:, :, :, 0:past]
         for name, value in (('embeds', embeds), ('positions', positions), ('mask', mask)):
             np.copyto(p.inputs[name], value, casting='same_kind')
         self.backbone.run_with_iobinding(p.binding)
@@ -185,4 +202,4 @@ class OrtEngine(GraphEngine):
     def describe(self) -> dict:
         return {'engine': self.name, 'provider': self.provider, 'device': 'cuda:0' if self.provider ==
                 'CUDAExecutionProvider' else 'cpu', 'threads': self.threads, 'device_buffers': self.device_buffers,
-                'reuse_text_kv': self.reuse_instruction}
+                'reuse_text_kv': self.reuse_instruction, 'dynamic_past': self.dynamic_past}

@@ -1,11 +1,14 @@
-"""The attention mask of every backbone pass, built here and nowhere else: [1, 1, n, T_max + n] bool, True = attend.
+"""The attention mask of every backbone pass, built here and nowhere else: [1, 1, n, past + n] bool, True = attend.
 
-Columns 0 .. T_max-1 are the cache slots, columns T_max .. T_max+n-1 the pass's own n tokens. The rules come from
-`model.prefix_layout` (the prefix pattern) and `model.masks.action_rule` (the action blocks), the same functions
-the training mask is built from, so a cached decode attends exactly like one uncached forward over the sequence.
+Columns 0 .. past-1 are the cache slots the pass reads (past = T_max: the whole cache; a backend that can bind fewer
+slots reads only the `lo` slots before a prefix pass, at least one), columns past .. past+n-1 the pass's own n
+tokens. The rules come from `model.prefix_layout` (the prefix pattern) and `model.masks.action_rule` (the action
+blocks), the same functions the training mask is built from, so a cached decode attends exactly like one uncached
+forward over the sequence.
 
     prefix pass over prefix slots [lo, hi)         rows: the layout's attention rows lo .. hi-1
         (one-call prefill: lo = 0, hi = P;         cache columns 0 .. lo-1: those rows over the slots already cached
+                                                   (columns lo .. past-1: never attended)
          split prefill: the instruction [0, Lt),   own columns: the pattern among the pass's tokens
          then the observation [Lt, P))
 
@@ -19,7 +22,7 @@ the training mask is built from, so a cached decode attends exactly like one unc
         n (b)       x x x ... x                x x   x x
 
     sliding windows (`config.attention_windows`, model.attention_windows): `windowed` stacks one mask per window,
-    [K, 1, n, T_max + n]; a windowed row also drops keys W or more positions behind the query (the cache slots'
+    [K, 1, n, past + n]; a windowed row also drops keys W or more positions behind the query (the cache slots'
     positions are the KV cache's `positions`). Without windows, K = 1 and the mask is unchanged.
 """
 from __future__ import annotations
@@ -29,12 +32,15 @@ import numpy as np
 from ..model.masks import CLEAN, NOISY, action_rule, window_rule
 
 
-def prefix_mask(attention: np.ndarray, lo: int, hi: int, t_max: int) -> np.ndarray:
-    """attention [P, P] (the layout's pattern for this prefix) -> the mask of the pass over prefix slots [lo, hi)."""
+def prefix_mask(attention: np.ndarray, lo: int, hi: int, past: int) -> np.ndarray:
+    """attention [P, P] (the layout's pattern for this prefix) -> the mask of the pass over prefix slots [lo, hi)
+    reading `past` >= lo cache slots."""
+    if past < lo:
+        raise ValueError(f'a prefix pass from slot {lo} must read at least {lo} cache slots, not {past}')
     n = hi - lo
-    mask = np.zeros((1, 1, n, t_max + n), dtype=bool)
+    mask = np.zeros((1, 1, n, past + n), dtype=bool)
     mask[0, 0, :, :lo] = attention[lo:hi, :lo]
-    mask[0, 0, :, t_max:] = attention[lo:hi, lo:hi]
+    mask[0, 0, :, past:] = attention[lo:hi, lo:hi]
     return mask
 
 
@@ -54,9 +60,10 @@ def action_mask(cache_valid: np.ndarray, first: int, commit: int, n: int, block_
 
 
 def windowed(mask: np.ndarray, q_pos: np.ndarray, slot_pos: np.ndarray, windows: list) -> np.ndarray:
-    """mask [1, 1, n, T_max + n], query positions [n], cache slot positions [T_max] -> [K, 1, n, T_max + n]: one row
-    per entry of `windows` (None: the mask; W: within W positions too), the mask itself when there are none."""
+    """mask [1, 1, n, past + n], query positions [n], the positions of the cache slots it reads [past] ->
+    [K, 1, n, past + n]: one row per entry of `windows` (None: the mask; W: within W positions too), the mask itself
+    when there are none."""
     if not windows:
         return mask
-    window_ok = lambda w: window_rule(q_pos, np.concatenate([slot_pos, q_pos]), w)  # noqa: E731  [n, T_max + n]
+    window_ok = lambda w: window_rule(q_pos, np.concatenate([slot_pos, q_pos]), w)  # noqa: E731  [n, past + n]
     return np.concatenate([mask if w is None else mask & window_ok(w) for w in windows])

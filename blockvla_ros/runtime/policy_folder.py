@@ -53,16 +53,22 @@ TABLES_FILE = 'tables.safetensors'
 @dataclass
 class TensorSpec:
     name: str
-    shape: list  # ints, or strings for dims that vary with the token count ('n', 'n + 356')
+    shape: list  # ints, or strings for dims that vary with the token count / cache slots read ('n', 'n + past')
     dtype: str  # numpy dtype name: float32 | float16 | int64 | bool
 
     def to_dict(self) -> dict:
         return {'name': self.name, 'shape': [d if isinstance(d, str) else int(d) for d in self.shape],
                 'dtype': self.dtype}
 
-    def concrete(self, n: int) -> tuple:
-        """The shape for token count n (a symbolic dim is a sum of 'n' and integers: checked by policy_schema)."""
-        return tuple(d if isinstance(d, int) else schema.dim_value(d, n) for d in self.shape)
+    def concrete(self, n: int, past: int | None = None) -> tuple:
+        """The shape for token count n and `past` cache slots read (a symbolic dim is a sum of a*n, past and an
+        integer: checked by policy_schema)."""
+        return tuple(d if isinstance(d, int) else schema.dim_value(d, n, past) for d in self.shape)
+
+    @property
+    def symbols(self) -> set:
+        """The symbols its dims use ('n', 'past')."""
+        return {s for d in self.shape if isinstance(d, str) for s in schema.dim_symbols(d)}
 
 
 @dataclass

@@ -9,8 +9,9 @@ reader for that section, nothing else.
 
 Numbers: every float must be finite and within +-MAX_ABS_VALUE (1e6: physical action/state units; a stats or limit
 value of 1e308 would saturate every action or overflow float32 to inf). Tensor dims are positive ints, or (format 2's
-backbone) 'n' / 'a*n + b' for the token count n in [1, T_max]; at most MAX_TENSOR_ELEMENTS elements at n = T_max (the
-engines allocate their I/O buffers from these shapes).
+backbone) sums like 'n', '2*n', 'n + 356', 'past', 'n + past' of the token count n and the cache slots a pass reads
+(past), both in [1, T_max]; at most MAX_TENSOR_ELEMENTS elements at n = past = T_max (the engines allocate their I/O
+buffers from these shapes).
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ MAX_DIMS = 8
 MAX_NAME_LEN = 255
 TENSOR_DTYPES = ('float32', 'float16', 'int64', 'int32', 'bool')
 GRAPHS = ('vision', 'backbone')  # format 2: the vision tower and one backbone graph for every pass
-DIM_EXPR = re.compile(r'^(?:([1-9][0-9]{0,3})\*)?n(?: \+ ([0-9]{1,9}))?$')  # n, 2*n, n + 356: a dim that varies with n
+DIM_SYMBOLS = ('n', 'past')  # the backbone's token count and the cache slots a pass reads
+DIM_TERM = re.compile(r'^(?:([1-9][0-9]{0,3})\*)?(n|past)$|^([0-9]{1,9})$')  # 2*n, past, 356: one term of a dim
 PRECISIONS = ('fp32', 'fp16', 'int8', 'int4')
 SHA256 = re.compile(r'^[0-9a-f]{64}$')
 
@@ -230,27 +232,49 @@ def actions(doc: Any, where: str, action_dim: int) -> tuple:
     return names, low, high
 
 
-def dim_value(dim: str, n: int) -> int:
-    """A symbolic dim ('n', '2*n', 'n + 356') at token count n."""
-    m = DIM_EXPR.match(dim)
-    if m is None:
-        raise PolicyFolderError(f'dim {dim!r} is not of the form a*n + b')
-    return int(m.group(1) or 1) * int(n) + int(m.group(2) or 0)
+def _dim_terms(dim: str):
+    """'n + 356', '2*n', 'n + past' -> [(coefficient, symbol or None)], or None when not such a sum."""
+    terms = []
+    for part in dim.split(' + ') if len(dim) <= 64 else ():
+        m = DIM_TERM.match(part)
+        if m is None:
+            return None
+        terms.append((int(m.group(1) or 1), m.group(2)) if m.group(2) else (int(m.group(3)), None))
+    symbols = [s for _, s in terms if s]
+    return terms if symbols and len(set(symbols)) == len(symbols) and len(terms) <= 3 else None
+
+
+def dim_symbols(dim: str) -> set:
+    """The symbols of a checked symbolic dim: {'n'}, {'n', 'past'}..."""
+    return {s for _, s in _dim_terms(dim) or () if s}
+
+
+def dim_value(dim: str, n: int, past: int | None = None) -> int:
+    """A symbolic dim ('n', '2*n', 'n + 356', 'n + past') at token count n and `past` cache slots."""
+    terms = _dim_terms(dim)
+    if terms is None:
+        raise PolicyFolderError(f'dim {dim!r} is not a sum of a*n, past and an integer')
+    if past is None and any(s == 'past' for _, s in terms):
+        raise PolicyFolderError(f'dim {dim!r} depends on the cache slots a pass reads (past): none given')
+    values = {'n': int(n), 'past': None if past is None else int(past), None: 1}
+    return sum(c * values[s] for c, s in terms)
 
 
 def tensor(doc: Any, where: str, n_max: int = 1) -> tuple:
-    """{name, shape, dtype} -> (name, [dims], dtype); dims are ints or a*n + b; bounded element count at n_max."""
+    """{name, shape, dtype} -> (name, [dims], dtype); dims are ints or sums of a*n, past and b; bounded element
+    count at n = past = n_max."""
     mapping(doc, where, TENSOR_KEYS, ())
     name = string(doc['name'], f'{where}.name', max_len=MAX_NAME_LEN)
     dims = []
     for i, d in enumerate(listing(doc['shape'], f'{where}.shape', max_len=MAX_DIMS)):
         if isinstance(d, str):
-            if not DIM_EXPR.match(d):
-                raise PolicyFolderError(f'{where}.shape[{i}]: {d!r} is neither an integer nor a*n + b')
+            if _dim_terms(d) is None:
+                raise PolicyFolderError(f'{where}.shape[{i}]: {d!r} is neither an integer nor a sum of a*n, past '
+                                        'and an integer')
             dims.append(d)
         else:
             dims.append(integer(d, f'{where}.shape[{i}]', 1, MAX_TENSOR_ELEMENTS))
-    at_max = [d if isinstance(d, int) else dim_value(d, n_max) for d in dims]
+    at_max = [d if isinstance(d, int) else dim_value(d, n_max, n_max) for d in dims]
     if math.prod(at_max) > MAX_TENSOR_ELEMENTS:
         at = f' at n = {n_max}' if at_max != dims else ''
         raise PolicyFolderError(f'{where}.shape {dims}: {math.prod(at_max)} elements (limit {MAX_TENSOR_ELEMENTS}){at}')

@@ -134,7 +134,8 @@ class EngineStore:
             config.set_flag(trt.BuilderFlag.FP16)
         for p in self.profiles(key):
             profile = builder.create_optimization_profile()
-            for name, (lo, opt, hi) in profile_shapes(self.spec.graphs[key], p).items():
+            shapes = profile_shapes(self.spec.graphs[key], p, self.spec.config.max_seq_len)
+            for name, (lo, opt, hi) in shapes.items():
                 profile.set_shape(name, lo, opt, hi)
             config.add_optimization_profile(profile)
         config.progress_monitor = _progress_monitor(trt, f'TensorRT {key}')

@@ -10,7 +10,8 @@ exact shape (min = opt = max, so its kernels are tuned for it), plus one range p
     [1, T_max]   anything else (opt 2B)
 
 A context is created per profile (they share one scratch buffer: only one runs at a time), so a pass never switches
-profiles; `pick_profile` chooses the exact profile for n, else the range profile.
+profiles; `pick_profile` chooses the exact profile for n, else the range profile. The cache inputs' 'past' dim is
+T_max in every profile: TensorRT passes read the whole cache (static shapes, one CUDA graph per n).
 """
 from __future__ import annotations
 
@@ -63,9 +64,10 @@ def pick_profile(profiles_: list, n: int) -> int:
     return min(covering, key=lambda i: profiles_[i].max - profiles_[i].min)
 
 
-def profile_shapes(graph_spec, profile: Profile) -> dict:
-    """{input name: (min shape, opt shape, max shape)} for every input of `graph_spec` that varies with n."""
-    return {t.name: (t.concrete(profile.min), t.concrete(profile.opt), t.concrete(profile.max))
+def profile_shapes(graph_spec, profile: Profile, t_max: int) -> dict:
+    """{input name: (min shape, opt shape, max shape)} for every input of `graph_spec` with a symbolic dim (n varies
+    over the profile, past = t_max)."""
+    return {t.name: (t.concrete(profile.min, t_max), t.concrete(profile.opt, t_max), t.concrete(profile.max, t_max))
             for t in graph_spec.inputs if any(isinstance(d, str) for d in t.shape)}
 
 
@@ -77,7 +79,7 @@ def check_profiles(spec) -> list:
     for p in out:
         if not 1 <= p.min <= p.opt <= p.max <= cfg.max_seq_len:
             raise ValueError(f'malformed profile {p} (T_max {cfg.max_seq_len})')
-        for name, shapes in profile_shapes(graph, p).items():
+        for name, shapes in profile_shapes(graph, p, cfg.max_seq_len).items():
             if any(d < 1 for s in shapes for d in s) or not all(a <= b <= c for a, b, c in zip(*shapes)):
                 raise ValueError(f'profile {p}: input {name} shapes {shapes} are not ordered min <= opt <= max')
     for n in token_counts(cfg):

@@ -32,8 +32,10 @@ class _Pass:
         spec = owner.spec.graphs['backbone']
         self.index = pick_profile(owner.profiles, n)
         self.context = owner.contexts[self.index]
-        self.buffers = {t.name: DeviceArray(t.concrete(n), np.dtype(t.dtype)) for t in spec.inputs + spec.outputs
+        t_max = owner.cache.max_len  # every pass reads the whole cache (static shapes: one CUDA graph per n)
+        self.buffers = {t.name: DeviceArray(t.concrete(n, t_max), np.dtype(t.dtype)) for t in spec.inputs + spec.outputs
                         if not t.name.startswith('past_')}
+        self.past_shape = (1, *owner.cache.buffer.shape[2:])  # [1, kv_heads, T_max, head_dim]
         self.logits_host = np.empty(self.buffers['logits'].shape, self.buffers['logits'].dtype)
         self.graph_exec, self.runs = None, 0
         self.use_graph = owner.cuda_graphs
@@ -45,6 +47,8 @@ class _Pass:
             if not self.context.set_tensor_address(name, buf.ptr):
                 raise RuntimeError(f'TensorRT set_tensor_address failed for {name}')
         for name, ptr in owner.past_ptrs.items():
+            if not self.context.set_input_shape(name, self.past_shape):  # a 'past' dim: profiles fix it at T_max
+                raise RuntimeError(f'TensorRT rejected shape {self.past_shape} for {name}')
             self.context.set_tensor_address(name, ptr)
 
 
