@@ -10,7 +10,9 @@
 Both generate the chunk's number of action tokens (H*D) after a prompt as long as the policy's prefix, with the
 EOS token disabled so every chunk has the same length. They compute logits over the backbone's whole vocabulary
 (what an AR VLA does); our policy reads only the n_bins action logits. Runs are interleaved (run i of every variant,
-then run i + 1), so load changes on a shared machine hit every variant alike.
+then run i + 1), so load changes on a shared machine hit every variant alike. Each is timed by the wall clock and
+by the calling thread's CPU time (`cpu_ms`, `cpu_ratios`): with one intra-op thread, ONNX Runtime, onnxruntime-genai
+and torch all compute on the calling thread, and CPU time is steadier than wall time on a shared machine.
 """
 from __future__ import annotations
 
@@ -136,16 +138,18 @@ def build_peers(policy, work: Path, threads: int) -> dict:
 def time_peers(built: dict, blockdiff, runs: int, warmup: int) -> dict:
     """Interleaved medians of `blockdiff` (a callable decoding one chunk) and each peer; -> report with the ratios."""
     variants = {'blockdiff': blockdiff, **built['peers']}
-    times = {name: [] for name in variants}
+    times, cpu = {name: [] for name in variants}, {name: [] for name in variants}
     tokens = {}
     for i in range(warmup + runs):
         for name, fn in variants.items():
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.thread_time()
             n = fn()
             if i >= warmup:
                 times[name].append((time.perf_counter() - t) * 1e3)
+                cpu[name].append((time.thread_time() - c) * 1e3)
             tokens[name] = n
     med = {name: statistics.median(ts) for name, ts in times.items()}
+    cpu_med = {name: statistics.median(ts) for name, ts in cpu.items()}
     import onnxruntime
 
     try:
@@ -153,11 +157,14 @@ def time_peers(built: dict, blockdiff, runs: int, warmup: int) -> dict:
         genai_version = og.__version__
     except ImportError:
         genai_version = None
-    report = {'median_ms': med, 'new_tokens': {k: v for k, v in tokens.items() if k != 'blockdiff'},
+    report = {'median_ms': med, 'cpu_ms': cpu_med, 'cpu_ratios': {},
+              'new_tokens': {k: v for k, v in tokens.items() if k != 'blockdiff'},
               'prompt_tokens': built['prompt_tokens'], 'runs': runs, 'skipped': built['skipped'],
               'build_s': built['build_s'], 'versions': {'onnxruntime': onnxruntime.__version__,
                                                         'onnxruntime_genai': genai_version}}
     for name, key in (('genai_ar', 'blockdiff_vs_genai_ar_speedup'),
                       ('hf_generate', 'blockdiff_vs_hf_generate_speedup')):
         report[key] = med[name] / med['blockdiff'] if name in med else None
+        if name in med:  # the calling thread's CPU time: both peers and our engine run on it (1 intra-op thread)
+            report['cpu_ratios'][key] = cpu_med[name] / cpu_med['blockdiff']
     return report
