@@ -1,0 +1,112 @@
+#!/usr/bin/env python3
+"""CPU cost of every kind of backbone pass and of whole chunks, for several policy folders, interleaved in one run.
+
+    python benchmarks/pass_cost.py FOLDER_A FOLDER_B [...] --runs 20 --threads 1 [--json OUT]
+
+Measures one runtime change: export the same checkpoint before and after it (or as two graph variants) and pass
+both folders. Each folder is opened with the ONNX Runtime engine (CPU); run i of every (folder, measurement) comes
+before run i + 1 of any, so load changes on a shared machine hit every folder alike. The figure is the median CPU
+time of the decoding thread (`time.thread_time`, steadier than wall time when other jobs share the cores); wall
+medians are reported beside it. Measurements (same observations for every folder):
+
+    prefill             one-call prefill (vision + the whole prefix in one backbone pass)
+    prefill_reused      the prefill with the instruction's K/V reused (vision + the observation pass only)
+    n=1, n=B, n=2B      one backbone pass after a prefill: AR, refine, fused commit + refine
+    blockdiff, ar       one whole chunk with the policy's decoding settings (one-call prefill included)
+
+Timings are printed, never asserted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+INSTRUCTION = 'put the red block on the plate'
+
+
+def measurements(engines: dict, config, prefixes: list) -> dict:
+    """{name: callable(i)} for one folder's engines ('fresh': one-call prefill, 'reuse': instruction K/V kept)."""
+    from blockvla_ros.runtime.decoding import Decoder
+
+    fresh, reuse = engines['fresh'], engines['reuse']
+    B, mask = config.block_size, config.mask_token_id
+
+    def step(n):
+        def run(i):
+            fresh.prefill(prefixes[i % len(prefixes)])  # not timed: see `timed`
+            return lambda: fresh.step(np.full(n, mask), commit=0)
+        return run
+
+    out = {'prefill': lambda i: (lambda: fresh.prefill(prefixes[i % len(prefixes)])),
+           'prefill_reused': lambda i: (lambda: reuse.prefill(prefixes[i % len(prefixes)])),
+           'n=1': step(1), f'n={B}': step(B), f'n={2 * B}': step(2 * B)}
+    for dec in ('blockdiff', 'ar'):
+        decoder = Decoder(config, dec)
+        out[dec] = (lambda d: lambda i: (lambda: d(fresh, prefixes[i % len(prefixes)])))(decoder)
+    return out
+
+
+def timed(prepare, i: int) -> tuple:
+    """prepare(i) sets up (untimed) and returns the call to time. -> (wall ms, CPU ms of this thread)."""
+    call = prepare(i)
+    t, c = time.perf_counter(), time.thread_time()
+    call()
+    return (time.perf_counter() - t) * 1e3, (time.thread_time() - c) * 1e3
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('folders', nargs='+', type=Path, help='policy folders of the same policy (e.g. two exports)')
+    p.add_argument('--runs', type=int, default=20)
+    p.add_argument('--warmup', type=int, default=2)
+    p.add_argument('--threads', type=int, default=1, help='ONNX Runtime intra-op threads')
+    p.add_argument('--json', type=Path, help='write the medians here')
+    args = p.parse_args(argv)
+
+    from blockvla_ros.runtime.ort_engine import OrtEngine
+    from blockvla_ros.runtime.policy_folder import load_policy_folder
+    from blockvla_ros.runtime.runner import build_preprocessor
+
+    plans, configs = {}, {}
+    for folder in args.folders:
+        spec = load_policy_folder(folder)
+        pre = build_preprocessor(spec.config, spec.stats, folder)
+        rng = np.random.default_rng(1)
+        s = spec.config.image_size
+        prefixes = [pre(rng.integers(0, 256, (s, s, 3), dtype=np.uint8), INSTRUCTION) for _ in range(4)]
+        engines = {'fresh': OrtEngine(spec, threads=args.threads, reuse_text_kv=False),
+                   'reuse': OrtEngine(spec, threads=args.threads, reuse_text_kv=True)}
+        engines['reuse'].prefill(prefixes[0])
+        plans[str(folder)] = measurements(engines, spec.config, prefixes)
+        configs[str(folder)] = engines['fresh'].describe()
+    times = {(f, m): ([], []) for f, plan in plans.items() for m in plan}
+    for i in range(args.warmup + args.runs):
+        for (f, m), (wall, cpu) in times.items():
+            w, c = timed(plans[f][m], i)
+            if i >= args.warmup:
+                wall.append(w)
+                cpu.append(c)
+        if i >= args.warmup:
+            print(f'run {i - args.warmup + 1}/{args.runs}', flush=True)
+    result = {f: {m: {'cpu_ms': statistics.median(times[(f, m)][1]), 'wall_ms': statistics.median(times[(f, m)][0])}
+                  for m in plan} for f, plan in plans.items()}
+    names = list(next(iter(plans.values())))
+    print(f'\nmedian CPU ms (wall ms) over {args.runs} interleaved runs, {args.threads} thread(s)')
+    print(f'{"":<16}' + ''.join(f'{Path(f).name[-28:]:>30}' for f in result))
+    for m in names:
+        print(f'{m:<16}' + ''.join(f'{r[m]["cpu_ms"]:>18.2f} ({r[m]["wall_ms"]:7.1f})' for r in result.values()))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({'runs': args.runs, 'threads': args.threads, 'engines': configs,
+                                         'results': result}, indent=2))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
