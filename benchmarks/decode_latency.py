@@ -71,34 +71,35 @@ def rss_mb() -> float:
 
 
 def make_policy_folder(work: Path, size: str, fulldiff_steps: int | None, threads: int, shape: str | None = None,
-                       parity_samples: int = 2):
+                       parity_samples: int = 2, reuse: bool = False):
     """Random checkpoint of `size` (on the backbone dimensions of `shape`, if given) -> exported policy folder.
-    -> (policy, folder, export report)."""
-    from blockvla_ros.export.policy_writer import export_policy
+    With `reuse`, a checkpoint and folder that an earlier run left in `work` are used as they are (no export).
+    -> (policy, folder, export report or None)."""
+    from blockvla_ros.export.policy_writer import export_policy, load_checkpoint
     from blockvla_ros.model.action_tokenizer import NormStats
     from blockvla_ros.model.config import BlockVLAConfig
     from blockvla_ros.model.policy import BlockVLAPolicy
 
     kw = dict(CONFIGS[size])
-    name = size
+    name = f'{size}_{shape}' if shape else size
+    ckpt, folder = work / f'ckpt_{name}', work / 'models' / name
+    if reuse and (folder / 'manifest.json').is_file() and (ckpt / 'config.json').is_file():
+        return load_checkpoint(ckpt)[0], folder, None
     if shape:  # a real backbone's dimensions, random weights
         import shapes
 
         kw.pop('backbone')
         kw['backbone_path'] = str(shapes.write_random_backbone(shape, work / f'backbone_{shape}'))
-        name = f'{size}_{shape}'
     probe = BlockVLAConfig(**kw)
     # full diffusion gets the same refine budget per token as block diffusion (n_blocks * steps_per_block)
     kw['fulldiff_steps'] = fulldiff_steps or probe.n_blocks * probe.steps_per_block
     config = BlockVLAConfig(**kw)
     policy = BlockVLAPolicy(config).eval()
-    ckpt = work / f'ckpt_{name}'
     policy.save(ckpt)
     rng = np.random.default_rng(0)
     NormStats.from_data(rng.normal(size=(500, config.action_dim))).save(ckpt / 'stats.json')
-    report = export_policy(ckpt, work / 'models' / name, parity_samples=parity_samples, threads=threads,
-                           progress=True)
-    return policy, work / 'models' / name, report
+    report = export_policy(ckpt, folder, parity_samples=parity_samples, threads=threads, progress=True)
+    return policy, folder, report
 
 
 class Timed:
@@ -278,6 +279,8 @@ def main(argv=None) -> int:
     p.add_argument('--decoders', help=f'comma-separated subset of {",".join(DECODERS)} (default all; with --shape '
                    f'{",".join(SHAPE_DECODERS)})')
     p.add_argument('--parity-samples', type=int, help='export parity observations (default 2; 0 with --shape)')
+    p.add_argument('--reuse-work', action='store_true', help='use the checkpoint and policy folder an earlier run '
+                   'left in --work (same settings) instead of exporting again')
     args = p.parse_args(argv)
     engine_names = (args.engines or ('onnxruntime' if args.shape else 'torch,onnxruntime')).split(',')
     decoder_names = tuple(args.decoders.split(',')) if args.decoders else SHAPE_DECODERS if args.shape else DECODERS
@@ -299,7 +302,7 @@ def main(argv=None) -> int:
     started = time.perf_counter()
 
     policy, folder, export = make_policy_folder(work, args.small_config, args.fulldiff_steps, args.threads, args.shape,
-                                                args.parity_samples)
+                                                args.parity_samples, reuse=args.reuse_work and args.work is not None)
     spec = load_policy_folder(folder)
     config = spec.config
     pre = build_preprocessor(config, spec.stats, folder)
@@ -361,7 +364,7 @@ def main(argv=None) -> int:
         'blockdiff_vs_hf_generate_speedup': peers and peers['blockdiff_vs_hf_generate_speedup'],
         'peer_cpu_ratios': peers and peers['cpu_ratios'],
         'memory': memory,
-        'export_parity': export.parity,
+        'export_parity': export and export.parity,  # None: a reused folder (--reuse-work)
         'seconds': time.perf_counter() - started,
     }
     out['targets'] = targets(out, memory)
