@@ -48,6 +48,24 @@ def test_ort_matches_torch_on_20_observations(folder, reference, reuse):
     assert engine.reuse_instruction == reuse
 
 
+@pytest.mark.parametrize('reuse', [True, False], ids=['split-prefill', 'one-call-prefill'])
+def test_reading_only_the_filled_cache_slots_equals_reading_them_all(folder, reuse):
+    """The dynamic past length changes only the cost: a prefix pass bound to the first max(lo, 1) cache slots gives
+    the logits of the same pass over all T_max slots (the empty ones masked)."""
+    spec = load_policy_folder(folder)
+    pre = build_preprocessor(spec.config, spec.stats, folder)
+    short, whole = OrtEngine(spec, threads=1, reuse_text_kv=reuse), OrtEngine(spec, threads=1, reuse_text_kv=reuse)
+    whole.dynamic_past = False  # what a folder with a static cache input does
+    for image, text, state in random_observations(spec.config, spec.stats, 3, seed=5, tokenizer=pre.text):
+        prefix = pre(image, text, state)
+        a, b = (Decoder(spec.config, 'blockdiff')(e, prefix, trace=True) for e in (short, whole))
+        assert np.array_equal(a.tokens, b.tokens) and a.nfe == b.nfe
+        assert max(float(np.abs(x[2] - y[2]).max()) for x, y in zip(a.trace, b.trace)) <= 1e-5
+    t_max = spec.config.max_seq_len
+    assert {past for _, past in whole._passes} == {t_max}
+    assert min(past for _, past in short._passes) < t_max and short.dynamic_past
+
+
 def test_threshold_schedule_and_overrides_match_torch(folder, reference):
     spec = load_policy_folder(folder)
     config = spec.config.replace(schedule='threshold', threshold=0.005, steps_per_block=2)
