@@ -68,7 +68,8 @@ def split_attention(module, query, key, value, attention_mask, scaling=None, dro
     past_k, past_v = split_cache.past[module.layer_idx]  # [1, Hkv, T, d] each
     b, h, n, d = query.shape
     kvh, t_max = key.shape[1], past_k.shape[2]
-    if sliding_window is not None and t_max > sliding_window and sliding_window not in split_cache.windows:
+    # the window test first: t_max is the traced (dynamic) past length, compared only when no mask applies the window
+    if sliding_window is not None and sliding_window not in split_cache.windows and t_max > sliding_window:
         raise ValueError(f'layer {module.layer_idx} uses a sliding window of {sliding_window} tokens, shorter than '
                          f'the policy sequence ({t_max}), and no mask applies it: the policy config\'s '
                          f'attention_windows {sorted(split_cache.windows)} do not match its backbone; rebuild the '
