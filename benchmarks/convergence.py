@@ -169,12 +169,20 @@ def closed_loop(checkpoint: Path, tasks, episodes: int, seed: int, execute_steps
                                 image_size=config.image_size, progress=False, execute_steps=execute_steps)
 
 
+def on_grid(step: int, eval_every: int, steps: int) -> bool:
+    """A scheduled checkpoint (every --eval-every steps, and the last); an interrupted run also saves where it
+    stopped (e.g. step 1494), which only that mode would have: not compared."""
+    return step % eval_every == 0 or step == steps
+
+
 def evaluate_mode(checkpoints: Path, tasks, episodes: int, seed: int, execute_steps: int,
-                  cache: dict, suite: str = 'tabletop', max_step: int | None = None) -> list[dict]:
+                  cache: dict, suite: str = 'tabletop', max_step: int | None = None,
+                  eval_every: int = 1, steps: int = 0, save=None) -> list[dict]:
+    """Each scheduled checkpoint's closed-loop success (cached; `save(cache)` after each new evaluation)."""
     curve = []
     for folder in sorted(checkpoints.glob('step_*')):
         step = int(folder.name.split('_')[1])
-        if max_step is not None and step > max_step:
+        if (max_step is not None and step > max_step) or not on_grid(step, eval_every, steps):
             continue
         key = f'{folder}|{",".join(tasks)}|{episodes}|{seed}|{execute_steps}'  # holds for these settings only
         if key not in cache:
@@ -183,7 +191,10 @@ def evaluate_mode(checkpoints: Path, tasks, episodes: int, seed: int, execute_st
             cache[key] = {'step': step, 'success_rate': result['success_rate'],
                           'per_task': {t: r['success_rate'] for t, r in result['per_task'].items()},
                           'eval_s': round(time.monotonic() - start, 1)}
-            print(f'  {folder.parent.parent.name:9s} step {step:6d}: success {result["success_rate"]:.3f}', flush=True)
+            print(f'  {folder.parent.parent.name:9s} step {step:6d}: success {result["success_rate"]:.3f}'
+                  f' ({cache[key]["eval_s"]:.0f} s)', flush=True)
+            if save is not None:
+                save(cache)
         curve.append(cache[key])
     return curve
 
@@ -277,7 +288,13 @@ def main(argv=None) -> int:
                     help='evaluate only these of the trained tasks (default: all of --tasks)')
     ap.add_argument('--evaluate-only', action='store_true',
                     help='train nothing: compare the checkpoints already in --work up to the last step every mode '
-                         'has (a partial comparison while runs are still training; marked partial in OUT)')
+                         'has (a partial comparison while runs are still training; marked partial in OUT), step by '
+                         'step across the modes, so a stopped run leaves comparable points in the cache')
+    ap.add_argument('--max-step', type=int, default=None,
+                    help='with --evaluate-only: compare only up to this step (e.g. what a stopped run evaluated)')
+    ap.add_argument('--threads', type=int, default=None,
+                    help='torch threads (default: all cores; on a machine shared with other jobs 1 is several '
+                         'times faster: idle threads spin while waiting for a core)')
     args = ap.parse_args(argv)
     for key, value in SUITE_DEFAULTS[args.suite].items():
         if getattr(args, key) is None:
@@ -287,9 +304,13 @@ def main(argv=None) -> int:
         args.tasks = resolve_suite('mt10', args.tasks)
     if args.steps < 1 or args.eval_every < 1 or args.episodes < 1 or not 0 < args.target <= 1:
         ap.error('--steps, --eval-every and --episodes must be positive, --target in (0, 1]')
+    if args.threads is not None and args.threads < 1:
+        ap.error('--threads must be positive')
+    if args.max_step is not None and (not args.evaluate_only or args.max_step < 1):
+        ap.error('--max-step needs --evaluate-only and must be positive')
 
     import torch
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
     args.work.mkdir(parents=True, exist_ok=True)
     claim_work(args.work, args)
     start = time.monotonic()
@@ -299,11 +320,25 @@ def main(argv=None) -> int:
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     curves, train_s = {}, {}
     max_step = common_step(args.work, args.modes) if args.evaluate_only else None
+    if args.max_step is not None:
+        max_step = min(max_step, args.max_step)
+
+    def save(cache):
+        tmp = cache_path.with_name(cache_path.name + '.tmp')
+        tmp.write_text(json.dumps(cache, indent=1))
+        os.replace(tmp, cache_path)
+
+    grid = dict(eval_every=args.eval_every, steps=args.steps, save=save)
     eval_tasks = args.tasks
     if args.eval_tasks:
         eval_tasks = (resolve_suite('mt10', args.eval_tasks) if args.suite == 'mt10' else list(args.eval_tasks))
         if not set(eval_tasks) <= set(args.tasks):
             raise SystemExit(f'convergence: --eval-tasks {eval_tasks} are not all among the trained tasks')
+    if args.evaluate_only:  # step by step across the modes (the cache makes the earlier points free)
+        for step in range(args.eval_every, max_step + 1, args.eval_every):
+            for mode in args.modes:
+                evaluate_mode(args.work / mode / 'checkpoints', eval_tasks, args.episodes, args.seed,
+                              args.execute_steps, cache, args.suite, step, **grid)
     for mode in args.modes:
         t = time.monotonic()
         if args.evaluate_only:
@@ -312,10 +347,7 @@ def main(argv=None) -> int:
             checkpoints = train_mode(args.config, mode, bags, args.work, args, extra)
         train_s[mode] = round(time.monotonic() - t, 1)
         curves[mode] = evaluate_mode(checkpoints, eval_tasks, args.episodes, args.seed, args.execute_steps, cache,
-                                     args.suite, max_step)
-        tmp = cache_path.with_name(cache_path.name + '.tmp')
-        tmp.write_text(json.dumps(cache, indent=1))
-        os.replace(tmp, cache_path)
+                                     args.suite, max_step, **grid)
     reached = {mode: steps_to(curve, args.target) for mode, curve in curves.items()}
     levels = {f'{level:.2f}': {mode: steps_to(curve, level) for mode, curve in curves.items()} for level in LEVELS}
     result = {
