@@ -164,7 +164,8 @@ def closed_loop(checkpoint: Path, tasks, episodes: int, seed: int, execute_steps
 
     if suite == 'mt10':  # held-out layouts: the recording used MT1(task, seed)
         from blockvla_ros.sim.evaluate import evaluate_suite
-        return evaluate_suite(predict_chunk, 'mt10', tasks, episodes, seed + 1, execute_steps, progress=False)
+        return evaluate_suite(predict_chunk, 'mt10', tasks, episodes, seed + 1, execute_steps, progress=False,
+                              frames=False)
     return evaluate_closed_loop(predict_chunk, tasks=tasks, episodes_per_task=episodes, seed=seed,
                                 image_size=config.image_size, progress=False, execute_steps=execute_steps)
 

@@ -2,6 +2,7 @@
 steps_to_target per mode and the target, a rerun resumes from the cache, another setting is refused."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,18 @@ def test_convergence_benchmark_runs_resumes_and_refuses_other_settings(tmp_path)
     assert 'success' not in again.stdout.split('closed-loop success by training step')[0]
     assert again.stdout.count('already trained 4 steps') == 3 and 'training 4 steps' not in again.stdout
     assert json.loads((tmp_path / 'c.json').read_text())['curves'] == result['curves']
+    # --evaluate-only: an interrupted run's off-grid save (step 3) is not compared; --max-step caps the comparison
+    for mode in result['curves']:
+        shutil.copytree(tmp_path / 'work' / mode / 'checkpoints' / 'step_00000002',
+                        tmp_path / 'work' / mode / 'checkpoints' / 'step_00000003')
+    partial = subprocess.run(cmd + ['--evaluate-only', '--max-step', '3', '--threads', '1'], capture_output=True,
+                             text=True, timeout=900, env=env, cwd=tmp_path)
+    assert partial.returncode == 0, partial.stderr[-3000:]
+    assert 'success' not in partial.stdout.split('closed-loop success by training step')[0]  # all cached
+    capped = json.loads((tmp_path / 'c.json').read_text())
+    assert capped['partial'] and capped['last_step'] == 3
+    assert {mode: [p['step'] for p in curve] for mode, curve in capped['curves'].items()} == {
+        mode: [2] for mode in result['curves']}
     other = subprocess.run(cmd[:-4] + ['--tasks', 'touch_blue', '--target', '0.5'], capture_output=True, text=True,
                            timeout=900, env=env, cwd=tmp_path)
     assert other.returncode != 0 and 'tasks differ' in other.stderr

@@ -131,6 +131,12 @@ def test_fast_path_evaluation_writes_the_report(tiny_mt10_policy, tmp_path):
     split = evaluate_policy_folder(tiny_mt10_policy, tmp_path / 'jobs', tasks=['reach', 'drawer-close'], episodes=2,
                                    seed=1, max_steps=12, expert=False, progress=False, jobs=2)
     assert split['per_task'] == saved['per_task'] and list(split['per_task']) == ['reach-v3', 'drawer-close-v3']
+    # without the montage's frames (benchmarks/convergence.py): episode 0 renders less, the outcomes are the same
+    from blockvla_ros.runtime.runner import PolicyRunner
+    from blockvla_ros.sim.evaluate import evaluate_suite, runner_predictor
+    bare = evaluate_suite(runner_predictor(PolicyRunner.load(tiny_mt10_policy, threads=1)), 'mt10',
+                          ['reach', 'drawer-close'], 2, 1, max_steps=12, progress=False, frames=False)
+    assert bare['frames'] == {} and bare['per_task'] == saved['per_task']
 
 
 def test_cli_names_the_problem(tiny_mt10_policy, capsys):

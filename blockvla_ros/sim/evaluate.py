@@ -48,26 +48,28 @@ def run_episode(env, episode: int, predict_chunk: PredictChunk, execute_steps: i
 
 
 def evaluate_suite(predict_chunk: PredictChunk, suite: str = 'mt10', tasks=None, episodes: int = 50, seed: int = 1,
-                   execute_steps: int | None = 4, max_steps: int | None = None, progress: bool = True) -> dict:
+                   execute_steps: int | None = 4, max_steps: int | None = None, progress: bool = True,
+                   frames: bool = True) -> dict:
     """Episodes 0..N-1 of each task (layouts of MT1(task, seed)). Returns {'success_rate' (mean over tasks),
     'per_task': {task: {'success_rate', 'successes', 'episodes', 'mean_steps', 'episodes_detail'}}, 'frames':
-    {task: [images of episode 0]}, settings}."""
+    {task: [images of episode 0]} (empty with `frames=False`: episode 0 then renders only when the policy looks,
+    same outcomes), settings}."""
     from blockvla_ros.sim.env import MetaWorldEnv
 
     names = resolve_suite(suite, tasks)
     _check_positive('episodes', episodes)
     if execute_steps is not None:
         _check_positive('execute_steps', execute_steps)
-    per_task, frames = {}, {}
+    per_task, montage = {}, {}
     bar = tqdm(total=len(names) * episodes, desc='closed-loop eval', unit='ep', disable=not progress)
     start = time.monotonic()
     for name in names:
         env = MetaWorldEnv(name, seed=seed, max_steps=max_steps or MAX_STEPS)
         details = []
         for ep in range(episodes):
-            r = run_episode(env, ep, predict_chunk, execute_steps, keep_frames=ep == 0)
-            if ep == 0:
-                frames[name] = r.pop('frames')
+            r = run_episode(env, ep, predict_chunk, execute_steps, keep_frames=frames and ep == 0)
+            if frames and ep == 0:
+                montage[name] = r.pop('frames')
             else:
                 r.pop('frames')
             details.append(r)
@@ -78,7 +80,7 @@ def evaluate_suite(predict_chunk: PredictChunk, suite: str = 'mt10', tasks=None,
         logger.info('%s: %d/%d successful', name, per_task[name]['successes'], episodes)
     bar.close()
     return {'success_rate': float(np.mean([r['success_rate'] for r in per_task.values()])),
-            'per_task': per_task, 'frames': frames, 'episodes_per_task': episodes, 'seed': seed,
+            'per_task': per_task, 'frames': montage, 'episodes_per_task': episodes, 'seed': seed,
             'execute_steps': execute_steps, 'wall_s': round(time.monotonic() - start, 1)}
 
 
