@@ -170,20 +170,22 @@ def closed_loop(checkpoint: Path, tasks, episodes: int, seed: int, execute_steps
                                 image_size=config.image_size, progress=False, execute_steps=execute_steps)
 
 
-def on_grid(step: int, eval_every: int, steps: int) -> bool:
-    """A scheduled checkpoint (every --eval-every steps, and the last); an interrupted run also saves where it
-    stopped (e.g. step 1494), which only that mode would have: not compared."""
+def on_grid(step: int, eval_every: int, steps: int, only=None) -> bool:
+    """A scheduled checkpoint (every --eval-every steps, and the last; or one of `only`, --eval-steps); an
+    interrupted run also saves where it stopped (e.g. step 1494), which only that mode would have: not compared."""
+    if only:
+        return step in only
     return step % eval_every == 0 or step == steps
 
 
 def evaluate_mode(checkpoints: Path, tasks, episodes: int, seed: int, execute_steps: int,
                   cache: dict, suite: str = 'tabletop', max_step: int | None = None,
-                  eval_every: int = 1, steps: int = 0, save=None) -> list[dict]:
+                  eval_every: int = 1, steps: int = 0, save=None, only=None) -> list[dict]:
     """Each scheduled checkpoint's closed-loop success (cached; `save(cache)` after each new evaluation)."""
     curve = []
     for folder in sorted(checkpoints.glob('step_*')):
         step = int(folder.name.split('_')[1])
-        if (max_step is not None and step > max_step) or not on_grid(step, eval_every, steps):
+        if (max_step is not None and step > max_step) or not on_grid(step, eval_every, steps, only):
             continue
         key = f'{folder}|{",".join(tasks)}|{episodes}|{seed}|{execute_steps}'  # holds for these settings only
         if key not in cache:
@@ -293,6 +295,8 @@ def main(argv=None) -> int:
                          'step across the modes, so a stopped run leaves comparable points in the cache')
     ap.add_argument('--max-step', type=int, default=None,
                     help='with --evaluate-only: compare only up to this step (e.g. what a stopped run evaluated)')
+    ap.add_argument('--eval-steps', type=int, nargs='+', default=None,
+                    help='with --evaluate-only: compare at exactly these steps instead of every --eval-every')
     ap.add_argument('--threads', type=int, default=None,
                     help='torch threads (default: all cores; on a machine shared with other jobs 1 is several '
                          'times faster: idle threads spin while waiting for a core)')
@@ -309,6 +313,8 @@ def main(argv=None) -> int:
         ap.error('--threads must be positive')
     if args.max_step is not None and (not args.evaluate_only or args.max_step < 1):
         ap.error('--max-step needs --evaluate-only and must be positive')
+    if args.eval_steps is not None and (not args.evaluate_only or min(args.eval_steps) < 1):
+        ap.error('--eval-steps needs --evaluate-only and must be positive')
 
     import torch
     torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
@@ -329,14 +335,21 @@ def main(argv=None) -> int:
         tmp.write_text(json.dumps(cache, indent=1))
         os.replace(tmp, cache_path)
 
-    grid = dict(eval_every=args.eval_every, steps=args.steps, save=save)
+    grid = dict(eval_every=args.eval_every, steps=args.steps, save=save, only=args.eval_steps)
     eval_tasks = args.tasks
     if args.eval_tasks:
         eval_tasks = (resolve_suite('mt10', args.eval_tasks) if args.suite == 'mt10' else list(args.eval_tasks))
         if not set(eval_tasks) <= set(args.tasks):
             raise SystemExit(f'convergence: --eval-tasks {eval_tasks} are not all among the trained tasks')
+    if args.evaluate_only and args.eval_steps:
+        missing = [f'{mode} {step}' for mode in args.modes for step in args.eval_steps if step <= max_step
+                   and not (args.work / mode / 'checkpoints' / f'step_{step:08d}').is_dir()]
+        if missing:
+            raise SystemExit(f'convergence: --eval-steps: no checkpoint for {", ".join(missing)} in {args.work}')
     if args.evaluate_only:  # step by step across the modes (the cache makes the earlier points free)
-        for step in range(args.eval_every, max_step + 1, args.eval_every):
+        for step in sorted(args.eval_steps or range(args.eval_every, max_step + 1, args.eval_every)):
+            if step > max_step:
+                break
             for mode in args.modes:
                 evaluate_mode(args.work / mode / 'checkpoints', eval_tasks, args.episodes, args.seed,
                               args.execute_steps, cache, args.suite, step, **grid)
@@ -361,8 +374,8 @@ def main(argv=None) -> int:
                                          and reached['fulldiff'] is None and reached.get('blockdiff') else None),
         'best': {mode: max((p['success_rate'] for p in curve), default=None) for mode, curve in curves.items()},
         'curves': curves, 'train_wall_s': train_s, 'config': str(args.config), 'suite': args.suite, 'steps': args.steps,
-        'eval_every': args.eval_every, 'episodes_per_task': args.episodes, 'tasks': args.tasks,
-        'eval_tasks': eval_tasks,
+        'eval_every': args.eval_every, 'eval_steps': args.eval_steps, 'episodes_per_task': args.episodes,
+        'tasks': args.tasks, 'eval_tasks': eval_tasks,
         'execute_steps': args.execute_steps,
         'train_episodes_per_task': args.train_episodes, 'expert_noise': args.noise, 'seed': args.seed,
         'wall_s': round(time.monotonic() - start, 1), 'cpu_count': os.cpu_count(),

@@ -47,6 +47,9 @@ def test_convergence_benchmark_runs_resumes_and_refuses_other_settings(tmp_path)
     assert capped['partial'] and capped['last_step'] == 3
     assert {mode: [p['step'] for p in curve] for mode, curve in capped['curves'].items()} == {
         mode: [2] for mode in result['curves']}
+    missing = subprocess.run(cmd + ['--evaluate-only', '--eval-steps', '1', '2'], capture_output=True, text=True,
+                             timeout=900, env=env, cwd=tmp_path)
+    assert missing.returncode != 0 and 'no checkpoint for blockdiff 1' in missing.stderr
     other = subprocess.run(cmd[:-4] + ['--tasks', 'touch_blue', '--target', '0.5'], capture_output=True, text=True,
                            timeout=900, env=env, cwd=tmp_path)
     assert other.returncode != 0 and 'tasks differ' in other.stderr
