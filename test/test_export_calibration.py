@@ -10,6 +10,7 @@ import torch
 import yaml
 
 from blockvla_ros.export import cli as export_cli
+from blockvla_ros.export.calibration import main as calibration_cli
 from blockvla_ros.export.calibration import reference_setting
 from blockvla_ros.model.action_tokenizer import NormStats
 from blockvla_ros.model.policy import BlockVLAPolicy
@@ -90,6 +91,16 @@ def test_no_calibrate_keeps_the_training_decoding_and_a_missing_run_config_is_na
     spec = load_policy_folder(out)
     assert spec.calibration is None and 'calibration' not in spec.raw
     assert (spec.config.block_size, spec.config.steps_per_block, spec.config.schedule) == (3, 3, 'threshold')
+    # an exported folder calibrated afterwards, on other recordings: same weights, the chosen default, verified
+    weights = {f: spec.manifest[f] for f in ('backbone.onnx', 'vision.onnx', 'tables.safetensors')}
+    assert calibration_cli(['--policy', str(out), '--train-config', str(checkpoint / 'train_config.yaml'), '--bags',
+                            str(checkpoint.parent / 'bag'), '--level', str(LEVEL), '--windows', '4',
+                            '--threads', '1']) == 0
+    assert 'default decoding of' in capsys.readouterr().out
+    again = load_policy_folder(out)
+    assert {f: again.manifest[f] for f in weights} == weights
+    assert again.calibration['windows'] == 4 and 'episodes of' in again.calibration['source']
+    assert again.config.block_size == again.calibration['chosen']['block_size']
     bare = tmp_path / 'bare'
     shutil.copytree(checkpoint, bare)
     (bare / 'train_config.yaml').unlink()

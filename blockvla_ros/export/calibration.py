@@ -17,6 +17,7 @@ the run's validation split). The choice itself is pure numpy: the decoding is a 
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional, Sequence
@@ -232,3 +233,73 @@ def calibrate_folder(folder, train_config, options: CalibrationOptions = Calibra
 def calibrated_config(config: dict, calibration: Calibration) -> dict:
     """policy.yaml's `config` with the chosen setting as the default decoding (blockdiff)."""
     return {**config, 'decoder': 'blockdiff', **calibration.chosen.overrides()}
+
+
+def recalibrate_folder(folder, train_config, options: CalibrationOptions = CalibrationOptions(),
+                       threads: Optional[int] = None, progress: bool = False) -> Calibration:
+    """Calibrate an exported policy folder (again) and rewrite it with the chosen setting as its default decoding:
+    a folder exported before calibration existed, or held-out recordings the export did not have (`options.bags`).
+    The weights are untouched; policy.yaml and the manifest are rewritten, the folder replaced atomically."""
+    import shutil
+    from pathlib import Path
+
+    import yaml
+
+    from ..io.atomic import atomic_directory, atomic_write_text
+    from ..runtime.policy_folder import POLICY_FILE, load_policy_folder, write_manifest
+
+    folder = Path(folder)
+    spec = load_policy_folder(folder)
+    if spec.config.decoder != 'blockdiff':
+        raise ValueError(f'{folder}: decodes with {spec.config.decoder}; calibration chooses blockdiff settings')
+    cal = calibrate_folder(folder, train_config, options, threads=threads, progress=progress)
+    doc = yaml.safe_load((folder / POLICY_FILE).read_text())
+    doc['config'] = calibrated_config(doc['config'], cal)
+    doc['calibration'] = json.loads(json.dumps(cal.to_dict()))
+    with atomic_directory(folder) as tmp:
+        for name in spec.manifest:
+            if name != POLICY_FILE:
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(folder / name, tmp / name)
+        atomic_write_text(tmp / POLICY_FILE, yaml.safe_dump(doc, sort_keys=False))
+        write_manifest(tmp)
+        for p in [tmp, *tmp.rglob('*')]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        load_policy_folder(tmp)  # the rewritten folder verifies before it replaces the old one
+    return cal
+
+
+def main(argv=None) -> int:
+    """python -m blockvla_ros.export.calibration --policy models/demo --train-config config/train/demo.yaml
+    [--bags held_out/] [--level 0.9] [--windows 64]: recalibrate an exported folder in place."""
+    import argparse
+    import logging
+    import sys
+
+    p = argparse.ArgumentParser(prog='python -m blockvla_ros.export.calibration',
+                                description=recalibrate_folder.__doc__)
+    p.add_argument('--policy', required=True, help='exported policy folder, rewritten in place')
+    p.add_argument('--train-config', required=True, help="the run's training config (its data section: topics, "
+                   'rate and, without --bags, the validation split)')
+    p.add_argument('--bags', nargs='+', default=(), help="held-out recordings instead of the run's validation split")
+    p.add_argument('--level', type=float, default=DEFAULT_LEVEL, help=f'default {DEFAULT_LEVEL}')
+    p.add_argument('--windows', type=int, default=DEFAULT_WINDOWS, help=f'default {DEFAULT_WINDOWS}')
+    p.add_argument('--threads', type=int, help='ONNX Runtime threads')
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
+    try:
+        cal = recalibrate_folder(args.policy, args.train_config, CalibrationOptions(args.level, args.windows,
+                                                                                    tuple(args.bags)),
+                                 threads=args.threads, progress=True)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f'calibration: error: {e}', file=sys.stderr)
+        return 1
+    print(cal.table())
+    row = cal.chosen_row
+    print(f'default decoding of {args.policy} (calibrated on {cal.source}): {cal.chosen.label}, {row.nfe:.2f} NFE '
+          f'per chunk (full schedule {cal.reference.nfe:.2f}), token agreement {row.agreement:.3f} >= {cal.level:g}')
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())
