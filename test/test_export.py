@@ -138,6 +138,21 @@ def test_parity_failure_aborts_and_keeps_the_old_folder(exported, tmp_path):
     assert not [p for p in os.listdir(tmp_path / 'models') if p.startswith('.pick')]  # temp dir removed
 
 
+def test_parity_samples_zero_says_not_checked_and_refuses_a_required_agreement(exported, tmp_path, capsys):
+    ckpt, _ = exported
+    out = tmp_path / 'unchecked'
+    rc = cli.main(['--checkpoint', str(ckpt), '--out', str(out), '--threads', '1', '--parity-samples', '0',
+                   '--no-calibrate'])
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert rc == 0 and 'parity vs torch: not checked (--parity-samples 0)' in printed, captured.err[-500:]
+    assert 'token agreement 0.000' not in printed  # no agreement is claimed over zero observations
+    assert yaml.safe_load((out / 'policy.yaml').read_text())['export']['parity']['results'] == []
+    rc = cli.main(['--checkpoint', str(ckpt), '--out', str(tmp_path / 'refused'), '--parity-samples', '0',
+                   '--min-agreement', '0.9', '--no-calibrate', '-q'])
+    assert rc == 1 and 'parity_samples' in capsys.readouterr().err and not (tmp_path / 'refused').exists()
+
+
 @pytest.mark.skipif(cuda_device_count()[0] > 0, reason='this machine has a GPU')
 def test_trt_without_gpu_fails_at_once_naming_onnxruntime(exported, tmp_path, capsys):
     ckpt, _ = exported

@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="also copy model.safetensors so engine 'torch' can run the folder (a second copy of "
                               'every weight)')
     weights.add_argument('--no-torch-weights', action='store_true', help='the default: ONNX graphs + tables only')
-    p.add_argument('--parity-samples', type=int, default=4, help='random observations for the parity check')
+    p.add_argument('--parity-samples', type=int, default=4,
+                   help='random observations for the parity check (0: not checked, said in the output)')
     p.add_argument('--tolerance', type=float, default=1e-3, help='max |logits diff| allowed vs torch (fp32)')
     p.add_argument('--min-agreement', type=float, default=0.0,
                    help='minimum token agreement with the fp32 torch policy (default: reported only)')
@@ -103,6 +104,8 @@ def main(argv=None) -> int:
         dyn = f', dynamic in {c["dynamic"]}' if c['dynamic'] else ''
         trt = ', all in TensorRT\'s ONNX support list' if c.get('tensorrt', True) else ' (ONNX Runtime only)'
         print(f'{key:<10} {file:<16} {c["opset"]:<6} {len(c["ops"])} ops{trt}{dyn}')
+    if not report.parity:
+        print('parity vs torch: not checked (--parity-samples 0)')
     for r in report.parity + ([trt_report] if trt_report else []):
         print(f'parity {r["engine"]:<32} max|diff| {r["max_abs_diff"]:.2e}  token agreement '
               f'{r["token_agreement"]:.3f}  ({r["samples"]} observations, {r["graph_calls"]} calls)')

@@ -168,6 +168,9 @@ def export_policy(checkpoint: str | Path, out: str | Path, *, name: Optional[str
     start = time.perf_counter()
     checkpoint, out = Path(checkpoint), check_output_dir(out)  # before any work
     check_precision(precision)
+    if parity_samples < 0 or (parity_samples == 0 and min_agreement > 0):
+        raise ValueError(f'parity_samples must be >= 0 and > 0 when a minimum token agreement ({min_agreement}) is '
+                         f'required, got {parity_samples}')
     policy, stats = load_checkpoint(checkpoint)
     train_config = _calibration_source(checkpoint) if calibration is not None else None
     config = policy.portable_config()
@@ -228,8 +231,8 @@ def export_policy(checkpoint: str | Path, out: str | Path, *, name: Optional[str
         sizes['weights'] = weight_bytes
         _readable(tmp)
     seconds = time.perf_counter() - start
-    log.info('exported %s to %s in %.1f s (parity max diff %.2g)', name, out, seconds,
-             max(r.max_abs_diff for r in reports))
+    log.info('exported %s to %s in %.1f s (parity max diff %s)', name, out, seconds,
+             f'{max(r.max_abs_diff for r in reports):.2g}' if reports else 'not checked')
     return ExportReport(folder=out, name=name, graphs={k: g.file for k, g in graphs.items()},
                         parity=[r.to_dict() for r in reports], checks=checks, seconds=seconds,
                         files=[f for f in sizes if f != 'weights'], sizes=sizes, calibration=cal)
@@ -297,6 +300,8 @@ def _check_parity(policy, folder: Path, samples: int, tolerance: Optional[float]
     pre = policy_preprocessor(spec)
     if tokenizer_source is not None:
         check_tokenizer_parity(pre.text, tokenizer_source, spec.config)
+    if samples == 0:
+        return []  # not checked (the folder is still loaded and its tokenizer checked); the CLI says so
     observations = random_observations(spec.config, spec.stats, samples, seed=0, tokenizer=pre.text)
     reports = []
     torch_threads = torch.get_num_threads()
