@@ -5,14 +5,20 @@ On a plain causal sequence longer than the window, the policy must compute what 
 runtime path (the engine's pass masks over the KV cache, split attention) alike. A window the policy cannot apply is
 refused when the policy is built, naming the key.
 """
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from blockvla_ros.model.attention_windows import mask_windows
 from blockvla_ros.model.masks import position_ids, training_mask
 from blockvla_ros.model.policy import BlockVLAPolicy, attention_mask_for
 from blockvla_ros.runtime.engine import PrefixInputs
+from blockvla_ros.runtime.ort_engine import OrtEngine
+from blockvla_ros.runtime.policy_folder import PolicyFolderError, load_policy_folder, write_manifest
 from blockvla_ros.runtime.torch_engine import TorchEngine
 from blockvla_ros.runtime.torch_static_engine import StaticTorchEngine
 
@@ -96,3 +102,16 @@ def test_unsupported_windows_are_refused_at_load():
         mask_windows(qwen2_vl_text, max_seq_len=56, rope_dims=3)
     with pytest.raises(ValueError, match='attention_windows'):
         tiny_config(attention_windows=[0])
+
+
+def test_a_folder_whose_mask_rows_disagree_with_its_windows_is_refused_at_load(tmp_path):
+    """policy.yaml says two windows (full + sliding), the exported backbone takes one mask row: refused by name at
+    load, never an ONNX Runtime shape error in the middle of a chunk."""
+    folder = tmp_path / 'demo'
+    shutil.copytree(Path(__file__).resolve().parents[1] / 'models' / 'demo', folder)
+    doc = yaml.safe_load((folder / 'policy.yaml').read_text())
+    doc['config']['attention_windows'] = [None, 5]
+    (folder / 'policy.yaml').write_text(yaml.safe_dump(doc, sort_keys=False))
+    write_manifest(folder)
+    with pytest.raises(PolicyFolderError, match=r'backbone.onnx takes 1 mask rows, config.attention_windows'):
+        OrtEngine(load_policy_folder(folder), threads=1)
