@@ -16,6 +16,17 @@ def _cuda_available():
         return False
 
 
+@pytest.fixture(scope='module')
+def one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread is both faster and reproducible.
+    A module opts in with `pytestmark = pytest.mark.usefixtures('one_thread')`."""
+    import torch
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def pytest_collection_modifyitems(config, items):
     if _cuda_available():
         return

@@ -12,12 +12,7 @@ from test_overfit import _examples
 from tiny import tiny_config
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def test_train_block_sizes_are_validated():

@@ -19,12 +19,7 @@ from blockvla_ros.training.validation import held_out_windows
 from tiny import tiny_config
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def test_candidates_cover_each_trained_block_size():

@@ -20,13 +20,7 @@ from test_decoding_parity import UncachedEngine, _observation
 from tiny import GEMMA2_WINDOW, tiny_config
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is both faster and reproducible."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def test_a_gemma2_policy_starts_as_its_causal_lm(tmp_path):

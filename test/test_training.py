@@ -32,13 +32,7 @@ MODEL = dict(backbone=dict(QWEN2), vision={'type': 'patch', 'patch_size': 16, 'd
 TOPICS = {'state': '/joint_states'}  # image / instruction / action: the recording defaults
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is both faster and reproducible."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def record(out, storage='mcap', image_format='raw', action_msg='JointTrajectory', episodes=3, seed=0):

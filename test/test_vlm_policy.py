@@ -26,12 +26,7 @@ ALL = ['paligemma-tiny', 'paligemma2-tiny', 'smolvlm-tiny', 'idefics3-tiny', 'qw
 NAMES = ['j0', 'j1', 'j2']
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.fixture(scope='module')
