@@ -15,9 +15,9 @@ from blockvla_ros.training.checkpoint import list_checkpoints
 from blockvla_ros.training.metrics import read_metrics
 from blockvla_ros.training.trainer import train
 
-from test_training import make_config, one_thread, record, train_losses  # noqa: F401  (one_thread: fixture)
+from test_training import make_config, record, train_losses
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures('one_thread')]
 
 
 def _env():
