@@ -7,7 +7,8 @@ from rosbags.highlevel import AnyReader
 from blockvla_ros.tasks.cli import main as task_cli
 from blockvla_ros.tasks.evaluate import evaluate_closed_loop, random_policy_success
 from blockvla_ros.tasks.expert import ScriptedExpert, expert_rollout
-from blockvla_ros.tasks.recording import RECORDING_START_NS, bag_name, record_demonstrations
+from blockvla_ros.io.episode_recording import RECORDING_START_NS, bag_name
+from blockvla_ros.tasks.recording import record_demonstrations
 from blockvla_ros.tasks.spec import (ACTION_HIGH, ACTION_LOW, ACTION_NAMES, COLOR_RGB, COLORS, MAX_STEP,
                                      STATE_NAMES, TASKS, TaskSpec, get_task)
 from blockvla_ros.tasks.tabletop import TabletopEnv, episode_seed

@@ -13,17 +13,12 @@ from pathlib import Path
 from tqdm import tqdm
 
 from blockvla_ros.io.bag_writer import RecordingWriter
+from blockvla_ros.io.episode_recording import bag_name, record_episode
 from blockvla_ros.sim.suites import ACTION_NAMES, CONTROL_RATE_HZ, STATE_NAMES, resolve_suite
 
 logger = logging.getLogger(__name__)
 
-RECORDING_START_NS = 1_700_000_000 * 1_000_000_000   # every bag starts here: deterministic stamps
 STEP_NS = round(1e9 / CONTROL_RATE_HZ)                # 12.5 ms
-INSTRUCTION_PERIOD_NS = 1_000_000_000                # the instruction is re-published every second
-
-
-def bag_name(task: str, seed: int, episode: int) -> str:
-    return f'{task}_seed{seed}_ep{episode:04d}'
 
 
 def record_suite(out_dir, suite: str = 'mt10', tasks=None, episodes_per_task: int = 50, seed: int = 0,
@@ -67,30 +62,19 @@ def record_suite(out_dir, suite: str = 'mt10', tasks=None, episodes_per_task: in
 
 def _record_episode(env, episode: int, path: Path, storage: str) -> Path | None:
     """One expert episode; the bag appears at `path` only if the expert succeeded."""
-    writer = RecordingWriter(path, storage=storage).open()
-    try:
-        obs = env.reset(episode)
-        last_instruction = None
-        done, k = False, 0
+    def ticks():
+        obs, done = env.reset(episode), False
         while not done:
-            t = RECORDING_START_NS + k * STEP_NS
-            if last_instruction is None or t - last_instruction >= INSTRUCTION_PERIOD_NS:
-                writer.write_instruction(t, obs.instruction)
-                last_instruction = t
             action = env.expert_action()
-            writer.write_image(t, obs.image)
-            writer.write_state(t, obs.state, STATE_NAMES)
-            writer.write_action(t, action, ACTION_NAMES)
+            yield obs.instruction, obs.image, obs.state, action
             obs, done, _ = env.step(action)
-            k += 1
-        for key, value in (('task', env.task), ('seed', env.seed), ('episode', episode),
-                           ('rate_hz', CONTROL_RATE_HZ), ('steps', env.steps), ('success', env.success)):
-            writer.set_metadata(f'blockvla.{key}', str(value))
-    except BaseException:
-        writer.abort()
-        raise
-    if not env.success:
-        writer.abort()
+
+    def metadata():   # read after the episode's last tick
+        return {'task': env.task, 'seed': env.seed, 'episode': episode, 'rate_hz': CONTROL_RATE_HZ,
+                'steps': env.steps, 'success': env.success}
+
+    recorded = record_episode(RecordingWriter(path, storage=storage), ticks(), STEP_NS, STATE_NAMES, ACTION_NAMES,
+                              metadata, lambda: env.success)
+    if recorded is None:
         logger.info('expert failed %s episode %d after %d steps; not recorded', env.task, episode, env.steps)
-        return None
-    return writer.close()
+    return recorded

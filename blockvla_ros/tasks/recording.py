@@ -8,19 +8,12 @@ from pathlib import Path
 from tqdm import tqdm
 
 from blockvla_ros.io.bag_writer import RecordingWriter, TopicNames
+from blockvla_ros.io.episode_recording import bag_name, record_episode
 from blockvla_ros.tasks.expert import LABELS, ScriptedExpert, expert_rollout
 from blockvla_ros.tasks.spec import ACTION_NAMES, STATE_NAMES, resolve_tasks
 from blockvla_ros.tasks.tabletop import TabletopEnv, episode_seed
 
 logger = logging.getLogger(__name__)
-
-RECORDING_START_NS = 1_700_000_000 * 1_000_000_000   # every bag starts here: deterministic stamps
-INSTRUCTION_PERIOD_NS = 1_000_000_000                # the instruction is re-published every second
-
-
-def bag_name(task: str, seed: int, index: int) -> str:
-    """Deterministic bag directory name of one recorded episode."""
-    return f'{task}_seed{seed}_ep{index:04d}'
 
 
 def record_demonstrations(out_dir, tasks=None, episodes_per_task: int = 10, seed: int = 0, rate_hz: float = 10,
@@ -55,29 +48,18 @@ def record_demonstrations(out_dir, tasks=None, episodes_per_task: int = 10, seed
         ep_seed = episode_seed(seed, name, index, 'train')
         env = TabletopEnv(name, ep_seed, image_size=image_size)
         writer = RecordingWriter(path, storage=storage, image_format=image_format, action_msg=action_msg,
-                                 topics=topics).open()
-        try:
-            last_instruction = None
-            rollout = expert_rollout(env, ScriptedExpert(expert_noise, seed=ep_seed), labels)
-            for k, (obs, action) in enumerate(rollout):
-                t = RECORDING_START_NS + k * dt_ns
-                if last_instruction is None or t - last_instruction >= INSTRUCTION_PERIOD_NS:
-                    writer.write_instruction(t, obs.instruction)
-                    last_instruction = t
-                writer.write_image(t, obs.image)
-                writer.write_state(t, obs.state, STATE_NAMES)
-                writer.write_action(t, action, ACTION_NAMES)
-            for key, value in (('task', name), ('seed', seed), ('episode', index), ('episode_seed', ep_seed),
-                               ('rate_hz', rate_hz), ('steps', env.steps), ('success', env.success),
-                               ('noise', expert_noise), ('labels', labels)):
-                writer.set_metadata(f'blockvla.{key}', str(value))
-        except BaseException:
-            writer.abort()
-            raise
-        if not env.success:
-            writer.abort()
+                                 topics=topics)
+        rollout = expert_rollout(env, ScriptedExpert(expert_noise, seed=ep_seed), labels)
+        ticks = ((obs.instruction, obs.image, obs.state, action) for obs, action in rollout)
+
+        def metadata(env=env, name=name, index=index, ep_seed=ep_seed):   # read after the episode's last tick
+            return {'task': name, 'seed': seed, 'episode': index, 'episode_seed': ep_seed, 'rate_hz': rate_hz,
+                    'steps': env.steps, 'success': env.success, 'noise': expert_noise, 'labels': labels}
+        recorded = record_episode(writer, ticks, dt_ns, STATE_NAMES, ACTION_NAMES, metadata,
+                                  lambda env=env: env.success)
+        if recorded is None:
             logger.warning('expert failed %s episode %d (%s); not recorded', name, index, env.failure)
             continue
-        written.append(writer.close())
+        written.append(recorded)
     logger.info('recorded %d episodes of %d tasks in %s', len(written), len(names), out_dir)
     return written
