@@ -148,6 +148,9 @@ def bf16_agreement(folder, device, request) -> float:
     print(f'bf16 on {device} vs fp32 torch (cpu): token agreement {report.token_agreement:.3f} over {report.tokens} '
           f'tokens, lock-step max |logit diff| {report.max_abs_diff:.4f}')
     assert engine.cache.buffer.dtype == torch.bfloat16 and engine.describe()['dtype'] == 'bfloat16'
+    # the text table lives on the host (runtime.tables), full precision; no device or cast copy is kept
+    assert engine.policy.llm.get_input_embeddings().weight.numel() == 0
+    assert engine.tables.text_embed.dtype == np.float32 and engine.tables.text_embed.shape[0] > 0
     rotary = [b.dtype for name, b in engine.policy.named_buffers() if name.endswith('inv_freq')]
     assert rotary and set(rotary) == {torch.float32}  # positions ~300 need float32 frequencies
     # bf16 keeps ~3 significant digits: the lock-step logits stay close (an fp16 overflow or a wrong cast would

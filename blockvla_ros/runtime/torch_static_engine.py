@@ -61,6 +61,16 @@ def cast_policy(policy, device, dtype):
     return policy
 
 
+def drop_text_table(policy) -> None:
+    """Replace the backbone's text-embedding weight by an empty one, in place. The engines look text ids up in the
+    host tables (runtime.tables); the passes take embeddings, so the module's [vocab, hidden] copy (0.54 GB at the
+    Qwen2.5-0.5B shape in fp32) would only occupy the device. The policy can no longer embed text afterwards."""
+    import torch
+
+    emb = policy.llm.get_input_embeddings()
+    emb.weight = torch.nn.Parameter(emb.weight.new_empty((0, emb.weight.shape[1])), requires_grad=False)
+
+
 class _SlotCache(KVCache):
     """KVCache over a torch buffer whose commits are one `index_copy_` along the slot axis, in place."""
 
@@ -114,6 +124,8 @@ class StaticTorchEngine(Engine):
         if self.device.type == 'cuda' and self.device.index is None:
             self.device = torch.device('cuda', torch.cuda.current_device())
         arrays = {k: v.numpy() for k, v in tables(policy).items()}  # float32, before any cast
+        if self.device.type != 'cpu' or self.dtype != torch.float32:
+            drop_text_table(policy)  # `arrays` holds it on the host; a device / cast copy would never be read
         self.policy = cast_policy(policy, self.device, self.dtype).eval()  # in place, like TorchEngine's move
         self.vision, self.backbone = VisionGraph(self.policy), BackboneGraph(self.policy)
         self.cuda_graphs = bool(cuda_graphs) and self.device.type == 'cuda'
