@@ -24,6 +24,8 @@ NODE_ARGUMENTS = (
      '(demo).'),
     ('engine', str, 'Inference backend: onnxruntime | onnxruntime-cuda | tensorrt | torch. Default: the '
      'parameters file.'),
+    ('torch_dtype', str, 'Weights and cache dtype of engine torch: float32 | bfloat16 | float16. Default: the '
+     'parameters file (float32).'),
     ('control_rate_hz', float, 'Control rate of the action topics (Hz). Default: the parameters file, whose 0 '
      'means the rate the policy was trained at.'),
     ('camera_topic', str, 'Camera topic; a name ending in /compressed subscribes to sensor_msgs/CompressedImage. '

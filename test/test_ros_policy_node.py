@@ -27,6 +27,7 @@ from lifecycle_msgs.msg import Transition  # noqa: E402
 from lifecycle_msgs.srv import ChangeState  # noqa: E402
 from rcl_interfaces.srv import GetParameters, SetParameters  # noqa: E402
 from rclpy.executors import SingleThreadedExecutor  # noqa: E402
+from rclpy.lifecycle import TransitionCallbackReturn  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy  # noqa: E402
 from sensor_msgs.msg import CompressedImage, Image, JointState  # noqa: E402
@@ -441,6 +442,42 @@ def test_deactivate_publishes_a_hold_and_activate_resumes(running):
     assert peer.mark() == quiet, 'actions were published while inactive'
     assert peer.transition(Transition.TRANSITION_ACTIVATE)
     restore(peer)
+
+
+def test_engine_torch_runs_at_the_torch_dtype_parameter(models, tmp_path):
+    """engine torch loads the policy at `torch_dtype` (weights and cache); another engine ignores it with a
+    warning and runs the exported precision; a name outside the choices fails configure, naming the parameter."""
+    from blockvla_ros.export.policy_writer import export_policy
+
+    torchy = tmp_path / 'models'
+    export_policy(models.parent / 'checkpoint', torchy / 'alpha', progress=False, parity_samples=0,
+                  torch_weights=True)
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    try:
+        for engine, dtype, want in (('torch', 'bfloat16', 'bfloat16'), ('onnxruntime', 'bfloat16', None)):
+            node = PolicyNode(context=context, parameter_overrides=[
+                Parameter('policy', value='alpha'), Parameter('policy_dirs', value=[str(torchy)]),
+                Parameter('engine', value=engine), Parameter('torch_dtype', value=dtype),
+                Parameter('warmup_runs', value=1), Parameter('threads', value=1)])
+            try:
+                assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS, node.status.get('last_error')
+                described = node.policies.current.engine.describe()
+                assert described.get('dtype') == want and described['engine'] == engine, described
+            finally:
+                node.shutdown()
+                node.destroy_node()
+        node = PolicyNode(context=context, parameter_overrides=[
+            Parameter('policy', value='alpha'), Parameter('policy_dirs', value=[str(torchy)]),
+            Parameter('engine', value='torch'), Parameter('torch_dtype', value='int3')])
+        try:
+            assert node.trigger_configure() == TransitionCallbackReturn.FAILURE
+            assert 'torch_dtype' in node.status.get('last_error'), node.status.get('last_error')
+        finally:
+            node.shutdown()
+            node.destroy_node()
+    finally:
+        rclpy.shutdown(context=context)
 
 
 # --- as a process: compressed images, bombs, autostart, Ctrl-C -----------------------------------------------------

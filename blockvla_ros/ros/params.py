@@ -17,8 +17,10 @@ from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityP
                        qos_profile_sensor_data, qos_profile_system_default)
 
 from ..paths import package_data_dir
+from ..runtime.engine_factory import ENGINES
+from ..runtime.torch_static_engine import DTYPES
 
-ENGINES = ('onnxruntime', 'onnxruntime-cuda', 'tensorrt', 'torch')
+TORCH_DTYPES = tuple(dict.fromkeys(DTYPES.values()))  # float32, bfloat16, float16 (without the short aliases)
 IMAGE_TRANSPORTS = ('auto', 'raw', 'compressed')
 IMAGE_QOS = ('sensor_data', 'reliable', 'best_effort', 'system_default')
 INSTRUCTION_QOS = ('transient_local', 'volatile')
@@ -52,6 +54,10 @@ SPECS = [
          'Empty: the package\'s models/ directory.'),
     Spec('engine', 'onnxruntime', 'Inference backend.', choices=ENGINES),
     Spec('require_gpu', False, 'Fail at configure instead of silently falling back to the CPU.'),
+    Spec('torch_dtype', 'float32', "Weights and KV cache dtype of engine 'torch' (bfloat16: half the GPU memory, "
+         'the CUDA-graph path of README "GPU and Jetson"). The other engines run the precision the policy folder '
+         'was exported at (blockvla-export --precision); with them anything but float32 is ignored with a '
+         'warning.', choices=TORCH_DTYPES),
     Spec('threads', 1, 'Intra-op threads for ONNX Runtime (0: its default, one spinning thread per core, which '
          'takes the CPU from the control thread on small machines: measured 100+ missed ticks in 20 s on 2 '
          'cores vs ~1 with 1 thread).', low=0, high=256),

@@ -58,12 +58,13 @@ class PolicyManager:
 
     def __init__(self, policy_dirs: Sequence[str], engine: str, *, decoder: Optional[str] = None,
                  overrides: Optional[dict] = None, require_gpu: bool = False, threads: Optional[int] = None,
-                 warmup_runs: int = 2,
+                 engine_options: Optional[dict] = None, warmup_runs: int = 2,
                  on_swap_done: Optional[Callable[[str, Optional[str], Optional[str]], None]] = None):
         self.policy_dirs = [str(d) for d in policy_dirs]
         self.engine = engine
         self.load_kwargs = dict(engine=engine, decoder=decoder or None, overrides=overrides or None,
-                                require_gpu=require_gpu, threads=threads or None)
+                                require_gpu=require_gpu, threads=threads or None,
+                                engine_options=dict(engine_options) if engine_options else None)
         self.warmup_runs = int(warmup_runs)
         self.on_swap_done = on_swap_done  # (name, error or None, parameter value to restore or None)
         self._lock = threading.Lock()

@@ -119,6 +119,15 @@ class PolicyNode(PolicyParameters, LifecycleNode):
             self.get_logger().warning(RTC_WARNING)
         self._rtc = rtc
 
+    def _engine_options(self, p) -> Optional[dict]:
+        """Options of runtime.engine_factory.create_engine the parameters carry (torch_dtype: engine torch only)."""
+        if p['engine'] == 'torch':
+            return {'dtype': p['torch_dtype']}
+        if p['torch_dtype'] != 'float32':
+            self.get_logger().warning(f"torch_dtype {p['torch_dtype']!r} is ignored: it applies to engine 'torch' "
+                                      f"only, and engine {p['engine']!r} runs the precision the policy was exported at")
+        return None
+
     def _fail(self, what: str, error: Exception) -> None:
         message = f'{what}: {type(error).__name__}: {error}'
         self.status.set(last_error=message)
@@ -132,8 +141,8 @@ class PolicyNode(PolicyParameters, LifecycleNode):
             self.status.set(last_error='', rate_warning='')
             self.policies = PolicyManager(
                 p.policy_dirs_resolved, p['engine'], decoder=p['decoding.decoder'], overrides=p.decoding_overrides,
-                require_gpu=p['require_gpu'], threads=p['threads'], warmup_runs=p['warmup_runs'],
-                on_swap_done=self._on_swap_done)
+                require_gpu=p['require_gpu'], threads=p['threads'], engine_options=self._engine_options(p),
+                warmup_runs=p['warmup_runs'], on_swap_done=self._on_swap_done)
             self.get_logger().info(f"configuring: policy {p['policy']!r} from {p.policy_dirs_resolved} "
                                    f"on {p['engine']}")
             runner = self.policies.load(p['policy'])
