@@ -1,4 +1,4 @@
-"""Sliding-window attention (Mistral, Qwen2 with windows, Gemma2's alternating layers) is honoured.
+"""Sliding-window attention (Mistral, Qwen2 with windows, Gemma2/3's alternating layers) is honoured.
 
 On a plain causal sequence longer than the window, the policy must compute what the backbone's own forward computes
 (HF builds its sliding-window masks itself there): the training path (`run_backbone` with the training mask) and the
@@ -22,10 +22,10 @@ from blockvla_ros.runtime.policy_folder import PolicyFolderError, load_policy_fo
 from blockvla_ros.runtime.torch_engine import TorchEngine
 from blockvla_ros.runtime.torch_static_engine import StaticTorchEngine
 
-from tiny import GEMMA2, GEMMA2_WINDOW, MISTRAL, QWEN2, QWEN2_WINDOW, WINDOW, tiny_config
+from tiny import GEMMA2, GEMMA2_WINDOW, GEMMA3_WINDOW, MISTRAL, QWEN2, QWEN2_WINDOW, WINDOW, tiny_config
 
 BACKBONES = {'mistral': (MISTRAL, 'sdpa', [WINDOW]), 'qwen2-window': (QWEN2_WINDOW, 'sdpa', [None, WINDOW]),
-             'gemma2': (GEMMA2_WINDOW, 'eager', [None, WINDOW])}
+             'gemma2': (GEMMA2_WINDOW, 'eager', [None, WINDOW]), 'gemma3': (GEMMA3_WINDOW, 'eager', [None, WINDOW])}
 
 
 def _policy(name):
@@ -102,6 +102,9 @@ def test_unsupported_windows_are_refused_at_load():
         mask_windows(qwen2_vl_text, max_seq_len=56, rope_dims=3)
     with pytest.raises(ValueError, match='attention_windows'):
         tiny_config(attention_windows=[0])
+    with pytest.raises(ValueError, match='backbone.use_bidirectional_attention'):  # two-sided windows
+        BlockVLAPolicy(tiny_config(backbone=dict(GEMMA3_WINDOW, use_bidirectional_attention=True),
+                                   attn_implementation='eager'))
 
 
 def test_a_folder_whose_mask_rows_disagree_with_its_windows_is_refused_at_load(tmp_path):

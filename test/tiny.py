@@ -27,3 +27,6 @@ QWEN2_WINDOW = dict(QWEN2, num_hidden_layers=3, use_sliding_window=True, sliding
                     max_window_layers=1)  # layer 0 full, layers 1-2 slide
 GEMMA2_WINDOW = dict(GEMMA2, sliding_window=WINDOW, attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
                      query_pre_attn_scalar=10)  # alternating layers; softcaps and a scaling that bind at this size
+GEMMA3_WINDOW = dict(GEMMA2, model_type='gemma3_text', sliding_window=WINDOW, query_pre_attn_scalar=10,
+                     layer_types=['sliding_attention', 'full_attention'], rope_local_base_freq=100.0,
+                     rope_theta=10000.0)  # a sliding layer with its own rotary base, then a full one

@@ -1,7 +1,8 @@
 """Sliding-window attention: which window each backbone layer applies, and the per-layer masks HF takes.
 
 The policy hands the backbone its own 4-D masks, and HF then applies them as they are: a layer's sliding window
-(Mistral, Qwen2 with `use_sliding_window`, Gemma2/3's alternating `sliding_attention` layers) only takes effect if
+(Mistral, Qwen2 with `use_sliding_window`, Gemma2/3's alternating `sliding_attention` layers; Gemma3's local
+rotary base on its sliding layers is the model's own) only takes effect if
 the mask carries it. So every mask the policy builds (training: `model.masks`; each runtime pass:
 `runtime.pass_masks`) comes as one row per distinct window, `config.attention_windows` (resolved here when the
 policy is built, saved with it):
@@ -15,7 +16,8 @@ A window counts positions, as HF's counts tokens of an unpadded sequence: a quer
 positions > q - W (`model.masks.window_rule`). Both action copies of the training sequence share positions, so the
 training mask and the cached passes apply the same window. A window no longer than the sequence (T_max) is applied;
 a longer one never binds and is dropped. Refused when the policy is built (the key named): layer types other than
-full / sliding attention, and a binding window with M-RoPE positions (3-D: no single distance).
+full / sliding attention, a binding window with M-RoPE positions (3-D: no single distance), and bidirectional
+backbones (Gemma3's `use_bidirectional_attention`: two-sided windows).
 """
 from __future__ import annotations
 
@@ -26,6 +28,10 @@ LAYER_TYPES = ('full_attention', 'sliding_attention')  # the layer types whose m
 
 def layer_windows(hf_config) -> list:
     """The window of each layer as the HF model applies it (None: full attention)."""
+    if getattr(hf_config, 'use_bidirectional_attention', False):
+        raise ValueError('backbone.use_bidirectional_attention: a bidirectional backbone (its sliding windows '
+                         'two-sided) is not supported; the policy builds causal / block-causal masks with one-sided '
+                         'windows. Use a causal backbone (use_bidirectional_attention: false)')
     window = getattr(hf_config, 'sliding_window', None)
     types = getattr(hf_config, 'layer_types', None)
     if types is None:  # Mistral, Mixtral, Phi3, Starcoder2: one window (or none) for every layer
