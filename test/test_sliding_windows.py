@@ -118,3 +118,21 @@ def test_a_folder_whose_mask_rows_disagree_with_its_windows_is_refused_at_load(t
     write_manifest(folder)
     with pytest.raises(PolicyFolderError, match=r'backbone.onnx takes 1 mask rows, config.attention_windows'):
         OrtEngine(load_policy_folder(folder), threads=1)
+
+
+def test_a_gemma3_policy_exports_with_parity_and_two_mask_rows(tmp_path):
+    """Gemma3's sliding layers (own rotary base) through the ONNX export: ORT equals torch on every decoder."""
+    from blockvla_ros.export.policy_writer import export_policy
+    from blockvla_ros.model.action_tokenizer import NormStats
+
+    policy = _policy('gemma3')
+    policy.save(tmp_path / 'checkpoint')
+    actions = np.random.default_rng(0).uniform(-1, 1, (200, policy.config.action_dim))
+    NormStats.from_data(actions, None).save(tmp_path / 'checkpoint' / 'stats.json')
+    report = export_policy(tmp_path / 'checkpoint', tmp_path / 'gemma3', parity_samples=1, tolerance=1e-3,
+                           threads=1, progress=False)
+    assert report.parity and set(report.parity[0]['decoders']) == {'blockdiff', 'ar', 'fulldiff'}
+    for r in report.parity:
+        assert r['max_abs_diff'] <= 1e-3 and r['tokens_equal'], r
+    spec = load_policy_folder(tmp_path / 'gemma3')
+    assert spec.config.attention_windows == [None, WINDOW] and spec.graphs['backbone'].tensor('mask').shape[0] == 2
