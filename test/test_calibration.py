@@ -1,5 +1,8 @@
 """Decoding calibration (export.calibration): candidate settings, the choice rule, real decoding on tiny policies,
 and the held-out windows it decodes (training.validation.held_out_windows on real recordings)."""
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -14,7 +17,8 @@ from blockvla_ros.runtime.preprocess import Preprocessor
 from blockvla_ros.runtime.torch_engine import TorchEngine
 from blockvla_ros.tasks.recording import record_demonstrations
 from blockvla_ros.training.config import TrainConfig
-from blockvla_ros.training.validation import held_out_windows
+from blockvla_ros.training.assemble import read_and_split
+from blockvla_ros.training.validation import SPLIT_FILE, held_out_windows, split_record
 
 from tiny import tiny_config
 
@@ -117,3 +121,24 @@ def test_held_out_windows_are_the_runs_validation_split(tmp_path):
     assert '1 episodes' in source and len(every) > 5
     with pytest.raises(ValueError, match='no validation split'):
         held_out_windows(tc.replace({'data.val_fraction': 0.0}), config, text, ActionTokenizer(stats, 256))
+
+    # a checkpoint's split record: only the held-out bags are read (the training bags may be gone), same windows
+    _train, val, _cfg, _report = read_and_split(tc, progress=False)
+    (tmp_path / SPLIT_FILE).write_text(json.dumps(split_record(val)))
+    for bag in bags:
+        if str(bag) not in {ep.bag_path for ep in val}:
+            shutil.rmtree(bag)
+    fast, source = held_out_windows(tmp_path / 'train_config.yaml', config, text, ActionTokenizer(stats, 256),
+                                    max_windows=5)
+    assert SPLIT_FILE in source and len(fast) == len(windows) == 5
+    for a, b in zip(fast, windows):
+        assert np.array_equal(a.pixels, b.pixels) and np.array_equal(a.text_ids, b.text_ids)
+        assert np.array_equal(a.state, b.state)
+    # a record that no longer matches its bags (or does not parse) falls back to rebuilding the split from the bags
+    doc = split_record(val)
+    doc['episodes'][0]['ticks'] += 1
+    for content in (json.dumps(doc), '{"episodes": 5}', 'not json'):
+        (tmp_path / SPLIT_FILE).write_text(content)
+        _, source = held_out_windows(tmp_path / 'train_config.yaml', config, text, ActionTokenizer(stats, 256),
+                                     max_windows=5)
+        assert 'validation split' in source and SPLIT_FILE not in source, source

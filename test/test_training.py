@@ -117,6 +117,9 @@ def test_trains_on_both_bag_formats_from_an_ar_checkpoint_and_the_checkpoint_dec
     # statistics come from the training episodes only
     state = json.loads((ckpt / 'training_state' / 'state.json').read_text())
     assert state['step'] == 30 and stats.n_samples < sum(len(e.actions) for e in episodes)
+    # the held-out episodes are named by recording (export's calibration reads only their bags)
+    split = json.loads((ckpt / 'val_split.json').read_text())['episodes']
+    assert len(split) == data['episodes_val'] and {e['bag'] for e in split} <= {e.bag_path for e in episodes}
 
 
 def test_auto_tokenizer_travels_with_the_checkpoint_of_a_bf16_run(tmp_path, bags, ar_checkpoint):

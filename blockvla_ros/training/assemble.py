@@ -15,6 +15,7 @@ from ..model.config import BlockVLAConfig
 from .bag_data import LoadReport, load_episodes
 from .config import TrainConfig
 from .dataset import ChunkDataset, split_episodes, stats_from_episodes
+from .validation import split_record
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,7 @@ class RunData:
     text_tokenizer: object
     summary: dict  # counts for the metrics file and TrainResult
     fingerprint: str  # identifies the episodes and split (checked on resume)
+    val_split: Optional[dict] = None  # which recorded episodes are held out (validation.split_record)
 
 
 def read_and_split(config: TrainConfig, episodes: Optional[Sequence] = None, progress: bool = True):
@@ -142,4 +144,4 @@ def build_data(config: TrainConfig, policy, train_eps, val_eps, stats: NormStats
                'tail': config.data.tail}
     log.info('data: %d train / %d val episodes, %d / %d windows', len(train_eps), len(val_eps), len(train),
              summary['windows_val'])
-    return RunData(train, val, stats, text, summary, fingerprint(train_eps, val_eps))
+    return RunData(train, val, stats, text, summary, fingerprint(train_eps, val_eps), split_record(val_eps))

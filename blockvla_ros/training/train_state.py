@@ -6,8 +6,12 @@ same way. Exercised by a 2-process CPU (gloo) FSDP2 run in test_training_distrib
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
+
+from ..io.atomic import atomic_write_text
+from .validation import SPLIT_FILE
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +62,9 @@ class Saver:
         self.acc.wait_for_everyone()
 
     def _tokenizer_files(self, folder: Path) -> None:
+        """The checkpoint's extra files: the text tokenizer's, and the validation split's record."""
+        if self.data.val_split is not None:
+            atomic_write_text(folder / SPLIT_FILE, json.dumps(self.data.val_split, indent=1))
         text = self.data.text_tokenizer
         if hasattr(text, 'save_files'):  # a VLM's slot tokenizer: its tokenizer.json
             text.save_files(folder)

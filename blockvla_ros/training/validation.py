@@ -6,12 +6,54 @@ processes, so the value does not depend on how many processes share the work.
 """
 from __future__ import annotations
 
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
 import numpy as np
 
 from .dataset import ChunkDataset, collate
 from .sampler import mix_seed
 
+log = logging.getLogger(__name__)
+
 VAL_SEED_SALT = 0x7A1
+# In every checkpoint: the held-out episodes by recording (bag path as the run read it, first tick stamp, ticks), so
+# export's calibration reads only their bags instead of every bag of the run to rebuild the split.
+SPLIT_FILE = 'val_split.json'
+
+
+def split_record(val_episodes) -> Optional[dict]:
+    """-> the SPLIT_FILE content of a validation split; None when an episode has no recording (in-memory data)."""
+    if not all(getattr(ep, 'bag_path', '') for ep in val_episodes):
+        return None
+    return {'format': 1, 'episodes': [{'bag': str(ep.bag_path), 'start_ns': int(ep.stamps_ns[0]), 'ticks': len(ep)}
+                                      for ep in val_episodes]}
+
+
+def _recorded_split(tc, path: Path, progress: bool) -> Optional[list]:
+    """The validation episodes a checkpoint's SPLIT_FILE names, reading only their bags; None (with a warning) when
+    the record is unreadable or an episode is not found as recorded (the caller then rebuilds the split)."""
+    from ..io.bag_reader import BagError
+    from .bag_data import load_episodes
+
+    try:
+        doc = json.loads(path.read_text())
+        wanted = [(str(e['bag']), int(e['start_ns']), int(e['ticks'])) for e in doc['episodes']]
+        bags = list(dict.fromkeys(bag for bag, _, _ in wanted))
+        episodes, _ = load_episodes(tc.replace({'data.bags': bags}).data, tc.model_config(), progress=progress)
+    except (OSError, ValueError, KeyError, TypeError, BagError) as e:
+        log.warning('%s: cannot use the recorded validation split (%s: %s); reading every bag', path,
+                    type(e).__name__, e)
+        return None
+    found = {(str(ep.bag_path), int(ep.stamps_ns[0]), len(ep)): ep for ep in episodes}
+    missing = [w for w in wanted if w not in found]
+    if missing or not wanted:
+        log.warning('%s: %d of %d recorded validation episodes are not in their bags as recorded (e.g. %s); '
+                    'reading every bag', path, len(missing), len(wanted), missing[:1])
+        return None
+    return [found[w] for w in wanted]
 
 
 def validation_loss(module, dataset: ChunkDataset, indices: np.ndarray, batch_size: int, seed: int, device,
@@ -77,8 +119,9 @@ def held_out_windows(train_config, config, text_tokenizer, action_tokenizer, bag
     """Observation windows nobody trained on, for decoding calibration at export -> ([PrefixInputs], source).
 
     train_config: the run's resolved training config (a checkpoint's train_config.yaml, or a TrainConfig). Without
-    `bags`: its validation split (the same bags, the same seeded episode split as training). With `bags`: every
-    episode of those bags, read with the run's topics and rate. `max_windows` evenly spaced windows are kept.
+    `bags`: its validation split (the same bags, the same seeded episode split as training; from a checkpoint, only
+    the bags its SPLIT_FILE names are read). With `bags`: every episode of those bags, read with the run's topics
+    and rate. `max_windows` evenly spaced windows are kept.
     """
     from ..runtime.engine import PrefixInputs
     from .assemble import read_and_split
@@ -87,10 +130,15 @@ def held_out_windows(train_config, config, text_tokenizer, action_tokenizer, bag
     from .dataset import ChunkDataset, evenly_spaced
 
     tc = train_config if isinstance(train_config, TrainConfig) else load_train_config(train_config)
+    record = None if isinstance(train_config, TrainConfig) else Path(train_config).parent / SPLIT_FILE
+    episodes = None
     if bags:
         tc = tc.replace({'data.bags': [str(b) for b in bags]})
         episodes, _ = load_episodes(tc.data, tc.model_config(), progress=progress)
         source = f'{len(episodes)} episodes of {", ".join(str(b) for b in bags)}'
+    elif record is not None and record.is_file() and (episodes := _recorded_split(tc, record, progress)):
+        source = (f'validation split of {", ".join(str(b) for b in tc.data.bags)} ({len(episodes)} episodes, '
+                  f'as recorded in {SPLIT_FILE})')
     else:
         _train, episodes, _cfg, _report = read_and_split(tc, progress=progress)
         if not episodes:
