@@ -10,25 +10,27 @@ import sys
 from pathlib import Path
 
 
+def _episode_args(p: argparse.ArgumentParser, episodes_help: str, seed: int, seed_help: str) -> None:
+    """Which episodes a command runs: --suite, --tasks, --episodes, --seed (record and evaluate)."""
+    p.add_argument('--suite', default='mt10', help='task suite (default mt10)')
+    p.add_argument('--tasks', nargs='+', default=None, help='a subset of the suite (default: all)')
+    p.add_argument('--episodes', type=int, default=50, help=f'{episodes_help} (default 50)')
+    p.add_argument('--seed', type=int, default=seed, help=f'{seed_help} (default {seed})')
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='blockvla-sim', description=__doc__)
     sub = p.add_subparsers(dest='command', required=True)
 
     rec = sub.add_parser('record', help='record expert episodes, one rosbag2 per successful episode')
     rec.add_argument('--out', required=True, help='output directory (bags named <task>_seed<S>_ep<NNNN>)')
-    rec.add_argument('--suite', default='mt10', help='task suite (default mt10)')
-    rec.add_argument('--tasks', nargs='+', default=None, help='a subset of the suite (default: all)')
-    rec.add_argument('--episodes', type=int, default=50, help='expert episodes tried per task (default 50)')
-    rec.add_argument('--seed', type=int, default=0, help='layout seed: MT1(task, seed) (default 0)')
+    _episode_args(rec, 'expert episodes tried per task', seed=0, seed_help='layout seed: MT1(task, seed)')
     rec.add_argument('--storage', choices=('mcap', 'sqlite3'), default='mcap')
     rec.add_argument('--json', default=None, help='also write the counts to this JSON file')
 
     ev = sub.add_parser('evaluate', help='closed-loop success of a policy folder on held-out layouts')
     ev.add_argument('--policy', required=True, help='policy folder (blockvla-export output)')
-    ev.add_argument('--suite', default='mt10', help='task suite (default mt10)')
-    ev.add_argument('--tasks', nargs='+', default=None, help='a subset of the suite (default: all)')
-    ev.add_argument('--episodes', type=int, default=50, help='episodes per task (default 50)')
-    ev.add_argument('--seed', type=int, default=1, help='layout seed (default 1: disjoint from recordings)')
+    _episode_args(ev, 'episodes per task', seed=1, seed_help='layout seed (1: disjoint from the recordings)')
     ev.add_argument('--out', default=None, help='report folder: report.json, report.md, montage.png '
                                                 '(default reports/sim_<policy>_seed<S>[_ros])')
     ev.add_argument('--execute-steps', type=int, default=4,
