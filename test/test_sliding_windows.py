@@ -102,7 +102,7 @@ def test_unsupported_windows_are_refused_at_load():
         mask_windows(qwen2_vl_text, max_seq_len=56, rope_dims=3)
     with pytest.raises(ValueError, match='attention_windows'):
         tiny_config(attention_windows=[0])
-    with pytest.raises(ValueError, match='backbone.use_bidirectional_attention'):  # two-sided windows
+    with pytest.raises(ValueError, match='backbone.use_bidirectional_attention with a sliding window'):  # two-sided
         BlockVLAPolicy(tiny_config(backbone=dict(GEMMA3_WINDOW, use_bidirectional_attention=True),
                                    attn_implementation='eager'))
 

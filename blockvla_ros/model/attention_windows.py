@@ -16,8 +16,9 @@ A window counts positions, as HF's counts tokens of an unpadded sequence: a quer
 positions > q - W (`model.masks.window_rule`). Both action copies of the training sequence share positions, so the
 training mask and the cached passes apply the same window. A window no longer than the sequence (T_max) is applied;
 a longer one never binds and is dropped. Refused when the policy is built (the key named): layer types other than
-full / sliding attention, a binding window with M-RoPE positions (3-D: no single distance), and bidirectional
-backbones (Gemma3's `use_bidirectional_attention`: two-sided windows).
+full / sliding attention, a binding window with M-RoPE positions (3-D: no single distance), and a binding window on a
+bidirectional backbone (`use_bidirectional_attention`: two-sided windows; without a binding window the flag is
+harmless, since the policy's own masks replace the backbone's, as for PaliGemma's text model).
 """
 from __future__ import annotations
 
@@ -28,10 +29,6 @@ LAYER_TYPES = ('full_attention', 'sliding_attention')  # the layer types whose m
 
 def layer_windows(hf_config) -> list:
     """The window of each layer as the HF model applies it (None: full attention)."""
-    if getattr(hf_config, 'use_bidirectional_attention', False):
-        raise ValueError('backbone.use_bidirectional_attention: a bidirectional backbone (its sliding windows '
-                         'two-sided) is not supported; the policy builds causal / block-causal masks with one-sided '
-                         'windows. Use a causal backbone (use_bidirectional_attention: false)')
     window = getattr(hf_config, 'sliding_window', None)
     types = getattr(hf_config, 'layer_types', None)
     if types is None:  # Mistral, Mixtral, Phi3, Starcoder2: one window (or none) for every layer
@@ -49,6 +46,11 @@ def mask_windows(hf_config, max_seq_len: int, rope_dims: int = 1) -> list:
     binding = sorted(set(per_layer) - {None})
     if not binding:
         return []
+    if getattr(hf_config, 'use_bidirectional_attention', False):  # PaliGemma's text model: no binding window, fine
+        raise ValueError(f'backbone.use_bidirectional_attention with a sliding window ({binding[0]}) shorter than the '
+                         f'policy sequence ({max_seq_len} tokens): a bidirectional backbone\'s windows are two-sided, '
+                         'the policy\'s masks apply one-sided windows. Use a causal backbone or a window >= the '
+                         'sequence')
     if len(binding) > 1:  # HF configs have one sliding_window; a second value would need a third mask kind
         raise ValueError(f'backbone.sliding_window: layers use windows {binding}; one window is supported')
     if rope_dims != 1:
