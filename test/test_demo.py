@@ -69,6 +69,18 @@ def test_shipped_demo_policy_beats_random_on_the_colour_tasks():
     assert len(wins) >= 3, ours['per_task']
 
 
+def test_recipe_and_shipped_folder_agree_on_decoding_block_sizes():
+    """config/train/demo.yaml and models/demo name the same trained block sizes: a recipe changed without retraining
+    the shipped folder (or the other way round) fails here, not in a README figure nobody re-measured."""
+    from blockvla_ros.runtime.policy_folder import load_policy_folder
+    from blockvla_ros.training.config import load_train_config
+
+    recipe = load_train_config(REPO / 'config' / 'train' / 'demo.yaml').model_config()
+    shipped = load_policy_folder(DEMO).config
+    assert recipe.block_sizes == shipped.block_sizes, (recipe.block_sizes, shipped.block_sizes)
+    assert shipped.block_size in shipped.block_sizes
+
+
 def test_recipe_and_shipped_folder_carry_the_rate_and_action_kinds():
     """A retrain with config/train/demo.yaml reproduces what models/demo says: 10 Hz, (delta, delta, absolute)."""
     from blockvla_ros.runtime.policy_folder import load_policy_folder
