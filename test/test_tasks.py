@@ -180,6 +180,23 @@ def test_intended_labels_are_the_noise_free_expert_on_the_same_rollout():
         next(expert_rollout(env_a, labels='noisy'))
 
 
+def test_intended_labels_repeat_the_previous_tick_far_more_often_than_executed_ones():
+    """Why expert.py warns about intended labels: a direction token (32 bins over [-1, 1]) equals the previous
+    tick's most of the time, so block-diffusion training can predict a masked token by copying its neighbour."""
+    def repeat_rate(labels):
+        same = []
+        for name in TASKS:
+            for ep in range(3):
+                env = TabletopEnv(name, episode_seed(0, name, ep, 'train'))
+                acts = np.array([a for _obs, a in expert_rollout(env, ScriptedExpert(0.1, seed=ep), labels)])
+                tokens = np.clip(np.floor((acts[:, :2] + 1) / 2 * 32), 0, 31)  # [T, 2] dx, dy bins
+                same.append(tokens[1:] == tokens[:-1])
+        return float(np.concatenate(same).mean())
+
+    intended, executed = repeat_rate('intended'), repeat_rate('executed')
+    assert intended > 0.6 and executed < 0.4, (intended, executed)
+
+
 # --- closed-loop evaluation -------------------------------------------------------------------------------
 def test_image_only_policy_succeeds_and_random_policy_does_not():
     oracle = evaluate_closed_loop(_image_oracle(4), episodes_per_task=3, seed=1, progress=False)

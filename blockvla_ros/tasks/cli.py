@@ -30,7 +30,9 @@ def _parser() -> argparse.ArgumentParser:
                      help='std of the expert heading noise, for varied demonstrations (default 0)')
     rec.add_argument('--labels', choices=('executed', 'intended'), default='executed',
                      help='action recorded per tick: the executed (noisy) one, or the expert\'s noise-free action at '
-                          'the reached state (DART: labels without the noise; default executed)')
+                          'the reached state (DART: labels without the noise; default executed; intended labels let '
+                          'block-diffusion training copy neighbouring ticks instead of reading the scene: '
+                          'see expert.py)')
 
     rnd = sub.add_parser('random-baseline', help='closed-loop success of uniform random actions')
     rnd.add_argument('--episodes', type=int, default=50, help='episodes per task (default 50)')
