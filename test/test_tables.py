@@ -2,9 +2,12 @@
 import numpy as np
 import pytest
 import torch
+from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import save_file
 
-from blockvla_ros.runtime.tables import Tables, TablesError, read_safetensors
+from blockvla_ros.runtime.tables import Tables, TablesError, quantize_text, read_safetensors
+
+from quantized_table import dequantize_reference
 
 
 def test_reader_matches_safetensors_and_memory_maps(tmp_path):
@@ -47,3 +50,57 @@ def test_offsets_outside_the_file_are_refused(tmp_path):
     path.write_bytes(len(header).to_bytes(8, 'little') + header + b'\0' * 16)
     with pytest.raises(TablesError, match='does not fit'):
         read_safetensors(path)
+
+
+@pytest.mark.parametrize('bits,hidden', [(8, 64), (8, 45), (4, 64), (4, 45)])
+def test_quantized_text_rows_equal_a_numpy_reference_and_stay_memory_mapped(tmp_path, bits, hidden):
+    """int8 / int4 text tables (runtime.tables' layout): stored dtype and bytes, each looked-up row equal to an
+    element-by-element dequantization, within half a step of the float table; a row width that is not a multiple of
+    the group (45: a short last group, and an odd count of nibbles) included."""
+    rng = np.random.default_rng(bits + hidden)
+    text = (rng.normal(size=(300, hidden)) * rng.uniform(0.01, 3.0, size=(300, 1))).astype(np.float32)
+    text[7] = 0.0  # an all-zero row: scale 0, values 0
+    arrays = quantize_text(text, bits, rows=64)  # several chunks, the last one short
+    q, scale = arrays[f'text_embed.int{bits}'], arrays['text_embed.scale']
+    assert q.dtype == (np.int8 if bits == 8 else np.uint8) and scale.dtype == np.float16
+    assert q.shape == (300, hidden if bits == 8 else (hidden + 1) // 2) and scale.shape == (300, -(-hidden // 32))
+    save_numpy({**arrays, 'action_embed': np.ones((9, hidden), np.float32)}, str(tmp_path / 't.safetensors'))
+    t = Tables.open(tmp_path / 't.safetensors')
+    assert t.text_layout == f'int{bits}' and isinstance(t.text_embed, np.memmap)  # read from the map, row by row
+    ids = np.array([0, 7, 123, 299, 123])
+    got = t.text(ids)
+    assert got.shape == (1, 5, hidden) and got.dtype == np.float32
+    assert np.array_equal(got[0], dequantize_reference(q[ids], scale[ids], bits, hidden))
+    step = np.repeat(scale[ids].astype(np.float32), 32, axis=1)[:, :hidden]  # one quantization step per value
+    assert np.all(np.abs(got[0] - text[ids]) <= step / 2 * (1 + 1e-5))
+    assert not got[0, 1].any()
+    assert Tables.open(tmp_path / 't.safetensors', dtype=np.float16).text([3]).dtype == np.float16
+    with pytest.raises(ValueError, match='out of range'):
+        t.text([300])
+
+
+def _int8_tables(hidden=64, vocab=20):
+    arrays = quantize_text(np.random.default_rng(0).normal(size=(vocab, hidden)).astype(np.float32), 8)
+    return {**arrays, 'action_embed': np.ones((9, hidden), np.float32)}
+
+
+@pytest.mark.parametrize('change,match', [
+    (lambda a: a.update({'text_embed.int8': a['text_embed.int8'].view(np.uint8)}), r'text_embed.int8 is uint8'),
+    (lambda a: a.update({'text_embed.scale': a['text_embed.scale'].astype(np.float32)}),
+     r'text_embed.scale is float32 \[20, 2\], expected float16'),
+    (lambda a: a.update({'text_embed.scale': a['text_embed.scale'][:, :1]}),
+     r'text_embed.scale is float16 \[20, 1\], expected float16 \[20, 2\]'),
+    (lambda a: a.update({'text_embed.scale': a['text_embed.scale'][:19]}), r'text_embed.scale .*\[19, 2\]'),
+    (lambda a: a.pop('text_embed.scale'), 'text_embed.int8 has no text_embed.scale'),
+    (lambda a: a.update({'text_embed': np.zeros((20, 64), np.float32)}), 'exactly one text table'),
+    (lambda a: a.update({'text_embed.int4': a.pop('text_embed.int8').view(np.uint8)}),
+     r'text_embed.int4 is uint8 \[20, 64\], expected uint8 \[20, 32\]'),
+    (lambda a: a.update({'action_embed': np.ones((9, 32), np.float32)}), r'text_embed.int8 is int8 \[20, 64\]'),
+    (lambda a: a.pop('text_embed.int8'), 'found none'),
+])
+def test_malformed_quantized_text_tables_are_refused_by_name(change, match):
+    arrays = _int8_tables()
+    Tables(arrays)  # the well-formed one reads
+    change(arrays)
+    with pytest.raises(TablesError, match=match):
+        Tables(arrays)

@@ -8,6 +8,26 @@ size on disk, not in RAM).
     text_embed    [vocab, hidden]       instruction ids (and fixed template ids) -> embeddings
     action_embed  [n_bins + 1, hidden]  action tokens and [MASK] (id n_bins) -> embeddings
     state_proj.weight [hidden, S], state_proj.bias [hidden]   normalized state -> one prefix embedding
+
+The text table is the big one (Qwen2.5-0.5B: 151,936 x 896, 28 % of the parameters), so int8 / int4 exports store
+it quantized; this docstring is the one description of that layout (`quantize_text` writes it, `Tables` reads it):
+
+    float (fp32, fp16 exports; every folder written before quantized tables)
+      text_embed        F32 | F16  [vocab, hidden]
+    int8 export
+      text_embed.int8   I8   [vocab, hidden]                 q = clip(rint(x / s), -127, 127)
+      text_embed.scale  F16  [vocab, ceil(hidden / 32)]      s = max |x| / 127 over each group of 32 values of a row
+    int4 export
+      text_embed.int4   U8   [vocab, ceil(hidden / 2)]       q = clip(rint(x / s), -7, 7) + 8, two per byte:
+                                                             value 2j in the low nibble, 2j + 1 in the high one
+      text_embed.scale  F16  [vocab, ceil(hidden / 32)]      s = max |x| / 7 over each group of 32 values of a row
+    dequantized row:  x[j] = (q[j] (- 8 for int4)) * s[j // 32]      (the last group of a row may be shorter)
+
+Symmetric groups of 32 along the row, like the backbone's MatMulNBits blocks (export.precision). A lookup
+dequantizes only the rows it reads, so the memory map stays (runner RSS does not grow with the vocabulary). The
+width of a row comes from action_embed, which (like state_proj) stays in the graph's float type: both are small.
+Exactly one text layout per file; anything else (a wrong dtype, a scale shape that does not fit) is a TablesError
+naming the tensor.
 """
 from __future__ import annotations
 
@@ -22,6 +42,12 @@ import numpy as np
 _DTYPES = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'BF16': np.uint16, 'I64': np.int64,
            'I32': np.int32, 'I16': np.int16, 'I8': np.int8, 'U8': np.uint8, 'BOOL': np.bool_}
 MAX_HEADER = 100 << 20
+TEXT = 'text_embed'
+GROUP = 32  # values per scale along a quantized text row
+QUANTIZED = {8: 'text_embed.int8', 4: 'text_embed.int4'}  # bits -> tensor name
+SCALE = 'text_embed.scale'
+_QMAX = {8: 127, 4: 7}
+_QDTYPE = {8: np.int8, 4: np.uint8}
 
 
 class TablesError(ValueError):
@@ -64,24 +90,111 @@ def read_safetensors(path: str | os.PathLike) -> dict:
     return out
 
 
+def _groups(hidden: int) -> int:
+    return -(-hidden // GROUP)
+
+
+def _width(bits: int, hidden: int) -> int:
+    """Stored bytes of one quantized row."""
+    return hidden if bits == 8 else -(-hidden // 2)
+
+
+def quantize_text(table: np.ndarray, bits: int, rows: int = 8192) -> dict:
+    """A float text table [vocab, hidden] -> {QUANTIZED[bits]: q, SCALE: s} in the layout of the module doc.
+
+    Works `rows` rows at a time, so the float temporaries stay small next to a 0.5 GB table."""
+    if bits not in _QMAX:
+        raise ValueError(f'text table bits must be one of {sorted(_QMAX)}, got {bits!r}')
+    vocab, hidden = table.shape
+    groups, qmax = _groups(hidden), _QMAX[bits]
+    q = np.empty((vocab, _width(bits, hidden)), _QDTYPE[bits])
+    scale = np.empty((vocab, groups), np.float16)
+    for lo in range(0, vocab, rows):
+        x = np.zeros((min(rows, vocab - lo), groups * GROUP), np.float32)  # the last group padded with zeros
+        x[:, :hidden] = table[lo:lo + rows]
+        g = x.reshape(len(x), groups, GROUP)  # [n, groups * 32] -> [n, groups, 32]
+        s = (np.abs(g).max(axis=-1) / qmax).astype(np.float16)  # [n, groups]: rounded as stored
+        if not np.isfinite(s).all():
+            raise ValueError(f'{TEXT} rows {lo}..{lo + len(x)} hold values that are not finite or exceed float16 '
+                             f'scales ({qmax} x 65504): cannot store the table at int{bits}')
+        s32 = s.astype(np.float32)[..., None]  # [n, groups, 1]
+        v = np.divide(g, s32, out=np.zeros_like(g), where=s32 > 0)
+        v = np.clip(np.rint(v), -qmax, qmax).reshape(len(x), -1)  # [n, groups, 32] -> [n, groups * 32]
+        if bits == 8:
+            q[lo:lo + len(x)] = v[:, :hidden]
+        else:
+            u = (v[:, :2 * q.shape[1]] + 8).astype(np.uint8)  # [n, 2 * width]: 1..15, padding 8 (= 0)
+            q[lo:lo + len(x)] = u[:, 0::2] | (u[:, 1::2] << 4)
+        scale[lo:lo + len(x)] = s
+    return {QUANTIZED[bits]: q, SCALE: scale}
+
+
+def _dequantize(q: np.ndarray, scale: np.ndarray, bits: int, hidden: int) -> np.ndarray:
+    """Quantized rows [n, width] and their scales [n, groups] -> float32 rows [n, hidden]."""
+    if bits == 4:
+        v = np.empty((q.shape[0], 2 * q.shape[1]), np.float32)  # [n, width] -> [n, 2 * width]
+        v[:, 0::2] = q & 0x0F
+        v[:, 1::2] = q >> 4
+        v = v[:, :hidden] - 8
+    else:
+        v = q.astype(np.float32)
+    return v * np.repeat(scale.astype(np.float32), GROUP, axis=1)[:, :hidden]  # [n, groups] -> [n, hidden]
+
+
+def _text_layout(arrays: dict, hidden: int) -> tuple:
+    """-> (bits or None, table or q, scale or None) after checking the text table's names, dtypes and shapes."""
+    present = [k for k in (TEXT, *QUANTIZED.values()) if k in arrays]
+    if len(present) != 1:
+        raise TablesError(f'expected exactly one text table ({TEXT}, or {" or ".join(QUANTIZED.values())} with '
+                          f'{SCALE}), found {present or "none"}')
+    name = present[0]
+    table = arrays[name]
+    if name == TEXT:
+        if table.ndim != 2 or table.dtype not in (np.float32, np.float16):
+            raise TablesError(f'{TEXT} must be a float32/float16 [vocab, hidden] table, got {table.dtype} '
+                              f'{list(table.shape)}')
+        if SCALE in arrays:
+            raise TablesError(f'{SCALE} is present but {TEXT} is not quantized')
+        return None, table, None
+    bits = next(b for b, k in QUANTIZED.items() if k == name)
+    want = [table.shape[0] if table.ndim == 2 else 'vocab', _width(bits, hidden)]
+    if table.dtype != _QDTYPE[bits] or list(table.shape) != want:
+        raise TablesError(f'{name} is {table.dtype} {list(table.shape)}, expected {np.dtype(_QDTYPE[bits])} {want} '
+                          f'(hidden size {hidden}, from action_embed)')
+    if SCALE not in arrays:
+        raise TablesError(f'{name} has no {SCALE} (one float16 scale per {GROUP} values of each row)')
+    scale, want = arrays[SCALE], [table.shape[0], _groups(hidden)]
+    if scale.dtype != np.float16 or list(scale.shape) != want:
+        raise TablesError(f'{SCALE} is {scale.dtype} {list(scale.shape)}, expected float16 {want} (one scale per '
+                          f'{GROUP} values of each of the {table.shape[0]} rows of {name})')
+    return bits, table, scale
+
+
 class Tables:
     """Embedding lookups and the state projection, in numpy, in the graph's float type."""
 
     def __init__(self, arrays: dict, dtype=np.float32):
-        missing = [k for k in ('text_embed', 'action_embed') if k not in arrays]
-        if missing:
-            raise TablesError(f'tables {missing} are missing')
-        self.text_embed = arrays['text_embed']
-        self.action_embed = arrays['action_embed']
+        action = arrays.get('action_embed')
+        if action is None:
+            raise TablesError("table 'action_embed' is missing")
+        if action.ndim != 2:
+            raise TablesError(f'action_embed must be [n_bins + 1, hidden], got {list(action.shape)}')
+        self.hidden = hidden = action.shape[1]
+        self.text_bits, self.text_embed, self.text_scale = _text_layout(arrays, hidden)
+        self.action_embed = action
         self.state_w = arrays.get('state_proj.weight')
         self.state_b = arrays.get('state_proj.bias')
         self.dtype = np.dtype(dtype)
-        hidden = self.text_embed.shape[1]
-        if self.action_embed.shape[1] != hidden or (self.state_w is not None and self.state_w.shape[0] != hidden):
+        text_width = self.text_embed.shape[1] if self.text_bits is None else hidden  # quantized: checked above
+        if text_width != hidden or (self.state_w is not None and self.state_w.shape[0] != hidden):
             state = None if self.state_w is None else self.state_w.shape
             raise TablesError(f'tables disagree on the hidden size: text {self.text_embed.shape}, action '
                               f'{self.action_embed.shape}, state {state}')
-        self.hidden = hidden
+
+    @property
+    def text_layout(self) -> str:
+        """How the text table is stored: its float dtype name, or 'int8' / 'int4' (see the module doc)."""
+        return self.text_embed.dtype.name if self.text_bits is None else f'int{self.text_bits}'
 
     @classmethod
     def open(cls, path: str | os.PathLike, dtype=np.float32) -> 'Tables':
@@ -96,17 +209,24 @@ class Tables:
         if has != state_dim:
             raise TablesError(f'{where}: the state projection reads {has} values, the policy {state_dim}')
 
-    def _rows(self, table: np.ndarray, ids, what: str) -> np.ndarray:
+    @staticmethod
+    def _ids(ids, rows: int, what: str) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        if ids.size and (ids.min() < 0 or ids.max() >= table.shape[0]):
-            raise ValueError(f'{what} id out of range [0, {table.shape[0]}): {ids.min()}..{ids.max()}')
-        return np.take(table, ids, axis=0).astype(self.dtype, copy=False)[None]  # [n] -> [1, n, hidden]
+        if ids.size and (ids.min() < 0 or ids.max() >= rows):
+            raise ValueError(f'{what} id out of range [0, {rows}): {ids.min()}..{ids.max()}')
+        return ids
 
     def text(self, ids) -> np.ndarray:
-        return self._rows(self.text_embed, ids, 'text token')
+        """Token ids -> [1, n, hidden]; a quantized table dequantizes only these rows (the map stays a map)."""
+        ids = self._ids(ids, self.text_embed.shape[0], 'text token')
+        rows = np.take(self.text_embed, ids, axis=0)  # [n, hidden] or [n, width]
+        if self.text_bits is not None:
+            rows = _dequantize(rows, np.take(self.text_scale, ids, axis=0), self.text_bits, self.hidden)
+        return rows.astype(self.dtype, copy=False)[None]  # [n, hidden] -> [1, n, hidden]
 
     def actions(self, tokens) -> np.ndarray:
-        return self._rows(self.action_embed, tokens, 'action token')
+        ids = self._ids(tokens, self.action_embed.shape[0], 'action token')
+        return np.take(self.action_embed, ids, axis=0).astype(self.dtype, copy=False)[None]  # [1, n, hidden]
 
     def state(self, state: Optional[np.ndarray]) -> np.ndarray:
         """Normalized state [1, S] -> [1, 1, hidden]."""
