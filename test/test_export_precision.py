@@ -1,21 +1,28 @@
 """blockvla-export --precision on a tiny policy: what int8 / int4 / fp16 folders hold and that parity reports tokens.
 
 Token agreement itself is not asserted to be high: a tiny random policy's bin logits are nearly flat, so a small
-weight error flips tokens (export.precision). What is asserted: the weights are stored at the precision asked for,
-each file says so, the parity run decodes the folder through ONNX Runtime on the CPU and reports its agreement,
-and a required agreement is enforced.
+weight error flips tokens (export.precision). What is asserted: the weights are stored at the precision asked for
+(int8 / int4: the backbone's MatMuls and the text embedding table), each file says so, the folder's size against
+the weights at the precision, a malformed quantized table is refused by name, the parity run decodes the folder
+through ONNX Runtime on the CPU and reports its agreement, and a required agreement is enforced.
 """
+import shutil
+
 import numpy as np
 import onnx
 import pytest
 import yaml
-from safetensors.numpy import load_file
+from safetensors.numpy import load_file, save_file as save_numpy
 
 from blockvla_ros.export.parity import ExportParityError
-from blockvla_ros.export.policy_writer import export_policy
-from blockvla_ros.runtime.policy_folder import load_policy_folder
+from blockvla_ros.export.policy_writer import export_policy, load_checkpoint
+from blockvla_ros.model.graphs import tables
+from blockvla_ros.runtime.policy_folder import PolicyFolderError, load_policy_folder, write_manifest
 from blockvla_ros.runtime.runner import PolicyRunner
+from blockvla_ros.runtime.tables import Tables
 
+from quantized_table import dequantize_reference
+from tiny import QWEN2
 from tiny_policy import write_checkpoint
 
 pytestmark = pytest.mark.slow  # one export + parity run each
@@ -64,6 +71,24 @@ def test_int8_int4_store_matmuls_in_n_bits_and_report_token_agreement(ckpt, tmp_
     pred = runner.predict(np.full((32, 32, 3), 128, np.uint8), 'push the block')  # tiny: no state input
     assert pred.actions.shape == (runner.config.chunk_len, runner.config.action_dim) and pred.nfe > 0
     assert ((pred.tokens >= 0) & (pred.tokens < runner.config.n_bins)).all()
+    _check_text_table(ckpt, out, bits)
+
+
+def _check_text_table(ckpt, out, bits):
+    """The folder's text table is stored at `bits` (runtime.tables' layout) and the runtime's rows are a plain numpy
+    dequantization of it, within half a quantization step of the fp32 policy's table."""
+    stored = load_file(str(out / 'tables.safetensors'))
+    q, scale = stored.pop(f'text_embed.int{bits}'), stored.pop('text_embed.scale')
+    text = tables(load_checkpoint(ckpt)[0])['text_embed'].numpy()
+    vocab, hidden = text.shape
+    assert q.dtype == (np.int8 if bits == 8 else np.uint8) and q.nbytes == vocab * hidden * bits // 8
+    assert scale.dtype == np.float16 and scale.shape == (vocab, hidden // 32)
+    assert set(stored) == {'action_embed'} and stored['action_embed'].dtype == np.float32  # small: fp32
+    ids = np.array([0, 1, vocab // 2, vocab - 1])
+    rows = Tables.open(out / 'tables.safetensors').text(ids)[0]
+    assert np.array_equal(rows, dequantize_reference(q[ids], scale[ids], bits, hidden))
+    step = np.repeat(scale[ids].astype(np.float32), 32, axis=1)
+    assert np.all(np.abs(rows - text[ids]) <= step / 2 * (1 + 1e-5))
 
 
 def node_k_n(node) -> int:
@@ -91,3 +116,67 @@ def test_fp16_stores_half_weights_and_tables_and_runs_on_the_cpu(ckpt, tmp_path)
     assert load_policy_folder(out).precision == 'fp16'
     for r in report.parity:
         assert r['samples'] == 2 and 0.0 <= r['token_agreement'] <= 1.0
+
+
+@pytest.mark.parametrize('precision,bits,bound', [('int8', 8, 1.15), ('int4', 4, 1.25)])
+def test_folder_over_weights_at_int8_int4_when_the_text_table_dominates(tmp_path, precision, bits, bound):
+    """A 65,536-word vocabulary makes the text table 94 % of the parameters (Qwen2.5-0.5B: 28 %). int8 meets issue
+    14's <= 1.15x the weights at the precision. int4 cannot: its layouts store scales next to the 4-bit values (the
+    text table's float16 per 32 values: 1.125x; MatMulNBits' fp32 per 32: 1.25x) and vision.onnx stays fp32, so
+    it is held to 1.25x here."""
+    ckpt = write_checkpoint(tmp_path / 'ckpt', backbone=dict(QWEN2, vocab_size=1 << 16))
+    out = tmp_path / 'models' / precision
+    report = export_policy(ckpt, out, precision=precision, parity_samples=0, progress=False)
+    params = report.sizes.pop('weights') // 4
+    text = 65536 * 64
+    assert text / params > 0.9
+    folder = sum(report.sizes.values())
+    assert sum(p.stat().st_size for p in out.iterdir()) == folder
+    ratio = folder / (params * bits / 8)
+    print(f'{precision}: folder {folder} bytes = {ratio:.3f}x the weights at {bits} bits')
+    assert ratio <= bound
+    runner = PolicyRunner.load(out, threads=1)
+    action_embed = (runner.config.n_bins + 1) * 64 * 4  # fp32
+    assert report.sizes['tables.safetensors'] <= text * (bits / 8 + 2 / 32) + action_embed + 1000  # + the header
+    assert runner.engine.tables.text_layout == precision
+    pred = runner.predict(np.full((32, 32, 3), 128, np.uint8), 'push the block')
+    assert pred.actions.shape == (runner.config.chunk_len, runner.config.action_dim)
+
+
+def _rewrite_tables(folder, change):
+    arrays = load_file(str(folder / 'tables.safetensors'))
+    change(arrays)
+    save_numpy(arrays, str(folder / 'tables.safetensors'))
+    write_manifest(folder)  # a consistent manifest: the loader must find the problem in the table itself
+
+
+def test_a_malformed_quantized_table_is_refused_by_name_and_an_fp32_table_still_loads(ckpt, tmp_path):
+    """int8 folder: a scale of the wrong dtype or shape, or a table of the wrong dtype, is refused when the folder
+    loads, naming the tensor; an int8 folder written before quantized tables (fp32 text_embed) loads and runs."""
+    out = tmp_path / 'models' / 'int8'
+    _export(ckpt, out, 'int8')
+    cases = [(lambda a: a.update({'text_embed.scale': a['text_embed.scale'].astype(np.float32)}),
+              'text_embed.scale is float32'),
+             (lambda a: a.update({'text_embed.scale': a['text_embed.scale'][:, :1]}),
+              r'text_embed.scale is float16 \[512, 1\], expected float16 \[512, 2\]'),
+             (lambda a: a.update({'text_embed.int8': a['text_embed.int8'].view(np.uint8)}),
+              'text_embed.int8 is uint8')]
+    for i, (change, match) in enumerate(cases):
+        bad = shutil.copytree(out, tmp_path / f'bad{i}')
+        _rewrite_tables(bad, change)
+        with pytest.raises(PolicyFolderError, match=match) as err:
+            load_policy_folder(bad)
+        assert 'tables.safetensors' in str(err.value)
+    text = tables(load_checkpoint(ckpt)[0])['text_embed'].numpy()
+    old = shutil.copytree(out, tmp_path / 'before')
+
+    def fp32_table(a):
+        del a['text_embed.int8'], a['text_embed.scale']
+        a['text_embed'] = text
+    _rewrite_tables(old, fp32_table)
+    assert load_policy_folder(old).precision == 'int8'
+    runner = PolicyRunner.load(old, threads=1)
+    assert runner.engine.tables.text_layout == 'float32'
+    assert np.array_equal(runner.engine.tables.text([5, 9])[0], text[[5, 9]])
+    pred = runner.predict(np.full((32, 32, 3), 128, np.uint8), 'push the block')
+    assert pred.actions.shape == (runner.config.chunk_len, runner.config.action_dim)

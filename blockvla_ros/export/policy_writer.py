@@ -8,11 +8,12 @@
 
 Checkpoint folder (what BlockVLAPolicy.save + NormStats.save write): config.json, model.safetensors, stats.json
 (+ tokenizer files when text_tokenizer is 'auto'). The policy folder holds each weight once: vision.onnx,
-backbone.onnx (+ backbone.onnx.data above `inline_limit` bytes of weights) and tables.safetensors; see
-runtime.policy_folder. It is assembled in a temporary sibling, checked (dims dynamic only in n, TensorRT op list,
-manifest, ONNX Runtime vs torch parity) and only then renamed into place; any failure leaves the previous folder
-untouched. With `calibration`, the fewest passes that keep the tokens of the full schedule on held-out windows of
-the run (export.calibration) become the folder's default decoding, recorded in policy.yaml's `calibration`.
+backbone.onnx (+ backbone.onnx.data above `inline_limit` bytes of weights) and tables.safetensors (its text table
+quantized at int8 / int4: runtime.tables); see runtime.policy_folder. It is assembled in a temporary sibling,
+checked (dims dynamic only in n, TensorRT op list, manifest, ONNX Runtime vs torch parity) and only then renamed into
+place; any failure leaves the previous folder untouched. With `calibration`, the fewest passes that keep the tokens
+of the full schedule on held-out windows of the run (export.calibration) become the folder's default decoding,
+recorded in policy.yaml's `calibration`.
 """
 from __future__ import annotations
 
@@ -34,10 +35,11 @@ from ..model.action_tokenizer import NormStats
 from ..model.config import BlockVLAConfig
 from ..runtime.policy_folder import (FORMAT_VERSION, POLICY_FILE, STATS_FILE, TABLES_FILE, WEIGHTS_FILE,
                                      load_policy_folder, write_manifest)
+from ..runtime.tables import TEXT, quantize_text
 from .calibration import CalibrationOptions, calibrate_folder, calibrated_config
 from .onnx_checks import check_graph_file
 from .onnx_export import INLINE_LIMIT, OPSET, export_backbone, export_vision
-from .precision import PRECISIONS, check_precision, default_tolerance, quantize_weights  # noqa: F401
+from .precision import BITS, PRECISIONS, check_precision, default_tolerance, quantize_weights  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +187,7 @@ def export_policy(checkpoint: str | Path, out: str | Path, *, name: Optional[str
         for key, fn in tqdm(steps, desc=f'export {name}', unit='graph', disable=not progress):
             graphs[key] = fn(policy, tmp, opset=opset, inline_limit=inline_limit)
             checks[key] = check_graph_file(tmp / graphs[key].file)  # dims vary only in n, past + TensorRT op list
-        _write_tables(policy, tmp / TABLES_FILE)
+        _write_tables(policy, tmp / TABLES_FILE, precision)
         if precision != 'fp32':  # parity's reference is the fp32 policy: reloaded below
             del policy  # not held while the graph is rewritten: peak RSS ~ one copy of the model, not two
             gc.collect()
@@ -248,14 +250,18 @@ def _calibration_source(checkpoint: Path) -> Path:
     return path
 
 
-def _write_tables(policy, path: Path) -> None:
-    """The small tables, in the policy's float type (fp32, or fp16 for an fp16 export)."""
-    from safetensors.torch import save_file
+def _write_tables(policy, path: Path, precision: str) -> None:
+    """The small tables in the policy's float type (fp32, or fp16 for an fp16 export); at int8 / int4 the text table
+    is stored quantized (runtime.tables: the layout), the small ones stay fp32."""
+    from safetensors.numpy import save_file
 
     from ..model.graphs import tables
 
     dtype = next(policy.parameters()).dtype
-    save_file({k: v.to(dtype) for k, v in tables(policy).items()}, str(path))
+    arrays = {k: v.to(dtype).numpy() for k, v in tables(policy).items()}  # fp32: views of the parameters, not copies
+    if precision in BITS:
+        arrays.update(quantize_text(arrays.pop(TEXT), BITS[precision]))  # reads the fp32 table, writes new arrays
+    save_file(arrays, str(path))
 
 
 def _policy_doc(policy, config, stats, name, graphs, tokenizer_files, torch_weights, opset, checkpoint) -> dict:

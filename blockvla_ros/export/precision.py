@@ -6,10 +6,13 @@
     fp16       GPUs (TensorRT   traced from the half-precision policy: weights, fp16     token agreement (reported)
                FP16, ORT CUDA)  embeds and the KV cache in fp16 (attention
                                 softmax in fp32)
-    int8/int4  CPUs (ONNX       fp32 graphs whose backbone MatMul weights are   fp32     token agreement (reported)
-               Runtime)         quantized weight-only to com.microsoft
-                                MatMulNBits (symmetric, blocks of 32 along K);
-                                ONNX Runtime only, not TensorRT
+    int8/int4  CPUs (ONNX       fp32 graphs whose backbone MatMul weights are   text     token agreement (reported)
+               Runtime)         quantized weight-only to com.microsoft          table at
+                                MatMulNBits (symmetric, blocks of 32 along K);  int8 /
+                                ONNX Runtime only, not TensorRT                 int4 (*)
+
+(*) the text embedding table is stored quantized (the layout: runtime.tables) and dequantized per looked-up row;
+action_embed and state_proj stay fp32 (small).
 
 Token agreement is the fraction of equal action tokens when each engine decodes on its own (`export.parity`).
 A random-weight model has near-uniform bin probabilities, so its agreement understates a trained policy's;

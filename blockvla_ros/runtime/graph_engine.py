@@ -38,15 +38,11 @@ class GraphEngine(Engine):
         self.spec = spec
         cfg = spec.config
         path = spec.folder / spec.tables
-        try:
+        try:  # their layout and sizes were checked when the folder loaded (policy_folder.check_tables)
             tables = Tables.open(path, dtype=np.dtype(spec.float_dtype))
-            tables.check(cfg.n_bins, cfg.state_dim, tables.hidden, str(path))
         except (TablesError, OSError) as e:
             raise PolicyFolderError(f'{path}: {e}') from e
         backbone = spec.graphs['backbone']
-        hidden = backbone.tensor('embeds').shape[-1]
-        if tables.hidden != hidden:
-            raise PolicyFolderError(f'{path}: tables have hidden size {tables.hidden}, backbone.onnx {hidden}')
         rows = backbone.tensor('mask').shape[0]
         if rows != max(len(cfg.attention_windows), 1):
             raise PolicyFolderError(f'{spec.folder}: backbone.onnx takes {rows} mask rows, config.attention_windows '

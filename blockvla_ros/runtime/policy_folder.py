@@ -8,7 +8,8 @@
       vision.onnx        vision tower + projector (static shapes)
       backbone.onnx      the decoder layers + final norm + action head, one graph for every pass (dynamic n)
       backbone.onnx.data its weights, when they pass ~1 GiB (one external-data file)
-      tables.safetensors text / action embeddings, state projection (read by numpy, memory-mapped)
+      tables.safetensors text / action embeddings, state projection (read by numpy, memory-mapped); the text
+                         table quantized at int8 / int4 (runtime.tables describes the layouts and checks them)
       model.safetensors  (optional) the torch weights for engine 'torch' (a second copy of every weight)
       tokenizer files    (optional)
       manifest.json      sha256 of every other file; verified on load
@@ -39,6 +40,7 @@ from . import policy_schema as schema
 from ..model.action_tokenizer import NormStats
 from ..model.config import BlockVLAConfig
 from .policy_schema import PolicyFolderError  # noqa: F401  (re-exported: callers import it from here)
+from .tables import Tables, TablesError
 
 log = logging.getLogger(__name__)
 
@@ -308,6 +310,10 @@ def load_policy_folder(folder: str | os.PathLike) -> PolicySpec:
         for f in g.files():
             covered(f, f'graph {g.key!r}')
     tables = covered(schema.string(raw['tables'], f'{where}: tables', (TABLES_FILE,)), 'tables')
+    embeds = next((t for t in graphs['backbone'].inputs if t.name == 'embeds'), None)
+    if embeds is None:
+        raise PolicyFolderError(f'{where}: graphs.backbone has no input named embeds (the runtime feeds it)')
+    check_tables(folder / tables, config, embeds.shape[-1])
     precision = schema.precision(raw.get('precision', 'fp32'), where)
     weights = schema.weights(raw.get('weights'), where, WEIGHTS_FILE)
     if weights:
@@ -320,6 +326,15 @@ def load_policy_folder(folder: str | os.PathLike) -> PolicySpec:
                       action_names=names, action_low=np.asarray(low, dtype=np.float32),
                       action_high=np.asarray(high, dtype=np.float32), manifest=manifest, raw=raw, tables=tables,
                       precision=precision, weights=weights, tokenizer_files=tokenizer_files, calibration=calibration)
+
+
+def check_tables(path: Path, config: BlockVLAConfig, hidden: int) -> None:
+    """tables.safetensors reads (header, memory maps: nothing paged in), its text table has one of the layouts of
+    runtime.tables, and its sizes fit the config and the backbone's embeds width."""
+    try:
+        Tables.open(path).check(config.n_bins, config.state_dim, hidden, str(path))
+    except (TablesError, OSError) as e:
+        raise PolicyFolderError(f'{path}: {e}') from e
 
 
 def resolve_policy(name_or_path: str | os.PathLike, policy_dirs: Sequence[str | os.PathLike]) -> Path:
