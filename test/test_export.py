@@ -102,6 +102,23 @@ def test_graphs_vary_only_in_n_and_past_and_use_only_tensorrt_ops(exported):
     assert g.tensor('past_value_1').concrete(5, 7) == (1, 2, 7, 16)
 
 
+def test_every_rmsnorm_is_fused_by_onnx_runtime(exported, tmp_path):
+    """export.onnx_rewrites: no Reciprocal feeds a Mul in the exported backbone, so ONNX Runtime's optimizer turns
+    each RMSNorm (2 per layer + the final one) into one SimplifiedLayerNormalization node."""
+    import onnxruntime as ort
+
+    _, out = exported
+    spec = load_policy_folder(out)
+    model = onnx.load(str(out / 'backbone.onnx'), load_external_data=False)
+    assert 'Reciprocal' not in {n.op_type for n in model.graph.node}
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / 'optimized.onnx')
+    ort.InferenceSession(str(out / 'backbone.onnx'), options, providers=['CPUExecutionProvider'])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / 'optimized.onnx'), load_external_data=False).graph.node]
+    assert ops.count('SimplifiedLayerNormalization') == 2 * spec.kv_shape[0] + 1
+    assert 'ReduceMean' not in ops
+
+
 def _model(nodes, inputs, outputs, opset=18):
     graph = helper.make_graph(nodes, 'g', inputs, outputs)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid('', opset)], ir_version=8)

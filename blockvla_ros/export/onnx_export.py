@@ -12,7 +12,8 @@ in-memory copy of the model and no constant folding over the weights here. The v
 through the TorchScript exporter (opset 18): VLM towers such as Qwen2.5-VL's compute window indices from data, which
 torch.export cannot trace, and a static graph needs nothing more. A graph whose weights stay below `INLINE_LIMIT`
 is then rewritten with its weights inline (one file); above it, the graph keeps its single `<file>.data`, which is
-also what lets a graph pass protobuf's 2 GiB limit.
+also what lets a graph pass protobuf's 2 GiB limit. Before that, `export.onnx_rewrites` folds each Reciprocal -> Mul
+into a Div (standard ONNX), so ONNX Runtime fuses every RMSNorm into one kernel at session load.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import torch
 from ..model.graphs import BackboneGraph, VisionGraph, past_inputs, past_names
 from ..runtime.policy_folder import GraphSpec, TensorSpec
 from .onnx_checks import io_specs
+from .onnx_rewrites import reciprocal_mul_to_div
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +104,7 @@ def _export(module, args, dynamic, inputs, outputs, path: Path, key: str, opset:
         _name_dynamic_dims(model)
     for node in model.graph.node:  # the exporter's per-node provenance (~1.5 kB a node): not needed to run
         del node.metadata_props[:]
+    reciprocal_mul_to_div(model)  # RMSNorms ONNX Runtime can fuse (export.onnx_rewrites)
     onnx.save_model(model, str(path))  # keeps the external-data references as they are
     data = _place_weights(path, inline_limit)
     ins, outs = io_specs(model)
