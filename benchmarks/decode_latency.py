@@ -114,8 +114,8 @@ class Timed:
         self.prefill_s += time.perf_counter() - t
         return out
 
-    def step(self, tokens, commit=0, block_size=1):
-        return self.engine.step(tokens, commit=commit, block_size=block_size)
+    def step(self, tokens, commit=0, block_size=1, rows=None):
+        return self.engine.step(tokens, commit=commit, block_size=block_size, rows=rows)
 
 
 def torch_engine(policy, device: str, dtype: str):

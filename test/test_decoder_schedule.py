@@ -23,9 +23,9 @@ class CountingEngine(TorchEngine):
         self.prefills += 1
         return super().prefill(prefix)
 
-    def step(self, tokens, commit=0, block_size=1):
+    def step(self, tokens, commit=0, block_size=1, rows=None):
         self.widths.append(len(tokens))
-        return super().step(tokens, commit, block_size)
+        return super().step(tokens, commit, block_size, rows)
 
 
 @pytest.fixture(scope='module')

@@ -43,10 +43,10 @@ class UncachedEngine:
             hidden, _ = p.run_backbone(embeds, position_ids(valid, acts.shape[1], 1, p.layout), mask)
             return p.action_logits(hidden[0]).numpy()  # [T, n_bins]
 
-    def step(self, tokens, commit=0, block_size=1):
+    def step(self, tokens, commit=0, block_size=1, rows=None):
         tokens = np.asarray(tokens, np.int64).reshape(-1)
         self.history = np.concatenate([self.history, tokens[:commit]])  # committed: clean, block-causal
-        return self._forward(tokens[commit:])[-len(tokens):]
+        return self._forward(tokens[commit:])[-len(tokens):][slice(None) if rows is None else rows]
 
 
 def _observation(config, seed, text='put the red block on the plate', state=False):

@@ -83,20 +83,23 @@ def test_each_weight_is_stored_once(exported):
     assert folder <= 1.15 * weights, f'folder {folder} bytes for {weights} bytes of weights'
 
 
-def test_graphs_vary_only_in_n_and_past_and_use_only_tensorrt_ops(exported):
+def test_graphs_vary_only_in_n_past_and_m_and_use_only_tensorrt_ops(exported):
     _, out = exported
     spec = load_policy_folder(out)
     t_max, layers = spec.config.max_seq_len, spec.kv_shape[0]
     assert check_graph_file(out / 'vision.onnx')['dynamic'] == []
     info = check_graph_file(out / 'backbone.onnx')
-    assert info['opset'] == 20 and info['dynamic'] == ['n', 'past']
+    assert info['opset'] == 20 and info['dynamic'] == ['m', 'n', 'past']
     g = spec.graphs['backbone']
-    assert [t.name for t in g.inputs] == ['embeds', 'positions', 'mask'] + [
+    assert [t.name for t in g.inputs] == ['embeds', 'positions', 'mask', 'logit_rows'] + [
         f'past_{w}_{i}' for i in range(layers) for w in ('key', 'value')]
     assert g.tensor('embeds').shape == [1, 'n', 64] and g.tensor('positions').shape == [1, 'n']
     assert g.tensor('mask').shape == [1, 1, 'n', 'n + past'] and g.tensor('mask').dtype == 'bool'
     assert g.tensor('past_key_0').shape == [1, 2, 'past', 16]
-    assert g.tensor('logits').shape == [1, 'n', spec.config.n_bins]
+    assert g.tensor('logit_rows').shape == ['m'] and g.tensor('logit_rows').dtype == 'int64'
+    assert g.tensor('logits').shape == [1, 'm', spec.config.n_bins]
+    assert g.tensor('logits').concrete(5, 7, 2) == (1, 2, spec.config.n_bins)
+    assert g.tensor('logits').concrete(5) == (1, 5, spec.config.n_bins)  # m defaults to n (every row)
     assert g.tensor('new_kv').shape == [layers, 2, 2, 'n', 16]
     assert g.tensor('mask').concrete(5, t_max) == (1, 1, 5, t_max + 5)
     assert g.tensor('past_value_1').concrete(5, 7) == (1, 2, 7, 16)
@@ -127,7 +130,7 @@ def _model(nodes, inputs, outputs, opset=18):
 def test_graph_checks_reject_other_dynamic_dims_unknown_ops_and_new_opsets():
     x = helper.make_tensor_value_info('x', TensorProto.FLOAT, ['batch', 4])
     y = helper.make_tensor_value_info('y', TensorProto.FLOAT, ['batch', 4])
-    with pytest.raises(GraphCheckError, match=r"only \['n', 'past'\] may vary"):
+    with pytest.raises(GraphCheckError, match=r"only \['n', 'past', 'm'\] may vary"):
         io_specs(_model([helper.make_node('Relu', ['x'], ['y'])], [x], [y]))
     xn = helper.make_tensor_value_info('x', TensorProto.FLOAT, ['n', 'n + 3'])
     assert io_specs(_model([helper.make_node('Relu', ['x'], ['y'])], [xn], [xn]))[0][0]['shape'] == ['n', 'n + 3']

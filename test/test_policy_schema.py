@@ -97,7 +97,7 @@ POLICY_CASES = [  # (change, the reason the error must give)
     (_set('graphs.vision.step_width', 3), r"graphs.vision: unknown keys \['step_width'\]"),
     (_set('graphs.evil', {}), r"graphs: unknown keys \['evil'\]"),
     (_set('graphs.vision.inputs.0.shape', [1, 3, 'n', 32]), r'the vision graph has static shapes only'),
-    (_set('graphs.backbone.inputs.0.shape', [1, 'm', 64]), r"'m' is neither an integer nor a sum of a\*n, past"),
+    (_set('graphs.backbone.inputs.0.shape', [1, 'k', 64]), r"'k' is neither an integer nor a sum of a\*n, past, m"),
     (_set('graphs.backbone.inputs.0.shape', [1, 'n + n', 64]), r"'n \+ n' is neither an integer"),
     (_set('graphs.backbone.inputs.0.shape', [1, 'n + 2**70', 64]), r'neither an integer nor a sum of a\*n, past'),
     (_set('graphs.backbone.data', ['a.data', 'b.data']), r'graphs.backbone.data: 2 entries \(limit 1\)'),

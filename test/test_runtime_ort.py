@@ -62,8 +62,8 @@ def test_reading_only_the_filled_cache_slots_equals_reading_them_all(folder, reu
         assert np.array_equal(a.tokens, b.tokens) and a.nfe == b.nfe
         assert max(float(np.abs(x[2] - y[2]).max()) for x, y in zip(a.trace, b.trace)) <= 1e-5
     t_max = spec.config.max_seq_len
-    assert {past for _, past in whole._passes} == {t_max}
-    assert min(past for _, past in short._passes) < t_max and short.dynamic_past
+    assert {key[1] for key in whole._passes} == {t_max}  # (n, past, logit rows)
+    assert min(key[1] for key in short._passes) < t_max and short.dynamic_past
 
 
 def test_threshold_schedule_and_overrides_match_torch(folder, reference):
@@ -99,10 +99,12 @@ def test_io_binding_shares_preallocated_buffers(folder):
     Decoder(spec.config, 'blockdiff')(engine, pre(image, text, state))
     B, t_max, lt = spec.config.block_size, spec.config.max_seq_len, engine.split
     assert engine.dynamic_past and lt > 0
-    assert {(B, t_max), (2 * B, t_max)} <= set(engine._passes)  # refine, fused commit + refine: the whole cache
+    shapes = set(engine._passes)  # (n tokens, cache slots read, logit rows)
+    assert {(B, t_max), (2 * B, t_max)} <= {s[:2] for s in shapes}  # refine, fused commit + refine: the whole cache
     # the prefix passes read only the slots before them: the instruction pass one (masked), the observation pass the
-    # instruction's (a copy of them: the `head` buffer)
-    assert {(lt, 1), (spec.config.prefix_len - lt, lt)} <= set(engine._passes)
+    # instruction's (a copy of them: the `head` buffer); both return the logits of their last row only
+    assert {(lt, 1, 1), (spec.config.prefix_len - lt, lt, 1)} <= shapes
+    assert (2 * B, t_max, B) in shapes  # the fused pass: the last committed token's row and B - 1 of the block's
     passes = {n: (p.binding, p.new_kv, p.logits) for n, p in engine._passes.items()}
     Decoder(spec.config, 'blockdiff')(engine, pre(image, text, state))
     assert engine.cache.buffer is cache_buffer
@@ -150,9 +152,9 @@ class _Widths:
         self.engine, self.widths = engine, set()
         original = engine._backbone
 
-        def backbone(embeds, positions, mask):
+        def backbone(embeds, positions, mask, rows):
             self.widths.add(embeds.shape[1])
-            return original(embeds, positions, mask)
+            return original(embeds, positions, mask, rows)
 
         engine._backbone = backbone
 
@@ -186,7 +188,8 @@ def test_tensorrt_profiles_cover_every_pass_the_decoders_make(folder):
     assert shapes['mask'] == ((1, 1, 1, t_max + 1), (1, 1, 2 * cfg.block_size, t_max + 2 * cfg.block_size),
                               (1, 1, t_max, 2 * t_max))
     layers, kv_heads, head_dim = spec.kv_shape
-    assert set(shapes) == {'embeds', 'positions', 'mask'} | set(past_names(layers))
+    assert set(shapes) == {'embeds', 'positions', 'mask', 'logit_rows'} | set(past_names(layers))
+    assert shapes['logit_rows'] == ((1,), (2 * cfg.block_size,), (t_max,))  # TensorRT computes every row's logits
     assert shapes['past_key_0'] == ((1, kv_heads, t_max, head_dim),) * 3  # TensorRT reads the whole cache
 
 

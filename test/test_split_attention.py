@@ -41,13 +41,22 @@ def test_split_attention_equals_sdpa_over_the_concatenated_cache(backbone, n):
     positions = (20 + torch.arange(n))[None]
     mask = _random_mask(gen, n, t_max)
     with torch.no_grad():
-        logits, new_kv = BackboneGraph(policy)(embeds, positions, mask, past_inputs(kv))
+        logits, new_kv = BackboneGraph(policy)(embeds, positions, mask, None, past_inputs(kv))
         ref = policy.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                          past_key_values=_concat_cache(kv), use_cache=True)  # sdpa, cache concatenated
     ref_logits = policy.action_logits(ref.last_hidden_state)
     ref_new = torch.stack([torch.stack([lay.keys[0, :, t_max:], lay.values[0, :, t_max:]])
                            for lay in ref.past_key_values.layers])
     assert (logits - ref_logits).abs().max() <= 1e-5 and (new_kv - ref_new).abs().max() <= 1e-5
+    # logit_rows: the last layer computes only those rows past its K/V; they and every row's K/V are unchanged
+    seen = []  # the rows the last layer's MLP computes (a hook that runs before the graph's own scatter-back)
+    hook = policy.llm.layers[-1].mlp.register_forward_hook(lambda module, args, out: seen.append(out.shape[1]))
+    for rows in ([n - 1], [0], list(range(n // 2, n)), [n - 1, 0]):
+        with torch.no_grad():
+            part, part_kv = BackboneGraph(policy)(embeds, positions, mask, torch.tensor(rows), past_inputs(kv))
+        assert part.shape == (1, len(rows), policy.config.n_bins) and seen.pop() == len(rows)
+        assert (part - ref_logits[:, rows]).abs().max() <= 1e-5 and torch.equal(part_kv, new_kv)
+    hook.remove()
     assert policy.llm.config._attn_implementation == 'sdpa'  # restored after the graph ran
 
 
@@ -60,14 +69,14 @@ class CopyEngine(TorchEngine):
         self._len = 0
         return super().prefill(prefix)
 
-    def _backbone(self, embeds, positions, mask):
+    def _backbone(self, embeds, positions, mask, rows):
         n, t_max = embeds.shape[1], self.cache.max_len
         keep = self._len  # slots in the concatenated cache (prefix + committed)
         cols = np.concatenate([np.arange(keep), t_max + np.arange(n)])
         with torch.no_grad():
             out = self.policy.llm(inputs_embeds=self._t(embeds), attention_mask=self._t(mask[..., cols]),
                                   position_ids=self._t(positions), past_key_values=self._dyn, use_cache=True)
-            logits = self.policy.action_logits(out.last_hidden_state)[0].numpy()
+            logits = self.policy.action_logits(out.last_hidden_state)[0].numpy()[rows]
         new_kv = torch.stack([torch.stack([lay.keys[0, :, keep:], lay.values[0, :, keep:]])
                               for lay in self._dyn.layers])
         for lay in self._dyn.layers:  # back to the committed slots
@@ -75,8 +84,8 @@ class CopyEngine(TorchEngine):
         self._pending = new_kv
         return logits, new_kv
 
-    def step(self, tokens, commit=0, block_size=1):
-        logits = super().step(tokens, commit, block_size)
+    def step(self, tokens, commit=0, block_size=1, rows=None):
+        logits = super().step(tokens, commit, block_size, rows)
         if commit:  # the committed slots join the concatenated cache
             for i, lay in enumerate(self._dyn.layers):
                 lay.keys = torch.cat([lay.keys, self._pending[i, 0][None, :, :commit]], 2)
@@ -147,7 +156,7 @@ def test_a_sliding_window_no_mask_applies_is_refused():
     kv = torch.zeros(2, 2, 2, t_max, 16)
     with pytest.raises(ValueError, match='sliding window of 8 tokens.*no mask applies it'), torch.no_grad():
         mask = torch.ones(1, 1, 2, t_max + 2, dtype=torch.bool)
-        BackboneGraph(policy)(torch.zeros(1, 2, 64), torch.arange(2)[None], mask, past_inputs(kv))
+        BackboneGraph(policy)(torch.zeros(1, 2, 64), torch.arange(2)[None], mask, None, past_inputs(kv))
 
 
 def test_action_mask_rows():

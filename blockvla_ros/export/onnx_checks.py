@@ -3,7 +3,7 @@ only ops in TensorRT's ONNX support list.
 
 The support list is data (tensorrt_onnx_ops.txt next to this file, from onnx/onnx-tensorrt docs/operators.md),
 so a graph that TensorRT's parser would reject is caught at export time on a machine without a GPU. A graph's
-inputs and outputs have static dims or expressions of the symbols it declares (the backbone: 'n', 'past' and
+inputs and outputs have static dims or expressions of the symbols it declares (the backbone: 'n', 'past', 'm' and
 'n + past'); the TensorRT optimization profiles (runtime.tensorrt_profiles) give every such input a range.
 """
 from __future__ import annotations
@@ -54,7 +54,7 @@ def symbols(dim) -> set:
     return set() if isinstance(dim, int) else set(re.findall(r'[A-Za-z_]\w*', str(dim)))
 
 
-def io_specs(model, dynamic: tuple = ('n', 'past')) -> tuple[list, list]:
+def io_specs(model, dynamic: tuple = ('n', 'past', 'm')) -> tuple[list, list]:
     """Graph inputs (initializers excluded) and outputs -> [{'name', 'shape', 'dtype'}]; a dim is an int or an
     expression of the `dynamic` symbols (a string), anything else raises GraphCheckError."""
     inits = {i.name for i in model.graph.initializer}
@@ -101,7 +101,7 @@ def check_tensorrt_ops(model, where: str, supported: TensorRTOps | None = None, 
     return used
 
 
-def check_graph_file(path: str | Path, dynamic: tuple = ('n', 'past'), tensorrt: bool = True) -> dict:
+def check_graph_file(path: str | Path, dynamic: tuple = ('n', 'past', 'm'), tensorrt: bool = True) -> dict:
     """Both checks on one exported file (external data not loaded; tensorrt=False: the op list is only recorded).
 
     -> {'ops': [...], 'opset': n, 'dynamic': [...], 'tensorrt': bool}."""

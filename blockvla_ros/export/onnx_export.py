@@ -2,11 +2,12 @@
 
     vision.onnx     pixels [1, 3, S, S] (a VLM: its processor's pixel shape) -> image_tokens [1, Ni, hidden]
     backbone.onnx   embeds [1, n, hidden], positions [1, n], mask [K, 1, n, past + n] (K: model.graphs),
-                    past_key_i / past_value_i [1, kv_heads, past, head_dim] -> logits [1, n, n_bins],
-                    new_kv [layers, 2, kv_heads, n, head_dim]; n and past in [1, T_max] ('n', 'past' in the graph:
-                    the runtime binds the whole cache, past = T_max, or only the slots a pass reads)
+                    logit_rows [m] int64, past_key_i / past_value_i [1, kv_heads, past, head_dim]
+                    -> logits [1, m, n_bins], new_kv [layers, 2, kv_heads, n, head_dim]; n, past and m in [1, T_max]
+                    ('n', 'past', 'm' in the graph: the runtime binds the whole cache, past = T_max, or only the slots
+                    a pass reads, and asks for the logits of the rows it reads)
 
-The backbone goes through the dynamo exporter (torch.export, opset 20, n and past as symbolic dims), which
+The backbone goes through the dynamo exporter (torch.export, opset 20, n, past and m as symbolic dims), which
 writes the weights straight from the torch parameters into one external-data file, tensor by tensor: no second
 in-memory copy of the model and no constant folding over the weights here. The vision graph is static and goes
 through the TorchScript exporter (opset 18): VLM towers such as Qwen2.5-VL's compute window indices from data, which
@@ -44,14 +45,16 @@ def _free_size(taken: set, start: int = 3) -> int:
 
 
 def backbone_example(policy) -> tuple:
-    """Example inputs of the backbone graph (generic values; n and past differ from every static dimension)."""
+    """Example inputs of the backbone graph (generic values; n, past and m differ from every static dimension and
+    from each other; the m logit rows are distinct rows of the n)."""
     cfg = policy.config
     layers, kv_heads, head_dim = policy.kv_shape
     t_max, hidden = cfg.max_seq_len, policy.hidden_size
     dtype = next(policy.llm.parameters()).dtype
     taken = {layers, kv_heads, head_dim, t_max, hidden, cfg.n_bins, 2}
-    n = _free_size(taken)
-    past = _free_size(taken | {n}, start=max(n + 1, t_max // 2))
+    m = _free_size(taken)
+    n = _free_size(taken | {m}, start=m + 1)
+    past = _free_size(taken | {n, m}, start=max(n + 1, t_max // 2))
     gen = torch.Generator().manual_seed(0)
     embeds = torch.randn(1, n, hidden, generator=gen).to(dtype)
     positions = (t_max // 2 + torch.arange(n))[None]
@@ -60,7 +63,8 @@ def backbone_example(policy) -> tuple:
     mask = torch.rand(max(len(cfg.attention_windows), 1), 1, n, past + n, generator=gen) > 0.5
     mask[..., past:] |= torch.eye(n, dtype=torch.bool)
     kv = torch.zeros(layers, 2, kv_heads, past, head_dim, dtype=dtype)
-    return embeds, positions, mask, past_inputs(kv)
+    rows = torch.arange(n - m, n)  # [m]
+    return embeds, positions, mask, rows, past_inputs(kv)
 
 
 def export_vision(policy, folder: Path, opset: int = OPSET, inline_limit: int = INLINE_LIMIT) -> GraphSpec:
@@ -80,10 +84,12 @@ def export_backbone(policy, folder: Path, opset: int = OPSET, inline_limit: int 
     args = backbone_example(policy)
     n = torch.export.Dim('n', min=1, max=t_max)
     past = torch.export.Dim('past', min=1, max=t_max)
+    m = torch.export.Dim('m', min=1, max=t_max)
     pos_axis = 1 if policy.layout.rope_dims == 1 else 2
     # the mask's last dim is past + n, which torch.export cannot state (a sum of two dims): AUTO, renamed below
-    dynamic = ({1: n}, {pos_axis: n}, {2: n, 3: torch.export.Dim.AUTO}, [{2: past}] * (2 * layers))
-    return _export(BackboneGraph(policy), args, dynamic, ['embeds', 'positions', 'mask'] + past_names(layers),
+    dynamic = ({1: n}, {pos_axis: n}, {2: n, 3: torch.export.Dim.AUTO}, {0: m}, [{2: past}] * (2 * layers))
+    inputs = ['embeds', 'positions', 'mask', 'logit_rows'] + past_names(layers)
+    return _export(BackboneGraph(policy), args, dynamic, inputs,
                    ['logits', 'new_kv'], Path(folder) / 'backbone.onnx', 'backbone', opset, inline_limit)
 
 
@@ -116,13 +122,13 @@ def _export(module, args, dynamic, inputs, outputs, path: Path, key: str, opset:
 
 
 def _name_dynamic_dims(model) -> None:
-    """Name the symbols 'n' (token count), 'past' (cache slots read) and the mask's last dim 'n + past' everywhere
-    (torch.export names them e.g. 's18', 's44', 's82')."""
+    """Name the symbols 'n' (token count), 'past' (cache slots read), 'm' (logit rows) and the mask's last dim
+    'n + past' everywhere (torch.export names them e.g. 's18', 's44', 's82')."""
     import re
 
     dims = {v.name: v.type.tensor_type.shape.dim for v in model.graph.input}
     names = {dims['embeds'][1].dim_param: 'n', dims['past_key_0'][2].dim_param: 'past',
-             dims['mask'][3].dim_param: 'n + past'}
+             dims['mask'][3].dim_param: 'n + past', dims['logit_rows'][0].dim_param: 'm'}
     names = {old: new for old, new in names.items() if old and old != new}
     if not names:
         return

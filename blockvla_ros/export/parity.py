@@ -75,9 +75,9 @@ class LockStep:
     def prefill(self, prefix):
         return self._compare(self.reference.prefill(prefix), self.engine.prefill(prefix))
 
-    def step(self, tokens, commit=0, block_size=1):
-        return self._compare(self.reference.step(tokens, commit=commit, block_size=block_size),
-                             self.engine.step(tokens, commit=commit, block_size=block_size))
+    def step(self, tokens, commit=0, block_size=1, rows=None):
+        return self._compare(self.reference.step(tokens, commit=commit, block_size=block_size, rows=rows),
+                             self.engine.step(tokens, commit=commit, block_size=block_size, rows=rows))
 
 
 def random_observations(config, stats, n: int, seed: int = 0, tokenizer=None) -> list:

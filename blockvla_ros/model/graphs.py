@@ -6,10 +6,11 @@ ONNX Runtime / TensorRT compute the same thing by construction. Each weight live
     vision:    pixels [1, 3, S, S]                                  -> image_tokens [1, Ni, hidden]
                (vision tower + projector)
     backbone:  embeds [1, n, hidden], positions [1, n] ([3, 1, n] with M-RoPE), mask [K, 1, n, past + n] bool,
-               past_key_i, past_value_i [1, kv_heads, past, head_dim] for every layer i (past: T_max or fewer)
-                                                                    -> logits [1, n, n_bins],
+               logit_rows [m] int64 (which of the n rows get logits), past_key_i, past_value_i
+               [1, kv_heads, past, head_dim] for every layer i (past: T_max or fewer)
+                                                                    -> logits [1, m, n_bins],
                                                                        new_kv [layers, 2, kv_heads, n, head_dim]
-               (the HF decoder layers + final norm + the action head; n is dynamic)
+               (the HF decoder layers + final norm + the action head; n and m are dynamic)
     tables:    text_embed [vocab, hidden], action_embed [n_bins + 1, hidden] (bins + [MASK]),
                state_proj.weight [hidden, S], state_proj.bias [hidden]   (`tables(policy)`; numpy on the runtime)
 
@@ -19,8 +20,14 @@ refine passes (n = B), the fused commit + refine pass (n = 2B), AR (n = 1) and f
 cache is read in place through per-layer inputs (`model.split_attention`), never copied, and the runtime writes
 the committed slots of `new_kv` into it. K = 1, or one mask row per sliding window of the backbone
 (`config.attention_windows`: [None, W] gives full-attention layers row 0 and windowed layers row 1).
+Most rows of most passes need only their K/V, not their logits (a prefill reads the last row's logits, a fused
+commit the block's and the last committed token's): the last decoder layer computes its attention output, output
+projection and MLP, and the head its logits, for the `logit_rows` only (`last_layer_rows`); every row's K/V is
+computed as before, and the rows that are computed are computed exactly as without the selection.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import nn
@@ -55,14 +62,44 @@ class BackboneGraph(nn.Module):
         super().__init__()
         self.policy = policy
 
-    def forward(self, embeds, positions, mask, past: list):
+    def forward(self, embeds, positions, mask, logit_rows, past: list):
+        """logit_rows: int64 [m] row indices (None: every row, m = n)."""
         windows = self.policy.config.attention_windows
-        cache = SplitCache([(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)], windows)
-        rows = [mask[i:i + 1] for i in range(max(len(windows), 1))]  # [K, 1, n, T+n] -> K x [1, 1, n, T+n]
-        with use_split_attention(self.policy.llm):
-            out = self.policy.llm(inputs_embeds=embeds, attention_mask=for_layers(rows, windows),
+        cache = SplitCache([(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)], windows, logit_rows)
+        masks = [mask[i:i + 1] for i in range(max(len(windows), 1))]  # [K, 1, n, T+n] -> K x [1, 1, n, T+n]
+        with use_split_attention(self.policy.llm), last_layer_rows(self.policy.llm, logit_rows, embeds.shape[1]):
+            out = self.policy.llm(inputs_embeds=embeds, attention_mask=for_layers(masks, windows),
                                   position_ids=positions, past_key_values=cache, use_cache=True, split_cache=cache)
-        return self.policy.action_logits(out.last_hidden_state), cache.new_kv()
+        hidden = out.last_hidden_state  # [1, n, hidden]
+        if logit_rows is not None:
+            hidden = hidden.index_select(1, logit_rows)  # [1, m, hidden]
+        return self.policy.action_logits(hidden), cache.new_kv()
+
+
+@contextlib.contextmanager
+def last_layer_rows(llm, rows, n):
+    """Inside the block, the last decoder layer's output projection and MLP compute only `rows` (int64 [m]) of their
+    [1, n, hidden] input; the other rows' outputs are zeros (nothing reads them: only `rows` reach the head, and the
+    layer's K/V are computed before). A backbone without `layers[-1].mlp` / `.self_attn.o_proj` computes every row."""
+    layers = getattr(llm, 'layers', None)
+    last = layers[-1] if rows is not None and isinstance(layers, nn.ModuleList) and len(layers) else None
+    targets = [m for m in (getattr(last, 'mlp', None), getattr(getattr(last, 'self_attn', None), 'o_proj', None))
+               if isinstance(m, nn.Module)]
+
+    def gather(module, args):  # [1, n, c] -> [1, m, c]
+        return (args[0].index_select(1, rows),) + tuple(args[1:])
+
+    def scatter(module, args, out):  # [1, m, c] -> [1, n, c], zeros elsewhere
+        first = out[0] if isinstance(out, tuple) else out
+        full = first.new_zeros(first.shape[0], n, first.shape[2]).index_copy(1, rows, first)
+        return (full,) + tuple(out[1:]) if isinstance(out, tuple) else full
+
+    handles = [h for m in targets for h in (m.register_forward_pre_hook(gather), m.register_forward_hook(scatter))]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @torch.no_grad()

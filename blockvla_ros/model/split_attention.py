@@ -36,13 +36,18 @@ def _cache_base():
 
 
 class SplitCache(_cache_base()):
-    """Past K/V per layer (read only, [1, kv_heads, T_max, head_dim] each) + the new K/V each layer produces."""
+    """Past K/V per layer (read only, [1, kv_heads, T_max, head_dim] each) + the new K/V each layer produces.
 
-    def __init__(self, past: list, windows=()):
+    `rows` (int64 [m], optional): the only query rows whose output is read after the last layer (the rows whose logits
+    a pass returns); the last layer's attention then scores only those queries (`model.graphs.last_layer_rows`
+    does the same for its output projection and MLP). Every row's K/V is still computed by every layer."""
+
+    def __init__(self, past: list, windows=(), rows=None):
         super().__init__(layers=[])
         self.past = list(past)  # [(k, v)] per layer
         self.windows = set(windows) - {None}  # the sliding windows the masks of this pass apply
         self.new = [None] * len(self.past)
+        self.rows = rows
 
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
         self.new[layer_idx] = (key_states, value_states)
@@ -74,20 +79,27 @@ def split_attention(module, query, key, value, attention_mask, scaling=None, dro
                          f'the policy sequence ({t_max}), and no mask applies it: the policy config\'s '
                          f'attention_windows {sorted(split_cache.windows)} do not match its backbone; rebuild the '
                          'policy')
+    n_new = n  # the pass's own keys (every token's K/V)
+    rows = split_cache.rows if module.layer_idx == len(split_cache.past) - 1 else None
+    if rows is not None:  # the last layer: only the m queries whose output is read (query [1, H, m, d])
+        query, attention_mask, n = query.index_select(2, rows), attention_mask.index_select(2, rows), rows.shape[0]
     g = h // kvh
     scale = float(scaling) if scaling is not None else d ** -0.5
     q = query.reshape(b, kvh, g * n, d)  # [1, H, n, d] -> [1, Hkv, g*n, d]: head h uses K/V head h // g
     s_cache = torch.matmul(q, past_k.transpose(-1, -2)).float() * scale  # [1, Hkv, g*n, T]
-    s_new = torch.matmul(q, key.transpose(-1, -2)).float() * scale  # [1, Hkv, g*n, n]
+    s_new = torch.matmul(q, key.transpose(-1, -2)).float() * scale  # [1, Hkv, g*n, n_new]
     if softcap is not None:
         s_cache = torch.tanh(s_cache / softcap) * softcap
         s_new = torch.tanh(s_new / softcap) * softcap
-    scores = torch.cat([s_cache.view(b, kvh, g, n, t_max), s_new.view(b, kvh, g, n, n)], -1)  # [1, Hkv, g, n, T+n]
-    allowed = attention_mask[:, :, None]  # [1, 1, n, T+n] -> [1, 1, 1, n, T+n]
+    scores = torch.cat([s_cache.view(b, kvh, g, n, t_max), s_new.view(b, kvh, g, n, n_new)], -1)  # [.., n, T+n_new]
+    allowed = attention_mask[:, :, None]  # [1, 1, n, T+n_new] -> [1, 1, 1, n, T+n_new]
     probs = torch.softmax(scores.masked_fill(~allowed, torch.finfo(torch.float32).min), -1).to(query.dtype)
-    probs = probs.view(b, kvh, g * n, t_max + n)
+    probs = probs.view(b, kvh, g * n, t_max + n_new)
     out = torch.matmul(probs[..., :t_max], past_v) + torch.matmul(probs[..., t_max:], value)  # [1, Hkv, g*n, d]
-    return out.view(b, h, n, d).transpose(1, 2).contiguous(), None  # -> [1, n, H, d]
+    out = out.view(b, h, n, d).transpose(1, 2)  # -> [1, n, H, d]
+    if rows is not None:  # back to every row, zeros where nothing reads them: [1, m, H, d] -> [1, n_new, H, d]
+        out = out.new_zeros(b, n_new, h, d).index_copy(1, rows, out)
+    return out.contiguous(), None
 
 
 def register() -> None:

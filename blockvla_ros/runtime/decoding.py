@@ -11,7 +11,9 @@
 
 `known` tokens (real-time chunking: actions already sent to the robot while this chunk was computed) are placed
 as already decoded and are never changed; whole known blocks (AR: known tokens) cost no pass of their own: they
-are committed by the next pass.
+are committed by the next pass. Every pass asks the engine for the logits of the rows it reads only (`rows`): with
+the 'next' shift a refine pass reads the rows from the last committed token to the second-to-last token of the
+block, AR the last row; the engine computes no other row past the last layer's K/V (model.graphs).
 """
 from __future__ import annotations
 
@@ -109,11 +111,22 @@ class Decoder:
             self._trace.append((phase, None if tokens_in is None else tokens_in.copy(), np.array(out, copy=True)))
         return out
 
-    def _predictions(self, logits: np.ndarray, boundary: Optional[np.ndarray]) -> np.ndarray:
-        """Logits that predict each token of the step: 'next' shift reads position i-1 (boundary for i = 0)."""
+    def _rows(self, n: int, k: int) -> slice:
+        """The rows of a pass over [k carried ; n - k block] tokens whose logits it reads: 'same' shift: the block's
+        own; 'next': the last carried token's (the block's first prediction, or, without a carry, the boundary
+        that is already known) up to the block's second-to-last."""
         if self.config.logit_shift == 'same':
-            return logits
-        return np.concatenate([boundary[None], logits[:-1]], axis=0)  # [n, n_bins]
+            return slice(k, n)
+        return slice(max(k - 1, 0), n - 1)
+
+    def _predictions(self, logits: np.ndarray, boundary: Optional[np.ndarray], k: int) -> tuple:
+        """The `_rows` logits of a pass -> (logits predicting each block token [n - k, n_bins], the boundary for
+        the block's later passes): 'next' shift reads position i-1 (the boundary for i = 0)."""
+        if self.config.logit_shift == 'same':
+            return logits, boundary
+        if k:
+            return logits, logits[0]
+        return np.concatenate([boundary[None], logits], axis=0), boundary  # [n, n_bins]
 
     def _blockdiff(self, engine, prefix, tokens, fixed, res):
         cfg, B = self.config, self.config.block_size
@@ -123,7 +136,8 @@ class Decoder:
             sl = slice(b * B, (b + 1) * B)
             if pending and not self.fuse_commit and (~fixed[sl]).any():
                 done = tokens[sl.start - pending:sl.start]
-                boundary = self._call(engine.step, res, 'commit', done, done, commit=pending, block_size=B)[-1]
+                boundary = self._call(engine.step, res, 'commit', done, done, commit=pending, block_size=B,
+                                      rows=slice(pending - 1, pending))[-1]
                 pending = 0
             steps, boundary = self._refine(engine, res, tokens[sl], fixed[sl], boundary, cfg.steps_per_block,
                                            carry=tokens[sl.start - pending:sl.start])
@@ -146,10 +160,8 @@ class Decoder:
             k = len(carry) if steps == 0 else 0
             tokens_in = np.concatenate([carry, block]) if k else block
             logits = self._call(engine.step, res, 'refine', tokens_in, tokens_in, commit=k,
-                                block_size=cfg.block_size)
-            if k:
-                boundary, logits = logits[k - 1], logits[k:]
-            pred = self._predictions(logits, boundary)
+                                block_size=cfg.block_size, rows=self._rows(len(tokens_in), k))
+            pred, boundary = self._predictions(logits, boundary, k)
             count = counts[steps] if steps < len(counts) - 1 else int(masked.sum())  # last pass fills the rest
             chosen = select_unmask(pred, masked, count, cfg.schedule, cfg.threshold)
             block[chosen] = pred[chosen].argmax(-1)
@@ -168,6 +180,7 @@ class Decoder:
                 tokens[i] = int(np.argmax(logits))
                 j = i + 1
             if j < L:  # known tokens i..j-1 are committed by one pass
-                logits = self._call(engine.step, res, 'ar', tokens[i:j], tokens[i:j], commit=j - i)[-1]
+                logits = self._call(engine.step, res, 'ar', tokens[i:j], tokens[i:j], commit=j - i,
+                                    rows=slice(j - i - 1, j - i))[-1]
             i = j
         res.steps = [1] * L

@@ -3,8 +3,8 @@
 A backend implements two graph calls on batch 1 and its buffer type:
 
     _vision(pixels [1, 3, S, S])                     -> image tokens, numpy [1, Ni, hidden]
-    _backbone(embeds [1, n, h], positions, mask)     -> (logits numpy [n, n_bins] (a copy),
-                                                         new_kv [layers, 2, kv_heads, n, head_dim] (backend array))
+    _backbone(embeds [1, n, h], positions, mask,     -> (logits numpy [m, n_bins] of those rows (a copy),
+              rows int64 [m])                            new_kv [layers, 2, kv_heads, n, head_dim] (backend array))
 
 where the backbone reads the engine's KV cache in place: all T_max slots, or, for a backend with `dynamic_past`
 (a graph whose cache inputs have a 'past' dim), only the first past = mask.shape[-1] - n slots. Such a backend reads
@@ -19,6 +19,9 @@ and writing committed slots into the cache (`runtime.kv_cache`). The decode loop
                                              the first k are clean (finished blocks of B tokens, block-causal)
                                              and their K/V are written to the cache; the rest are one noisy block
                                              that sees them and itself (the fused commit + refine pass)
+    step(..., rows=slice(lo, hi))         -> logits [hi - lo, n_bins] of those rows only: a graph with a
+                                             `logit_rows` input computes nothing else after the last layer's K/V
+                                             (model.graphs); a prefix pass asks for its last row only
 
 With `reuse_instruction` (a prefix that starts with the instruction) the prefill runs as two backbone calls, the
 instruction and then the observation, and the first is skipped while the instruction does not change: its slots
@@ -84,8 +87,9 @@ class Engine(ABC):
         """pixels [1, 3, S, S] float32 -> image tokens numpy [1, Ni, hidden]."""
 
     @abstractmethod
-    def _backbone(self, embeds: np.ndarray, positions: np.ndarray, mask: np.ndarray):
-        """One backbone pass over the cache -> (logits numpy [n, n_bins], new_kv backend array)."""
+    def _backbone(self, embeds: np.ndarray, positions: np.ndarray, mask: np.ndarray, rows: np.ndarray):
+        """One backbone pass over the cache -> (logits numpy [m, n_bins] of `rows` (int64 [m], each in [0, n)),
+        new_kv backend array)."""
 
     # --- the interface the decode loop uses -------------------------------------------------------------------
     def prefill(self, prefix: PrefixInputs) -> np.ndarray:
@@ -111,17 +115,22 @@ class Engine(ABC):
         self.prefix_valid = valid
         return logits[-1]
 
-    def step(self, tokens, commit: int = 0, block_size: int = 1) -> np.ndarray:
-        """Evaluate action tokens [n] at the next n action positions; the first `commit` join the cache."""
+    def step(self, tokens, commit: int = 0, block_size: int = 1, rows: Optional[slice] = None) -> np.ndarray:
+        """Evaluate action tokens [n] at the next n action positions; the first `commit` join the cache. -> logits
+        [n, n_bins], or of `rows` only (a slice of range(n); an empty one returns [0, n_bins])."""
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
         n, first = tokens.shape[0], self.n_committed
+        lo, hi, stride = (slice(None) if rows is None else rows).indices(n)
+        if stride != 1:
+            raise ValueError(f'rows must be a contiguous slice, got {rows}')
         positions = self.layout.action_positions(self.prefix_valid, first, n)  # [n] / [3, n]
         mask = self._windowed(action_mask(self.cache.valid, first, commit, n, block_size), positions)
-        logits, new_kv = self._backbone(self.tables.actions(tokens), graph_positions(positions), mask)
+        logits, new_kv = self._backbone(self.tables.actions(tokens), graph_positions(positions), mask,
+                                        _rows(lo, hi, n))
         if commit:
             self.cache.write(self.layout.length + first, new_kv, commit, positions=_row(positions))
             self.n_committed += commit
-        return logits
+        return logits[:max(hi - lo, 0)]
 
     def forget_instruction(self) -> None:
         """Drop the reused instruction K/V (the next prefill recomputes it)."""
@@ -148,10 +157,12 @@ class Engine(ABC):
         return np.concatenate(parts, axis=1)  # [1, P, hidden]
 
     def _prefix_pass(self, embeds, positions, attention, valid, lo: int, hi: int) -> np.ndarray:
-        """Backbone over prefix slots [lo, hi); their K/V go to the same cache slots. -> logits [hi - lo, n_bins]."""
+        """Backbone over prefix slots [lo, hi); their K/V go to the same cache slots. -> logits [1, n_bins] of the
+        last one."""
         past = max(lo, 1) if self.dynamic_past else self.cache.max_len
         mask = self._windowed(prefix_mask(attention, lo, hi, past), positions[..., lo:hi])
-        logits, new_kv = self._backbone(embeds[:, lo:hi], graph_positions(positions[..., lo:hi]), mask)
+        logits, new_kv = self._backbone(embeds[:, lo:hi], graph_positions(positions[..., lo:hi]), mask,
+                                        _rows(hi - lo - 1, hi - lo, hi - lo))
         self.cache.write(lo, new_kv, hi - lo, valid[lo:hi], _row(positions[..., lo:hi]))
         return logits
 
@@ -161,6 +172,12 @@ class Engine(ABC):
             return mask
         past = mask.shape[-1] - mask.shape[-2]  # the cache slots the pass reads
         return windowed(mask, positions, self.cache.positions[:past], self.windows)  # 1-D: windows refuse M-RoPE
+
+
+def _rows(lo: int, hi: int, n: int) -> np.ndarray:
+    """The logit rows [lo, hi) of an n-token pass as int64 [m]; an empty range computes the last row (m >= 1 keeps
+    every graph shape non-empty) and the caller returns none of it."""
+    return np.arange(lo, hi, dtype=np.int64) if hi > lo else np.array([n - 1], np.int64)
 
 
 def _row(positions: np.ndarray) -> np.ndarray:

@@ -1,7 +1,8 @@
 """GraphEngine: the Engine over a policy folder's exported graphs (shared by ONNX Runtime and TensorRT).
 
     vision.onnx    pixels -> image_tokens                                   (once per prediction)
-    backbone.onnx  embeds, positions, mask, past_key_i / past_value_i -> logits, new_kv   (every pass; dynamic n)
+    backbone.onnx  embeds, positions, mask, logit_rows, past_key_i / past_value_i -> logits (of logit_rows), new_kv
+                                                                            (every pass; dynamic n, past, m)
     tables.safetensors                                                      (numpy lookups: runtime.tables)
 
 The cache is one preallocated [layers, 2, kv_heads, T_max, head_dim] buffer; each `past_*` input is bound once to

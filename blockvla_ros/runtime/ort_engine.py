@@ -2,10 +2,12 @@
 
 CPU (default): the KV cache is one numpy buffer; each `past_*` input of the backbone is an OrtValue over its
 layer's slice (shared memory: the graph reads the cache in place), and the committed slots of `new_kv` are copied
-into it. Per pass shape (token count n, cache slots read), the embeds / positions / mask inputs and the logits /
-new_kv outputs are numpy buffers bound once (an IO binding per shape) and reused. On a graph whose cache inputs have
-a 'past' dim (`dynamic_past`), a prefix pass reads only the `lo` slots before it: their K/V (the instruction's, or
-one masked slot) are copied into a small buffer of that length, so no query scores the empty rest of the cache.
+into it. Per pass shape (token count n, cache slots read, logit rows m), the embeds / positions / mask / logit_rows
+inputs and the logits / new_kv outputs are numpy buffers bound once (an IO binding per shape) and reused (a folder
+exported before `logit_rows` existed computes every row; the engine returns the rows asked for). On a graph whose
+cache inputs have a 'past' dim (`dynamic_past`), a prefix pass reads only the `lo` slots before it: their K/V (the
+instruction's, or one masked slot) are copied into a small buffer of that length, so no query scores the empty rest
+of the cache.
 CUDA provider (`device='cuda'`): the cache and `new_kv` live in CUDA memory, bound by pointer; slot writes are
 device-to-device copies (cuda-python); the small inputs and the logits stay on the host. After creating the
 sessions the provider actually in use is logged; with `require_gpu` a fallback to the CPU raises
@@ -39,10 +41,11 @@ def import_onnxruntime():
 
 
 class _Pass:
-    """The IO binding of one pass shape: n tokens reading `past` cache slots. Input/output buffers are bound once;
-    the cache is bound by reference (past = T_max), or a small copy of its first `past` slots (`OrtEngine.head`)."""
+    """The IO binding of one pass shape: n tokens reading `past` cache slots, logits for m of them (a graph without
+    `logit_rows`: all n). Input/output buffers are bound once; the cache is bound by reference (past = T_max), or a
+    small copy of its first `past` slots (`OrtEngine.head`)."""
 
-    def __init__(self, engine: 'OrtEngine', n: int, past: int):
+    def __init__(self, engine: 'OrtEngine', n: int, past: int, m: int):
         spec = engine.spec.graphs['backbone']
         ort = engine.ort
         self.binding = engine.backbone.io_binding()
@@ -50,9 +53,9 @@ class _Pass:
         source = engine.cache.buffer if past == engine.cache.max_len else engine.head(past)
         for name, layer, kind in engine.past_views():
             engine.bind_cache(self.binding, name, layer, kind, self._keep, source)
-        self.inputs = {t.name: np.zeros(t.concrete(n, past), np.dtype(t.dtype)) for t in spec.inputs
-                       if t.name in ('embeds', 'positions', 'mask')}
-        self.logits = np.zeros(spec.tensor('logits').concrete(n), np.dtype(spec.tensor('logits').dtype))
+        self.inputs = {t.name: np.zeros(t.concrete(n, past, m), np.dtype(t.dtype)) for t in spec.inputs
+                       if t.name in ('embeds', 'positions', 'mask', 'logit_rows')}
+        self.logits = np.zeros(spec.tensor('logits').concrete(n, past, m), np.dtype(spec.tensor('logits').dtype))
         for name, buf in list(self.inputs.items()) + [('logits', self.logits)]:
             value = ort.OrtValue.ortvalue_from_numpy(buf)
             self._keep.append(value)
@@ -133,6 +136,7 @@ class OrtEngine(GraphEngine):
         self.vision, self.provider = self._session('vision')
         self.backbone, _ = self._session('backbone')
         self.dynamic_past = 'past' in self.spec.graphs['backbone'].tensor(self.past_names[0]).symbols
+        self.logit_rows = any(t.name == 'logit_rows' for t in self.spec.graphs['backbone'].inputs)
         if self.provider == 'CUDAExecutionProvider':
             try:
                 from .cuda_memory import cudart
@@ -186,18 +190,21 @@ class OrtEngine(GraphEngine):
         dtype = np.dtype(self.spec.graphs['vision'].tensor('pixels').dtype)
         return self.vision.run(['image_tokens'], {'pixels': np.ascontiguousarray(pixels, dtype)})[0]
 
-    def _backbone(self, embeds, positions, mask):
+    def _backbone(self, embeds, positions, mask, rows):
         n = embeds.shape[1]
         past = mask.shape[-1] - n
-        p = self._passes.get((n, past))
+        m = len(rows) if self.logit_rows else n
+        p = self._passes.get((n, past, m))
         if p is None:
-            p = self._passes[(n, past)] = _Pass(self, n, past)
+            p = self._passes[(n, past, m)] = _Pass(self, n, past, m)
         if past != self.cache.max_len:  # a prefix pass reading the first `past` slots: their copy (tens of slots)
             self.head(past)[:, :, :, 0:past] = self.cache.buffer[:, :, :, 0:past]
-        for name, value in (('embeds', embeds), ('positions', positions), ('mask', mask)):
-            np.copyto(p.inputs[name], value, casting='same_kind')
+        for name, value in (('embeds', embeds), ('positions', positions), ('mask', mask), ('logit_rows', rows)):
+            if name in p.inputs:
+                np.copyto(p.inputs[name], value, casting='same_kind')
         self.backbone.run_with_iobinding(p.binding)
-        return p.logits[0].astype(np.float32), p.new_kv  # astype copies: the buffer is reused
+        logits = p.logits[0] if self.logit_rows else p.logits[0, rows]  # [m, n_bins]
+        return logits.astype(np.float32), p.new_kv  # astype copies: the buffer is reused
 
     def describe(self) -> dict:
         return {'engine': self.name, 'provider': self.provider, 'device': 'cuda:0' if self.provider ==

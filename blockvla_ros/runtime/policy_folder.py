@@ -62,14 +62,14 @@ class TensorSpec:
         return {'name': self.name, 'shape': [d if isinstance(d, str) else int(d) for d in self.shape],
                 'dtype': self.dtype}
 
-    def concrete(self, n: int, past: int | None = None) -> tuple:
-        """The shape for token count n and `past` cache slots read (a symbolic dim is a sum of a*n, past and an
-        integer: checked by policy_schema)."""
-        return tuple(d if isinstance(d, int) else schema.dim_value(d, n, past) for d in self.shape)
+    def concrete(self, n: int, past: int | None = None, m: int | None = None) -> tuple:
+        """The shape for token count n, `past` cache slots read and m logit rows (default n; a symbolic dim is a sum
+        of a*n, past, m and an integer: checked by policy_schema)."""
+        return tuple(d if isinstance(d, int) else schema.dim_value(d, n, past, m) for d in self.shape)
 
     @property
     def symbols(self) -> set:
-        """The symbols its dims use ('n', 'past')."""
+        """The symbols its dims use ('n', 'past', 'm')."""
         return {s for d in self.shape if isinstance(d, str) for s in schema.dim_symbols(d)}
 
 

@@ -9,9 +9,9 @@ reader for that section, nothing else.
 
 Numbers: every float must be finite and within +-MAX_ABS_VALUE (1e6: physical action/state units; a stats or limit
 value of 1e308 would saturate every action or overflow float32 to inf). Tensor dims are positive ints, or (format 2's
-backbone) sums like 'n', '2*n', 'n + 356', 'past', 'n + past' of the token count n and the cache slots a pass reads
-(past), both in [1, T_max]; at most MAX_TENSOR_ELEMENTS elements at n = past = T_max (the engines allocate their I/O
-buffers from these shapes).
+backbone) sums like 'n', '2*n', 'n + 356', 'past', 'n + past', 'm' of the token count n, the cache slots a pass reads
+(past) and the rows it returns logits for (m), all in [1, T_max]; at most MAX_TENSOR_ELEMENTS elements at
+n = past = m = T_max (the engines allocate their I/O buffers from these shapes).
 """
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ MAX_DIMS = 8
 MAX_NAME_LEN = 255
 TENSOR_DTYPES = ('float32', 'float16', 'int64', 'int32', 'bool')
 GRAPHS = ('vision', 'backbone')  # format 2: the vision tower and one backbone graph for every pass
-DIM_SYMBOLS = ('n', 'past')  # the backbone's token count and the cache slots a pass reads
-DIM_TERM = re.compile(r'^(?:([1-9][0-9]{0,3})\*)?(n|past)$|^([0-9]{1,9})$')  # 2*n, past, 356: one term of a dim
+DIM_SYMBOLS = ('n', 'past', 'm')  # the backbone's token count, the cache slots a pass reads, the logit rows
+DIM_TERM = re.compile(r'^(?:([1-9][0-9]{0,3})\*)?(n|past|m)$|^([0-9]{1,9})$')  # 2*n, past, 356: one term of a dim
 PRECISIONS = ('fp32', 'fp16', 'int8', 'int4')
 SHA256 = re.compile(r'^[0-9a-f]{64}$')
 
@@ -249,14 +249,15 @@ def dim_symbols(dim: str) -> set:
     return {s for _, s in _dim_terms(dim) or () if s}
 
 
-def dim_value(dim: str, n: int, past: int | None = None) -> int:
-    """A symbolic dim ('n', '2*n', 'n + 356', 'n + past') at token count n and `past` cache slots."""
+def dim_value(dim: str, n: int, past: int | None = None, m: int | None = None) -> int:
+    """A symbolic dim ('n', '2*n', 'n + 356', 'n + past', 'm') at token count n, `past` cache slots and m logit
+    rows (default: n, every row)."""
     terms = _dim_terms(dim)
     if terms is None:
-        raise PolicyFolderError(f'dim {dim!r} is not a sum of a*n, past and an integer')
+        raise PolicyFolderError(f'dim {dim!r} is not a sum of a*n, past, m and an integer')
     if past is None and any(s == 'past' for _, s in terms):
         raise PolicyFolderError(f'dim {dim!r} depends on the cache slots a pass reads (past): none given')
-    values = {'n': int(n), 'past': None if past is None else int(past), None: 1}
+    values = {'n': int(n), 'past': None if past is None else int(past), 'm': int(n if m is None else m), None: 1}
     return sum(c * values[s] for c, s in terms)
 
 
@@ -269,8 +270,8 @@ def tensor(doc: Any, where: str, n_max: int = 1) -> tuple:
     for i, d in enumerate(listing(doc['shape'], f'{where}.shape', max_len=MAX_DIMS)):
         if isinstance(d, str):
             if _dim_terms(d) is None:
-                raise PolicyFolderError(f'{where}.shape[{i}]: {d!r} is neither an integer nor a sum of a*n, past '
-                                        'and an integer')
+                raise PolicyFolderError(f'{where}.shape[{i}]: {d!r} is neither an integer nor a sum of a*n, past, '
+                                        'm and an integer')
             dims.append(d)
         else:
             dims.append(integer(d, f'{where}.shape[{i}]', 1, MAX_TENSOR_ELEMENTS))

@@ -60,8 +60,8 @@ class _PhaseTimer:
         finally:
             self.prefill_s += time.perf_counter() - t
 
-    def step(self, tokens, commit=0, block_size=1):
-        return self.engine.step(tokens, commit=commit, block_size=block_size)
+    def step(self, tokens, commit=0, block_size=1, rows=None):
+        return self.engine.step(tokens, commit=commit, block_size=block_size, rows=rows)
 
 
 def build_preprocessor(config, stats, folder=None, tokenizer_files=None) -> Preprocessor:

@@ -33,9 +33,10 @@ class TorchEngine(Engine):
         with self._torch.inference_mode():
             return self.vision(self._t(pixels)).float().cpu().numpy()
 
-    def _backbone(self, embeds, positions, mask):
+    def _backbone(self, embeds, positions, mask, rows):
         with self._torch.inference_mode():
-            logits, new_kv = self.backbone(self._t(embeds), self._t(positions), self._t(mask), self._past)
+            logits, new_kv = self.backbone(self._t(embeds), self._t(positions), self._t(mask), self._t(rows),
+                                           self._past)
         return logits[0].float().cpu().numpy(), new_kv
 
     def describe(self) -> dict:

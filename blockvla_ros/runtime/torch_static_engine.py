@@ -146,7 +146,7 @@ class StaticTorchEngine(Engine):
             x = self.torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device, self.dtype)
             return self.vision(x).float().cpu().numpy()
 
-    def _backbone(self, embeds, positions, mask):
+    def _backbone(self, embeds, positions, mask, rows):
         n = embeds.shape[1]
         p = self._passes.get(n)
         if p is None:
@@ -155,12 +155,12 @@ class StaticTorchEngine(Engine):
             p.load(embeds, positions, mask)
             self._run(p)
             logits = p.logits.cpu().numpy()
-        return logits.copy() if self.device.type == 'cpu' else logits, p.new_kv  # a copy: the buffer is reused
+        return logits[rows], p.new_kv  # every row computed (one static shape per n), `rows` read; a copy
 
     # --- one pass -------------------------------------------------------------------------------------------
     def _forward(self, p: _Pass) -> None:
         """The backbone from the static inputs (and the cache) into the static outputs."""
-        logits, new_kv = self.backbone(p.embeds, p.positions, p.mask, self._past)
+        logits, new_kv = self.backbone(p.embeds, p.positions, p.mask, None, self._past)  # all n rows
         p.logits.copy_(logits[0])
         p.new_kv.copy_(new_kv)
 

@@ -21,6 +21,7 @@ from .policy_folder import PolicyFolderError, PolicySpec
 from .tensorrt_profiles import pick_profile
 
 log = logging.getLogger(__name__)
+DYNAMIC_INPUTS = ('embeds', 'positions', 'mask', 'logit_rows')  # inputs whose shape follows n (the cache: T_max)
 
 
 class _Pass:
@@ -36,13 +37,15 @@ class _Pass:
         self.buffers = {t.name: DeviceArray(t.concrete(n, t_max), np.dtype(t.dtype)) for t in spec.inputs + spec.outputs
                         if not t.name.startswith('past_')}
         self.past_shape = (1, *owner.cache.buffer.shape[2:])  # [1, kv_heads, T_max, head_dim]
+        if 'logit_rows' in self.buffers:  # every row's logits (one static shape per n); the host reads those it needs
+            self.buffers['logit_rows'].copy_from_host(np.arange(n, dtype=np.int64))
         self.logits_host = np.empty(self.buffers['logits'].shape, self.buffers['logits'].dtype)
         self.graph_exec, self.runs = None, 0
         self.use_graph = owner.cuda_graphs
 
     def bind(self, owner: 'TrtEngine') -> None:
         for name, buf in self.buffers.items():
-            if name in ('embeds', 'positions', 'mask') and not self.context.set_input_shape(name, buf.shape):
+            if name in DYNAMIC_INPUTS and not self.context.set_input_shape(name, buf.shape):
                 raise RuntimeError(f'TensorRT rejected shape {buf.shape} for {name}')
             if not self.context.set_tensor_address(name, buf.ptr):
                 raise RuntimeError(f'TensorRT set_tensor_address failed for {name}')
@@ -135,7 +138,7 @@ class TrtEngine(GraphEngine):
             raise RuntimeError('TensorRT execute_async_v3 failed for the vision graph')
         return self.vision_buffers['image_tokens'].copy_to_host()
 
-    def _backbone(self, embeds, positions, mask):
+    def _backbone(self, embeds, positions, mask, rows):
         n = embeds.shape[1]
         p = self._passes.get(n)
         if p is None:
@@ -147,7 +150,7 @@ class TrtEngine(GraphEngine):
             p.buffers[name].copy_from_host(value, sync=False)  # ordered on the engine's stream
         self._run(p)
         p.buffers['logits'].copy_to_host(p.logits_host)  # synchronizes the stream
-        return p.logits_host[0].astype(np.float32), p.buffers['new_kv']
+        return p.logits_host[0, rows].astype(np.float32), p.buffers['new_kv']
 
     def _run(self, p: _Pass) -> None:
         from .cuda_memory import check, cudart, stream
