@@ -15,7 +15,10 @@ time on a shared machine). Per-pass figures: one backbone pass of n = 1 (AR), B 
 refine) tokens on ONNX Runtime. Also measured: the instruction K/V reuse (prefill with an unchanged vs a new
 instruction) and the RSS after 100 and after 1,000 predictions through PolicyRunner. Peers (benchmarks/peers.py,
 --no-peers skips them): onnxruntime-genai AR and HF `generate` on the policy's own backbone, interleaved with ONNX
-Runtime block diffusion in the same run -> blockdiff_vs_genai_ar_speedup, blockdiff_vs_hf_generate_speedup.
+Runtime block diffusion in the same run -> blockdiff_vs_genai_ar_speedup, blockdiff_vs_hf_generate_speedup. Every
+figure above is cold: each chunk recomputes the whole prefix. The node keeps the instruction's K/V across chunks
+by default; `instruction_kept` times that path beside them (ONNX Runtime blockdiff and AR, the same instruction every
+chunk) and, with the peers, onnxruntime-genai AR keeping the instruction too (`rewind_to` to it every chunk).
 `--shape NAME` (benchmarks/shapes.py) swaps the small backbone for a real one's dimensions with random weights
 (written shard by shard, never downloaded) and keeps the small config's vision and decoding settings; the export's
 parity check and the torch engine are skipped there (--parity-samples, --engines), and so are the decoders that
@@ -129,12 +132,14 @@ def torch_engine(policy, device: str, dtype: str):
     return StaticTorchEngine(copy.deepcopy(policy), device=device, dtype=dtype)
 
 
-def bench_all(engines: dict, config, prefixes, runs, warmup, decoder_names=DECODERS) -> dict:
-    """Median latency per (engine, decoder). Runs are interleaved (run i of every variant, then run i + 1), so
-    load changes on the machine hit every variant alike and the ratios stay comparable."""
+def bench_all(engines: dict, config, prefixes, runs, warmup, decoder_names=DECODERS, only=None) -> dict:
+    """Median latency per (engine, decoder); `only` {engine: decoders} limits an engine to some of them. Runs are
+    interleaved (run i of every variant, then run i + 1), so load changes on the machine hit every variant alike and
+    the ratios stay comparable."""
     from blockvla_ros.runtime.decoding import Decoder
 
-    variants = [(e, d) for e in engines for d in decoder_names]
+    only = only or {}
+    variants = [(e, d) for e in engines for d in decoder_names if d in only.get(e, decoder_names)]
     decoders = {d: Decoder(config, d.replace('_unfused', ''), fuse_commit='unfused' not in d) for d in decoder_names}
     times = {v: ([], [], []) for v in variants}
     last = {}
@@ -179,6 +184,7 @@ def per_pass(engine, config, prefix, runs: int) -> dict:
     return {k: {'median_ms': statistics.median(w), 'cpu_ms': statistics.median(c)} for k, (w, c) in times.items()}
 
 
+KEPT = 'onnxruntime_instruction_kept'  # bench_all's name for the ONNX Runtime engine that keeps the instruction K/V
 RATIOS = {'blockdiff_vs_fulldiff_speedup': 'fulldiff_nocache', 'blockdiff_vs_fulldiff_cached_speedup': 'fulldiff',
           'blockdiff_vs_ar_speedup': 'ar', 'fused_commit_speedup': 'blockdiff_unfused'}
 
@@ -212,17 +218,19 @@ def instruction_reuse(folder, threads, prefixes_same, prefixes_new, runs):
     return out
 
 
-def peer_latency(policy, ort_engine, config, prefixes, work: Path, args) -> dict:
-    """onnxruntime-genai AR and HF generate on the policy's backbone, interleaved with ORT blockdiff chunks."""
+def peer_latency(policy, ort_engine, config, prefixes, work: Path, args, kept_engine=None) -> dict:
+    """onnxruntime-genai AR and HF generate on the policy's backbone, interleaved with ORT blockdiff chunks; with
+    `kept_engine` (instruction K/V kept) also that engine's blockdiff against genai AR keeping the instruction."""
     from peers import build_peers, time_peers
 
     from blockvla_ros.runtime.decoding import Decoder
 
-    decoder, count = Decoder(config, 'blockdiff'), iter(range(1 << 30))
+    decoder, count, count_kept = Decoder(config, 'blockdiff'), iter(range(1 << 30)), iter(range(1 << 30))
     print('peers: onnxruntime-genai model builder + HF generate on the same backbone ...', flush=True)
-    built = build_peers(policy, work, args.threads)
+    built = build_peers(policy, work, args.threads, kept=kept_engine.split if kept_engine else 0)
+    kept = kept_engine and (lambda: decoder(kept_engine, prefixes[next(count_kept) % len(prefixes)]).nfe)
     return time_peers(built, lambda: decoder(ort_engine, prefixes[next(count) % len(prefixes)]).nfe, args.runs,
-                      args.warmup)
+                      args.warmup, blockdiff_kept=kept)
 
 
 def memory_check(folder, threads, predictions, seed=0):
@@ -319,12 +327,17 @@ def main(argv=None) -> int:
     engines = {'torch': lambda: torch_engine(policy, args.device, args.dtype),  # every call pays the prefill
                'onnxruntime': lambda: OrtEngine(spec, threads=args.threads, reuse_text_kv=False)}
     engines = {name: engines[name]() for name in engine_names}
-    results = bench_all(engines, config, prefixes, args.runs, args.warmup, decoder_names)
+    kept = OrtEngine(spec, threads=args.threads, reuse_text_kv=True)  # the node's default: instruction K/V kept
+    if kept.reuse_instruction:  # timed beside the cold figures (same instruction every chunk), never instead of them
+        engines[KEPT] = kept
+    results = bench_all(engines, config, prefixes, args.runs, args.warmup, decoder_names,
+                        only={KEPT: ('blockdiff', 'ar')})
     torch_desc = engines['torch'].describe() if 'torch' in engines else None
     passes = per_pass(engines['onnxruntime'], config, prefixes[0], args.runs)
     reuse = instruction_reuse(folder, args.threads, prefixes, prefixes_new, args.runs) if not args.shape else {
         'implemented': None, 'reason': 'not measured with --shape'}
-    peers = peer_latency(policy, engines['onnxruntime'], config, prefixes, work, args) if args.peers else None
+    peers = peer_latency(policy, engines['onnxruntime'], config, prefixes, work, args,
+                         engines.get(KEPT)) if args.peers else None
     del engines
 
     memory = None
@@ -339,6 +352,7 @@ def main(argv=None) -> int:
 
     ort = results['onnxruntime']
     tch = ratios(results['torch']) if 'torch' in results else {}
+    kept_rows = results.pop(KEPT, None)
     out = {
         'config': args.small_config, 'shape': args.shape, 'threads': args.threads, 'runs': args.runs,
         'machine': platform.machine(),
@@ -363,6 +377,11 @@ def main(argv=None) -> int:
         'blockdiff_vs_genai_ar_speedup': peers and peers['blockdiff_vs_genai_ar_speedup'],
         'blockdiff_vs_hf_generate_speedup': peers and peers['blockdiff_vs_hf_generate_speedup'],
         'peer_cpu_ratios': peers and peers['cpu_ratios'],
+        'instruction_kept': kept_rows and {  # ONNX Runtime with the instruction's K/V kept across chunks (the node)
+            'results': list(kept_rows.values()), **ratios(kept_rows), 'cpu_ratios': ratios(kept_rows, 'cpu_ms'),
+            'blockdiff_vs_genai_ar_speedup': peers and peers.get('blockdiff_vs_genai_ar_speedup_instruction_kept'),
+            'blockdiff_vs_genai_ar_cpu_ratio': peers and peers['cpu_ratios'].get(
+                'blockdiff_vs_genai_ar_speedup_instruction_kept')},
         'memory': memory,
         'export_parity': export and export.parity,  # None: a reused folder (--reuse-work)
         'seconds': time.perf_counter() - started,
@@ -417,6 +436,17 @@ def print_table(out: dict, results: dict) -> None:
             print(f'{key:<40} ' + (f'{out[key]:6.2f}x   (CPU time {cpu:.2f}x)' if out[key] else 'skipped'))
         for name, why in peers['skipped'].items():
             print(f'peer {name} skipped: {why}')
+    kept = out['instruction_kept']
+    if kept:  # the node's default path, beside the cold figures above
+        rows = {r['decoder']: r for r in kept['results']}
+        print('instruction K/V kept across chunks (the node\'s default; cold figures above): ' + ', '.join(
+            f'{d} {r["median_ms"]:.1f} ms (CPU {r["cpu_ms"]:.1f})' for d, r in rows.items()))
+        if 'blockdiff_vs_ar_speedup' in kept:
+            print(f'{"blockdiff_vs_ar_speedup (kept)":<40} {kept["blockdiff_vs_ar_speedup"]:6.2f}x   '
+                  f'(CPU time {kept["cpu_ratios"]["blockdiff_vs_ar_speedup"]:.2f}x)')
+        if kept['blockdiff_vs_genai_ar_speedup']:
+            print(f'{"blockdiff_vs_genai_ar_speedup (kept)":<40} {kept["blockdiff_vs_genai_ar_speedup"]:6.2f}x   '
+                  f'(CPU time {kept["blockdiff_vs_genai_ar_cpu_ratio"]:.2f}x; genai keeps it with rewind_to)')
     reuse = out['instruction_kv_reuse']
     if reuse.get('implemented'):
         print(f'instruction K/V reuse (ORT prefill): {reuse["prefill_ms_new_instruction"]:.1f} ms new instruction -> '

@@ -6,6 +6,9 @@
 
 - genai_ar: onnxruntime-genai (pinned in requirements.txt) with the ONNX model its own model builder makes from the
   backbone folder (fp32, CPU), greedy, `intra_op_num_threads` = threads.
+- genai_ar_kept: the same keeping the instruction's K/V across chunks, as our node does by default: one generator
+  holds the instruction tokens; each chunk `rewind_to`s them, appends the observation tokens and generates (only
+  when `build_peers` is given the instruction length, `kept`).
 - hf_generate: HF transformers `generate` (torch, greedy) on the very same tensors as the policy's backbone.
 Both generate the chunk's number of action tokens (H*D) after a prompt as long as the policy's prefix, with the
 EOS token disabled so every chunk has the same length. They compute logits over the backbone's whole vocabulary
@@ -99,6 +102,27 @@ class GenaiAR:
         return len(gen.get_sequence(0)) - self.ids.shape[1]  # new tokens
 
 
+class GenaiARKept(GenaiAR):
+    name = 'genai_ar_kept'
+
+    def __init__(self, model_dir: Path, prompt_len: int, new_tokens: int, vocab: int, kept: int, seed: int = 0):
+        super().__init__(model_dir, prompt_len, new_tokens, vocab, seed)
+        self.kept, self.gen = int(kept), None
+
+    def __call__(self) -> int:
+        if self.gen is None:  # the first chunk computes the instruction's K/V (a warm-up run)
+            params = self.og.GeneratorParams(self.model)
+            params.set_search_options(max_length=self.max_length, min_length=self.max_length, do_sample=False)
+            self.gen = self.og.Generator(self.model, params)
+            self.gen.append_tokens(self.ids[:, :self.kept])
+        else:
+            self.gen.rewind_to(self.kept)  # drop the last chunk's observation and tokens, keep the instruction
+        self.gen.append_tokens(self.ids[:, self.kept:])
+        while not self.gen.is_done():
+            self.gen.generate_next_token()
+        return self.gen.token_count() - self.ids.shape[1]  # new tokens
+
+
 def build_genai_model(hf_folder: Path, out: Path, threads: int) -> Path:
     """onnxruntime-genai's model builder on the HF folder (fp32, CPU), then its session threads set."""
     cmd = [sys.executable, '-m', 'onnxruntime_genai.models.builder', '-i', str(hf_folder), '-o', str(out), '-p',
@@ -114,8 +138,9 @@ def build_genai_model(hf_folder: Path, out: Path, threads: int) -> Path:
     return out
 
 
-def build_peers(policy, work: Path, threads: int) -> dict:
-    """-> {'genai_ar': callable | None, 'hf_generate': callable, 'skipped': {name: why}, 'build_s': {name: s}}."""
+def build_peers(policy, work: Path, threads: int, kept: int = 0) -> dict:
+    """-> {'peers': {name: callable}, 'skipped': {name: why}, 'build_s': {name: s}, ...}; `kept` > 0 (the
+    instruction's token count) adds genai_ar_kept."""
     cfg = policy.config
     prompt, new = cfg.prefix_len, cfg.n_action_tokens
     lm = causal_lm_on(policy)
@@ -131,13 +156,17 @@ def build_peers(policy, work: Path, threads: int) -> dict:
     folder = save_backbone_folder(lm, Path(work) / 'peer_backbone_hf')
     model_dir = build_genai_model(folder, Path(work) / 'peer_genai', threads)
     out['peers']['genai_ar'] = GenaiAR(model_dir, prompt, new, lm.config.vocab_size)
+    if kept:
+        out['peers']['genai_ar_kept'] = GenaiARKept(model_dir, prompt, new, lm.config.vocab_size, kept)
     out['build_s']['genai_ar'] = time.perf_counter() - t
     return out
 
 
-def time_peers(built: dict, blockdiff, runs: int, warmup: int) -> dict:
-    """Interleaved medians of `blockdiff` (a callable decoding one chunk) and each peer; -> report with the ratios."""
-    variants = {'blockdiff': blockdiff, **built['peers']}
+def time_peers(built: dict, blockdiff, runs: int, warmup: int, blockdiff_kept=None) -> dict:
+    """Interleaved medians of `blockdiff` (a callable decoding one chunk), `blockdiff_kept` (the same with the
+    instruction's K/V kept, optional) and each peer; -> report with the ratios."""
+    ours = {'blockdiff': blockdiff, **({'blockdiff_kept': blockdiff_kept} if blockdiff_kept else {})}
+    variants = {**ours, **built['peers']}
     times, cpu = {name: [] for name in variants}, {name: [] for name in variants}
     tokens = {}
     for i in range(warmup + runs):
@@ -158,13 +187,15 @@ def time_peers(built: dict, blockdiff, runs: int, warmup: int) -> dict:
     except ImportError:
         genai_version = None
     report = {'median_ms': med, 'cpu_ms': cpu_med, 'cpu_ratios': {},
-              'new_tokens': {k: v for k, v in tokens.items() if k != 'blockdiff'},
+              'new_tokens': {k: v for k, v in tokens.items() if k not in ours},
               'prompt_tokens': built['prompt_tokens'], 'runs': runs, 'skipped': built['skipped'],
               'build_s': built['build_s'], 'versions': {'onnxruntime': onnxruntime.__version__,
                                                         'onnxruntime_genai': genai_version}}
-    for name, key in (('genai_ar', 'blockdiff_vs_genai_ar_speedup'),
-                      ('hf_generate', 'blockdiff_vs_hf_generate_speedup')):
-        report[key] = med[name] / med['blockdiff'] if name in med else None
-        if name in med:  # the calling thread's CPU time: both peers and our engine run on it (1 intra-op thread)
-            report['cpu_ratios'][key] = cpu_med[name] / cpu_med['blockdiff']
+    for name, key, mine in (('genai_ar', 'blockdiff_vs_genai_ar_speedup', 'blockdiff'),
+                            ('hf_generate', 'blockdiff_vs_hf_generate_speedup', 'blockdiff'),
+                            ('genai_ar_kept', 'blockdiff_vs_genai_ar_speedup_instruction_kept', 'blockdiff_kept')):
+        both = name in med and mine in med
+        report[key] = med[name] / med[mine] if both else None
+        if both:  # the calling thread's CPU time: both peers and our engine run on it (1 intra-op thread)
+            report['cpu_ratios'][key] = cpu_med[name] / cpu_med[mine]
     return report

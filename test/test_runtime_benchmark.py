@@ -33,7 +33,12 @@ def test_decode_latency_smoke(tmp_path):
     assert data['instruction_kv_reuse']['implemented'] is True
     # peers on the same backbone, same run: onnxruntime-genai AR (pinned in requirements.txt) and HF generate
     assert data['blockdiff_vs_genai_ar_speedup'] > 0 and data['blockdiff_vs_hf_generate_speedup'] > 0
-    assert data['peers']['new_tokens'] == {'genai_ar': 12, 'hf_generate': 12}
+    assert data['peers']['new_tokens'] == {'genai_ar': 12, 'hf_generate': 12, 'genai_ar_kept': 12}
+    # the node's default path beside the cold figures: instruction K/V kept (ours), rewind_to the instruction (genai)
+    kept = data['instruction_kept']
+    assert {r['decoder'] for r in kept['results']} == {'blockdiff', 'ar'}
+    assert kept['blockdiff_vs_ar_speedup'] > 0 and kept['cpu_ratios']['blockdiff_vs_ar_speedup'] > 0
+    assert kept['blockdiff_vs_genai_ar_speedup'] > 0 and kept['blockdiff_vs_genai_ar_cpu_ratio'] > 0
     assert data['peers']['prompt_tokens'] == 44  # the prefix: 40 text + 4 image
     assert data['memory']['rss_mb_after_100'] > 0 and data['memory']['rss_mb_after_120'] > 0
     assert 'median ms' in proc.stdout and 'RSS' in proc.stdout
