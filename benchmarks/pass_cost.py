@@ -14,6 +14,12 @@ medians are reported beside it. Measurements (same observations for every folder
     n=1, n=B, n=2B      one backbone pass after a prefill: AR, refine, fused commit + refine
     blockdiff, ar       one whole chunk with the policy's decoding settings (one-call prefill included)
 
+Measured in one process, the engine built first ran 5-15 % slower per pass than those built after it on this machine
+(three folders in two orders: whichever came first), so a single run can favour the later folders. `--rotate` runs
+the whole measurement once per rotation of the folder order, each in a fresh process, and reports the mean of the
+medians and each folder's ratio to the first one (geometric mean over the rotations): use it for any A/B of a few
+percent.
+
 Timings are printed, never asserted.
 """
 from __future__ import annotations
@@ -67,7 +73,10 @@ def main(argv=None) -> int:
     p.add_argument('--warmup', type=int, default=2)
     p.add_argument('--threads', type=int, default=1, help='ONNX Runtime intra-op threads')
     p.add_argument('--json', type=Path, help='write the medians here')
+    p.add_argument('--rotate', action='store_true', help='one fresh process per rotation of the folder order')
     args = p.parse_args(argv)
+    if args.rotate:
+        return rotated(args)
 
     from blockvla_ros.runtime.ort_engine import OrtEngine
     from blockvla_ros.runtime.policy_folder import load_policy_folder
@@ -104,6 +113,39 @@ def main(argv=None) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({'runs': args.runs, 'threads': args.threads, 'engines': configs,
+                                         'results': result}, indent=2))
+    return 0
+
+
+def rotated(args) -> int:
+    """Runs this script once per rotation of args.folders (fresh processes), then combines: mean CPU ms per
+    (folder, measurement) and the geometric-mean ratio of each folder to the first."""
+    import math
+    import subprocess
+    import tempfile
+
+    folders = [str(f) for f in args.folders]
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(len(folders)):
+            order, out = folders[r:] + folders[:r], Path(tmp) / f'{r}.json'
+            cmd = [sys.executable, __file__, *order, '--runs', str(args.runs), '--warmup', str(args.warmup),
+                   '--threads', str(args.threads), '--json', str(out)]
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+            runs.append(json.loads(out.read_text())['results'])
+            print(f'rotation {r + 1}/{len(folders)} done', flush=True)
+    names = list(runs[0][folders[0]])
+    result = {f: {m: {'cpu_ms': statistics.mean(r[f][m]['cpu_ms'] for r in runs),
+                      'vs_first': math.exp(statistics.mean(math.log(r[f][m]['cpu_ms'] / r[folders[0]][m]['cpu_ms'])
+                                                           for r in runs))} for m in names} for f in folders}
+    print(f'\nCPU ms (mean over {len(runs)} rotations of the folder order; x: geometric-mean ratio to the first)')
+    print(f'{"":<16}' + ''.join(f'{str(f)[-22:]:>24}' for f in folders))
+    for m in names:
+        print(f'{m:<16}' + ''.join(f'{result[f][m]["cpu_ms"]:>14.2f} ({result[f][m]["vs_first"]:5.3f}x)'
+                                   for f in folders))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({'runs': args.runs, 'threads': args.threads, 'rotations': runs,
                                          'results': result}, indent=2))
     return 0
 
