@@ -24,7 +24,8 @@ from ..runtime.policy_folder import PolicyFolderError
 from .calibration import DEFAULT_LEVEL, DEFAULT_WINDOWS, CalibrationOptions
 from .onnx_checks import GraphCheckError
 from .onnx_export import INLINE_LIMIT
-from .precision import PRECISIONS
+from .precision import DEFAULT_ACCURACY_LEVEL, PRECISIONS
+from .quantize import ACCURACY_LEVELS
 from .parity import ExportParityError
 from .policy_writer import CheckpointError, export_policy
 
@@ -44,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
                    '(default $BLOCKVLA_TRT_CACHE or ~/.cache/blockvla_ros/tensorrt)')
     p.add_argument('--precision', choices=PRECISIONS, default='fp32',
                    help='fp32 (default); fp16 for GPUs; int8 / int4 weight-only for CPUs (ONNX Runtime only)')
+    p.add_argument('--quant-accuracy-level', type=int, choices=ACCURACY_LEVELS, metavar='{0,1,2,3,4}',
+                   help='int8/int4: the precision ONNX Runtime may compute MatMulNBits in: 0 unset (fp32 on '
+                        'dequantized weights), 1 fp32, 2 fp16, 3 bf16, 4 int8 (default '
+                        f'{DEFAULT_ACCURACY_LEVEL}; see export.quantize)')
     p.add_argument('--opset', type=int, default=20, help='ONNX opset (18-20; TensorRT 10.0 parses up to 20)')
     p.add_argument('--inline-limit-mb', type=float, default=INLINE_LIMIT / 2**20,
                    help='a graph with more weight bytes keeps them in one <file>.data (default 1024 MiB)')
@@ -86,7 +91,7 @@ def main(argv=None) -> int:
                                torch_weights=args.torch_weights, inline_limit=int(args.inline_limit_mb * 2**20),
                                parity_samples=args.parity_samples, tolerance=args.tolerance,
                                min_agreement=args.min_agreement, threads=args.threads, progress=not args.quiet,
-                               calibration=calibration)
+                               calibration=calibration, quant_accuracy_level=args.quant_accuracy_level)
         trt_report = None
         if args.trt:
             from .tensorrt_export import build_and_check

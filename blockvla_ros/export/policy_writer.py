@@ -39,7 +39,8 @@ from ..runtime.tables import TEXT, quantize_text
 from .calibration import CalibrationOptions, calibrate_folder, calibrated_config
 from .onnx_checks import check_graph_file
 from .onnx_export import INLINE_LIMIT, OPSET, export_backbone, export_vision
-from .precision import BITS, PRECISIONS, check_precision, default_tolerance, quantize_weights  # noqa: F401
+from .precision import (BITS, PRECISIONS, check_precision, check_quant_accuracy_level,  # noqa: F401
+                        default_tolerance, quantize_weights)
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +154,8 @@ def export_policy(checkpoint: str | Path, out: str | Path, *, name: Optional[str
                   opset: int = OPSET, torch_weights: bool = False, inline_limit: int = INLINE_LIMIT,
                   parity_samples: int = 4, tolerance: float = 1e-3, min_agreement: float = 0.0,
                   threads: Optional[int] = None, progress: bool = True,
-                  calibration: Optional[CalibrationOptions] = None) -> ExportReport:
+                  calibration: Optional[CalibrationOptions] = None,
+                  quant_accuracy_level: Optional[int] = None) -> ExportReport:
     """Export `checkpoint` into the policy folder `out` (replaced atomically on success).
 
     precision: fp32 | fp16 | int8 | int4 (see export.precision: what each stores, how parity is judged).
@@ -164,12 +166,15 @@ def export_policy(checkpoint: str | Path, out: str | Path, *, name: Optional[str
     threads: CPU threads for the parity run (torch and ONNX Runtime); None keeps the libraries' defaults.
     calibration: calibrate the default decoding on held-out windows (the run's validation split, read through the
     checkpoint's train_config.yaml, or options.bags); None keeps the training config's decoding.
+    quant_accuracy_level: int8/int4 only: MatMulNBits' accuracy_level (export.quantize; None: the default,
+    export.precision.DEFAULT_ACCURACY_LEVEL).
     """
     from tqdm import tqdm
 
     start = time.perf_counter()
     checkpoint, out = Path(checkpoint), check_output_dir(out)  # before any work
     check_precision(precision)
+    quant_accuracy_level = check_quant_accuracy_level(precision, quant_accuracy_level)
     if parity_samples < 0 or (parity_samples == 0 and min_agreement > 0):
         raise ValueError(f'parity_samples must be >= 0 and > 0 when a minimum token agreement ({min_agreement}) is '
                          f'required, got {parity_samples}')
@@ -192,7 +197,8 @@ def export_policy(checkpoint: str | Path, out: str | Path, *, name: Optional[str
             del policy  # not held while the graph is rewritten: peak RSS ~ one copy of the model, not two
             gc.collect()
         if precision in ('int8', 'int4'):  # weight-only MatMulNBits: ONNX Runtime only
-            graphs['backbone'].data = quantize_weights(tmp / graphs['backbone'].file, precision, inline_limit)
+            graphs['backbone'].data = quantize_weights(tmp / graphs['backbone'].file, precision, inline_limit,
+                                                       quant_accuracy_level)
             checks['backbone'] = check_graph_file(tmp / graphs['backbone'].file, tensorrt=False)
         if precision != 'fp32':
             policy, _ = load_checkpoint(checkpoint)

@@ -8,15 +8,17 @@
                                 softmax in fp32)
     int8/int4  CPUs (ONNX       fp32 graphs whose backbone MatMul weights are   text     token agreement (reported)
                Runtime)         quantized weight-only to com.microsoft          table at
-                                MatMulNBits (symmetric, blocks of 32 along K);  int8 /
-                                ONNX Runtime only, not TensorRT                 int4 (*)
+                                MatMulNBits (symmetric, blocks of 32 along K;   int8 /
+                                export.quantize, one weight at a time);         int4 (*)
+                                ONNX Runtime only, not TensorRT
 
 (*) the text embedding table is stored quantized (the layout: runtime.tables) and dequantized per looked-up row;
 action_embed and state_proj stay fp32 (small).
 
 Token agreement is the fraction of equal action tokens when each engine decodes on its own (`export.parity`).
 A random-weight model has near-uniform bin probabilities, so its agreement understates a trained policy's;
-callers that need a floor pass `min_agreement`.
+callers that need a floor pass `min_agreement`. MatMulNBits' accuracy_level (the precision ONNX Runtime computes
+in: export.quantize) is DEFAULT_ACCURACY_LEVEL unless the exporter is given one.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ log = logging.getLogger(__name__)
 PRECISIONS = ('fp32', 'fp16', 'int8', 'int4')
 BITS = {'int8': 8, 'int4': 4}
 BLOCK = 32  # quantization block along the reduction axis
+DEFAULT_ACCURACY_LEVEL = 0  # MatMulNBits' accuracy_level (export.quantize): chosen from README's measurements
 
 
 def check_precision(precision: str) -> str:
@@ -37,29 +40,27 @@ def check_precision(precision: str) -> str:
     return precision
 
 
+def check_quant_accuracy_level(precision: str, level: Optional[int]) -> Optional[int]:
+    """MatMulNBits' accuracy_level for an int8/int4 export (None: the default); refused for fp32/fp16."""
+    from .quantize import check_accuracy_level
+
+    if level is None:
+        return DEFAULT_ACCURACY_LEVEL if precision in BITS else None
+    if precision not in BITS:
+        raise ValueError(f'a quantization accuracy level ({level!r}) applies to int8/int4 exports only, not '
+                         f'{precision}')
+    return check_accuracy_level(level)
+
+
 def default_tolerance(precision: str, tolerance: Optional[float]) -> Optional[float]:
     """The lock-step logits bound: the given one for fp32, none for the reduced precisions (judged by tokens)."""
     return tolerance if precision == 'fp32' else None
 
 
-def quantize_weights(path: Path, precision: str, inline_limit: int) -> list:
-    """Rewrite graph `path` with weight-only int8/int4 MatMulNBits (ONNX Runtime). -> its external-data files."""
-    import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+def quantize_weights(path: Path, precision: str, inline_limit: int,
+                     accuracy_level: int = DEFAULT_ACCURACY_LEVEL) -> list:
+    """Rewrite graph `path` with weight-only int8/int4 MatMulNBits (ONNX Runtime), one weight at a time
+    (export.quantize). -> its external-data files."""
+    from .quantize import quantize_graph
 
-    path = Path(path)
-    data = path.with_name(path.name + '.data')
-    model = onnx.load(str(path))  # with its weights
-    config = DefaultWeightOnlyQuantConfig(block_size=BLOCK, is_symmetric=True, bits=BITS[precision])
-    quantizer = MatMulNBitsQuantizer(model, algo_config=config)
-    quantizer.process()
-    del model
-    quantized = quantizer.model.model
-    data.unlink(missing_ok=True)
-    size = sum(len(t.raw_data) for t in quantized.graph.initializer)
-    if size < inline_limit:
-        onnx.save_model(quantized, str(path))
-        return []
-    onnx.save_model(quantized, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data.name, size_threshold=1024)
-    return [data.name]
+    return quantize_graph(path, BITS[precision], BLOCK, accuracy_level, inline_limit)

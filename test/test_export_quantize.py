@@ -1,0 +1,153 @@
+"""export.quantize: the streaming MatMulNBits quantizer writes the graph ONNX Runtime's own quantizer writes.
+
+The reference is onnxruntime.quantization's MatMulNBitsQuantizer (DefaultWeightOnlyQuantConfig, symmetric, blocks
+of 32), run on the same fp32 graph: same nodes, same initializers (names, types, values), and both run in ONNX
+Runtime to the same outputs. Graphs: a hand-made one (a weight shared by two MatMuls, K not a multiple of the
+block, a MatMul of two activations, an unused initializer) and the backbone of a tiny exported policy whose weights
+are in external data (the inline limit lowered).
+"""
+import logging
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from blockvla_ros.export import cli
+from blockvla_ros.export.policy_writer import export_policy
+from blockvla_ros.export.precision import DEFAULT_ACCURACY_LEVEL, check_quant_accuracy_level
+from blockvla_ros.export.quantize import ACCURACY_LEVELS, quantize_graph
+
+from tiny_policy import write_checkpoint
+
+
+def reference_quantization(path, bits, accuracy_level=0):
+    """ONNX Runtime's MatMulNBitsQuantizer on the whole loaded graph (what export.precision used before)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    logging.getLogger('onnxruntime').setLevel(logging.WARNING)  # it logs every node at INFO
+    config = DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True, bits=bits,
+                                          accuracy_level=accuracy_level or None)
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(path)), algo_config=config)
+    quantizer.process()
+    return quantizer.model.model
+
+
+def assert_same_graph(reference, model):
+    assert [n.SerializeToString() for n in model.graph.node] == [n.SerializeToString() for n in reference.graph.node]
+    ref = {t.name: onnx.numpy_helper.to_array(t) for t in reference.graph.initializer}
+    got = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert list(got) == list(ref)
+    for name, value in ref.items():
+        assert got[name].dtype == value.dtype and np.array_equal(got[name], value), name
+    opsets = [{(o.domain, o.version) for o in m.opset_import} for m in (model, reference)]
+    assert opsets[0] == opsets[1]
+
+
+def run(model_or_path, feeds):
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    src = str(model_or_path) if not isinstance(model_or_path, onnx.ModelProto) else model_or_path.SerializeToString()
+    return ort.InferenceSession(src, opts, providers=['CPUExecutionProvider']).run(None, feeds)
+
+
+def handmade_graph(folder, external: bool):
+    """x [2, 80] -> MatMul(w1 [80, 64]) -> MatMul(w2 [64, 64]) -> + MatMul(w2 again) -> MatMul(x2, x2^T) + b."""
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((80, 64)).astype(np.float32)  # K = 80: padded to 96 inside the quantizer
+    w2 = rng.standard_normal((64, 64)).astype(np.float32)
+    inits = [onnx.numpy_helper.from_array(w1, 'w1'), onnx.numpy_helper.from_array(w2, 'w2'),
+             onnx.numpy_helper.from_array(rng.standard_normal(64).astype(np.float32), 'b'),
+             onnx.numpy_helper.from_array(np.ones((4, 4), np.float32), 'unused')]
+    nodes = [helper.make_node('MatMul', ['x', 'w1'], ['h'], name='first'),
+             helper.make_node('MatMul', ['h', 'w2'], ['h2'], name='shared_a'),
+             helper.make_node('MatMul', ['h', 'w2'], ['h3']),  # unnamed, same weight
+             helper.make_node('Add', ['h2', 'h3'], ['h4']),
+             helper.make_node('Transpose', ['h4'], ['h4t']),
+             helper.make_node('MatMul', ['h4', 'h4t'], ['gram'], name='activations'),
+             helper.make_node('Add', ['h4', 'b'], ['y'])]
+    graph = helper.make_graph(nodes, 'g', [helper.make_tensor_value_info('x', TensorProto.FLOAT, ['n', 80])],
+                              [helper.make_tensor_value_info('y', TensorProto.FLOAT, ['n', 64]),
+                               helper.make_tensor_value_info('gram', TensorProto.FLOAT, ['n', 'n'])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid('', 20)], ir_version=10)
+    path = folder / 'g.onnx'
+    folder.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
+                    location='g.onnx.data', size_threshold=1024)
+    return path
+
+
+@pytest.mark.parametrize('external', [False, True])
+@pytest.mark.parametrize('bits', [8, 4])
+def test_streaming_quantizer_writes_onnxruntimes_graph(tmp_path, bits, external):
+    src = handmade_graph(tmp_path / 'src', external)
+    reference = reference_quantization(src, bits)
+    work = tmp_path / 'work'
+    shutil.copytree(src.parent, work)
+    data = quantize_graph(work / 'g.onnx', bits, 32, 0, inline_limit=4 << 10 if external else 1 << 30)
+    assert data == (['g.onnx.data'] if external else []) and (work / 'g.onnx.data').is_file() == external
+    model = onnx.load(str(work / 'g.onnx'))
+    assert_same_graph(reference, model)
+    assert 'unused' not in {t.name for t in model.graph.initializer}  # dropped, as the reference does
+    assert sum(n.op_type == 'MatMulNBits' for n in model.graph.node) == 3  # w2 quantized once, used twice
+    x = {'x': np.random.default_rng(1).standard_normal((3, 80)).astype(np.float32)}
+    for a, b in zip(run(reference, x), run(work / 'g.onnx', x)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_accuracy_level_reaches_the_nodes_and_bad_values_are_refused(tmp_path):
+    src = handmade_graph(tmp_path / 'src', external=False)
+    quantize_graph(src, 4, 32, 4, inline_limit=1 << 30)
+    model = onnx.load(str(src))
+    assert_same_graph(reference_quantization(handmade_graph(tmp_path / 'ref', False), 4, accuracy_level=4), model)
+    levels = [helper.get_attribute_value(a) for n in model.graph.node for a in n.attribute
+              if a.name == 'accuracy_level']
+    assert levels == [4, 4, 4]
+    for bad in (5, -1, '4', 4.0, True, None):
+        with pytest.raises(ValueError, match='accuracy_level must be one of'):
+            quantize_graph(src, 4, 32, bad, inline_limit=1 << 30)
+    assert check_quant_accuracy_level('int8', None) == DEFAULT_ACCURACY_LEVEL in ACCURACY_LEVELS
+    assert check_quant_accuracy_level('fp32', None) is None
+    with pytest.raises(ValueError, match='int8/int4 exports only'):
+        check_quant_accuracy_level('fp16', 4)
+    with pytest.raises(SystemExit):  # argparse: 'invalid choice: 7 (choose from 0, 1, 2, 3, 4)'
+        cli.build_parser().parse_args(['--checkpoint', 'c', '--out', 'o', '--quant-accuracy-level', '7'])
+
+
+@pytest.fixture(scope='module')
+def fp32_backbone(tmp_path_factory):
+    """A tiny policy exported in fp32 with its backbone weights in external data."""
+    root = tmp_path_factory.mktemp('quantize')
+    ckpt = write_checkpoint(root / 'ckpt')
+    out = root / 'fp32'
+    export_policy(ckpt, out, parity_samples=0, threads=1, progress=False, inline_limit=16 << 10)
+    assert (out / 'backbone.onnx.data').is_file()
+    return ckpt, out
+
+
+@pytest.mark.parametrize('bits,level', [(8, 0), (4, 4)])
+def test_exported_backbone_quantizes_to_the_reference_graph(fp32_backbone, tmp_path, bits, level):
+    _, out = fp32_backbone
+    for name in ('backbone.onnx', 'backbone.onnx.data'):
+        shutil.copy(out / name, tmp_path / name)
+    reference = reference_quantization(tmp_path / 'backbone.onnx', bits, level)
+    assert quantize_graph(tmp_path / 'backbone.onnx', bits, 32, level, inline_limit=16 << 10) == ['backbone.onnx.data']
+    assert onnx.load(str(tmp_path / 'backbone.onnx'), load_external_data=False).ByteSize() < 64 << 10  # graph only
+    assert_same_graph(reference, onnx.load(str(tmp_path / 'backbone.onnx')))
+
+
+def test_export_writes_the_accuracy_level_asked_for(fp32_backbone, tmp_path):
+    ckpt, _ = fp32_backbone
+    out = tmp_path / 'int8'
+    rc = cli.main(['--checkpoint', str(ckpt), '--out', str(out), '--precision', 'int8', '--quant-accuracy-level', '1',
+                   '--parity-samples', '1', '--threads', '1', '--no-calibrate', '-q'])
+    assert rc == 0
+    model = onnx.load(str(out / 'backbone.onnx'))
+    nodes = [n for n in model.graph.node if n.op_type == 'MatMulNBits']
+    assert nodes and all({a.name: helper.get_attribute_value(a) for a in n.attribute}['accuracy_level'] == 1
+                         for n in nodes)
+    assert cli.main(['--checkpoint', str(ckpt), '--out', str(tmp_path / 'fp32'), '--quant-accuracy-level', '4',
+                     '--no-calibrate', '-q']) == 1  # an accuracy level with an fp32 export: refused by name
+    assert not (tmp_path / 'fp32').exists()
