@@ -16,6 +16,7 @@ from safetensors.numpy import load_file, save_file as save_numpy
 
 from blockvla_ros.export.parity import ExportParityError
 from blockvla_ros.export.policy_writer import export_policy, load_checkpoint
+from blockvla_ros.export.precision import DEFAULT_ACCURACY_LEVEL
 from blockvla_ros.model.graphs import tables
 from blockvla_ros.runtime.policy_folder import PolicyFolderError, load_policy_folder, write_manifest
 from blockvla_ros.runtime.runner import PolicyRunner
@@ -54,6 +55,7 @@ def test_int8_int4_store_matmuls_in_n_bits_and_report_token_agreement(ckpt, tmp_
     for node in nbits:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         assert attrs['bits'] == bits and attrs['block_size'] == 32
+        assert attrs.get('accuracy_level', 0) == DEFAULT_ACCURACY_LEVEL  # int8 compute unless asked otherwise
     assert report.checks['backbone']['tensorrt'] is False  # com.microsoft op: ONNX Runtime only, and said so
     # quantized backbone: at most bits/32 of the fp32 MatMul weights plus one fp32 scale per 32 weights and the rest
     fp32_matmul = sum(4 * node_k_n(n) for n in nbits)

@@ -19,6 +19,7 @@ from blockvla_ros.export import cli
 from blockvla_ros.export.policy_writer import export_policy
 from blockvla_ros.export.precision import DEFAULT_ACCURACY_LEVEL, check_quant_accuracy_level
 from blockvla_ros.export.quantize import ACCURACY_LEVELS, quantize_graph
+from blockvla_ros.runtime.policy_folder import load_policy_folder
 
 from tiny_policy import write_checkpoint
 
@@ -144,6 +145,8 @@ def test_export_writes_the_accuracy_level_asked_for(fp32_backbone, tmp_path):
     rc = cli.main(['--checkpoint', str(ckpt), '--out', str(out), '--precision', 'int8', '--quant-accuracy-level', '1',
                    '--parity-samples', '1', '--threads', '1', '--no-calibrate', '-q'])
     assert rc == 0
+    # external data below the default 1 GiB inline limit: ONNX Runtime would hold inline quantized weights twice
+    assert load_policy_folder(out).graphs['backbone'].data == ['backbone.onnx.data']
     model = onnx.load(str(out / 'backbone.onnx'))
     nodes = [n for n in model.graph.node if n.op_type == 'MatMulNBits']
     assert nodes and all({a.name: helper.get_attribute_value(a) for a in n.attribute}['accuracy_level'] == 1

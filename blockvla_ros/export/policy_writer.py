@@ -160,7 +160,8 @@ def export_policy(checkpoint: str | Path, out: str | Path, *, name: Optional[str
 
     precision: fp32 | fp16 | int8 | int4 (see export.precision: what each stores, how parity is judged).
     torch_weights: also copy model.safetensors (engine 'torch'; a second copy of every weight).
-    inline_limit: weight bytes above which a graph keeps its weights in one `<file>.data` (default ~1 GiB).
+    inline_limit: weight bytes above which a graph keeps its weights in one `<file>.data` (default ~1 GiB; an int8/int4
+    backbone always does: export.precision.quantize_weights).
     tolerance: max lock-step |logits diff| vs the fp32 torch policy (fp32 only); min_agreement: minimum token
     agreement (every precision; 0 = reported only).
     threads: CPU threads for the parity run (torch and ONNX Runtime); None keeps the libraries' defaults.
@@ -197,8 +198,7 @@ def export_policy(checkpoint: str | Path, out: str | Path, *, name: Optional[str
             del policy  # not held while the graph is rewritten: peak RSS ~ one copy of the model, not two
             gc.collect()
         if precision in ('int8', 'int4'):  # weight-only MatMulNBits: ONNX Runtime only
-            graphs['backbone'].data = quantize_weights(tmp / graphs['backbone'].file, precision, inline_limit,
-                                                       quant_accuracy_level)
+            graphs['backbone'].data = quantize_weights(tmp / graphs['backbone'].file, precision, quant_accuracy_level)
             checks['backbone'] = check_graph_file(tmp / graphs['backbone'].file, tensorrt=False)
         if precision != 'fp32':
             policy, _ = load_checkpoint(checkpoint)
