@@ -126,6 +126,7 @@ def child_run(folder: str, observations: int, reference: list, runs: int) -> dic
             nfe = pred.nfe
         out[f'ms_per_chunk_{threads}t'] = statistics.median(times)
         out[f'cpu_ms_per_chunk_{threads}t'] = statistics.median(cpu)  # all threads' CPU time: less load-dependent
+        out[f'cpu_ms_per_pass_{threads}t'] = statistics.median(cpu) / max(pred.nfe, 1)
         out['nfe'] = nfe
         del runner
     out['runner_peak_rss_gb'] = _rss_gb('VmHWM')
@@ -145,10 +146,13 @@ def folder_bytes(folder: Path) -> int:
 
 
 # --- the benchmark --------------------------------------------------------------------------------------------------
-def export_cmd(ckpt: str, folder: Path, precision: str, threads: int, parity_samples: int) -> list:
+def export_cmd(ckpt: str, folder: Path, precision: str, threads: int, parity_samples: int,
+               accuracy_level=None) -> list:
+    level = ['--quant-accuracy-level', str(accuracy_level)] if accuracy_level is not None and precision in (
+        'int8', 'int4') else []
     return [sys.executable, '-m', 'blockvla_ros.export.cli', '--checkpoint', ckpt, '--out', str(folder),
             '--no-torch-weights', '--no-calibrate', '--precision', precision,
-            '--parity-samples', str(parity_samples), '--threads', str(threads), '-q']
+            '--parity-samples', str(parity_samples), '--threads', str(threads), '-q'] + level
 
 
 def backbone_graph_bytes(folder: Path) -> int:
@@ -178,7 +182,7 @@ def measure_precision(precision: str, ckpt: str, work: Path, prep: dict, args) -
     folder = work / f'policy_{args.shape}_{precision}'
     print(f'[{precision}] export ...', flush=True)
     load = [load_average()]
-    cmd = export_cmd(ckpt, folder, precision, args.threads, args.export_parity_samples)
+    cmd = export_cmd(ckpt, folder, precision, args.threads, args.export_parity_samples, args.quant_accuracy_level)
     ex = timed_process(cmd, args.threads)
     load.append(load_average())
     row = {'export_s': ex['seconds'], 'export_cpu_s': ex['cpu_s'], 'export_peak_rss_gb': ex['peak_rss_gb'],
@@ -202,7 +206,8 @@ def measure_precision(precision: str, ckpt: str, work: Path, prep: dict, args) -
         return row
     row.update({k: run[k] for k in ('load_s', 'runner_rss_gb', 'runner_peak_rss_gb', 'ms_per_chunk_1t',
                                     'ms_per_chunk_2t', 'cpu_ms_per_chunk_1t', 'cpu_ms_per_chunk_2t',
-                                    'token_agreement', 'chunks_identical', 'nfe')})
+                                    'cpu_ms_per_pass_1t', 'cpu_ms_per_pass_2t', 'token_agreement',
+                                    'chunks_identical', 'nfe')})
     row['runner_rss_over_weights'] = run['runner_rss_gb'] * 1e9 / weights
     if not args.keep_folders:
         import shutil
@@ -218,6 +223,8 @@ def main(argv=None) -> int:
     p.add_argument('--precisions', nargs='+', default=['fp32', 'int8', 'int4', 'fp16'], choices=PRECISIONS)
     p.add_argument('--export-parity-samples', type=int, default=0,
                    help="observations for the exporter's own parity check (default 0: step 3 measures agreement)")
+    p.add_argument('--quant-accuracy-level', type=int, choices=(0, 1, 2, 3, 4),
+                   help="int8/int4: blockvla-export's --quant-accuracy-level (default: the exporter's)")
     p.add_argument('--observations', type=int, default=4, help='observations for the token agreement')
     p.add_argument('--runs', type=int, default=5, help='timed chunks per thread count (median)')
     p.add_argument('--threads', type=int, default=min(2, os.cpu_count() or 1), help='threads for export')
@@ -246,6 +253,7 @@ def main(argv=None) -> int:
         return 1
     policy = shapes.VLM_POLICY if args.shape in shapes.VLM_SHAPES else shapes.POLICY
     out = {'shape': args.shape, 'backbone': shapes.SHAPES[args.shape], 'policy': policy,
+           'quant_accuracy_level': args.quant_accuracy_level,
            'params_m': prep['params'] / 1e6, 'weight_gb': prep['weight_bytes_fp32'] / 1e9,
            'prepare_s': prep['prepare_s'], 'prepare_peak_rss_gb': prep['peak_rss_gb'],
            'torch_fp32_ms_per_chunk': prep['torch_ms_per_chunk'], 'exporter': 'dynamo',
