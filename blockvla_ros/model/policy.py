@@ -201,8 +201,9 @@ class BlockVLAPolicy(nn.Module):
 
     @classmethod
     def load(cls, folder: str | os.PathLike, config: Optional[BlockVLAConfig] = None) -> 'BlockVLAPolicy':
-        """Build from config.json and copy model.safetensors in tensor by tensor (no second full copy in memory)."""
-        from safetensors import safe_open
+        """Build from config.json and read model.safetensors into it tensor by tensor (model.weights_file: no mapped
+        copy of the file held next to the model)."""
+        from .weights_file import read_into
 
         folder = Path(folder)
         weights = folder / 'model.safetensors'
@@ -210,18 +211,5 @@ class BlockVLAPolicy(nn.Module):
             raise FileNotFoundError(f'no model.safetensors in {folder}')
         config = config or BlockVLAConfig.load(folder / 'config.json')
         policy = cls(config)
-        state = policy.state_dict()  # views of the parameters
-        with safe_open(str(weights), framework='pt') as f:
-            keys = set(f.keys())
-            missing, unexpected = sorted(set(state) - keys), sorted(keys - set(state))
-            if missing or unexpected:
-                raise ValueError(f'{weights}: weights do not match the config (missing {missing[:5]}, '
-                                 f'unexpected {unexpected[:5]})')
-            with torch.no_grad():
-                for key in sorted(keys):
-                    value = f.get_tensor(key)
-                    if value.shape != state[key].shape:
-                        raise ValueError(f'{weights}: {key} is {list(value.shape)}, the config makes '
-                                         f'{list(state[key].shape)}')
-                    state[key].copy_(value)
+        read_into(weights, policy.state_dict())  # views of the parameters
         return policy.eval()
