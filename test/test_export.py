@@ -216,3 +216,20 @@ def test_weights_above_the_inline_limit_go_to_one_external_file(exported, tmp_pa
     assert (out / 'backbone.onnx').stat().st_size < 64 << 10  # the graph alone; weights are in the .data file
     assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer if len(t.dims) == 2)
     assert report.parity[0]['max_abs_diff'] <= 1e-3
+
+
+def test_the_exporter_keeps_no_reference_to_the_policys_parameters(exported, tmp_path):
+    """Export drops the fp32 policy before quantizing and reloads it for parity: that frees memory only if nothing
+    else (onnxscript's module-level rewrite rules kept the exporter's IR values) still holds the parameters."""
+    import gc
+    import weakref
+
+    from blockvla_ros.export.onnx_export import export_backbone
+    from blockvla_ros.export.policy_writer import load_checkpoint
+
+    policy, _ = load_checkpoint(exported[0])
+    refs = [weakref.ref(p) for p in policy.parameters()]
+    export_backbone(policy, tmp_path)
+    del policy
+    gc.collect()
+    assert not [r for r in refs if r() is not None]
