@@ -73,6 +73,7 @@ def child(folder: str, variant: str, runs: int) -> dict:
         return {'embeds': np.zeros((1, n, hidden), dtype),
                 'positions': (pos if rope == 2 else np.broadcast_to(pos, (3, 1, n))).astype(np.int64),
                 'mask': np.ones((windows if isinstance(windows, int) else 1, 1, n, past + n), bool),
+                **({'logit_rows': np.arange(n, dtype=np.int64)} if 'logit_rows' in inputs else {}),
                 **{f'past_{kv}_{i}': np.zeros((1, kv_heads, past, head_dim), dtype)
                    for i in range(layers) for kv in ('key', 'value')}}
 
