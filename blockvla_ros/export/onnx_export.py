@@ -131,7 +131,12 @@ def _release_weights() -> None:
     reloading it for parity: 2.64 GB held, peak 6.61 GB in the reload; benchmarks/export_memory.py)."""
     import gc
 
-    from torch.onnx._internal.exporter._core import TorchTensor
+    try:
+        from torch.onnx._internal.exporter._core import TorchTensor  # private: absent in another torch, skip then
+    except ImportError:
+        log.warning('torch %s: the exporter\'s tensor type moved; its IR may keep the parameters alive (more export '
+                    'memory, same files)', torch.__version__)
+        return
 
     for obj in gc.get_objects():
         if getattr(type(obj), '__name__', '') in ('SymbolicTensor', 'Value') and \
