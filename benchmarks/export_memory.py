@@ -19,16 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from proc_status import status_gb  # benchmarks/: the script's own folder is on sys.path
+
 PHASES = ('load_checkpoint', 'export_vision', 'export_backbone', '_write_tables', 'quantize_weights', '_policy_doc',
           'write_manifest', '_check_parity')
-
-
-def status_gb(field: str) -> float:
-    with open('/proc/self/status') as f:
-        for line in f:
-            if line.startswith(field + ':'):
-                return int(line.split()[1]) * 1024 / 1e9
-    return float('nan')
 
 
 def reset_peak() -> None:

@@ -46,6 +46,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import shapes  # noqa: E402
+from proc_status import status_gb  # noqa: E402
 from blockvla_ros.export.precision import PRECISIONS  # noqa: E402
 
 BYTES_PER_WEIGHT = {'fp32': 4.0, 'fp16': 2.0, 'int8': 1.0, 'int4': 0.5}  # per parameter, for each of PRECISIONS
@@ -110,7 +111,7 @@ def child_run(folder: str, observations: int, reference: list, runs: int) -> dic
         load_s = time.perf_counter() - t0
         runner.warmup(n=1, image_shape=(runner.config.image_size, runner.config.image_size))
         if threads == 1:
-            out.update(load_s=load_s, runner_rss_gb=_rss_gb('VmRSS'))
+            out.update(load_s=load_s, runner_rss_gb=status_gb('VmRSS'))
             obs = random_observations(runner.config, runner.spec.stats, observations, seed=0,
                                       tokenizer=runner.preprocessor.text)
             tokens = [runner.predict(*o).tokens for o in obs]
@@ -129,16 +130,8 @@ def child_run(folder: str, observations: int, reference: list, runs: int) -> dic
         out[f'cpu_ms_per_pass_{threads}t'] = statistics.median(cpu) / max(pred.nfe, 1)
         out['nfe'] = nfe
         del runner
-    out['runner_peak_rss_gb'] = _rss_gb('VmHWM')
+    out['runner_peak_rss_gb'] = status_gb('VmHWM')
     return out
-
-
-def _rss_gb(field: str) -> float:
-    with open('/proc/self/status') as f:
-        for line in f:
-            if line.startswith(field + ':'):
-                return int(line.split()[1]) * 1024 / 1e9
-    return float('nan')
 
 
 def folder_bytes(folder: Path) -> int:

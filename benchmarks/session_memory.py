@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from proc_status import status_gb  # benchmarks/: the script's own folder is on sys.path
+
 VARIANTS = {  # name -> (session config entries, SessionOptions attributes, disabled optimizers)
     'default': ({}, {}, []),
     'no-arena': ({}, {'enable_cpu_mem_arena': False}, []),
@@ -32,14 +34,6 @@ VARIANTS = {  # name -> (session config entries, SessionOptions attributes, disa
     'no-const-folding': ({}, {}, ['ConstantFolding']),
     'basic-opt': ({}, {'graph_optimization_level': 'ORT_ENABLE_BASIC'}, []),
 }
-
-
-def status_gb(field: str) -> float:
-    with open('/proc/self/status') as f:
-        for line in f:
-            if line.startswith(field + ':'):
-                return int(line.split()[1]) * 1024 / 1e9
-    return float('nan')
 
 
 def child(folder: str, variant: str, runs: int) -> dict:
