@@ -12,31 +12,16 @@ data_offsets: [begin, end]}, "__metadata__": {...}}, then the data; offsets are 
 """
 from __future__ import annotations
 
-import json
-import struct
+import os
 from pathlib import Path
 
 import torch
 
+from ..runtime.tables import read_header
+
 DTYPES = {'F64': torch.float64, 'F32': torch.float32, 'F16': torch.float16, 'BF16': torch.bfloat16,
           'I64': torch.int64, 'I32': torch.int32, 'I16': torch.int16, 'I8': torch.int8, 'U8': torch.uint8,
           'BOOL': torch.bool}
-
-
-def read_header(f, path: Path) -> tuple:
-    """-> (header without __metadata__, offset of the data)."""
-    head = f.read(8)
-    if len(head) != 8:
-        raise ValueError(f'{path}: not a safetensors file (shorter than its 8-byte header length)')
-    n = struct.unpack('<Q', head)[0]
-    if n > 100 << 20:
-        raise ValueError(f'{path}: not a safetensors file (header length {n})')
-    try:
-        header = json.loads(f.read(n))
-    except ValueError as e:
-        raise ValueError(f'{path}: not a safetensors file (header is not JSON: {e})') from None
-    header.pop('__metadata__', None)
-    return header, 8 + n
 
 
 @torch.no_grad()
@@ -44,7 +29,7 @@ def read_into(path, state: dict) -> None:
     """Copy every tensor of safetensors file `path` into `state` (name -> tensor sharing the model's memory)."""
     path = Path(path)
     with open(path, 'rb') as f:
-        header, start = read_header(f, path)
+        header, start = read_header(f, path, os.fstat(f.fileno()).st_size)
         missing, unexpected = sorted(set(state) - set(header)), sorted(set(header) - set(state))
         if missing or unexpected:
             raise ValueError(f'{path}: weights do not match the config (missing {missing[:5]}, unexpected '

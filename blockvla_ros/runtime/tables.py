@@ -54,25 +54,33 @@ class TablesError(ValueError):
     """A tables file is not a readable safetensors file, or its tables do not fit the policy."""
 
 
+def read_header(f, path, size: int) -> tuple:
+    """The header of the safetensors file open as `f` (`size` bytes): ({name: {dtype, shape, data_offsets}} without
+    __metadata__, the file offset its data_offsets count from). TablesError (a ValueError) if it is not one."""
+    head = f.read(8)
+    if len(head) != 8:
+        raise TablesError(f'{path}: not a safetensors file (shorter than 8 bytes)')
+    n = struct.unpack('<Q', head)[0]
+    if n > min(MAX_HEADER, size - 8):
+        raise TablesError(f'{path}: not a safetensors file (header length {n} of a {size}-byte file)')
+    try:
+        header = json.loads(f.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TablesError(f'{path}: unreadable safetensors header ({e})') from e
+    if not isinstance(header, dict):
+        raise TablesError(f'{path}: not a safetensors file (its header is not a JSON object)')
+    header.pop('__metadata__', None)
+    return header, 8 + n
+
+
 def read_safetensors(path: str | os.PathLike) -> dict:
     """{name: read-only numpy array memory-mapped from `path`} (BF16 tensors are converted to float32)."""
     path = Path(path)
     size = path.stat().st_size
     with open(path, 'rb') as f:
-        head = f.read(8)
-        if len(head) != 8:
-            raise TablesError(f'{path}: not a safetensors file (shorter than 8 bytes)')
-        n = struct.unpack('<Q', head)[0]
-        if n > min(MAX_HEADER, size - 8):
-            raise TablesError(f'{path}: not a safetensors file (header length {n} of a {size}-byte file)')
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise TablesError(f'{path}: unreadable safetensors header ({e})') from e
+        header, start = read_header(f, path, size)
     out = {}
     for name, info in header.items():
-        if name == '__metadata__':
-            continue
         try:
             dtype = np.dtype(_DTYPES[info['dtype']])
             shape = tuple(int(d) for d in info['shape'])
@@ -80,9 +88,9 @@ def read_safetensors(path: str | os.PathLike) -> dict:
         except (KeyError, TypeError, ValueError) as e:
             raise TablesError(f'{path}: tensor {name!r} has an unsupported entry {info!r}') from e
         count = int(np.prod(shape, dtype=np.int64))
-        if end - begin != count * dtype.itemsize or not 0 <= begin <= end <= size - 8 - n:
+        if end - begin != count * dtype.itemsize or not 0 <= begin <= end <= size - start:
             raise TablesError(f'{path}: tensor {name!r} does not fit the file (offsets {begin}..{end})')
-        arr = np.memmap(path, dtype=dtype, mode='r', offset=8 + n + begin, shape=shape) if count else \
+        arr = np.memmap(path, dtype=dtype, mode='r', offset=start + begin, shape=shape) if count else \
             np.zeros(shape, dtype)
         if info['dtype'] == 'BF16':
             arr = (arr.astype(np.uint32) << 16).view(np.float32)
