@@ -117,6 +117,12 @@ class Timed:
         self.prefill_s += time.perf_counter() - t
         return out
 
+    def prefill_step(self, prefix, tokens, commit=0, block_size=1, rows=None):
+        t = time.perf_counter()
+        out = self.engine.prefill_step(prefix, tokens, commit=commit, block_size=block_size, rows=rows)
+        self.prefill_s += time.perf_counter() - t
+        return out
+
     def step(self, tokens, commit=0, block_size=1, rows=None):
         return self.engine.step(tokens, commit=commit, block_size=block_size, rows=rows)
 

@@ -12,7 +12,10 @@ medians are reported beside it. Measurements (same observations for every folder
     prefill             one-call prefill (vision + the whole prefix in one backbone pass)
     prefill_reused      the prefill with the instruction's K/V reused (vision + the observation pass only)
     n=1, n=B, n=2B      one backbone pass after a prefill: AR, refine, fused commit + refine
-    blockdiff, ar       one whole chunk with the policy's decoding settings (one-call prefill included)
+    prefill+B           the one-call prefill with block 0's B masks folded in (one pass of P + B tokens)
+    blockdiff, ar       one whole chunk with the policy's decoding settings (one-call prefill included; blockdiff's
+                        first refine pass folded into it)
+    blockdiff_unfolded  the same chunk with the prefill as its own pass (`Decoder(fold_prefill=False)`)
 
 Measured in one process, the engine built first ran 5-15 % slower per pass than those built after it on this machine
 (three folders in two orders: whichever came first), so a single run can favour the later folders. `--rotate` runs
@@ -49,12 +52,15 @@ def measurements(engines: dict, config, prefixes: list) -> dict:
             return lambda: fresh.step(np.full(n, mask), commit=0)
         return run
 
+    def folded(i):  # the prefill with block 0's masks in its pass, reading the rows the decoder reads
+        return lambda: fresh.prefill_step(prefixes[i % len(prefixes)], np.full(B, mask), rows=slice(0, B - 1))
+
     out = {'prefill': lambda i: (lambda: fresh.prefill(prefixes[i % len(prefixes)])),
            'prefill_reused': lambda i: (lambda: reuse.prefill(prefixes[i % len(prefixes)])),
-           'n=1': step(1), f'n={B}': step(B), f'n={2 * B}': step(2 * B)}
-    for dec in ('blockdiff', 'ar'):
-        decoder = Decoder(config, dec)
-        out[dec] = (lambda d: lambda i: (lambda: d(fresh, prefixes[i % len(prefixes)])))(decoder)
+           'n=1': step(1), f'n={B}': step(B), f'n={2 * B}': step(2 * B), f'prefill+{B}': folded}
+    for name, decoder in (('blockdiff', Decoder(config, 'blockdiff')), ('ar', Decoder(config, 'ar')),
+                          ('blockdiff_unfolded', Decoder(config, 'blockdiff', fold_prefill=False))):
+        out[name] = (lambda d: lambda i: (lambda: d(fresh, prefixes[i % len(prefixes)])))(decoder)
     return out
 
 

@@ -12,16 +12,24 @@ from tiny import tiny_config
 
 
 class CountingEngine(TorchEngine):
-    """The real torch engine, counting the prefills and the width of every action pass it receives."""
+    """The real torch engine, counting the prefills and the width of every action pass it receives (a folded
+    prefill + first pass counts as a prefill and a width: `folded` lists those)."""
 
     def __init__(self, policy):
         super().__init__(policy, reuse_instruction=False)
         self.widths = []
         self.prefills = 0
+        self.folded = []
 
     def prefill(self, prefix):
         self.prefills += 1
         return super().prefill(prefix)
+
+    def prefill_step(self, prefix, tokens, commit=0, block_size=1, rows=None):
+        self.prefills += 1
+        self.widths.append(len(tokens))
+        self.folded.append(len(self.widths) - 1)
+        return super().prefill_step(prefix, tokens, commit, block_size, rows)
 
     def step(self, tokens, commit=0, block_size=1, rows=None):
         self.widths.append(len(tokens))
@@ -44,20 +52,46 @@ def test_nfe_matches_the_schedule(setup56):
     eng = CountingEngine(policy)
     res = Decoder(config, 'blockdiff')(eng, prefix)
     assert res.steps == [4] * 7
-    assert res.nfe == res.calls == 1 + 7 * 4  # prefill + 7 x 4 refines; each commit rides on the next refine
-    assert eng.prefills == 1 and eng.widths == [8] * 4 + ([16] + [8] * 3) * 6
+    assert res.nfe == res.calls == 7 * 4  # 7 x 4 refines; the prefill rides on the first, each commit on the next
+    assert eng.prefills == 1 and eng.folded == [0] and eng.widths == [8] * 4 + ([16] + [8] * 3) * 6
+    eng = CountingEngine(policy)
+    unfolded = Decoder(config, 'blockdiff', fold_prefill=False)(eng, prefix)
+    assert unfolded.nfe == unfolded.calls == 1 + 7 * 4 and eng.folded == []
+    assert eng.widths == [8] * 4 + ([16] + [8] * 3) * 6 and np.array_equal(unfolded.tokens, res.tokens)
     eng = CountingEngine(policy)
     unfused = Decoder(config, 'blockdiff', fuse_commit=False)(eng, prefix)
-    assert unfused.nfe == unfused.calls == 1 + 7 * 4 + 6 and eng.widths == [8] * (7 * 4 + 6)
+    assert unfused.nfe == unfused.calls == 7 * 4 + 6 and eng.widths == [8] * (7 * 4 + 6) and eng.folded == [0]
     eng = CountingEngine(policy)
-    ar = Decoder(config, 'ar')(eng, prefix)
-    assert ar.nfe == 56 and eng.widths == [1] * 55
+    both = Decoder(config, 'blockdiff', fuse_commit=False, fold_prefill=False)(eng, prefix)
+    assert both.nfe == both.calls == 1 + 7 * 4 + 6 and eng.widths == [8] * (7 * 4 + 6)
+    eng = CountingEngine(policy)
+    ar = Decoder(config, 'ar')(eng, prefix)  # its first token is read off the prefill: nothing to fold
+    assert ar.nfe == 56 and eng.widths == [1] * 55 and eng.folded == []
     eng = CountingEngine(policy)
     fd = Decoder(config, 'fulldiff')(eng, prefix)
-    assert fd.nfe == 1 + 10 and eng.widths == [56] * 10
+    assert fd.nfe == 10 and eng.widths == [56] * 10 and eng.folded == [0]
+    eng = CountingEngine(policy)
+    fd = Decoder(config, 'fulldiff', fold_prefill=False)(eng, prefix)
+    assert fd.nfe == 1 + 10 and eng.widths == [56] * 10 and eng.folded == []
     eng = CountingEngine(policy)
     nc = Decoder(config, 'fulldiff_nocache')(eng, prefix)
-    assert nc.nfe == 10 and eng.prefills == 10 and nc.calls == 20
+    assert nc.nfe == 10 and eng.prefills == 10 and nc.calls == 20 and eng.folded == []
+
+
+def test_nfe_with_known_blocks(setup56):
+    """Real-time chunking: known whole blocks ride on the folded pass as its carry; a chunk known entirely costs
+    the prefill alone."""
+    config, policy, prefix = setup56
+    eng = CountingEngine(policy)
+    res = Decoder(config, 'blockdiff')(eng, prefix, known=np.arange(20) % config.n_bins)  # 2 blocks + 4 tokens
+    assert res.steps == [0, 0, 4, 4, 4, 4, 4] and res.nfe == res.calls == 5 * 4
+    assert eng.folded == [0] and eng.widths == [24] + [8] * 3 + ([16] + [8] * 3) * 4
+    eng = CountingEngine(policy)
+    unfused = Decoder(config, 'blockdiff', fuse_commit=False)(eng, prefix, known=np.arange(20) % config.n_bins)
+    assert unfused.nfe == 1 + 5 * 4 + 4 and eng.folded == [0] and eng.widths[0] == 16  # the commit pass folded
+    eng = CountingEngine(policy)
+    everything = Decoder(config, 'blockdiff')(eng, prefix, known=np.arange(56) % config.n_bins)
+    assert everything.nfe == everything.calls == 1 and eng.prefills == 1 and eng.widths == []
 
 
 def test_threshold_never_exceeds_fixed_and_always_progresses(setup56):
@@ -66,7 +100,7 @@ def test_threshold_never_exceeds_fixed_and_always_progresses(setup56):
         thr = config.replace(schedule='threshold', threshold=tau)
         res = Decoder(thr, 'blockdiff')(TorchEngine(policy), prefix)
         assert all(1 <= s <= 4 for s in res.steps)
-        assert res.nfe == 1 + sum(res.steps) <= 1 + 7 * 4
+        assert res.nfe == sum(res.steps) <= 7 * 4
     low = Decoder(config.replace(schedule='threshold', threshold=0.0001), 'blockdiff')(TorchEngine(policy), prefix)
     assert low.steps == [1] * 7  # everything above tau: one pass per block
 

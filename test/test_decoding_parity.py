@@ -43,6 +43,10 @@ class UncachedEngine:
             hidden, _ = p.run_backbone(embeds, position_ids(valid, acts.shape[1], 1, p.layout), mask)
             return p.action_logits(hidden[0]).numpy()  # [T, n_bins]
 
+    def prefill_step(self, prefix, tokens, commit=0, block_size=1, rows=None):
+        """The folded pass's reference: the prefill and the step as two uncached forwards."""
+        return self.prefill(prefix), self.step(tokens, commit, block_size, rows)
+
     def step(self, tokens, commit=0, block_size=1, rows=None):
         tokens = np.asarray(tokens, np.int64).reshape(-1)
         self.history = np.concatenate([self.history, tokens[:commit]])  # committed: clean, block-causal
@@ -103,7 +107,7 @@ def test_fulldiff_nocache_equals_cached_prefix():
     a = Decoder(config, 'fulldiff')(eng, prefix)
     b = Decoder(config, 'fulldiff_nocache')(eng, prefix)
     assert np.array_equal(a.tokens, b.tokens)
-    assert b.calls == 2 * b.nfe and a.nfe == 1 + b.nfe
+    assert b.calls == 2 * b.nfe and a.nfe == a.calls == b.nfe  # the cached prefill rides on the first pass
 
 
 def test_known_tokens_are_kept_and_decoding_continues_them():
@@ -145,15 +149,38 @@ def test_fused_commit_equals_the_uncached_reference_and_counts_1_plus_refine_pas
     known = KNOWN[known]
     fused = Decoder(config, 'blockdiff')(TorchEngine(policy), prefix, known=known, trace=True)
     _compare(fused, Decoder(config, 'blockdiff')(UncachedEngine(policy, B), prefix, known=known, trace=True))
-    assert fused.nfe == 1 + sum(fused.steps)
+    assert fused.nfe == sum(fused.steps)  # the prefill is folded into the first refine pass
     if known is None and schedule['schedule'] == 'fixed':
-        assert fused.nfe == 1 + config.n_blocks * min(schedule['steps_per_block'], B)
+        assert fused.nfe == config.n_blocks * min(schedule['steps_per_block'], B)
     widths = {len(t) for phase, t, _ in fused.trace if phase == 'refine'}
     assert widths <= {B, 2 * B, 3 * B}  # refine, fused commit + refine, two carried blocks + refine
     unfused = Decoder(config, 'blockdiff', fuse_commit=False)(TorchEngine(policy), prefix, known=known)
     refined = [b for b, s in enumerate(fused.steps) if s]
     assert np.array_equal(unfused.tokens, fused.tokens)
     assert unfused.nfe == fused.nfe + len(refined) - (1 if refined and refined[0] == 0 else 0)
+
+
+@pytest.mark.parametrize('reuse', ['one-call', 'instruction-kept'])
+@pytest.mark.parametrize('decoder', ['blockdiff', 'fulldiff'])
+@pytest.mark.parametrize('schedule', SCHEDULES[1:4], ids=lambda s: f'{s["schedule"]}-{s["steps_per_block"]}')
+def test_folded_prefill_equals_the_uncached_reference_and_the_unfolded_decode(schedule, decoder, reuse):
+    """The prefill folded into the first pass, on a one-call prefill or the instruction-kept split one (a new
+    instruction, then the same one again: its K/V reused, the fold covers the observation part): the same calls,
+    tokens and logits as the uncached reference, one NFE less than the unfolded decode, the same tokens."""
+    config = tiny_config(**schedule)
+    policy = BlockVLAPolicy(config).eval()
+    engine = TorchEngine(policy, reuse_instruction=reuse == 'instruction-kept')
+    block = config.block_size
+    for seed, text in ((21, 'put the red block on the plate'), (22, 'put the red block on the plate'),
+                       (23, 'stack the cups')):
+        prefix = _observation(config, seed, text)
+        folded = Decoder(config, decoder)(engine, prefix, trace=True)
+        assert engine.text_kv_reused == (reuse == 'instruction-kept' and seed == 22)
+        assert folded.trace[0][0] == 'prefill+refine' and all(p != 'prefill' for p, _, _ in folded.trace)
+        _compare(folded, Decoder(config, decoder)(UncachedEngine(policy, block), prefix, trace=True))
+        unfolded = Decoder(config, decoder, fold_prefill=False)(TorchEngine(policy), prefix, trace=True)
+        assert unfolded.nfe == folded.nfe + 1 and np.array_equal(unfolded.tokens, folded.tokens)
+        assert float(np.abs(unfolded.trace[1][2] - folded.trace[0][2][1:]).max()) <= 1e-4  # the first pass's rows
 
 
 @pytest.mark.parametrize('decoder', ['ar', 'fulldiff'])

@@ -102,8 +102,9 @@ def test_io_binding_shares_preallocated_buffers(folder):
     shapes = set(engine._passes)  # (n tokens, cache slots read, logit rows)
     assert {(B, t_max), (2 * B, t_max)} <= {s[:2] for s in shapes}  # refine, fused commit + refine: the whole cache
     # the prefix passes read only the slots before them: the instruction pass one (masked), the observation pass the
-    # instruction's (a copy of them: the `head` buffer); both return the logits of their last row only
-    assert {(lt, 1, 1), (spec.config.prefix_len - lt, lt, 1)} <= shapes
+    # instruction's (a copy of them: the `head` buffer); the instruction pass returns its last row's logits, the
+    # observation pass (block 0's masks folded in) its last row's and B - 1 of the block's
+    assert {(lt, 1, 1), (spec.config.prefix_len - lt + B, lt, B)} <= shapes
     assert (2 * B, t_max, B) in shapes  # the fused pass: the last committed token's row and B - 1 of the block's
     passes = {n: (p.binding, p.new_kv, p.logits) for n, p in engine._passes.items()}
     Decoder(spec.config, 'blockdiff')(engine, pre(image, text, state))
@@ -168,8 +169,9 @@ def test_tensorrt_profiles_cover_every_pass_the_decoders_make(folder):
     cfg = spec.config
     profiles = check_profiles(spec)
     regular = set(token_counts(cfg))
-    assert regular == {1, cfg.block_size, 2 * cfg.block_size, cfg.n_action_tokens, cfg.prefix_len,
-                       cfg.max_text_tokens, cfg.prefix_len - cfg.max_text_tokens}
+    P, Lt, B, L = cfg.prefix_len, cfg.max_text_tokens, cfg.block_size, cfg.n_action_tokens
+    assert regular == {1, B, 2 * B, L, P, Lt, P - Lt,
+                       P + B, P - Lt + B, P + L, P - Lt + L}  # prefill (or its observation part) + first pass
     pre = build_preprocessor(cfg, spec.stats, folder)
     seen = set()
     for reuse in (True, False):

@@ -69,6 +69,11 @@ class CopyEngine(TorchEngine):
         self._len = 0
         return super().prefill(prefix)
 
+    def prefill_step(self, prefix, tokens, commit=0, block_size=1, rows=None):
+        """Not folded: the prefill and the step as two passes (this engine's cache follows `_prefix_pass` and
+        `step`; the folded pass is checked against the uncached reference in test_decoding_parity)."""
+        return self.prefill(prefix), self.step(tokens, commit, block_size, rows)
+
     def _backbone(self, embeds, positions, mask, rows):
         n, t_max = embeds.shape[1], self.cache.max_len
         keep = self._len  # slots in the concatenated cache (prefix + committed)

@@ -75,6 +75,12 @@ class LockStep:
     def prefill(self, prefix):
         return self._compare(self.reference.prefill(prefix), self.engine.prefill(prefix))
 
+    def prefill_step(self, prefix, tokens, commit=0, block_size=1, rows=None):
+        kw = dict(commit=commit, block_size=block_size, rows=rows)
+        (a0, a1), (b0, b1) = (self.reference.prefill_step(prefix, tokens, **kw),
+                              self.engine.prefill_step(prefix, tokens, **kw))
+        return self._compare(a0, b0), self._compare(a1, b1)
+
     def step(self, tokens, commit=0, block_size=1, rows=None):
         return self._compare(self.reference.step(tokens, commit=commit, block_size=block_size, rows=rows),
                              self.engine.step(tokens, commit=commit, block_size=block_size, rows=rows))

@@ -3,11 +3,20 @@
     blockdiff         blocks of B tokens left to right; each starts all [MASK] and is refined in parallel
                       (<= steps_per_block passes). A finished block is committed (its exact K/V stored) by the next
                       block's first refine pass, which carries [block b-1 clean ; block b masks] (n = 2B,
-                      block-causal inside the pass): NFE = 1 + sum of refine passes (fixed schedule: 1 + blocks *
-                      steps). `fuse_commit=False` runs the commit as its own pass (n = B; + blocks - 1 NFE).
-    ar                one token per pass with the KV cache, each pass committing the previous token: NFE = L.
-    fulldiff          the whole chunk is one block refined fulldiff_steps times over the cached prefix.
+                      block-causal inside the pass). The prefill is folded into the first block's first refine
+                      pass: one backbone pass over [prefix ; block 0 masks] (`Engine.prefill_step`). NFE = sum of
+                      refine passes (fixed schedule: blocks * steps). `fuse_commit=False` runs the commit as its own
+                      pass (n = B; + blocks - 1 NFE); `fold_prefill=False` the prefill as its own pass (+ 1 NFE).
+    ar                one token per pass with the KV cache, each pass committing the previous token: NFE = L (the
+                      first token is read off the prefill, so nothing is folded into it).
+    fulldiff          the whole chunk is one block refined fulldiff_steps times over the cached prefix (the prefill
+                      folded into the first pass: NFE = passes).
     fulldiff_nocache  the same, but the prefix is recomputed for every pass (the paper's baseline).
+
+Folding is exact: the prefix rows of the folded pass attend as the prefill's and never see an action token, the
+action rows see the prefix and the block as the separate pass would (`runtime.pass_masks.prefix_action_mask`), and
+only the prefix's (and carried finished blocks') K/V are written to the cache. The first engine call after the
+prefill, whatever it is (a refine pass, with or without a carry, or a commit pass), is the one folded.
 
 `known` tokens (real-time chunking: actions already sent to the robot while this chunk was computed) are placed
 as already decoded and are never changed; whole known blocks (AR: known tokens) cost no pass of their own: they
@@ -68,10 +77,12 @@ def select_unmask(logits: np.ndarray, masked: np.ndarray, count: int, schedule: 
 class Decoder:
     """Runs one decoder variant over an Engine; variants are config values checked here, in one place."""
 
-    def __init__(self, config: BlockVLAConfig, decoder: Optional[str] = None, fuse_commit: bool = True):
+    def __init__(self, config: BlockVLAConfig, decoder: Optional[str] = None, fuse_commit: bool = True,
+                 fold_prefill: bool = True):
         self.config = config
         self.decoder = decoder or config.decoder
         self.fuse_commit = bool(fuse_commit)
+        self.fold_prefill = bool(fold_prefill)
         if self.decoder not in ('blockdiff', 'ar', 'fulldiff', 'fulldiff_nocache'):
             raise ValueError(f'unknown decoder {self.decoder!r}')
 
@@ -89,6 +100,7 @@ class Decoder:
             fixed[:len(known)] = True
         res = DecodeResult(tokens=tokens, nfe=0, calls=0)
         self._trace = res.trace if trace else None
+        self._prefix = None  # a prefill not run yet: the next step carries it (`_step`)
         if self.decoder == 'ar':
             self._ar(engine, prefix, tokens, fixed, res)
         elif self.decoder == 'blockdiff':
@@ -96,10 +108,12 @@ class Decoder:
         else:
             boundary = None
             if self.decoder == 'fulldiff':
-                boundary = self._call(engine.prefill, res, 'prefill', None, prefix)
+                boundary = self._prefill(engine, res, prefix)
             nocache = prefix if self.decoder == 'fulldiff_nocache' else None
             res.steps.append(self._refine(engine, res, tokens, fixed, boundary, cfg.fulldiff_steps, nocache)[0])
-        self._trace = None
+        if self._prefix is not None:  # every token was known: no pass to fold the prefill into
+            self._call(engine.prefill, res, 'prefill', None, self._prefix)
+        self._trace = self._prefix = None
         return res
 
     # --------------------------------------------------------------------------------------------------------
@@ -107,9 +121,27 @@ class Decoder:
         out = fn(*args, **kwargs)
         res.calls += 1
         res.nfe += nfe
-        if self._trace is not None:
-            self._trace.append((phase, None if tokens_in is None else tokens_in.copy(), np.array(out, copy=True)))
+        if self._trace is not None:  # a folded pass: [the prefill's logits ; the step's]
+            logits = np.concatenate([out[0][None], out[1]]) if isinstance(out, tuple) else np.array(out, copy=True)
+            self._trace.append((phase, None if tokens_in is None else tokens_in.copy(), logits))
         return out
+
+    def _prefill(self, engine, res: DecodeResult, prefix) -> Optional[np.ndarray]:
+        """Run the prefill now (-> its logits), or, folding, leave it to the next `_step` (-> None)."""
+        if self.fold_prefill:
+            self._prefix = prefix
+            return None
+        return self._call(engine.prefill, res, 'prefill', None, prefix)
+
+    def _step(self, engine, res: DecodeResult, phase: str, tokens, commit: int, block_size: int, rows: slice):
+        """engine.step, or the pending prefill and it in one pass. -> (step logits, the prefill's logits or None)"""
+        if self._prefix is None:
+            return self._call(engine.step, res, phase, tokens, tokens, commit=commit, block_size=block_size,
+                              rows=rows), None
+        prefix, self._prefix = self._prefix, None
+        boundary, logits = self._call(engine.prefill_step, res, 'prefill+' + phase, tokens, prefix, tokens,
+                                      commit=commit, block_size=block_size, rows=rows)
+        return logits, boundary
 
     def _rows(self, n: int, k: int) -> slice:
         """The rows of a pass over [k carried ; n - k block] tokens whose logits it reads: 'same' shift: the block's
@@ -130,14 +162,13 @@ class Decoder:
 
     def _blockdiff(self, engine, prefix, tokens, fixed, res):
         cfg, B = self.config, self.config.block_size
-        boundary = self._call(engine.prefill, res, 'prefill', None, prefix)
+        boundary = self._prefill(engine, res, prefix)
         pending = 0  # finished tokens (whole blocks) before the current block, not yet in the cache
         for b in range(cfg.n_blocks):
             sl = slice(b * B, (b + 1) * B)
             if pending and not self.fuse_commit and (~fixed[sl]).any():
                 done = tokens[sl.start - pending:sl.start]
-                boundary = self._call(engine.step, res, 'commit', done, done, commit=pending, block_size=B,
-                                      rows=slice(pending - 1, pending))[-1]
+                boundary = self._step(engine, res, 'commit', done, pending, B, slice(pending - 1, pending))[0][-1]
                 pending = 0
             steps, boundary = self._refine(engine, res, tokens[sl], fixed[sl], boundary, cfg.steps_per_block,
                                            carry=tokens[sl.start - pending:sl.start])
@@ -159,8 +190,9 @@ class Decoder:
                 boundary = self._call(engine.prefill, res, 'prefill', None, nocache_prefix, nfe=0)
             k = len(carry) if steps == 0 else 0
             tokens_in = np.concatenate([carry, block]) if k else block
-            logits = self._call(engine.step, res, 'refine', tokens_in, tokens_in, commit=k,
-                                block_size=cfg.block_size, rows=self._rows(len(tokens_in), k))
+            logits, prefilled = self._step(engine, res, 'refine', tokens_in, k, cfg.block_size,
+                                           self._rows(len(tokens_in), k))
+            boundary = boundary if prefilled is None else prefilled
             pred, boundary = self._predictions(logits, boundary, k)
             count = counts[steps] if steps < len(counts) - 1 else int(masked.sum())  # last pass fills the rest
             chosen = select_unmask(pred, masked, count, cfg.schedule, cfg.threshold)

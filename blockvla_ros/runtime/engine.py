@@ -22,6 +22,11 @@ and writing committed slots into the cache (`runtime.kv_cache`). The decode loop
     step(..., rows=slice(lo, hi))         -> logits [hi - lo, n_bins] of those rows only: a graph with a
                                              `logit_rows` input computes nothing else after the last layer's K/V
                                              (model.graphs); a prefix pass asks for its last row only
+    prefill_step(prefix, tokens, ...)     -> (prefill's logits, step's logits): both in one backbone pass over
+                                             [prefix ; tokens] (the decoders fold the prefill into their first
+                                             pass: runtime.decoding); the prefix never sees the tokens, the tokens
+                                             see the prefix as a step would, and only the prefix's (and the first
+                                             k tokens') K/V join the cache
 
 With `reuse_instruction` (a prefix that starts with the instruction) the prefill runs as two backbone calls, the
 instruction and then the observation, and the first is skipped while the instruction does not change: its slots
@@ -38,7 +43,7 @@ import numpy as np
 from ..model.config import BlockVLAConfig
 from ..model.prefix_layout import graph_positions, layout_for
 from .kv_cache import KVCache
-from .pass_masks import action_mask, prefix_mask, windowed
+from .pass_masks import action_mask, prefix_action_mask, prefix_mask, windowed
 from .tables import Tables
 
 
@@ -93,36 +98,40 @@ class Engine(ABC):
 
     # --- the interface the decode loop uses -------------------------------------------------------------------
     def prefill(self, prefix: PrefixInputs) -> np.ndarray:
-        lay = self.layout
-        valid = lay.valid(prefix.text_valid.reshape(-1))  # [P]
-        attention = lay.attention(valid)  # [P, P]
-        positions = lay.positions(valid)  # [P] (or [3, P])
-        embeds = self._prefix_embeds(prefix)  # [1, P, hidden]
-        self.cache.truncate(0)
-        self.n_committed = 0
-        lo, self.text_kv_reused = 0, False
-        if self.reuse_instruction:
-            lo = self.split
-            key = (prefix.text_ids.tobytes(), prefix.text_valid.tobytes())
-            self.text_kv_reused = key == self._instruction
-            if self.text_kv_reused:
-                self.cache.valid[:lo] = valid[:lo]
-            else:
-                self._instruction = None  # until the pass has written the slots
-                self._prefix_pass(embeds, positions, attention, valid, 0, lo)
-                self._instruction = key
-        logits = self._prefix_pass(embeds, positions, attention, valid, lo, lay.length)
+        embeds, positions, attention, valid, lo = self._start_chunk(prefix)
+        logits = self._prefix_pass(embeds, positions, attention, valid, lo, self.layout.length)
         self.prefix_valid = valid
         return logits[-1]
+
+    def prefill_step(self, prefix: PrefixInputs, tokens, commit: int = 0, block_size: int = 1,
+                     rows: Optional[slice] = None) -> tuple:
+        """`prefill(prefix)` and then `step(tokens, commit, block_size, rows)` in one backbone pass over [the prefix
+        (its observation part when the instruction's K/V is kept) ; the action tokens]: the prefix attends as in
+        the prefill and never sees the actions, the actions see the prefix and each other as in the step, and the
+        prefix's K/V and the first `commit` tokens' join the cache. -> (prefill's logits [n_bins], step's logits)"""
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        n = tokens.shape[0]
+        a_lo, a_hi = _range(rows, n)
+        embeds, positions, attention, valid, lo = self._start_chunk(prefix)
+        P = self.layout.length
+        n_p = P - lo
+        past = max(lo, 1) if self.dynamic_past else self.cache.max_len
+        act_pos = self.layout.action_positions(valid, 0, n)  # [n] / [3, n]
+        pos = np.concatenate([positions[..., lo:], act_pos], axis=-1)  # [n_p + n] / [3, n_p + n]
+        mask = self._windowed(prefix_action_mask(attention, valid, lo, past, commit, n, block_size), pos)
+        embeds = np.concatenate([embeds[:, lo:], self.tables.actions(tokens).astype(embeds.dtype, copy=False)], 1)
+        rows_ = np.concatenate([[n_p - 1], n_p + np.arange(a_lo, a_hi)]).astype(np.int64)  # the prefix's last row
+        logits, new_kv = self._backbone(embeds, graph_positions(pos), mask, rows_)
+        self.cache.write(lo, new_kv, n_p + commit, np.concatenate([valid[lo:], np.ones(commit, bool)]), _row(pos))
+        self.prefix_valid, self.n_committed = valid, commit
+        return logits[0], logits[1:1 + a_hi - a_lo]
 
     def step(self, tokens, commit: int = 0, block_size: int = 1, rows: Optional[slice] = None) -> np.ndarray:
         """Evaluate action tokens [n] at the next n action positions; the first `commit` join the cache. -> logits
         [n, n_bins], or of `rows` only (a slice of range(n); an empty one returns [0, n_bins])."""
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
         n, first = tokens.shape[0], self.n_committed
-        lo, hi, stride = (slice(None) if rows is None else rows).indices(n)
-        if stride != 1:
-            raise ValueError(f'rows must be a contiguous slice, got {rows}')
+        lo, hi = _range(rows, n)
         positions = self.layout.action_positions(self.prefix_valid, first, n)  # [n] / [3, n]
         mask = self._windowed(action_mask(self.cache.valid, first, commit, n, block_size), positions)
         logits, new_kv = self._backbone(self.tables.actions(tokens), graph_positions(positions), mask,
@@ -141,6 +150,30 @@ class Engine(ABC):
         return {'engine': self.name, 'reuse_text_kv': self.reuse_instruction}
 
     # --- helpers ----------------------------------------------------------------------------------------------
+    def _start_chunk(self, prefix: PrefixInputs) -> tuple:
+        """Empty the cache (but a kept instruction) and run the instruction pass when its K/V are not kept. ->
+        (embeds [1, P, hidden], positions [P] / [3, P], attention [P, P], valid [P], lo: the first prefix slot
+        the last prefix pass computes)"""
+        lay = self.layout
+        valid = lay.valid(prefix.text_valid.reshape(-1))  # [P]
+        attention = lay.attention(valid)  # [P, P]
+        positions = lay.positions(valid)  # [P] (or [3, P])
+        embeds = self._prefix_embeds(prefix)  # [1, P, hidden]
+        self.cache.truncate(0)
+        self.n_committed = 0
+        lo, self.text_kv_reused = 0, False
+        if self.reuse_instruction:
+            lo = self.split
+            key = (prefix.text_ids.tobytes(), prefix.text_valid.tobytes())
+            self.text_kv_reused = key == self._instruction
+            if self.text_kv_reused:
+                self.cache.valid[:lo] = valid[:lo]
+            else:
+                self._instruction = None  # until the pass has written the slots
+                self._prefix_pass(embeds, positions, attention, valid, 0, lo)
+                self._instruction = key
+        return embeds, positions, attention, valid, lo
+
     def _prefix_embeds(self, prefix: PrefixInputs) -> np.ndarray:
         parts = []
         for seg in self.layout.segments:
@@ -172,6 +205,14 @@ class Engine(ABC):
             return mask
         past = mask.shape[-1] - mask.shape[-2]  # the cache slots the pass reads
         return windowed(mask, positions, self.cache.positions[:past], self.windows)  # 1-D: windows refuse M-RoPE
+
+
+def _range(rows: Optional[slice], n: int) -> tuple:
+    """A contiguous slice of range(n) (None: all) -> (lo, hi)."""
+    lo, hi, stride = (slice(None) if rows is None else rows).indices(n)
+    if stride != 1:
+        raise ValueError(f'rows must be a contiguous slice, got {rows}')
+    return lo, max(hi, lo)
 
 
 def _rows(lo: int, hi: int, n: int) -> np.ndarray:

@@ -21,6 +21,13 @@ forward over the sequence.
         n (b)       x x x ... x                x x   x x      noisy: the clean tokens of the pass + its block
         n (b)       x x x ... x                x x   x x
 
+    prefix pass + first action pass in one (`prefix_action_mask`: the prefill folded into the first refine pass):
+    [prefix slots lo .. P-1 ; n action tokens at indices 0 .. n-1], past cache slots read
+
+                    cache 0..lo-1   prefix lo..P-1   c   n n
+        prefix      as prefix_mask                   .   . .      the prefix never sees an action token
+        c / n       valid[:lo]      valid[lo:]       action_rule   as action_mask over a cache holding the prefix
+
     sliding windows (`config.attention_windows`, model.attention_windows): `windowed` stacks one mask per window,
     [K, 1, n, past + n]; a windowed row also drops keys W or more positions behind the query (the cache slots'
     positions are the KV cache's `positions`). Without windows, K = 1 and the mask is unchanged.
@@ -56,6 +63,23 @@ def action_mask(cache_valid: np.ndarray, first: int, commit: int, n: int, block_
     mask = np.empty((1, 1, n, t_max + n), dtype=bool)
     mask[0, 0, :, :t_max] = cache_valid.reshape(1, t_max)
     mask[0, 0, :, t_max:] = action_rule(kind, block, kind, block)
+    return mask
+
+
+def prefix_action_mask(attention: np.ndarray, valid: np.ndarray, lo: int, past: int, commit: int, n: int,
+                       block_size: int) -> np.ndarray:
+    """The mask of one pass over prefix slots [lo, P) followed by the first n action tokens (the first `commit`
+    clean): the prefix rows are `prefix_mask`'s (blind to the actions), the action rows `action_mask`'s over a cache
+    whose slots 0 .. P-1 hold the prefix (valid [P]): slots before lo from the cache, the rest the pass's own
+    columns. -> [1, 1, P - lo + n, past + P - lo + n]"""
+    P = attention.shape[0]
+    n_p = P - lo
+    mask = np.zeros((1, 1, n_p + n, past + n_p + n), dtype=bool)
+    mask[:, :, :n_p, :past + n_p] = prefix_mask(attention, lo, P, past)
+    seen = np.zeros(past + n_p, dtype=bool)  # what an action row sees left of the actions
+    seen[:lo] = valid[:lo]
+    seen[past:] = valid[lo:]
+    mask[:, :, n_p:] = action_mask(seen, 0, commit, n, block_size)
     return mask
 
 

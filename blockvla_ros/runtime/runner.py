@@ -47,7 +47,8 @@ class Prediction:
 
 
 class _PhaseTimer:
-    """Wraps an engine for one decode: measures the time spent in prefill calls."""
+    """Wraps an engine for one decode: measures the time spent in prefill calls (the first refine pass folded into
+    the prefill included)."""
 
     def __init__(self, engine):
         self.engine = engine
@@ -57,6 +58,13 @@ class _PhaseTimer:
         t = time.perf_counter()
         try:
             return self.engine.prefill(prefix)
+        finally:
+            self.prefill_s += time.perf_counter() - t
+
+    def prefill_step(self, prefix, tokens, commit=0, block_size=1, rows=None):
+        t = time.perf_counter()
+        try:
+            return self.engine.prefill_step(prefix, tokens, commit=commit, block_size=block_size, rows=rows)
         finally:
             self.prefill_s += time.perf_counter() - t
 

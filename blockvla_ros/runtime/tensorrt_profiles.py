@@ -7,6 +7,8 @@ exact shape (min = opt = max, so its kernels are tuned for it), plus one range p
     n = 1        AR                                    n = L        full diffusion
     n = B        refine (each trained block size)      n = P        one-call prefill
     n = 2B       fused commit + refine                 n = Lt, P-Lt split prefill (instruction, observation)
+    n = P+B, P-Lt+B, P+L, P-Lt+L                       the prefill (or its observation part) folded into the
+                                                       first refine / full-diffusion pass (runtime.decoding)
     [1, T_max]   anything else (opt 2B)
 
 A context is created per profile (they share one scratch buffer: only one runs at a time), so a pass never switches
@@ -40,9 +42,13 @@ def token_counts(config) -> dict:
     L, P, Lt = config.n_action_tokens, layout.length, layout.instruction_len
     uses = {}
     counts = [(1, 'AR'), (L, 'full diffusion'), (P, 'prefill'), (Lt, 'instruction prefill'),
-              (P - Lt, 'observation prefill')]
+              (P - Lt, 'observation prefill'), (P + L, 'prefill + full diffusion')]
+    if Lt:
+        counts.append((P - Lt + L, 'observation prefill + full diffusion'))
     for B in config.block_sizes:  # every block size the policy was trained with (a decoding override)
-        counts += [(B, 'refine'), (2 * B, 'fused commit + refine')]
+        counts += [(B, 'refine'), (2 * B, 'fused commit + refine'), (P + B, 'prefill + refine')]
+        if Lt:
+            counts.append((P - Lt + B, 'observation prefill + refine'))
     for n, what in counts:
         if 0 < n <= config.max_seq_len:
             uses.setdefault(n, []).append(what)

@@ -8,7 +8,8 @@ The same graph modules as `TorchEngine` (model.graphs), driven so that every pas
     pass shapes  one `_Pass` per token count n: static inputs (embeds, positions, mask) and outputs (logits float32,
                  new_kv) allocated on its first call; a pass copies its inputs in, runs, and reads its outputs
     CUDA graphs  on cuda with `cuda_graphs`, each shape the decoders use (`tensorrt_profiles.token_counts`: 1, B, 2B,
-                 L, P and the instruction / observation parts of the prefill) is captured on its first call (warm-up
+                 L, P, the instruction / observation parts of the prefill, and the prefill or its observation part
+                 with the first refine / full-diffusion pass folded in: + B, + L) is captured on its first call (warm-up
                  on a side stream, then `torch.cuda.CUDAGraph` into one shared memory pool) and replayed after; any
                  other n (real-time chunking carries) runs eagerly through the same buffers; a failed capture
                  falls back to eager for that n, with a warning
