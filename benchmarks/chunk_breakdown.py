@@ -2,6 +2,7 @@
 """Where one chunk's CPU time goes on ONNX Runtime (CPU), for one policy folder.
 
     python benchmarks/chunk_breakdown.py FOLDER [--decoder blockdiff] [--runs 10] [--reuse] [--ort-profile]
+                                                [--no-fold]
 
 Three views, all in CPU time of the decoding thread (`time.thread_time`; 1 intra-op thread, so ONNX Runtime
 computes on it too):
@@ -15,7 +16,8 @@ computes on it too):
                  matmuls (a prepacked constant operand) apart from attention matmuls, per pass kind
 
 Profiling distorts absolute times (the profiler records every node); read its shares, not its milliseconds.
-`--reuse` keeps the instruction's K/V across chunks (the node's default). Timings are printed, never asserted.
+`--reuse` keeps the instruction's K/V across chunks (the node's default); `--no-fold` runs the prefill as its own
+pass instead of folding it into the first refine pass (`Decoder(fold_prefill=False)`). Timings are printed, never asserted.
 """
 from __future__ import annotations
 
@@ -163,12 +165,13 @@ def main(argv=None) -> int:
     p.add_argument('--runs', type=int, default=10)
     p.add_argument('--reuse', action='store_true', help="keep the instruction's K/V across chunks (the node)")
     p.add_argument('--ort-profile', action='store_true', help="add ONNX Runtime's per-op-type shares")
+    p.add_argument('--no-fold', action='store_true', help='the prefill as its own pass (not folded)')
     p.add_argument('--json', type=Path)
     args = p.parse_args(argv)
     from blockvla_ros.runtime.decoding import Decoder
 
     spec, prefixes, engine = _open(args.folder, args.reuse)
-    decoder = Decoder(spec.config, args.decoder)
+    decoder = Decoder(spec.config, args.decoder, fold_prefill=not args.no_fold)
     acc = accounting(engine, decoder, prefixes, args.runs)
     print(f'{args.decoder} chunk: median {acc["chunk_ms"]:.1f} CPU ms, passes per chunk {acc["passes"]}')
     for part, ms in sorted(acc['parts_ms'].items(), key=lambda kv: -kv[1]):

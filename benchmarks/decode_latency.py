@@ -7,7 +7,8 @@
 
 A random policy of the chosen size is saved as a checkpoint, exported with blockvla-export (parity-checked),
 and then decoded with: block diffusion (ours; B = 8, 2 refine passes per block on the small shape), the same with
-each commit as its own pass instead of fused into the next block's first refine pass (`blockdiff_unfused`), AR
+each commit as its own pass instead of fused into the next block's first refine pass (`blockdiff_unfused`), the
+same with the prefill as its own pass instead of folded into the first refine pass (`blockdiff_unfolded`), AR
 with KV cache, full diffusion with the prefix cached, and full diffusion with the prefix recomputed every pass
 (the paper's baseline). Latency = median over --runs decodes of one action chunk (prefill included), on identical
 observations for every engine/decoder; `cpu_ms` is the median CPU time of the decoding thread (steadier than wall
@@ -22,7 +23,8 @@ chunk) and, with the peers, onnxruntime-genai AR keeping the instruction too (`r
 `--shape NAME` (benchmarks/shapes.py) swaps the small backbone for a real one's dimensions with random weights
 (written shard by shard, never downloaded) and keeps the small config's vision and decoding settings; the export's
 parity check and the torch engine are skipped there (--parity-samples, --engines), and so are the decoders that
-recompute the prefix (fulldiff_nocache) or exist to show the fused commit (blockdiff_unfused) unless --decoders
+recompute the prefix (fulldiff_nocache) or exist to show the fused commit or the folded prefill (blockdiff_unfused,
+blockdiff_unfolded) unless --decoders
 names them. Timings are printed, never asserted.
 """
 from __future__ import annotations
@@ -54,7 +56,9 @@ CONFIGS = {
                  vision={'type': 'patch', 'patch_size': 16, 'dim': 32}, image_size=32, max_text_tokens=40,
                  action_dim=3, chunk_len=4, block_size=3, steps_per_block=3, schedule='fixed'),
 }
-DECODERS = ('blockdiff', 'blockdiff_unfused', 'ar', 'fulldiff', 'fulldiff_nocache')
+DECODERS = ('blockdiff', 'blockdiff_unfused', 'blockdiff_unfolded', 'ar', 'fulldiff', 'fulldiff_nocache')
+VARIANTS = {'blockdiff_unfused': ('blockdiff', {'fuse_commit': False}),  # decoder name -> (Decoder, its options)
+            'blockdiff_unfolded': ('blockdiff', {'fold_prefill': False})}
 SHAPE_DECODERS = ('blockdiff', 'ar', 'fulldiff')  # --shape default: a real-size backbone takes seconds per pass
 INSTRUCTIONS = ('put the red block on the plate', 'open the top drawer', 'stack the green cup')
 
@@ -146,7 +150,7 @@ def bench_all(engines: dict, config, prefixes, runs, warmup, decoder_names=DECOD
 
     only = only or {}
     variants = [(e, d) for e in engines for d in decoder_names if d in only.get(e, decoder_names)]
-    decoders = {d: Decoder(config, d.replace('_unfused', ''), fuse_commit='unfused' not in d) for d in decoder_names}
+    decoders = {d: Decoder(config, VARIANTS.get(d, (d, {}))[0], **VARIANTS.get(d, (d, {}))[1]) for d in decoder_names}
     times = {v: ([], [], []) for v in variants}
     last = {}
     for i in range(warmup + runs):
@@ -192,7 +196,8 @@ def per_pass(engine, config, prefix, runs: int) -> dict:
 
 KEPT = 'onnxruntime_instruction_kept'  # bench_all's name for the ONNX Runtime engine that keeps the instruction K/V
 RATIOS = {'blockdiff_vs_fulldiff_speedup': 'fulldiff_nocache', 'blockdiff_vs_fulldiff_cached_speedup': 'fulldiff',
-          'blockdiff_vs_ar_speedup': 'ar', 'fused_commit_speedup': 'blockdiff_unfused'}
+          'blockdiff_vs_ar_speedup': 'ar', 'fused_commit_speedup': 'blockdiff_unfused',
+          'folded_prefill_speedup': 'blockdiff_unfolded'}
 
 
 def ratios(rows: dict, key: str = 'median_ms') -> dict:
@@ -427,7 +432,7 @@ def print_table(out: dict, results: dict) -> None:
     for name, r in out['per_pass_onnxruntime'].items():
         print(f'ONNX Runtime pass {name:<34} {r["median_ms"]:7.2f} ms  (CPU {r["cpu_ms"]:.2f} ms)')
     for k in ('blockdiff_vs_fulldiff_speedup', 'blockdiff_vs_fulldiff_cached_speedup', 'blockdiff_vs_ar_speedup',
-              'fused_commit_speedup', 'ort_vs_torch_speedup'):
+              'fused_commit_speedup', 'folded_prefill_speedup', 'ort_vs_torch_speedup'):
         if out.get(k):
             extra = [f'CPU time {out["cpu_ratios"][k]:.2f}x'] if k in out['cpu_ratios'] else []
             extra += [f'torch {out["torch_ratios"][k]:.2f}x'] if k in out['torch_ratios'] else []

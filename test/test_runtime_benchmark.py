@@ -21,13 +21,15 @@ def test_decode_latency_smoke(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(out.read_text())
     for key in ('blockdiff_vs_fulldiff_speedup', 'blockdiff_vs_fulldiff_cached_speedup', 'blockdiff_vs_ar_speedup',
-                'fused_commit_speedup', 'ort_vs_torch_speedup'):
+                'fused_commit_speedup', 'folded_prefill_speedup', 'ort_vs_torch_speedup'):
         assert data[key] > 0
-    # tiny: L = 12, B = 3, 3 steps per block (commits fused: NFE = 1 + refine passes), full diffusion 4 * 3 passes
-    assert data['nfe_ar'] == 12 and data['nfe_blockdiff'] == 1 + 4 * 3 and data['nfe_fulldiff'] == 1 + 12
-    assert data['nfe_blockdiff_unfused'] == 1 + 4 * 3 + 3
+    # tiny: L = 12, B = 3, 3 steps per block (commits fused, the prefill folded into the first refine pass: NFE =
+    # refine passes), full diffusion 4 * 3 passes
+    assert data['nfe_ar'] == 12 and data['nfe_blockdiff'] == 4 * 3 and data['nfe_fulldiff'] == 12
+    assert data['nfe_blockdiff_unfused'] == 4 * 3 + 3 and data['nfe_blockdiff_unfolded'] == 1 + 4 * 3
     assert {r['decoder'] for r in data['results']['onnxruntime']} == {'blockdiff', 'blockdiff_unfused', 'ar',
-                                                                      'fulldiff', 'fulldiff_nocache'}
+                                                                      'blockdiff_unfolded', 'fulldiff',
+                                                                      'fulldiff_nocache'}
     passes = data['per_pass_onnxruntime']
     assert len(passes) == 3 and all(r['cpu_ms'] > 0 for r in passes.values())
     assert data['instruction_kv_reuse']['implemented'] is True
