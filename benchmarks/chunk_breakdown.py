@@ -17,7 +17,8 @@ computes on it too):
 
 Profiling distorts absolute times (the profiler records every node); read its shares, not its milliseconds.
 `--reuse` keeps the instruction's K/V across chunks (the node's default); `--no-fold` runs the prefill as its own
-pass instead of folding it into the first refine pass (`Decoder(fold_prefill=False)`). Timings are printed, never asserted.
+pass instead of folding it into the first refine pass (`Decoder(fold_prefill=False)`). Timings are printed, never
+asserted.
 """
 from __future__ import annotations
 

@@ -87,7 +87,7 @@ def candidate_settings(block_sizes: Sequence[int], thresholds: Sequence[float] =
 @dataclass
 class Row:
     setting: Setting
-    nfe: float  # mean passes per chunk (prefill counted)
+    nfe: float  # mean passes per chunk (prefill counted; folded into the first refine pass: one)
     agreement: float  # share of tokens equal to the reference's
     bin_error: float  # mean |token - reference token| in bins
 

@@ -38,7 +38,7 @@ from .engine import Engine, PrefixInputs
 @dataclass
 class DecodeResult:
     tokens: np.ndarray  # [L] int64
-    nfe: int  # forward passes over the sequence (prefill counted; a recomputed prefix+chunk pass counts once)
+    nfe: int  # forward passes over the sequence (prefill counted; a prefix+chunk pass, folded or recomputed, once)
     calls: int  # engine calls actually made
     steps: list = field(default_factory=list)  # refine passes per block
     trace: list = field(default_factory=list)  # (phase, tokens_in, logits) per call when tracing

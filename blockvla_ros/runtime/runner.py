@@ -35,7 +35,7 @@ DECODING_OVERRIDES = ('block_size', 'steps_per_block', 'schedule', 'threshold', 
 class Prediction:
     actions: np.ndarray  # [H, D] float32, physical units (bin centres inside action_low/high)
     tokens: np.ndarray  # [H*D] int64
-    nfe: int  # forward passes (prefill counted)
+    nfe: int  # forward passes (prefill counted; folded into the first refine pass: one)
     calls: int  # graph calls actually made
     timings: dict  # preprocess_ms, prefill_ms (all prefill calls), decode_ms (the rest of the loop), total_ms
     steps: list = field(default_factory=list)  # refine passes per block
