@@ -12,9 +12,10 @@ writes the weights straight from the torch parameters into one external-data fil
 in-memory copy of the model and no constant folding over the weights here. The vision graph is static and goes
 through the TorchScript exporter (opset 18): VLM towers such as Qwen2.5-VL's compute window indices from data, which
 torch.export cannot trace, and a static graph needs nothing more. A graph whose weights stay below `INLINE_LIMIT`
-is then rewritten with its weights inline (one file); above it, the graph keeps its single `<file>.data`, which is
-also what lets a graph pass protobuf's 2 GiB limit. Before that, `export.onnx_rewrites` folds each Reciprocal -> Mul
-into a Div (standard ONNX), so ONNX Runtime fuses every RMSNorm into one kernel at session load.
+is then rewritten with its weights inline (one file, written one tensor at a time: export.onnx_inline); above it,
+the graph keeps its single `<file>.data`, which is also what lets a graph pass protobuf's 2 GiB limit. Before that,
+`export.onnx_rewrites` folds each Reciprocal -> Mul into a Div (standard ONNX), so ONNX Runtime fuses every RMSNorm
+into one kernel at session load.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import torch
 from ..model.graphs import BackboneGraph, VisionGraph, past_inputs, past_names
 from ..runtime.policy_folder import GraphSpec, TensorSpec
 from .onnx_checks import io_specs
+from .onnx_inline import write_inline
 from .onnx_rewrites import reciprocal_mul_to_div
 
 log = logging.getLogger(__name__)
@@ -180,7 +182,5 @@ def _place_weights(path: Path, inline_limit: int) -> list:
         if locations - {data.name}:
             raise RuntimeError(f'{path}: weights in unexpected files {sorted(locations)}')
         return [data.name]
-    model = onnx.load(str(path))  # small: load the weights to store them inline
-    onnx.save_model(model, str(path))
-    data.unlink()
+    write_inline(path)  # small: one file, written one tensor at a time (export.onnx_inline)
     return []
