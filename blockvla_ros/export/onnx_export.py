@@ -101,9 +101,10 @@ def _export(module, args, dynamic, inputs, outputs, path: Path, key: str, opset:
     module.eval()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        if dynamic is None:  # static: TorchScript (weights inline, moved to <file>.data below when large)
+        if dynamic is None:  # static: TorchScript, which writes the weights inline
             torch.onnx.export(module, args, str(path), input_names=inputs, output_names=outputs,
                               opset_version=opset, do_constant_folding=True, dynamo=False)
+            _weights_to_data_file(path)
         else:
             torch.onnx.export(module, args, str(path), input_names=inputs, output_names=outputs, opset_version=opset,
                               dynamo=True, external_data=True, dynamic_shapes=dynamic, verbose=False)
@@ -164,18 +165,26 @@ def _name_dynamic_dims(model) -> None:
                 d.dim_param = pattern.sub(lambda m: names[m.group(1)], d.dim_param)
 
 
+def _weights_to_data_file(path: Path) -> None:
+    """Move an inline graph's weights (tensors of >= 1 kB) to `<file>.data`, like the dynamo exporter's output, so the
+    steps after the export read the graph alone. The one full load here holds the file's bytes and the parsed model
+    at once (2x the weights, briefly); each tensor's bytes are released once written."""
+    import onnx
+
+    data = path.with_name(path.name + '.data')
+    data.unlink(missing_ok=True)  # onnx appends to an existing file
+    model = onnx.load(str(path))
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data.name, size_threshold=1024)
+
+
 def _place_weights(path: Path, inline_limit: int) -> list:
     """Weights below `inline_limit` bytes go inline (one file); otherwise the one `<file>.data` stays. -> sidecars."""
     import onnx
 
     data = path.with_name(path.name + '.data')
-    if not data.is_file():
-        model = onnx.load(str(path))
-        if sum(len(t.raw_data) for t in model.graph.initializer) < inline_limit:
-            return []
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data.name, size_threshold=1024)
-        return [data.name]
+    if not data.is_file():  # no tensor of 1 kB or more: the graph is one small file already
+        return []
     if data.stat().st_size >= inline_limit:
         model = onnx.load(str(path), load_external_data=False)
         locations = {e.value for t in model.graph.initializer for e in t.external_data if e.key == 'location'}
