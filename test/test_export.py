@@ -233,3 +233,34 @@ def test_the_exporter_keeps_no_reference_to_the_policys_parameters(exported, tmp
     del policy
     gc.collect()
     assert not [r for r in refs if r() is not None]
+
+
+def test_the_vision_export_leaves_no_torchscript_state(tmp_path):
+    """The TorchScript exporter traces the vision tower (an HF SigLIP here) into a JIT graph that holds the weights
+    and the constants it folds; once export_vision returns nothing of that trace may remain: every parameter dies with
+    the policy (a tensor still held by C++, a leaked graph, would keep its Python object alive), and the graph file is
+    complete on its own."""
+    import gc
+    import weakref
+
+    import onnxruntime as ort
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    from blockvla_ros.export.onnx_export import export_vision
+    from blockvla_ros.model.policy import BlockVLAPolicy
+
+    from tiny import tiny_config
+
+    tower = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                               image_size=32, patch_size=8)
+    SiglipVisionModel(tower).save_pretrained(tmp_path / 'tower')
+    policy = BlockVLAPolicy(tiny_config(vision={'type': 'hf', 'num_tokens': 16, 'path': str(tmp_path / 'tower')}))
+    refs = [weakref.ref(p) for p in policy.vision.parameters()]
+    spec = export_vision(policy.eval(), tmp_path)
+    del policy
+    gc.collect()
+    assert not [r for r in refs if r() is not None]
+    assert spec.data == [] and sorted(p.name for p in tmp_path.glob('vision.onnx*')) == ['vision.onnx']
+    sess = ort.InferenceSession(str(tmp_path / 'vision.onnx'), providers=['CPUExecutionProvider'])
+    (tokens,) = sess.run(None, {'pixels': np.zeros((1, 3, 32, 32), np.float32)})
+    assert tokens.shape == (1, 16, 64) and np.isfinite(tokens).all()
