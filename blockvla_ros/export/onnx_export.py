@@ -11,11 +11,12 @@ The backbone goes through the dynamo exporter (torch.export, opset 20, n, past a
 writes the weights straight from the torch parameters into one external-data file, tensor by tensor: no second
 in-memory copy of the model and no constant folding over the weights here. The vision graph is static and goes
 through the TorchScript exporter (opset 18): VLM towers such as Qwen2.5-VL's compute window indices from data, which
-torch.export cannot trace, and a static graph needs nothing more. A graph whose weights stay below `INLINE_LIMIT`
-is then rewritten with its weights inline (one file, written one tensor at a time: export.onnx_inline); above it,
-the graph keeps its single `<file>.data`, which is also what lets a graph pass protobuf's 2 GiB limit. Before that,
-`export.onnx_rewrites` folds each Reciprocal -> Mul into a Div (standard ONNX), so ONNX Runtime fuses every RMSNorm
-into one kernel at session load.
+torch.export cannot trace, and a static graph needs nothing more; its inline weights are moved to one external-data
+file right after, so both graphs continue alike, the graph read without its weights. A graph whose weights stay
+below `INLINE_LIMIT` is then rewritten with its weights inline (one file, written one tensor at a time:
+export.onnx_inline); above it, the graph keeps its single `<file>.data`, which is also what lets a graph pass
+protobuf's 2 GiB limit. Before that, `export.onnx_rewrites` folds each Reciprocal -> Mul into a Div (standard ONNX),
+so ONNX Runtime fuses every RMSNorm into one kernel at session load.
 """
 from __future__ import annotations
 
