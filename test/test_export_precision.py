@@ -12,11 +12,12 @@ import numpy as np
 import onnx
 import pytest
 import yaml
+from safetensors import safe_open
 from safetensors.numpy import load_file, save_file as save_numpy
 
 from blockvla_ros.export.parity import ExportParityError
 from blockvla_ros.export.policy_writer import export_policy, load_checkpoint
-from blockvla_ros.export.precision import DEFAULT_ACCURACY_LEVEL
+from blockvla_ros.export.precision import DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE
 from blockvla_ros.model.graphs import tables
 from blockvla_ros.runtime.policy_folder import PolicyFolderError, load_policy_folder, write_manifest
 from blockvla_ros.runtime.runner import PolicyRunner
@@ -44,23 +45,27 @@ def _matmul_weights(model):
     return [inits[n.input[1]] for n in model.graph.node if n.op_type == 'MatMul' and n.input[1] in inits]
 
 
-@pytest.mark.parametrize('precision,bits', [('int8', 8), ('int4', 4)])
-def test_int8_int4_store_matmuls_in_n_bits_and_report_token_agreement(ckpt, tmp_path, precision, bits):
+@pytest.mark.parametrize('precision,bits,block', [('int8', 8, None), ('int4', 4, None), ('int4', 4, 64)])
+def test_int8_int4_store_matmuls_in_n_bits_and_report_token_agreement(ckpt, tmp_path, precision, bits, block):
+    """None: the default block size (32); 64: --quant-block-size 64 reaches the MatMulNBits nodes and the text
+    table's groups (recorded in its file), and the folder decodes with ONNX Runtime and reports its agreement."""
     out = tmp_path / 'models' / precision
-    report = _export(ckpt, out, precision, inline_limit=16 << 10)  # quantized weights above it: external data
+    report = _export(ckpt, out, precision, inline_limit=16 << 10,  # quantized weights above it: external data
+                     quant_block_size=block)
+    block = block or DEFAULT_BLOCK_SIZE
     assert load_policy_folder(out).graphs['backbone'].data == ['backbone.onnx.data']
     model = onnx.load(str(out / 'backbone.onnx'))
     nbits = [n for n in model.graph.node if n.op_type == 'MatMulNBits']
     assert nbits and not _matmul_weights(model)  # every weight MatMul quantized, none left in fp32
     for node in nbits:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        assert attrs['bits'] == bits and attrs['block_size'] == 32
+        assert attrs['bits'] == bits and attrs['block_size'] == block
         assert attrs.get('accuracy_level', 0) == DEFAULT_ACCURACY_LEVEL  # int8 compute unless asked otherwise
     assert report.checks['backbone']['tensorrt'] is False  # com.microsoft op: ONNX Runtime only, and said so
-    # quantized backbone: at most bits/32 of the fp32 MatMul weights plus one fp32 scale per 32 weights and the rest
+    # quantized backbone: at most bits/32 of the fp32 MatMul weights plus one fp32 scale per block and the rest
     fp32_matmul = sum(4 * node_k_n(n) for n in nbits)
     stored = sum(p.stat().st_size for p in out.glob('backbone.onnx*'))
-    assert stored < fp32_matmul * (bits / 32 + 1 / 8) + 100_000
+    assert stored < fp32_matmul * (bits / 32 + 1 / block) + 100_000
     doc = yaml.safe_load((out / 'policy.yaml').read_text())
     assert doc['precision'] == precision and load_policy_folder(out).precision == precision
     results = doc['export']['parity']['results']
@@ -73,23 +78,28 @@ def test_int8_int4_store_matmuls_in_n_bits_and_report_token_agreement(ckpt, tmp_
     pred = runner.predict(np.full((32, 32, 3), 128, np.uint8), 'push the block')  # tiny: no state input
     assert pred.actions.shape == (runner.config.chunk_len, runner.config.action_dim) and pred.nfe > 0
     assert ((pred.tokens >= 0) & (pred.tokens < runner.config.n_bins)).all()
-    _check_text_table(ckpt, out, bits)
+    _check_text_table(ckpt, out, bits, block)
 
 
-def _check_text_table(ckpt, out, bits):
-    """The folder's text table is stored at `bits` (runtime.tables' layout) and the runtime's rows are a plain numpy
-    dequantization of it, within half a quantization step of the fp32 policy's table."""
+def _check_text_table(ckpt, out, bits, group):
+    """The folder's text table is stored at `bits` in groups of `group`, recorded in the file (runtime.tables'
+    layout), and the runtime's rows are a plain numpy dequantization of it, within half a quantization step of the
+    fp32 policy's table."""
+    with safe_open(str(out / 'tables.safetensors'), 'numpy') as f:
+        assert f.metadata() == {'text_embed.group': str(group)}
     stored = load_file(str(out / 'tables.safetensors'))
     q, scale = stored.pop(f'text_embed.int{bits}'), stored.pop('text_embed.scale')
     text = tables(load_checkpoint(ckpt)[0])['text_embed'].numpy()
     vocab, hidden = text.shape
     assert q.dtype == (np.int8 if bits == 8 else np.uint8) and q.nbytes == vocab * hidden * bits // 8
-    assert scale.dtype == np.float16 and scale.shape == (vocab, hidden // 32)
+    assert scale.dtype == np.float16 and scale.shape == (vocab, -(-hidden // group))
     assert set(stored) == {'action_embed'} and stored['action_embed'].dtype == np.float32  # small: fp32
     ids = np.array([0, 1, vocab // 2, vocab - 1])
-    rows = Tables.open(out / 'tables.safetensors').text(ids)[0]
-    assert np.array_equal(rows, dequantize_reference(q[ids], scale[ids], bits, hidden))
-    step = np.repeat(scale[ids].astype(np.float32), 32, axis=1)
+    table = Tables.open(out / 'tables.safetensors')
+    assert table.text_group == group
+    rows = table.text(ids)[0]
+    assert np.array_equal(rows, dequantize_reference(q[ids], scale[ids], bits, hidden, group))
+    step = np.repeat(scale[ids].astype(np.float32), group, axis=1)[:, :hidden]
     assert np.all(np.abs(rows - text[ids]) <= step / 2 * (1 + 1e-5))
 
 
@@ -145,16 +155,20 @@ def test_folder_over_weights_at_int8_int4_when_the_text_table_dominates(tmp_path
     assert pred.actions.shape == (runner.config.chunk_len, runner.config.action_dim)
 
 
-def _rewrite_tables(folder, change):
+def _rewrite_tables(folder, change, metadata=None):
+    """Rewrite the folder's tables with `change` applied, and `metadata` as the file's __metadata__ (None: none, as
+    files written before the text table's group was recorded)."""
     arrays = load_file(str(folder / 'tables.safetensors'))
     change(arrays)
-    save_numpy(arrays, str(folder / 'tables.safetensors'))
+    save_numpy(arrays, str(folder / 'tables.safetensors'), metadata=metadata)
     write_manifest(folder)  # a consistent manifest: the loader must find the problem in the table itself
 
 
 def test_a_malformed_quantized_table_is_refused_by_name_and_an_fp32_table_still_loads(ckpt, tmp_path):
-    """int8 folder: a scale of the wrong dtype or shape, or a table of the wrong dtype, is refused when the folder
-    loads, naming the tensor; an int8 folder written before quantized tables (fp32 text_embed) loads and runs."""
+    """int8 folder: a scale of the wrong dtype or shape, a table of the wrong dtype, or a recorded group size that is
+    not a power of two >= 16 or does not fit the scales, is refused when the folder loads, naming the tensor or key;
+    an int8 folder written before the group was recorded (32) or before quantized tables (fp32 text_embed) loads and
+    runs."""
     out = tmp_path / 'models' / 'int8'
     _export(ckpt, out, 'int8')
     cases = [(lambda a: a.update({'text_embed.scale': a['text_embed.scale'].astype(np.float32)}),
@@ -162,14 +176,21 @@ def test_a_malformed_quantized_table_is_refused_by_name_and_an_fp32_table_still_
              (lambda a: a.update({'text_embed.scale': a['text_embed.scale'][:, :1]}),
               r'text_embed.scale is float16 \[512, 1\], expected float16 \[512, 2\]'),
              (lambda a: a.update({'text_embed.int8': a['text_embed.int8'].view(np.uint8)}),
-              'text_embed.int8 is uint8')]
-    for i, (change, match) in enumerate(cases):
+              'text_embed.int8 is uint8'),
+             (lambda a: None, '__metadata__ text_embed.group must be a power of two >= 16', '48'),
+             (lambda a: None, r"text_embed.group must be .*, got 'x'", 'x'),
+             (lambda a: None, r'text_embed.scale is float16 \[512, 2\], expected float16 \[512, 1\]', '64')]
+    for i, (change, match, *group) in enumerate(cases):
         bad = shutil.copytree(out, tmp_path / f'bad{i}')
-        _rewrite_tables(bad, change)
+        _rewrite_tables(bad, change, {'text_embed.group': group[0]} if group else None)
         with pytest.raises(PolicyFolderError, match=match) as err:
             load_policy_folder(bad)
         assert 'tables.safetensors' in str(err.value)
     text = tables(load_checkpoint(ckpt)[0])['text_embed'].numpy()
+    unrecorded = shutil.copytree(out, tmp_path / 'unrecorded')  # written before the group was recorded: 32
+    _rewrite_tables(unrecorded, lambda a: None)
+    assert np.array_equal(PolicyRunner.load(unrecorded, threads=1).engine.tables.text([5, 9]),
+                          PolicyRunner.load(out, threads=1).engine.tables.text([5, 9]))
     old = shutil.copytree(out, tmp_path / 'before')
 
     def fp32_table(a):

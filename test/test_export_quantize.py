@@ -1,10 +1,10 @@
 """export.quantize: the streaming MatMulNBits quantizer writes the graph ONNX Runtime's own quantizer writes.
 
-The reference is onnxruntime.quantization's MatMulNBitsQuantizer (DefaultWeightOnlyQuantConfig, symmetric, blocks
-of 32), run on the same fp32 graph: same nodes, same initializers (names, types, values), and both run in ONNX
-Runtime to the same outputs. Graphs: a hand-made one (a weight shared by two MatMuls, K not a multiple of the
-block, a MatMul of two activations, an unused initializer) and the backbone of a tiny exported policy whose weights
-are in external data (the inline limit lowered).
+The reference is onnxruntime.quantization's MatMulNBitsQuantizer (DefaultWeightOnlyQuantConfig, symmetric, blocks of
+32, or of the block size under test), run on the same fp32 graph: same nodes, same initializers (names, types,
+values), and both run in ONNX Runtime to the same outputs. Graphs: a hand-made one (a weight shared by two MatMuls,
+K not a multiple of the block, a MatMul of two activations, an unused initializer) and the backbone of a tiny
+exported policy whose weights are in external data (the inline limit lowered).
 """
 import logging
 import shutil
@@ -17,19 +17,20 @@ from onnx import TensorProto, helper
 
 from blockvla_ros.export import cli
 from blockvla_ros.export.policy_writer import export_policy
-from blockvla_ros.export.precision import DEFAULT_ACCURACY_LEVEL, check_quant_accuracy_level
+from blockvla_ros.export.precision import (DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE, check_quant_accuracy_level,
+                                           check_quant_block_size)
 from blockvla_ros.export.quantize import ACCURACY_LEVELS, quantize_graph
 from blockvla_ros.runtime.policy_folder import load_policy_folder
 
 from tiny_policy import write_checkpoint
 
 
-def reference_quantization(path, bits, accuracy_level=0):
+def reference_quantization(path, bits, accuracy_level=0, block_size=32):
     """ONNX Runtime's MatMulNBitsQuantizer on the whole loaded graph (what export.precision used before)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
     logging.getLogger('onnxruntime').setLevel(logging.WARNING)  # it logs every node at INFO
-    config = DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True, bits=bits,
+    config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, bits=bits,
                                           accuracy_level=accuracy_level or None)
     quantizer = MatMulNBitsQuantizer(onnx.load(str(path)), algo_config=config)
     quantizer.process()
@@ -115,6 +116,39 @@ def test_accuracy_level_reaches_the_nodes_and_bad_values_are_refused(tmp_path):
         check_quant_accuracy_level('fp16', 4)
     with pytest.raises(SystemExit):  # argparse: 'invalid choice: 7 (choose from 0, 1, 2, 3, 4)'
         cli.build_parser().parse_args(['--checkpoint', 'c', '--out', 'o', '--quant-accuracy-level', '7'])
+
+
+@pytest.mark.parametrize('bits,block', [(4, 16), (4, 64), (8, 128)])
+def test_other_block_sizes_write_onnxruntimes_graph_and_bad_ones_are_refused(tmp_path, bits, block):
+    """--quant-block-size's mechanism: blocks of 16 / 64 / 128 (K = 80 and 64: padded, one block wider than K) give
+    ONNX Runtime's quantizer's graph and outputs; a block size that is not a power of two >= 16 is refused by name,
+    from quantize_graph, export_policy and the CLI, before any work."""
+    src = handmade_graph(tmp_path / 'src', external=True)
+    reference = reference_quantization(src, bits, 4, block)
+    assert quantize_graph(src, bits, block, 4, inline_limit=0) == ['g.onnx.data']
+    model = onnx.load(str(src))
+    assert_same_graph(reference, model)
+    assert {helper.get_attribute_value(a) for n in model.graph.node for a in n.attribute
+            if a.name == 'block_size'} == {block}
+    x = {'x': np.random.default_rng(1).standard_normal((3, 80)).astype(np.float32)}
+    for a, b in zip(run(reference, x), run(src, x)):
+        np.testing.assert_array_equal(a, b)
+    for bad in (48, 8, 0, -32, 64.0, '64', True, None):
+        with pytest.raises(ValueError, match=f'block_size must be a power of two >= 16 .*got {bad!r}'):
+            quantize_graph(src, bits, bad, 4, inline_limit=0)
+    assert check_quant_block_size('int4', None) == DEFAULT_BLOCK_SIZE and check_quant_block_size('fp16', None) is None
+    with pytest.raises(ValueError, match=r'quantization block size \(--quant-block-size\) must be a power of two'):
+        export_policy(tmp_path / 'no_checkpoint', tmp_path / 'out', precision='int4', quant_block_size=96)
+    with pytest.raises(ValueError, match='block size .* applies to int8/int4 exports only, not fp32'):
+        export_policy(tmp_path / 'no_checkpoint', tmp_path / 'out', quant_block_size=64)
+    assert not (tmp_path / 'out').exists()
+
+
+def test_cli_refuses_a_bad_block_size_by_name(tmp_path, capsys):
+    rc = cli.main(['--checkpoint', str(tmp_path / 'none'), '--out', str(tmp_path / 'out'), '--precision', 'int4',
+                   '--quant-block-size', '100', '--no-calibrate', '-q'])
+    assert rc == 1 and '--quant-block-size) must be a power of two >= 16' in capsys.readouterr().err
+    assert not (tmp_path / 'out').exists()
 
 
 @pytest.fixture(scope='module')

@@ -52,26 +52,31 @@ def test_offsets_outside_the_file_are_refused(tmp_path):
         read_safetensors(path)
 
 
-@pytest.mark.parametrize('bits,hidden', [(8, 64), (8, 45), (4, 64), (4, 45)])
-def test_quantized_text_rows_equal_a_numpy_reference_and_stay_memory_mapped(tmp_path, bits, hidden):
-    """int8 / int4 text tables (runtime.tables' layout): stored dtype and bytes, each looked-up row equal to an
-    element-by-element dequantization, within half a step of the float table; a row width that is not a multiple of
-    the group (45: a short last group, and an odd count of nibbles) included."""
+@pytest.mark.parametrize('bits,hidden,group', [(8, 64, 32), (8, 45, 32), (4, 64, 32), (4, 45, 32), (4, 200, 64),
+                                               (8, 200, 128), (4, 45, 64)])
+def test_quantized_text_rows_equal_a_numpy_reference_and_stay_memory_mapped(tmp_path, bits, hidden, group):
+    """int8 / int4 text tables (runtime.tables' layout): stored dtype and bytes, the group size recorded in the file
+    and read back, each looked-up row equal to an element-by-element dequantization, within half a step of the float
+    table; a row width that is not a multiple of the group (45, 200: a short last group, and an odd count of
+    nibbles) and a group wider than the row (45 in 64) included."""
     rng = np.random.default_rng(bits + hidden)
     text = (rng.normal(size=(300, hidden)) * rng.uniform(0.01, 3.0, size=(300, 1))).astype(np.float32)
     text[7] = 0.0  # an all-zero row: scale 0, values 0
-    arrays = quantize_text(text, bits, rows=64)  # several chunks, the last one short
+    arrays, metadata = quantize_text(text, bits, group, rows=64)  # several chunks, the last one short
+    assert metadata == {'text_embed.group': str(group)}
     q, scale = arrays[f'text_embed.int{bits}'], arrays['text_embed.scale']
     assert q.dtype == (np.int8 if bits == 8 else np.uint8) and scale.dtype == np.float16
-    assert q.shape == (300, hidden if bits == 8 else (hidden + 1) // 2) and scale.shape == (300, -(-hidden // 32))
-    save_numpy({**arrays, 'action_embed': np.ones((9, hidden), np.float32)}, str(tmp_path / 't.safetensors'))
+    assert q.shape == (300, hidden if bits == 8 else (hidden + 1) // 2) and scale.shape == (300, -(-hidden // group))
+    save_numpy({**arrays, 'action_embed': np.ones((9, hidden), np.float32)}, str(tmp_path / 't.safetensors'),
+               metadata=metadata)
     t = Tables.open(tmp_path / 't.safetensors')
     assert t.text_layout == f'int{bits}' and isinstance(t.text_embed, np.memmap)  # read from the map, row by row
+    assert t.text_group == group
     ids = np.array([0, 7, 123, 299, 123])
     got = t.text(ids)
     assert got.shape == (1, 5, hidden) and got.dtype == np.float32
-    assert np.array_equal(got[0], dequantize_reference(q[ids], scale[ids], bits, hidden))
-    step = np.repeat(scale[ids].astype(np.float32), 32, axis=1)[:, :hidden]  # one quantization step per value
+    assert np.array_equal(got[0], dequantize_reference(q[ids], scale[ids], bits, hidden, group))
+    step = np.repeat(scale[ids].astype(np.float32), group, axis=1)[:, :hidden]  # one quantization step per value
     assert np.all(np.abs(got[0] - text[ids]) <= step / 2 * (1 + 1e-5))
     assert not got[0, 1].any()
     assert Tables.open(tmp_path / 't.safetensors', dtype=np.float16).text([3]).dtype == np.float16
@@ -80,8 +85,34 @@ def test_quantized_text_rows_equal_a_numpy_reference_and_stay_memory_mapped(tmp_
 
 
 def _int8_tables(hidden=64, vocab=20):
-    arrays = quantize_text(np.random.default_rng(0).normal(size=(vocab, hidden)).astype(np.float32), 8)
+    arrays, _ = quantize_text(np.random.default_rng(0).normal(size=(vocab, hidden)).astype(np.float32), 8)
     return {**arrays, 'action_embed': np.ones((9, hidden), np.float32)}
+
+
+def test_text_group_metadata_old_files_read_as_32_and_bad_values_are_refused_by_name(tmp_path):
+    """A table with no recorded group (written before the group was recorded) reads as groups of 32; a recorded
+    group must be a power of two >= 16 that fits the scales, and only a quantized table may have one."""
+    arrays = _int8_tables(hidden=64)
+    save_numpy(arrays, str(tmp_path / 'old.safetensors'))  # no __metadata__ at all
+    old = Tables.open(tmp_path / 'old.safetensors')
+    assert old.text_group == 32 and np.array_equal(old.text([3]), Tables(arrays, metadata={'x': 'y'}).text([3]))
+    assert Tables(arrays, metadata={'text_embed.group': '32'}).text_group == 32
+    for bad, match in (('48', 'must be a power of two >= 16'), ('8', 'power of two'), ('0x40', "got '0x40'"),
+                       ('', "got ''"), ('-32', "got '-32'"), ('６４', "got '６４'"),
+                       ('64', r'text_embed.scale is float16 \[20, 2\], expected float16 \[20, 1\] \(one scale per 64')):
+        with pytest.raises(TablesError, match=match) as err:
+            Tables(arrays, metadata={'text_embed.group': bad})
+        assert 'text_embed' in str(err.value)
+    with pytest.raises(TablesError, match='text_embed.group is 32 but text_embed is not quantized'):
+        Tables({'text_embed': np.zeros((20, 64), np.float32), 'action_embed': arrays['action_embed']},
+               metadata={'text_embed.group': '32'})
+    with pytest.raises(ValueError, match='text table group size must be a power of two >= 16'):
+        quantize_text(np.zeros((4, 64), np.float32), 4, 24)
+    with open(tmp_path / 'bad_meta.safetensors', 'wb') as f:  # __metadata__ values must be strings
+        header = b'{"__metadata__": {"text_embed.group": 64}}'
+        f.write(len(header).to_bytes(8, 'little') + header)
+    with pytest.raises(TablesError, match='__metadata__ must map strings to strings'):
+        read_safetensors(tmp_path / 'bad_meta.safetensors')
 
 
 @pytest.mark.parametrize('change,match', [

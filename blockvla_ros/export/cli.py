@@ -24,7 +24,7 @@ from ..runtime.policy_folder import PolicyFolderError
 from .calibration import DEFAULT_LEVEL, DEFAULT_WINDOWS, CalibrationOptions
 from .onnx_checks import GraphCheckError
 from .onnx_export import INLINE_LIMIT
-from .precision import DEFAULT_ACCURACY_LEVEL, PRECISIONS
+from .precision import DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE, PRECISIONS
 from .quantize import ACCURACY_LEVELS
 from .parity import ExportParityError
 from .policy_writer import CheckpointError, export_policy
@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help='int8/int4: the precision ONNX Runtime may compute MatMulNBits in: 0 unset (fp32 on '
                         'dequantized weights), 1 fp32, 2 fp16, 3 bf16, 4 int8 (default '
                         f'{DEFAULT_ACCURACY_LEVEL}; see export.quantize)')
+    p.add_argument('--quant-block-size', type=int, metavar='N',
+                   help='int8/int4: weights per scale in the backbone\'s MatMulNBits blocks and the text table\'s '
+                        f'groups, a power of two >= 16 (default {DEFAULT_BLOCK_SIZE}; larger: a smaller folder, '
+                        'coarser rounding; see export.precision)')
     p.add_argument('--opset', type=int, default=20, help='ONNX opset (18-20; TensorRT 10.0 parses up to 20)')
     p.add_argument('--inline-limit-mb', type=float, default=INLINE_LIMIT / 2**20,
                    help='a graph with more weight bytes keeps them in one <file>.data (default 1024 MiB; an int8 / '
@@ -92,7 +96,8 @@ def main(argv=None) -> int:
                                torch_weights=args.torch_weights, inline_limit=int(args.inline_limit_mb * 2**20),
                                parity_samples=args.parity_samples, tolerance=args.tolerance,
                                min_agreement=args.min_agreement, threads=args.threads, progress=not args.quiet,
-                               calibration=calibration, quant_accuracy_level=args.quant_accuracy_level)
+                               calibration=calibration, quant_accuracy_level=args.quant_accuracy_level,
+                               quant_block_size=args.quant_block_size)
         trt_report = None
         if args.trt:
             from .tensorrt_export import build_and_check

@@ -40,7 +40,7 @@ from .calibration import CalibrationOptions, calibrate_folder, calibrated_config
 from .onnx_checks import check_graph_file
 from .onnx_export import INLINE_LIMIT, OPSET, export_backbone, export_vision
 from .precision import (BITS, PRECISIONS, check_precision, check_quant_accuracy_level,  # noqa: F401
-                        default_tolerance, quantize_weights)
+                        check_quant_block_size, default_tolerance, quantize_weights)
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,8 @@ def export_policy(checkpoint: str | Path, out: str | Path, *, name: Optional[str
                   parity_samples: int = 4, tolerance: float = 1e-3, min_agreement: float = 0.0,
                   threads: Optional[int] = None, progress: bool = True,
                   calibration: Optional[CalibrationOptions] = None,
-                  quant_accuracy_level: Optional[int] = None) -> ExportReport:
+                  quant_accuracy_level: Optional[int] = None,
+                  quant_block_size: Optional[int] = None) -> ExportReport:
     """Export `checkpoint` into the policy folder `out` (replaced atomically on success).
 
     precision: fp32 | fp16 | int8 | int4 (see export.precision: what each stores, how parity is judged).
@@ -169,6 +170,8 @@ def export_policy(checkpoint: str | Path, out: str | Path, *, name: Optional[str
     checkpoint's train_config.yaml, or options.bags); None keeps the training config's decoding.
     quant_accuracy_level: int8/int4 only: MatMulNBits' accuracy_level (export.quantize; None: the default,
     export.precision.DEFAULT_ACCURACY_LEVEL).
+    quant_block_size: int8/int4 only: weights per scale, in the backbone's MatMulNBits blocks and the text table's
+    groups (a power of two >= 16; None: export.precision.DEFAULT_BLOCK_SIZE).
     """
     from tqdm import tqdm
 
@@ -176,6 +179,7 @@ def export_policy(checkpoint: str | Path, out: str | Path, *, name: Optional[str
     checkpoint, out = Path(checkpoint), check_output_dir(out)  # before any work
     check_precision(precision)
     quant_accuracy_level = check_quant_accuracy_level(precision, quant_accuracy_level)
+    quant_block_size = check_quant_block_size(precision, quant_block_size)
     if parity_samples < 0 or (parity_samples == 0 and min_agreement > 0):
         raise ValueError(f'parity_samples must be >= 0 and > 0 when a minimum token agreement ({min_agreement}) is '
                          f'required, got {parity_samples}')
@@ -193,12 +197,13 @@ def export_policy(checkpoint: str | Path, out: str | Path, *, name: Optional[str
         for key, fn in tqdm(steps, desc=f'export {name}', unit='graph', disable=not progress):
             graphs[key] = fn(policy, tmp, opset=opset, inline_limit=inline_limit)
             checks[key] = check_graph_file(tmp / graphs[key].file)  # dims vary only in n, past + TensorRT op list
-        _write_tables(policy, tmp / TABLES_FILE, precision)
+        _write_tables(policy, tmp / TABLES_FILE, precision, quant_block_size)
         if precision != 'fp32':  # parity's reference is the fp32 policy: reloaded below
             del policy  # not held while the graph is rewritten: peak RSS ~ one copy of the model, not two
             gc.collect()
         if precision in ('int8', 'int4'):  # weight-only MatMulNBits: ONNX Runtime only
-            graphs['backbone'].data = quantize_weights(tmp / graphs['backbone'].file, precision, quant_accuracy_level)
+            graphs['backbone'].data = quantize_weights(tmp / graphs['backbone'].file, precision, quant_accuracy_level,
+                                                       quant_block_size)
             checks['backbone'] = check_graph_file(tmp / graphs['backbone'].file, tensorrt=False)
         if precision != 'fp32':
             policy, _ = load_checkpoint(checkpoint)
@@ -256,18 +261,21 @@ def _calibration_source(checkpoint: Path) -> Path:
     return path
 
 
-def _write_tables(policy, path: Path, precision: str) -> None:
+def _write_tables(policy, path: Path, precision: str, block_size: Optional[int]) -> None:
     """The small tables in the policy's float type (fp32, or fp16 for an fp16 export); at int8 / int4 the text table
-    is stored quantized (runtime.tables: the layout), the small ones stay fp32."""
+    is stored quantized in groups of `block_size` (runtime.tables: the layout, the group recorded in the file's
+    metadata), the small ones stay fp32."""
     from safetensors.numpy import save_file
 
     from ..model.graphs import tables
 
     dtype = next(policy.parameters()).dtype
     arrays = {k: v.to(dtype).numpy() for k, v in tables(policy).items()}  # fp32: views of the parameters, not copies
+    metadata = None
     if precision in BITS:
-        arrays.update(quantize_text(arrays.pop(TEXT), BITS[precision]))  # reads the fp32 table, writes new arrays
-    save_file(arrays, str(path))
+        text, metadata = quantize_text(arrays.pop(TEXT), BITS[precision], block_size)  # reads the fp32 table
+        arrays.update(text)
+    save_file(arrays, str(path), metadata=metadata)
 
 
 def _policy_doc(policy, config, stats, name, graphs, tokenizer_files, torch_weights, opset, checkpoint) -> dict:

@@ -8,12 +8,19 @@
                                 softmax in fp32)
     int8/int4  CPUs (ONNX       fp32 graphs whose backbone MatMul weights are   text     token agreement (reported)
                Runtime)         quantized weight-only to com.microsoft          table at
-                                MatMulNBits (symmetric, blocks of 32 along K;   int8 /
+                                MatMulNBits (symmetric, blocks of B along K;    int8 /
                                 export.quantize, one weight at a time);         int4 (*)
                                 ONNX Runtime only, not TensorRT
 
-(*) the text embedding table is stored quantized (the layout: runtime.tables) and dequantized per looked-up row;
-action_embed and state_proj stay fp32 (small).
+(*) the text embedding table is stored quantized in groups of the same B along each row (the layout: runtime.tables;
+B recorded in the file) and dequantized per looked-up row; action_embed and state_proj stay fp32 (small).
+
+B, the quantization block size (`--quant-block-size`, a power of two >= 16): each block of B weights shares one scale
+(fp32 in MatMulNBits, fp16 in the table), so the stored bytes per weight are bits / 8 + 4 / B (backbone) and
+bits / 8 + 2 / B (table): at int4, 1.25x / 1.125x the 4-bit bytes at B = 32, 1.125x / 1.06x at 64, 1.06x / 1.03x at
+128. Larger blocks also round more coarsely (one scale spans more weights). The table's group follows B rather than
+having a size of its own: both are the same size / accuracy trade-off, and one number is one thing to choose.
+DEFAULT_BLOCK_SIZE gives the figures it was chosen on.
 
 Token agreement is the fraction of equal action tokens when each engine decodes on its own (`export.parity`).
 A random-weight model has near-uniform bin probabilities, so its agreement understates a trained policy's;
@@ -30,7 +37,7 @@ log = logging.getLogger(__name__)
 
 PRECISIONS = ('fp32', 'fp16', 'int8', 'int4')
 BITS = {'int8': 8, 'int4': 4}
-BLOCK = 32  # quantization block along the reduction axis
+DEFAULT_BLOCK_SIZE = 32  # quantization block along the reduction axis (and the text table's group)
 # MatMulNBits' accuracy_level (export.quantize): 4 = int8 compute. On this x86 CPU (AVX-512 VNNI) a 0.5B block step
 # takes 45 ms at int8 and 35 ms at int4 against 99 ms in fp32, where the unset level (fp32 compute on dequantized
 # weights) takes 980 ms at int8 and 113 ms at int4 (README, benchmarks/session_memory.py and matmul_nbits.py).
@@ -55,16 +62,29 @@ def check_quant_accuracy_level(precision: str, level: Optional[int]) -> Optional
     return check_accuracy_level(level)
 
 
+def check_quant_block_size(precision: str, block_size: Optional[int]) -> Optional[int]:
+    """The quantization block size for an int8/int4 export (None: the default); refused for fp32/fp16."""
+    from .quantize import check_block_size
+
+    if block_size is None:
+        return DEFAULT_BLOCK_SIZE if precision in BITS else None
+    if precision not in BITS:
+        raise ValueError(f'a quantization block size ({block_size!r}) applies to int8/int4 exports only, not '
+                         f'{precision}')
+    return check_block_size(block_size, 'the quantization block size (--quant-block-size)')
+
+
 def default_tolerance(precision: str, tolerance: Optional[float]) -> Optional[float]:
     """The lock-step logits bound: the given one for fp32, none for the reduced precisions (judged by tokens)."""
     return tolerance if precision == 'fp32' else None
 
 
-def quantize_weights(path: Path, precision: str, accuracy_level: int = DEFAULT_ACCURACY_LEVEL) -> list:
-    """Rewrite graph `path` with weight-only int8/int4 MatMulNBits (ONNX Runtime), one weight at a time
-    (export.quantize). -> its external-data files: always one, whatever the inline limit, because ONNX Runtime
-    keeps an inline quantized graph's weights about twice in memory (the parsed file and the pre-packed copy: 1.84x
-    the int4 weights at 0.5B, 1.15x from external data; README)."""
+def quantize_weights(path: Path, precision: str, accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
+                     block_size: int = DEFAULT_BLOCK_SIZE) -> list:
+    """Rewrite graph `path` with weight-only int8/int4 MatMulNBits (ONNX Runtime) in blocks of `block_size`, one
+    weight at a time (export.quantize). -> its external-data files: always one, whatever the inline limit, because
+    ONNX Runtime keeps an inline quantized graph's weights about twice in memory (the parsed file and the pre-packed
+    copy: 1.84x the int4 weights at 0.5B, 1.15x from external data; README)."""
     from .quantize import quantize_graph
 
-    return quantize_graph(path, BITS[precision], BLOCK, accuracy_level, inline_limit=0)
+    return quantize_graph(path, BITS[precision], block_size, accuracy_level, inline_limit=0)

@@ -41,6 +41,13 @@ def check_accuracy_level(level) -> int:
     return int(level)
 
 
+def check_block_size(block_size, what: str = 'block_size') -> int:
+    """MatMulNBits' block_size: a power of two >= 16 (ONNX Runtime's rule). ValueError naming `what` otherwise."""
+    from ..runtime.tables import check_group
+
+    return check_group(block_size, what)
+
+
 def quantize_graph(path, bits: int, block_size: int, accuracy_level: int, inline_limit: int) -> list:
     """Rewrite graph `path` in place with weight-only MatMulNBits. -> its external-data file names ([] if inline).
 
@@ -52,6 +59,7 @@ def quantize_graph(path, bits: int, block_size: int, accuracy_level: int, inline
     if bits not in (4, 8):
         raise ValueError(f'bits must be 4 or 8, got {bits!r}')
     accuracy_level = check_accuracy_level(accuracy_level)
+    block_size = check_block_size(block_size)
     path = Path(path)
     data = path.with_name(path.name + '.data')
     model = onnx.load(str(path), load_external_data=False)  # the graph and its small inline tensors only

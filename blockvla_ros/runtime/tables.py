@@ -14,20 +14,23 @@ it quantized; this docstring is the one description of that layout (`quantize_te
 
     float (fp32, fp16 exports; every folder written before quantized tables)
       text_embed        F32 | F16  [vocab, hidden]
-    int8 export
+    int8 export                                              (G = the group size, below)
       text_embed.int8   I8   [vocab, hidden]                 q = clip(rint(x / s), -127, 127)
-      text_embed.scale  F16  [vocab, ceil(hidden / 32)]      s = max |x| / 127 over each group of 32 values of a row
+      text_embed.scale  F16  [vocab, ceil(hidden / G)]       s = max |x| / 127 over each group of G values of a row
     int4 export
       text_embed.int4   U8   [vocab, ceil(hidden / 2)]       q = clip(rint(x / s), -7, 7) + 8, two per byte:
                                                              value 2j in the low nibble, 2j + 1 in the high one
-      text_embed.scale  F16  [vocab, ceil(hidden / 32)]      s = max |x| / 7 over each group of 32 values of a row
-    dequantized row:  x[j] = (q[j] (- 8 for int4)) * s[j // 32]      (the last group of a row may be shorter)
+      text_embed.scale  F16  [vocab, ceil(hidden / G)]       s = max |x| / 7 over each group of G values of a row
+    dequantized row:  x[j] = (q[j] (- 8 for int4)) * s[j // G]      (the last group of a row may be shorter)
+    __metadata__      {"text_embed.group": "G"}              G: a power of two >= 16, the exporter's
+                                                             --quant-block-size; absent = 32 (tables written
+                                                             before the group was recorded)
 
-Symmetric groups of 32 along the row, like the backbone's MatMulNBits blocks (export.precision). A lookup
+Symmetric groups of G along the row, like the backbone's MatMulNBits blocks (same size: export.precision). A lookup
 dequantizes only the rows it reads, so the memory map stays (runner RSS does not grow with the vocabulary). The
 width of a row comes from action_embed, which (like state_proj) stays in the graph's float type: both are small.
-Exactly one text layout per file; anything else (a wrong dtype, a scale shape that does not fit) is a TablesError
-naming the tensor.
+Exactly one text layout per file; anything else (a wrong dtype, a scale shape that does not fit, a group that is not
+a power of two >= 16, a group recorded for a float table) is a TablesError naming the tensor or key.
 """
 from __future__ import annotations
 
@@ -43,7 +46,8 @@ _DTYPES = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'BF16': np.u
            'I32': np.int32, 'I16': np.int16, 'I8': np.int8, 'U8': np.uint8, 'BOOL': np.bool_}
 MAX_HEADER = 100 << 20
 TEXT = 'text_embed'
-GROUP = 32  # values per scale along a quantized text row
+GROUP = 32  # values per scale along a quantized text row, when the file records none
+GROUP_KEY = 'text_embed.group'  # __metadata__ key of the group size (a decimal string)
 QUANTIZED = {8: 'text_embed.int8', 4: 'text_embed.int4'}  # bits -> tensor name
 SCALE = 'text_embed.scale'
 _QMAX = {8: 127, 4: 7}
@@ -54,9 +58,10 @@ class TablesError(ValueError):
     """A tables file is not a readable safetensors file, or its tables do not fit the policy."""
 
 
-def read_header(f, path, size: int) -> tuple:
+def read_header(f, path, size: int, metadata: Optional[dict] = None) -> tuple:
     """The header of the safetensors file open as `f` (`size` bytes): ({name: {dtype, shape, data_offsets}} without
-    __metadata__, the file offset its data_offsets count from). TablesError (a ValueError) if it is not one."""
+    __metadata__, the file offset its data_offsets count from). TablesError (a ValueError) if it is not one. The
+    file's __metadata__ (str -> str), if any, is copied into `metadata` when one is given."""
     head = f.read(8)
     if len(head) != 8:
         raise TablesError(f'{path}: not a safetensors file (shorter than 8 bytes)')
@@ -69,16 +74,21 @@ def read_header(f, path, size: int) -> tuple:
         raise TablesError(f'{path}: unreadable safetensors header ({e})') from e
     if not isinstance(header, dict):
         raise TablesError(f'{path}: not a safetensors file (its header is not a JSON object)')
-    header.pop('__metadata__', None)
+    meta = header.pop('__metadata__', None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise TablesError(f'{path}: __metadata__ must map strings to strings, got {meta!r:.200}')
+    if metadata is not None:
+        metadata.update(meta)
     return header, 8 + n
 
 
-def read_safetensors(path: str | os.PathLike) -> dict:
-    """{name: read-only numpy array memory-mapped from `path`} (BF16 tensors are converted to float32)."""
+def read_safetensors(path: str | os.PathLike, metadata: Optional[dict] = None) -> dict:
+    """{name: read-only numpy array memory-mapped from `path`} (BF16 tensors are converted to float32); the file's
+    __metadata__ is copied into `metadata` when one is given."""
     path = Path(path)
     size = path.stat().st_size
     with open(path, 'rb') as f:
-        header, start = read_header(f, path, size)
+        header, start = read_header(f, path, size, metadata)
     out = {}
     for name, info in header.items():
         try:
@@ -98,8 +108,27 @@ def read_safetensors(path: str | os.PathLike) -> dict:
     return out
 
 
-def _groups(hidden: int) -> int:
-    return -(-hidden // GROUP)
+def _groups(hidden: int, group: int) -> int:
+    return -(-hidden // group)
+
+
+def check_group(group, what: str = 'group size') -> int:
+    """A quantization group / block size: a power of two >= 16 (MatMulNBits' rule, whose block the text table's
+    group follows). -> it as an int; ValueError naming `what` otherwise."""
+    if isinstance(group, bool) or not isinstance(group, (int, np.integer)) or group < 16 or group & (group - 1):
+        raise ValueError(f'{what} must be a power of two >= 16 (e.g. 32, 64, 128), got {group!r}')
+    return int(group)
+
+
+def text_group(metadata: dict) -> Optional[int]:
+    """The text table's group size recorded in a tables file's __metadata__ (None if it records none)."""
+    if GROUP_KEY not in metadata:
+        return None
+    raw = metadata[GROUP_KEY]
+    try:
+        return check_group(int(raw) if raw.isascii() and raw.isdigit() else raw, f'__metadata__ {GROUP_KEY}')
+    except ValueError as e:
+        raise TablesError(str(e)) from None
 
 
 def _width(bits: int, hidden: int) -> int:
@@ -107,37 +136,39 @@ def _width(bits: int, hidden: int) -> int:
     return hidden if bits == 8 else -(-hidden // 2)
 
 
-def quantize_text(table: np.ndarray, bits: int, rows: int = 8192) -> dict:
-    """A float text table [vocab, hidden] -> {QUANTIZED[bits]: q, SCALE: s} in the layout of the module doc.
+def quantize_text(table: np.ndarray, bits: int, group: int = GROUP, rows: int = 8192) -> tuple:
+    """A float text table [vocab, hidden] -> ({QUANTIZED[bits]: q, SCALE: s}, {GROUP_KEY: str(group)}): the arrays and
+    the file's __metadata__ in the layout of the module doc.
 
     Works `rows` rows at a time, so the float temporaries stay small next to a 0.5 GB table."""
     if bits not in _QMAX:
         raise ValueError(f'text table bits must be one of {sorted(_QMAX)}, got {bits!r}')
+    group = check_group(group, 'text table group size')
     vocab, hidden = table.shape
-    groups, qmax = _groups(hidden), _QMAX[bits]
+    groups, qmax = _groups(hidden, group), _QMAX[bits]
     q = np.empty((vocab, _width(bits, hidden)), _QDTYPE[bits])
     scale = np.empty((vocab, groups), np.float16)
     for lo in range(0, vocab, rows):
-        x = np.zeros((min(rows, vocab - lo), groups * GROUP), np.float32)  # the last group padded with zeros
+        x = np.zeros((min(rows, vocab - lo), groups * group), np.float32)  # the last group padded with zeros
         x[:, :hidden] = table[lo:lo + rows]
-        g = x.reshape(len(x), groups, GROUP)  # [n, groups * 32] -> [n, groups, 32]
+        g = x.reshape(len(x), groups, group)  # [n, groups * G] -> [n, groups, G]
         s = (np.abs(g).max(axis=-1) / qmax).astype(np.float16)  # [n, groups]: rounded as stored
         if not np.isfinite(s).all():
             raise ValueError(f'{TEXT} rows {lo}..{lo + len(x)} hold values that are not finite or exceed float16 '
                              f'scales ({qmax} x 65504): cannot store the table at int{bits}')
         s32 = s.astype(np.float32)[..., None]  # [n, groups, 1]
         v = np.divide(g, s32, out=np.zeros_like(g), where=s32 > 0)
-        v = np.clip(np.rint(v), -qmax, qmax).reshape(len(x), -1)  # [n, groups, 32] -> [n, groups * 32]
+        v = np.clip(np.rint(v), -qmax, qmax).reshape(len(x), -1)  # [n, groups, G] -> [n, groups * G]
         if bits == 8:
             q[lo:lo + len(x)] = v[:, :hidden]
         else:
             u = (v[:, :2 * q.shape[1]] + 8).astype(np.uint8)  # [n, 2 * width]: 1..15, padding 8 (= 0)
             q[lo:lo + len(x)] = u[:, 0::2] | (u[:, 1::2] << 4)
         scale[lo:lo + len(x)] = s
-    return {QUANTIZED[bits]: q, SCALE: scale}
+    return {QUANTIZED[bits]: q, SCALE: scale}, {GROUP_KEY: str(group)}
 
 
-def _dequantize(q: np.ndarray, scale: np.ndarray, bits: int, hidden: int) -> np.ndarray:
+def _dequantize(q: np.ndarray, scale: np.ndarray, bits: int, hidden: int, group: int) -> np.ndarray:
     """Quantized rows [n, width] and their scales [n, groups] -> float32 rows [n, hidden]."""
     if bits == 4:
         v = np.empty((q.shape[0], 2 * q.shape[1]), np.float32)  # [n, width] -> [n, 2 * width]
@@ -146,11 +177,12 @@ def _dequantize(q: np.ndarray, scale: np.ndarray, bits: int, hidden: int) -> np.
         v = v[:, :hidden] - 8
     else:
         v = q.astype(np.float32)
-    return v * np.repeat(scale.astype(np.float32), GROUP, axis=1)[:, :hidden]  # [n, groups] -> [n, hidden]
+    return v * np.repeat(scale.astype(np.float32), group, axis=1)[:, :hidden]  # [n, groups] -> [n, hidden]
 
 
-def _text_layout(arrays: dict, hidden: int) -> tuple:
-    """-> (bits or None, table or q, scale or None) after checking the text table's names, dtypes and shapes."""
+def _text_layout(arrays: dict, hidden: int, group: Optional[int]) -> tuple:
+    """-> (bits or None, table or q, scale or None, group or None) after checking the text table's names, dtypes and
+    shapes against `group` (the file's recorded group size; None: none recorded, 32)."""
     present = [k for k in (TEXT, *QUANTIZED.values()) if k in arrays]
     if len(present) != 1:
         raise TablesError(f'expected exactly one text table ({TEXT}, or {" or ".join(QUANTIZED.values())} with '
@@ -163,32 +195,37 @@ def _text_layout(arrays: dict, hidden: int) -> tuple:
                               f'{list(table.shape)}')
         if SCALE in arrays:
             raise TablesError(f'{SCALE} is present but {TEXT} is not quantized')
-        return None, table, None
+        if group is not None:
+            raise TablesError(f'__metadata__ {GROUP_KEY} is {group} but {TEXT} is not quantized')
+        return None, table, None, None
+    group = GROUP if group is None else group
     bits = next(b for b, k in QUANTIZED.items() if k == name)
     want = [table.shape[0] if table.ndim == 2 else 'vocab', _width(bits, hidden)]
     if table.dtype != _QDTYPE[bits] or list(table.shape) != want:
         raise TablesError(f'{name} is {table.dtype} {list(table.shape)}, expected {np.dtype(_QDTYPE[bits])} {want} '
                           f'(hidden size {hidden}, from action_embed)')
     if SCALE not in arrays:
-        raise TablesError(f'{name} has no {SCALE} (one float16 scale per {GROUP} values of each row)')
-    scale, want = arrays[SCALE], [table.shape[0], _groups(hidden)]
+        raise TablesError(f'{name} has no {SCALE} (one float16 scale per {group} values of each row)')
+    scale, want = arrays[SCALE], [table.shape[0], _groups(hidden, group)]
     if scale.dtype != np.float16 or list(scale.shape) != want:
         raise TablesError(f'{SCALE} is {scale.dtype} {list(scale.shape)}, expected float16 {want} (one scale per '
-                          f'{GROUP} values of each of the {table.shape[0]} rows of {name})')
-    return bits, table, scale
+                          f'{group} values of each of the {table.shape[0]} rows of {name})')
+    return bits, table, scale, group
 
 
 class Tables:
     """Embedding lookups and the state projection, in numpy, in the graph's float type."""
 
-    def __init__(self, arrays: dict, dtype=np.float32):
+    def __init__(self, arrays: dict, dtype=np.float32, metadata: Optional[dict] = None):
+        """`arrays`: the file's tensors; `metadata`: its __metadata__ (the text table's group size, if recorded)."""
         action = arrays.get('action_embed')
         if action is None:
             raise TablesError("table 'action_embed' is missing")
         if action.ndim != 2:
             raise TablesError(f'action_embed must be [n_bins + 1, hidden], got {list(action.shape)}')
         self.hidden = hidden = action.shape[1]
-        self.text_bits, self.text_embed, self.text_scale = _text_layout(arrays, hidden)
+        self.text_bits, self.text_embed, self.text_scale, self.text_group = _text_layout(
+            arrays, hidden, text_group(metadata or {}))
         self.action_embed = action
         self.state_w = arrays.get('state_proj.weight')
         self.state_b = arrays.get('state_proj.bias')
@@ -201,12 +238,15 @@ class Tables:
 
     @property
     def text_layout(self) -> str:
-        """How the text table is stored: its float dtype name, or 'int8' / 'int4' (see the module doc)."""
+        """How the text table is stored: its float dtype name, or 'int8' / 'int4' (see the module doc; its group
+        size: text_group)."""
         return self.text_embed.dtype.name if self.text_bits is None else f'int{self.text_bits}'
 
     @classmethod
     def open(cls, path: str | os.PathLike, dtype=np.float32) -> 'Tables':
-        return cls(read_safetensors(path), dtype)
+        metadata = {}
+        arrays = read_safetensors(path, metadata)
+        return cls(arrays, dtype, metadata)
 
     def check(self, n_bins: int, state_dim: int, hidden: int, where: str) -> None:
         """The tables fit a policy with these sizes (raises TablesError naming `where`)."""
@@ -229,7 +269,8 @@ class Tables:
         ids = self._ids(ids, self.text_embed.shape[0], 'text token')
         rows = np.take(self.text_embed, ids, axis=0)  # [n, hidden] or [n, width]
         if self.text_bits is not None:
-            rows = _dequantize(rows, np.take(self.text_scale, ids, axis=0), self.text_bits, self.hidden)
+            rows = _dequantize(rows, np.take(self.text_scale, ids, axis=0), self.text_bits, self.hidden,
+                               self.text_group)
         return rows.astype(self.dtype, copy=False)[None]  # [n, hidden] -> [1, n, hidden]
 
     def actions(self, tokens) -> np.ndarray:
