@@ -3,6 +3,8 @@
 
     python benchmarks/real_size.py --shape qwen2.5-0.5b --json out/real_size_qwen2.5-0.5b.json
     python benchmarks/real_size.py --shape qwen2.5-0.5b-40l --json out/rs_40l.json --precisions fp32 int4  # > 2 GiB
+    python benchmarks/real_size.py --shape qwen2.5-0.5b --json out/rs_blocks.json --precisions int4 \
+        --quant-block-sizes 32 64 128       # rows int4-b32, int4-b64, int4-b128: folder, RSS, speed, agreement
 
 Shapes: benchmarks/shapes.py (Qwen2.5-0.5B, SmolLM2-360M, Qwen3-0.6B dimensions; `qwen2.5-0.5b-40l`, Qwen2.5-0.5B
 widths in 40 layers, whose backbone graph is above protobuf's 2 GiB in fp32; `tiny` for smoke tests; a whole
@@ -18,11 +20,16 @@ each heavy one in its own process so its memory is its own (peak = that process'
    exporter's own parity check is off by default (--export-parity-samples 0): step 3 measures token agreement
    through the runtime a robot uses, and the parity check's lock-step decoding is not export time.
 3. run, per precision: PolicyRunner (ONNX Runtime, CPU) in a fresh process -> load_s, runner_rss_gb (after load and
-   warm-up), runner_rss_over_weights (at that precision); ms per chunk with 1 and 2 threads (median of --runs,
-   prefill included; cpu_ms_per_chunk_1t/2t: the CPU time those chunks took, all threads, less dependent on
-   the load of a shared machine); token_agreement = share of action tokens equal to the fp32 torch policy's.
+   warm-up), runner_rss_over_weights (the whole process's RSS / weight bytes at that precision), process_rss_gb (the
+   same process before the policy loads: Python, numpy, ONNX Runtime and the runtime's modules imported) and
+   runner_added_rss_over_weights (what loading and warming the policy added / the same weight bytes); ms per chunk
+   with 1 and 2 threads (median of --runs, prefill included; cpu_ms_per_chunk_1t/2t: the CPU time those chunks took,
+   all threads, less dependent on the load of a shared machine); token_agreement = share of action tokens equal to
+   the fp32 torch policy's.
 
-A precision that fails (e.g. fp16 on ONNX Runtime's CPU provider) keeps its error under export_error / run_error
+With --quant-block-sizes, each int8 / int4 precision is exported once per block size (blockvla-export
+--quant-block-size), its row named `<precision>-b<size>`; every row records its quant_block_size. A precision that
+fails (e.g. fp16 on ONNX Runtime's CPU provider) keeps its error under export_error / run_error
 instead of figures. The top-level export_s, export_cpu_s, export_peak_rss_gb, folder_over_weights,
 runner_rss_over_weights and load_s are those of the first precision (fp32 by default). Each step records the
 1-minute load average before and after it (`load`): the machine is shared. Random weights make logits nearly
@@ -104,7 +111,9 @@ def child_run(folder: str, observations: int, reference: list, runs: int) -> dic
     from blockvla_ros.export.parity import random_observations
     from blockvla_ros.runtime.runner import PolicyRunner
 
-    out = {}
+    import onnxruntime  # noqa: F401  (imported by the runner anyway: part of the bare process)
+
+    out = {'process_rss_gb': status_gb('VmRSS')}  # Python + numpy + ONNX Runtime + the runtime's modules, no policy
     for threads in (1, 2):
         t0 = time.perf_counter()
         runner = PolicyRunner.load(folder, threads=threads)
@@ -140,9 +149,10 @@ def folder_bytes(folder: Path) -> int:
 
 # --- the benchmark --------------------------------------------------------------------------------------------------
 def export_cmd(ckpt: str, folder: Path, precision: str, threads: int, parity_samples: int,
-               accuracy_level=None) -> list:
-    level = ['--quant-accuracy-level', str(accuracy_level)] if accuracy_level is not None and precision in (
-        'int8', 'int4') else []
+               accuracy_level=None, block_size=None) -> list:
+    quantized = precision in ('int8', 'int4')
+    level = ['--quant-accuracy-level', str(accuracy_level)] if accuracy_level is not None and quantized else []
+    level += ['--quant-block-size', str(block_size)] if block_size is not None and quantized else []
     return [sys.executable, '-m', 'blockvla_ros.export.cli', '--checkpoint', ckpt, '--out', str(folder),
             '--no-torch-weights', '--no-calibrate', '--precision', precision,
             '--parity-samples', str(parity_samples), '--threads', str(threads), '-q'] + level
@@ -171,25 +181,28 @@ def timed_process(cmd: list, threads: int) -> dict:
     return row
 
 
-def measure_precision(precision: str, ckpt: str, work: Path, prep: dict, args) -> dict:
-    folder = work / f'policy_{args.shape}_{precision}'
-    print(f'[{precision}] export ...', flush=True)
+def measure_precision(precision: str, ckpt: str, work: Path, prep: dict, args, block_size=None, label=None) -> dict:
+    label = label or precision
+    folder = work / f'policy_{args.shape}_{label}'
+    print(f'[{label}] export ...', flush=True)
     load = [load_average()]
-    cmd = export_cmd(ckpt, folder, precision, args.threads, args.export_parity_samples, args.quant_accuracy_level)
+    cmd = export_cmd(ckpt, folder, precision, args.threads, args.export_parity_samples, args.quant_accuracy_level,
+                     block_size)
     ex = timed_process(cmd, args.threads)
     load.append(load_average())
     row = {'export_s': ex['seconds'], 'export_cpu_s': ex['cpu_s'], 'export_peak_rss_gb': ex['peak_rss_gb'],
-           'export_command': ' '.join(cmd[2:]), 'load': load}
+           'export_command': ' '.join(cmd[2:]), 'load': load, 'precision': precision,
+           'quant_block_size': quant_block_size(precision, block_size)}
     if ex['exit'] != 0:
         row['export_error'] = ex['error']
-        print(f'[{precision}] export FAILED after {ex["seconds"]:.0f} s: {ex["error"][-600:]}', flush=True)
+        print(f'[{label}] export FAILED after {ex["seconds"]:.0f} s: {ex["error"][-600:]}', flush=True)
         return row
     weights = prep['params'] * BYTES_PER_WEIGHT[precision]
     size = folder_bytes(folder)
     row.update(folder_gb=size / 1e9, weight_gb_at_precision=weights / 1e9, folder_over_weights=size / weights,
                backbone_graph_gb=backbone_graph_bytes(folder) / 1e9,
                files={p.name: p.stat().st_size for p in sorted(folder.iterdir())})
-    print(f'[{precision}] exported in {ex["seconds"]:.0f} s, peak RSS {ex["peak_rss_gb"]:.2f} GB, folder '
+    print(f'[{label}] exported in {ex["seconds"]:.0f} s, peak RSS {ex["peak_rss_gb"]:.2f} GB, folder '
           f'{size / 1e9:.2f} GB ({size / weights:.2f}x the weights); running ...', flush=True)
     run = run_child('run', {'folder': str(folder), 'observations': args.observations,
                             'reference': prep['reference_tokens'], 'runs': args.runs}, work, args.threads)
@@ -201,12 +214,34 @@ def measure_precision(precision: str, ckpt: str, work: Path, prep: dict, args) -
                                     'ms_per_chunk_2t', 'cpu_ms_per_chunk_1t', 'cpu_ms_per_chunk_2t',
                                     'cpu_ms_per_pass_1t', 'cpu_ms_per_pass_2t', 'token_agreement',
                                     'chunks_identical', 'nfe')})
-    row['runner_rss_over_weights'] = run['runner_rss_gb'] * 1e9 / weights
+    row['runner_rss_over_weights'] = run['runner_rss_gb'] * 1e9 / weights  # the whole process
+    row['process_rss_gb'] = run['process_rss_gb']
+    row['runner_added_rss_over_weights'] = (run['runner_rss_gb'] - run['process_rss_gb']) * 1e9 / weights
     if not args.keep_folders:
         import shutil
 
         shutil.rmtree(folder, ignore_errors=True)
     return row
+
+
+def quant_block_size(precision: str, block_size):
+    """The block size an export used (the exporter's default when none was given); None for fp32 / fp16."""
+    from blockvla_ros.export.precision import check_quant_block_size
+
+    return check_quant_block_size(precision, block_size if precision in ('int8', 'int4') else None)
+
+
+def measurements(precisions: list, block_sizes) -> list:
+    """[(row name, precision, block size or None)]: one row per precision, per block size for int8 / int4 when
+    several are given."""
+    rows = []
+    for precision in dict.fromkeys(precisions):
+        if precision in ('int8', 'int4') and block_sizes and len(block_sizes) > 1:
+            rows += [(f'{precision}-b{b}', precision, b) for b in dict.fromkeys(block_sizes)]
+        else:
+            rows.append((precision, precision, block_sizes[0] if block_sizes and precision in ('int8', 'int4')
+                         else None))
+    return rows
 
 
 def main(argv=None) -> int:
@@ -218,6 +253,9 @@ def main(argv=None) -> int:
                    help="observations for the exporter's own parity check (default 0: step 3 measures agreement)")
     p.add_argument('--quant-accuracy-level', type=int, choices=(0, 1, 2, 3, 4),
                    help="int8/int4: blockvla-export's --quant-accuracy-level (default: the exporter's)")
+    p.add_argument('--quant-block-sizes', type=int, nargs='+', metavar='N',
+                   help="int8/int4: blockvla-export's --quant-block-size; several: one row per size (default: the "
+                        "exporter's)")
     p.add_argument('--observations', type=int, default=4, help='observations for the token agreement')
     p.add_argument('--runs', type=int, default=5, help='timed chunks per thread count (median)')
     p.add_argument('--threads', type=int, default=min(2, os.cpu_count() or 1), help='threads for export')
@@ -238,7 +276,9 @@ def main(argv=None) -> int:
     work = (args.work or Path(tmp.name)).resolve()
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    todo = list(dict.fromkeys(args.precisions))
+    todo = measurements(args.precisions, args.quant_block_sizes)
+    for _label, precision, block in todo:  # a bad size fails here, not after the backbone is written
+        quant_block_size(precision, block)
     print(f'shape {args.shape}: preparing the random-weight backbone and checkpoint ...', flush=True)
     prep = run_child('prepare', {'shape': args.shape, 'work': str(work), 'observations': args.observations}, work)
     if 'error' in prep:
@@ -246,17 +286,17 @@ def main(argv=None) -> int:
         return 1
     policy = shapes.VLM_POLICY if args.shape in shapes.VLM_SHAPES else shapes.POLICY
     out = {'shape': args.shape, 'backbone': shapes.SHAPES[args.shape], 'policy': policy,
-           'quant_accuracy_level': args.quant_accuracy_level,
+           'quant_accuracy_level': args.quant_accuracy_level, 'quant_block_sizes': args.quant_block_sizes,
            'params_m': prep['params'] / 1e6, 'weight_gb': prep['weight_bytes_fp32'] / 1e9,
            'prepare_s': prep['prepare_s'], 'prepare_peak_rss_gb': prep['peak_rss_gb'],
            'torch_fp32_ms_per_chunk': prep['torch_ms_per_chunk'], 'exporter': 'dynamo',
            'observations': args.observations, 'runs': args.runs, 'precisions': {}, 'load_start': load_average(),
            'machine': platform.machine(), 'cpu_count': os.cpu_count(),
            'note': 'shared 2-core machine; figures are pessimistic and noisy'}
-    for precision in todo:
-        out['precisions'][precision] = measure_precision(precision, prep['checkpoint'], work, prep, args)
+    for label, precision, block in todo:
+        out['precisions'][label] = measure_precision(precision, prep['checkpoint'], work, prep, args, block, label)
         _write(args.json, out)
-    first = out['precisions'][todo[0]]
+    first = out['precisions'][todo[0][0]]
     for key in ('export_s', 'export_cpu_s', 'export_peak_rss_gb', 'folder_over_weights', 'runner_rss_over_weights',
                 'load_s'):
         out[key] = first.get(key)
@@ -275,14 +315,14 @@ def _write(path: Path, data: dict) -> None:
 
 def print_table(out: dict) -> None:
     print(f'\n{out["shape"]}: {out["params_m"]:.0f} M params, {out["weight_gb"]:.2f} GB fp32 weights')
-    print(f'{"precision":<9} {"export s":>9} {"peak GB":>8} {"folder x":>9} {"load s":>7} {"RSS x":>6} '
+    print(f'{"precision":<10} {"export s":>9} {"peak GB":>8} {"folder x":>9} {"load s":>7} {"RSS x":>6} '
           f'{"ms 1t":>8} {"cpu ms 1t":>9} {"ms 2t":>8} {"tokens =":>9}')
     for name, r in out['precisions'].items():
         if 'export_error' in r or 'run_error' in r:
-            print(f'{name:<9} {r["export_s"]:9.0f} {r["export_peak_rss_gb"]:8.2f}  failed: '
+            print(f'{name:<10} {r["export_s"]:9.0f} {r["export_peak_rss_gb"]:8.2f}  failed: '
                   f'{(r.get("export_error") or r.get("run_error")).strip().splitlines()[-1][:100]}')
             continue
-        print(f'{name:<9} {r["export_s"]:9.0f} {r["export_peak_rss_gb"]:8.2f} {r["folder_over_weights"]:9.2f} '
+        print(f'{name:<10} {r["export_s"]:9.0f} {r["export_peak_rss_gb"]:8.2f} {r["folder_over_weights"]:9.2f} '
               f'{r["load_s"]:7.1f} {r["runner_rss_over_weights"]:6.2f} {r["ms_per_chunk_1t"]:8.0f} '
               f'{r.get("cpu_ms_per_chunk_1t", float("nan")):9.0f} {r["ms_per_chunk_2t"]:8.0f} '
               f'{r["token_agreement"]:9.3f}')

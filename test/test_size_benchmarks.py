@@ -35,32 +35,38 @@ def test_random_backbone_is_written_in_shards_that_from_pretrained_reads(tmp_pat
 
 
 def test_real_size_reports_every_promised_field(tmp_path):
-    """Every precision the exporter writes, on policy folder format 2 (the toy shape)."""
+    """Every precision the exporter writes, on policy folder format 2 (the toy shape); int8 / int4 at two
+    quantization block sizes (one row each)."""
     from blockvla_ros.export.precision import PRECISIONS
 
     out = tmp_path / 'rs.json'
     cmd = [sys.executable, str(ROOT / 'benchmarks' / 'real_size.py'), '--shape', 'tiny', '--json', str(out),
-           '--precisions', *PRECISIONS, '--runs', '2', '--observations', '2', '--threads', '1']
+           '--precisions', *PRECISIONS, '--runs', '2', '--observations', '2', '--threads', '1',
+           '--quant-block-sizes', '32', '64']
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads(out.read_text())
     for key in ('export_s', 'export_cpu_s', 'export_peak_rss_gb', 'weight_gb', 'folder_over_weights',
                 'runner_rss_over_weights', 'load_s'):
         assert data[key] > 0, key
-    assert set(data['precisions']) == set(PRECISIONS)
+    assert set(data['precisions']) == {'fp32', 'fp16', 'int8-b32', 'int8-b64', 'int4-b32', 'int4-b64'}
     for name, row in data['precisions'].items():
         assert 'export_error' not in row and 'run_error' not in row, (name, row)
-        assert f'--precision {name}' in row['export_command']
+        assert f'--precision {row["precision"]}' in row['export_command'] and name.startswith(row['precision'])
+        block = row['quant_block_size']
+        assert (block is None) == (row['precision'] in ('fp32', 'fp16'))
+        assert block is None or (name.endswith(f'-b{block}') and f'--quant-block-size {block}' in row['export_command'])
         for key in ('ms_per_chunk_1t', 'ms_per_chunk_2t', 'cpu_ms_per_chunk_1t', 'folder_over_weights',
-                    'runner_rss_over_weights'):
+                    'runner_rss_over_weights', 'process_rss_gb', 'runner_added_rss_over_weights'):
             assert row[key] > 0, (name, key)
         assert 0.0 <= row['token_agreement'] <= 1.0
         assert {'vision.onnx', 'backbone.onnx', 'tables.safetensors', 'policy.yaml'} <= set(row['files'])
         assert row['folder_gb'] * 1e9 == pytest.approx(sum(row['files'].values()))
         assert 0 < row['backbone_graph_gb'] < row['folder_gb']
     assert data['precisions']['fp32']['token_agreement'] == 1.0  # ONNX Runtime fp32 decodes what torch decodes
-    sizes = {name: row['files']['backbone.onnx'] for name, row in data['precisions'].items()}
-    assert sizes['int4'] < sizes['int8'] < sizes['fp16'] < sizes['fp32']  # stored at the precision asked for
+    sizes = {name: row['backbone_graph_gb'] for name, row in data['precisions'].items()}
+    assert sizes['int4-b32'] < sizes['int8-b32'] < sizes['fp16'] < sizes['fp32']  # stored at the precision asked for
+    assert sizes['int4-b64'] < sizes['int4-b32'] and sizes['int8-b64'] < sizes['int8-b32']  # fewer scales
     assert 'tokens =' in proc.stdout
 
 
