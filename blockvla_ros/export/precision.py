@@ -82,9 +82,9 @@ def default_tolerance(precision: str, tolerance: Optional[float]) -> Optional[fl
 def quantize_weights(path: Path, precision: str, accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
                      block_size: int = DEFAULT_BLOCK_SIZE) -> list:
     """Rewrite graph `path` with weight-only int8/int4 MatMulNBits (ONNX Runtime) in blocks of `block_size`, one
-    weight at a time (export.quantize). -> its external-data files: always one, whatever the inline limit, because
-    ONNX Runtime keeps an inline quantized graph's weights about twice in memory (the parsed file and the pre-packed
-    copy: 1.84x the int4 weights at 0.5B, 1.15x from external data; README)."""
+    weight at a time (export.quantize). -> its external-data files: always one, whatever the export's inline limit,
+    because ONNX Runtime keeps an inline quantized graph's weights about twice in memory (the parsed file and the
+    pre-packed copy: 1.84x the int4 weights at 0.5B, 1.15x from external data; README)."""
     from .quantize import quantize_graph
 
-    return quantize_graph(path, BITS[precision], block_size, accuracy_level, inline_limit=0)
+    return quantize_graph(path, BITS[precision], block_size, accuracy_level)

@@ -1,6 +1,6 @@
 """Weight-only MatMulNBits quantization of an ONNX graph, one weight at a time (no whole-graph copy in memory).
 
-    data = quantize_graph('tmp/backbone.onnx', bits=4, block_size=32, accuracy_level=4, inline_limit=1 << 30)
+    data = quantize_graph('tmp/backbone.onnx', bits=4, block_size=32, accuracy_level=4)  # -> ['backbone.onnx.data']
 
 Every MatMul whose second input is a stored 2-D fp32 weight [K, N] becomes a com.microsoft MatMulNBits node (ONNX
 Runtime's contrib op): B packed to uint8 [N, ceil(K / block), block * bits / 8], one fp32 scale per block
@@ -11,8 +11,9 @@ same names (`<B>_Q<bits>`, `<B>_scales`, node `<name>_Q<bits>`), so the graph is
 What differs is memory: that quantizer needs the whole fp32 graph loaded (`onnx.load`) plus its own copies (1.76 GB
 peak for the 0.5B's 1.43 GB fp32 graph, measured alone); here the graph is read without its weights, each MatMul
 weight is read from the external-data file (or the inline bytes) at its offset, quantized and appended to a new
-external-data file at once, so the peak is one fp32 weight matrix plus its quantized form (83 MB at 0.5B; more only
-when the quantized result is small enough to be saved inline).
+external-data file at once, so the peak is one fp32 weight matrix plus its quantized form (83 MB at 0.5B). The
+output always keeps its weights in that file, however small: ONNX Runtime holds an inline quantized graph's weights
+about twice (export.precision.quantize_weights).
 
 accuracy_level (the MatMulNBits attribute): the minimum precision ONNX Runtime may compute in. 0 = unset (the
 kernel's default: fp32 on dequantized weights), 1 = fp32, 2 = fp16, 3 = bf16, 4 = int8 (activations quantized to
@@ -48,12 +49,9 @@ def check_block_size(block_size, what: str = 'block_size') -> int:
     return check_group(block_size, what)
 
 
-def quantize_graph(path, bits: int, block_size: int, accuracy_level: int, inline_limit: int) -> list:
-    """Rewrite graph `path` in place with weight-only MatMulNBits. -> its external-data file names ([] if inline).
-
-    The graph's weights end up in one `<file>.data` (replacing any there was) when they weigh `inline_limit` bytes
-    or more in total, inside the .onnx file otherwise.
-    """
+def quantize_graph(path, bits: int, block_size: int, accuracy_level: int) -> list:
+    """Rewrite graph `path` in place with weight-only MatMulNBits. -> its external-data file names: [`<file>.data`],
+    one file holding every weight of the graph (replacing any there was)."""
     import onnx
 
     if bits not in (4, 8):
@@ -98,13 +96,8 @@ def quantize_graph(path, bits: int, block_size: int, accuracy_level: int, inline
     log.info('quantized %d MatMul weights of %s to %d bits (block %d, accuracy_level %d): %.1f MB of weights',
              len(done), path.name, bits, block_size, accuracy_level, total / 1e6)
     os.replace(partial, data)  # the old fp32 data is no longer referenced
-    if total >= inline_limit:
-        onnx.save_model(model, str(path))  # the graph alone: its tensors already point into `data`
-        return [data.name]
-    _inline(model, path.parent)
-    onnx.save_model(model, str(path))
-    data.unlink()
-    return []
+    onnx.save_model(model, str(path))  # the graph alone: its tensors already point into `data`
+    return [data.name]
 
 
 def quantize_matrix(weight: np.ndarray, bits: int, block_size: int) -> tuple:
@@ -219,19 +212,6 @@ class _DataWriter:
         del out.external_data[:]
         out.data_location = onnx.TensorProto.DEFAULT
         return self._store(out, raw)
-
-
-def _inline(model, folder: Path) -> None:
-    """Move every external tensor of `model` back into it (a small graph: the whole thing fits in one file)."""
-    import onnx
-
-    with _TensorReader(folder) as reader:
-        for tensor in model.graph.initializer:
-            if tensor.data_location == onnx.TensorProto.EXTERNAL:
-                raw = reader.raw(tensor)
-                del tensor.external_data[:]
-                tensor.data_location = onnx.TensorProto.DEFAULT
-                tensor.raw_data = raw
 
 
 def _set_opset(model, domain: str, version: int) -> None:
