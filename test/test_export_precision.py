@@ -62,8 +62,9 @@ def test_int8_int4_store_matmuls_in_n_bits_and_report_token_agreement(ckpt, tmp_
         assert attrs['bits'] == bits and attrs['block_size'] == block
         assert attrs.get('accuracy_level', 0) == DEFAULT_ACCURACY_LEVEL  # int8 compute unless asked otherwise
     assert report.checks['backbone']['tensorrt'] is False  # com.microsoft op: ONNX Runtime only, and said so
-    # quantized backbone: at most bits/32 of the fp32 MatMul weights plus one fp32 scale per block and the rest
-    fp32_matmul = sum(4 * node_k_n(n) for n in nbits)
+    # quantized backbone: at most bits/32 of the fp32 MatMul weights (K padded to whole blocks: the tiny K = 64 in
+    # blocks of 128) plus one fp32 scale per block and the rest
+    fp32_matmul = sum(4 * node_k_n(n, block) for n in nbits)
     stored = sum(p.stat().st_size for p in out.glob('backbone.onnx*'))
     assert stored < fp32_matmul * (bits / 32 + 1 / block) + 100_000
     doc = yaml.safe_load((out / 'policy.yaml').read_text())
@@ -103,9 +104,10 @@ def _check_text_table(ckpt, out, bits, group):
     assert np.all(np.abs(rows - text[ids]) <= step / 2 * (1 + 1e-5))
 
 
-def node_k_n(node) -> int:
+def node_k_n(node, block: int) -> int:
+    """A MatMulNBits node's weight count with K padded to whole blocks (as stored)."""
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-    return attrs['K'] * attrs['N']
+    return -(-attrs['K'] // block) * block * attrs['N']
 
 
 def test_required_token_agreement_is_enforced_and_keeps_no_folder(ckpt, tmp_path):
@@ -130,12 +132,13 @@ def test_fp16_stores_half_weights_and_tables_and_runs_on_the_cpu(ckpt, tmp_path)
         assert r['samples'] == 2 and 0.0 <= r['token_agreement'] <= 1.0
 
 
-@pytest.mark.parametrize('precision,bits,bound', [('int8', 8, 1.15), ('int4', 4, 1.25)])
+@pytest.mark.parametrize('precision,bits,bound', [('int8', 8, 1.15), ('int4', 4, 1.20)])
 def test_folder_over_weights_at_int8_int4_when_the_text_table_dominates(tmp_path, precision, bits, bound):
     """A 65,536-word vocabulary makes the text table 94 % of the parameters (Qwen2.5-0.5B: 28 %). int8 meets issue
-    14's <= 1.15x the weights at the precision. int4 cannot: its layouts store scales next to the 4-bit values (the
-    text table's float16 per 32 values: 1.125x; MatMulNBits' fp32 per 32: 1.25x) and vision.onnx stays fp32, so
-    it is held to 1.25x here."""
+    14's <= 1.15x the weights at the precision (1.095x). int4 at the default block size (128: the table's float16
+    scale per 128 values, 1.03x) does at 0.5B (1.07x) but not here (1.185x, 1.229x at blocks of 32): vision.onnx
+    stays fp32, 8x its 4-bit bytes, and the tiny backbone's K = 64 is padded to a block of 128, so it is held to
+    1.20x here."""
     ckpt = write_checkpoint(tmp_path / 'ckpt', backbone=dict(QWEN2, vocab_size=1 << 16))
     out = tmp_path / 'models' / precision
     report = export_policy(ckpt, out, precision=precision, parity_samples=0, progress=False)
@@ -149,7 +152,8 @@ def test_folder_over_weights_at_int8_int4_when_the_text_table_dominates(tmp_path
     assert ratio <= bound
     runner = PolicyRunner.load(out, threads=1)
     action_embed = (runner.config.n_bins + 1) * 64 * 4  # fp32
-    assert report.sizes['tables.safetensors'] <= text * (bits / 8 + 2 / 32) + action_embed + 1000  # + the header
+    scales = 65536 * 2 * -(-64 // DEFAULT_BLOCK_SIZE)  # float16, one per group of each row (one group of 64 here)
+    assert report.sizes['tables.safetensors'] <= text * bits / 8 + scales + action_embed + 1000  # + the header
     assert runner.engine.tables.text_layout == precision
     pred = runner.predict(np.full((32, 32, 3), 128, np.uint8), 'push the block')
     assert pred.actions.shape == (runner.config.chunk_len, runner.config.action_dim)
@@ -170,7 +174,7 @@ def test_a_malformed_quantized_table_is_refused_by_name_and_an_fp32_table_still_
     an int8 folder written before the group was recorded (32) or before quantized tables (fp32 text_embed) loads and
     runs."""
     out = tmp_path / 'models' / 'int8'
-    _export(ckpt, out, 'int8')
+    _export(ckpt, out, 'int8', quant_block_size=32)  # the group files with none recorded read as
     cases = [(lambda a: a.update({'text_embed.scale': a['text_embed.scale'].astype(np.float32)}),
               'text_embed.scale is float32'),
              (lambda a: a.update({'text_embed.scale': a['text_embed.scale'][:, :1]}),

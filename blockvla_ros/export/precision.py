@@ -37,7 +37,15 @@ log = logging.getLogger(__name__)
 
 PRECISIONS = ('fp32', 'fp16', 'int8', 'int4')
 BITS = {'int8': 8, 'int4': 4}
-DEFAULT_BLOCK_SIZE = 32  # quantization block along the reduction axis (and the text table's group)
+# Quantization block along the reduction axis (and the text table's group), chosen on the 0.5B shape
+# (benchmarks/real_size.py --quant-block-sizes 32 64 128; README "Real-size export and runtime"): int4 folder 1.23x /
+# 1.12x / 1.07x the 4-bit weights, runner RSS 1.66x / 1.39x / 1.25x, 1.34 / 1.16 / 0.97 CPU-s per chunk, token
+# agreement with the fp32 torch policy 0.26 / 0.35 / 0.32 over 192 tokens (random weights: differences of this size
+# are noise). 128 is the smallest block that meets both the folder (1.15x) and the runner (1.3x) targets, and
+# ONNX Runtime's own quantizer's default; int8 takes it too (1.03x, 0.99x, 1.09 CPU-s vs 1.11x, 1.19x, 1.46 at 32).
+# Larger blocks round more coarsely (one 896 x 4864 matmul, Gaussian weights: max error 7e-2 at 32, 1.0e-1 at 128,
+# benchmarks/matmul_nbits.py); --quant-block-size 32 keeps the finest rounding.
+DEFAULT_BLOCK_SIZE = 128
 # MatMulNBits' accuracy_level (export.quantize): 4 = int8 compute. On this x86 CPU (AVX-512 VNNI) a 0.5B block step
 # takes 45 ms at int8 and 35 ms at int4 against 99 ms in fp32, where the unset level (fp32 compute on dequantized
 # weights) takes 980 ms at int8 and 113 ms at int4 (README, benchmarks/session_memory.py and matmul_nbits.py).
