@@ -102,10 +102,10 @@ def _export(module, args, dynamic, inputs, outputs, path: Path, key: str, opset:
     module.eval()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        if dynamic is None:  # static: TorchScript, which writes the weights inline
+        if dynamic is None:  # static: TorchScript, the graph alone (its weights: _write_weights)
             torch.onnx.export(module, args, str(path), input_names=inputs, output_names=outputs,
-                              opset_version=opset, do_constant_folding=True, dynamo=False)
-            _weights_to_data_file(path)
+                              opset_version=opset, do_constant_folding=False, export_params=False, dynamo=False)
+            _write_weights(path, module)
         else:
             torch.onnx.export(module, args, str(path), input_names=inputs, output_names=outputs, opset_version=opset,
                               dynamo=True, external_data=True, dynamic_shapes=dynamic, verbose=False)
@@ -166,17 +166,38 @@ def _name_dynamic_dims(model) -> None:
                 d.dim_param = pattern.sub(lambda m: names[m.group(1)], d.dim_param)
 
 
-def _weights_to_data_file(path: Path) -> None:
-    """Move an inline graph's weights (tensors of >= 1 kB) to `<file>.data`, like the dynamo exporter's output, so the
-    steps after the export read the graph alone. The one full load here holds the file's bytes and the parsed model
-    at once (2x the weights, briefly); each tensor's bytes are released once written."""
-    import onnx
+def _write_weights(path: Path, module) -> None:
+    """Give a TorchScript graph exported without its weights (export_params=False) those weights, in `<file>.data`.
 
+    That exporter names each weight a graph input after its state_dict key; each becomes an initializer whose bytes
+    are written straight from the torch tensor, one at a time. With its weights the exporter held ~3.4x a tower's
+    weight bytes at once (its C++ protobuf, the serialized bytes and torch's own onnx parse of them: 1.24 GB for
+    SmolVLM2-256M's 0.37 GB SigLIP, the whole export's peak; benchmarks/export_memory.py). Constant folding is left
+    to ONNX Runtime and TensorRT at load: it needs the weights inside the exporter (e.g. each transposed matmul
+    weight, a second copy)."""
+    import onnx
+    from onnx import numpy_helper
+    from onnx.external_data_helper import set_external_data
+
+    weights = dict(module.named_buffers(remove_duplicate=False))  # non-persistent ones too (e.g. position ids)
+    weights.update(module.named_parameters(remove_duplicate=False))
+    model = onnx.load(str(path))  # the graph alone
     data = path.with_name(path.name + '.data')
-    data.unlink(missing_ok=True)  # onnx appends to an existing file
-    model = onnx.load(str(path))
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data.name, size_threshold=1024)
+    inputs, offset = [], 0
+    with open(data, 'wb') as f:
+        for value in model.graph.input:
+            if value.name not in weights:
+                inputs.append(value)
+                continue
+            tensor = numpy_helper.from_array(weights[value.name].detach().contiguous().numpy(), value.name)
+            f.write(tensor.raw_data)
+            set_external_data(tensor, data.name, offset, len(tensor.raw_data))
+            offset += len(tensor.raw_data)
+            tensor.ClearField('raw_data')
+            model.graph.initializer.append(tensor)
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)
+    onnx.save_model(model, str(path))
 
 
 def _place_weights(path: Path, inline_limit: int) -> list:
