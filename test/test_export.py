@@ -236,17 +236,19 @@ def test_the_exporter_keeps_no_reference_to_the_policys_parameters(exported, tmp
 
 
 def test_the_vision_export_leaves_no_torchscript_state(tmp_path):
-    """The TorchScript exporter traces the vision tower (an HF SigLIP here) into a JIT graph that holds the weights
-    and the constants it folds; once export_vision returns nothing of that trace may remain: every parameter dies with
-    the policy (a tensor still held by C++, a leaked graph, would keep its Python object alive), and the graph file is
-    complete on its own."""
+    """The TorchScript exporter traces the vision tower (an HF SigLIP here) into a JIT graph; once export_vision
+    returns nothing of that trace may remain: every parameter dies with the policy (a tensor still held by C++, a
+    leaked traced module, would keep its Python object alive), and the graph file, whose weights export_vision wrote
+    from the torch tensors, is complete on its own and computes what the tower does."""
     import gc
     import weakref
 
     import onnxruntime as ort
+    import torch
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
     from blockvla_ros.export.onnx_export import export_vision
+    from blockvla_ros.model.graphs import VisionGraph
     from blockvla_ros.model.policy import BlockVLAPolicy
 
     from tiny import tiny_config
@@ -256,11 +258,15 @@ def test_the_vision_export_leaves_no_torchscript_state(tmp_path):
     SiglipVisionModel(tower).save_pretrained(tmp_path / 'tower')
     policy = BlockVLAPolicy(tiny_config(vision={'type': 'hf', 'num_tokens': 16, 'path': str(tmp_path / 'tower')}))
     refs = [weakref.ref(p) for p in policy.vision.parameters()]
-    spec = export_vision(policy.eval(), tmp_path)
+    pixels = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = VisionGraph(policy.eval())(pixels).numpy()
+    spec = export_vision(policy, tmp_path)
     del policy
     gc.collect()
     assert not [r for r in refs if r() is not None]
     assert spec.data == [] and sorted(p.name for p in tmp_path.glob('vision.onnx*')) == ['vision.onnx']
     sess = ort.InferenceSession(str(tmp_path / 'vision.onnx'), providers=['CPUExecutionProvider'])
-    (tokens,) = sess.run(None, {'pixels': np.zeros((1, 3, 32, 32), np.float32)})
-    assert tokens.shape == (1, 16, 64) and np.isfinite(tokens).all()
+    (tokens,) = sess.run(None, {'pixels': pixels.numpy()})  # its weights, written from the torch tensors
+    assert tokens.shape == (1, 16, 64)
+    np.testing.assert_allclose(tokens, expected, atol=1e-5)
