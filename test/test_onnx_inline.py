@@ -10,7 +10,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from blockvla_ros.export.onnx_export import export_backbone
-from blockvla_ros.export.onnx_inline import write_inline
+from blockvla_ros.export.onnx_checks import check_graph_file
+from blockvla_ros.export.onnx_inline import load_without_weights, write_inline
 from blockvla_ros.model.policy import BlockVLAPolicy
 
 from tiny import tiny_config
@@ -100,3 +101,23 @@ def test_a_graph_naming_another_data_file_is_refused_and_left_as_it_was(tmp_path
         write_inline(tmp_path / 'h.onnx')
     assert (tmp_path / 'h.onnx').read_bytes() == before and (tmp_path / 'g.onnx.data').is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ['g.onnx.data', 'h.onnx']  # no temporary file left
+
+
+def test_load_without_weights_reads_the_graph_of_an_inline_file_without_its_weights(external_backbone, tmp_path):
+    """What the export's graph checks read: the inline graph minus its initializers' bytes, the same as onnx.load
+    then dropping them; the checks agree with those of the external-data graph."""
+    shutil.copytree(external_backbone, tmp_path / 'g')
+    path = tmp_path / 'g' / 'backbone.onnx'
+    external = check_graph_file(path)
+    write_inline(path)
+    expected = onnx.load(str(path))
+    for t in expected.graph.initializer:
+        t.ClearField('raw_data')
+    got = load_without_weights(path)
+    assert got == expected and len(got.graph.initializer) > 0
+    assert not any(t.HasField('raw_data') for t in got.graph.initializer)
+    assert check_graph_file(path) == external
+    expected = onnx.load(str(external_backbone / 'backbone.onnx'), load_external_data=False)
+    for t in expected.graph.initializer:  # the small ones the exporter kept inline
+        t.ClearField('raw_data')
+    assert load_without_weights(external_backbone / 'backbone.onnx') == expected

@@ -102,12 +102,13 @@ def check_tensorrt_ops(model, where: str, supported: TensorRTOps | None = None, 
 
 
 def check_graph_file(path: str | Path, dynamic: tuple = ('n', 'past', 'm'), tensorrt: bool = True) -> dict:
-    """Both checks on one exported file (external data not loaded; tensorrt=False: the op list is only recorded).
+    """Both checks on one exported file (its weights not loaded, inline or external: export.onnx_inline; tensorrt=False:
+    the op list is only recorded).
 
     -> {'ops': [...], 'opset': n, 'dynamic': [...], 'tensorrt': bool}."""
-    import onnx
+    from .onnx_inline import load_without_weights
 
-    model = onnx.load(str(path), load_external_data=False)
+    model = load_without_weights(path)
     where = str(path)
     try:
         ins, outs = io_specs(model, dynamic)

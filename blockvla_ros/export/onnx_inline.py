@@ -10,6 +10,12 @@ written as its fields before `graph` (7), the graph's tag and length (computed f
 from its external-data length before any data is read), the graph's fields before `initializer` (5), every
 initializer (read from the data file, written, released), the graph's fields after it, then the model's after it.
 Written to a temporary file and renamed over `path`; the data file is removed only after that.
+
+    load_without_weights('backbone.onnx')   # what onnx.load(path, load_external_data=False) gives an external graph
+
+The reverse for checks of a graph (its I/O, its ops): an inline graph is read field by field and each initializer
+parsed on its own, its bytes dropped, so the result holds no weight (onnx.load held the file's bytes and the parsed
+weights at once: 0.86 GB for the 0.43 GB backbone).
 """
 from __future__ import annotations
 
@@ -134,3 +140,68 @@ def write_inline(path: str | Path) -> None:
         raise
     for location in locations:
         (folder / location).unlink()
+
+
+def _read_varint(f) -> int | None:
+    shift = result = 0
+    while True:
+        byte = f.read(1)
+        if not byte:
+            if shift:
+                raise ValueError('truncated varint')
+            return None
+        result |= (byte[0] & 0x7F) << shift
+        if not byte[0] & 0x80:
+            return result
+        shift += 7
+
+
+def _fields(f, end: int):
+    """(field number, key bytes, payload length or None, payload start) of each field of a message in f up to `end`
+    (f positioned at the message's first byte; non-length-delimited payloads are returned whole in `key`)."""
+    while f.tell() < end:
+        start = f.tell()
+        key = _read_varint(f)
+        field, wire = key >> 3, key & 7
+        if wire == LENGTH_DELIMITED:
+            length = _read_varint(f)
+            yield field, length, f.tell(), start
+            f.seek(f.tell() + length)
+        elif wire == 0:
+            _read_varint(f)
+            yield field, None, f.tell(), start
+        elif wire in (1, 5):
+            f.seek(f.tell() + (8 if wire == 1 else 4))
+            yield field, None, f.tell(), start
+        else:
+            raise ValueError(f'unsupported protobuf wire type {wire}')
+
+
+def load_without_weights(path: str | Path):
+    """The ModelProto of `path` with every initializer's data dropped (raw_data and the typed data fields; external
+    data references kept), reading one initializer at a time."""
+    import onnx
+
+    path = Path(path)
+    size = path.stat().st_size
+    model, graph = bytearray(), bytearray()
+    with open(path, 'rb') as f:
+        for field, length, at, start in list(_fields(f, size)):
+            if field != GRAPH_FIELD or length is None:
+                f.seek(start)
+                model += f.read(at + (length or 0) - start)
+                continue
+            f.seek(at)
+            for g_field, g_length, g_at, g_start in list(_fields(f, at + length)):
+                f.seek(g_start)
+                if g_field != INITIALIZER_FIELD:
+                    graph += f.read(g_at + (g_length or 0) - g_start)
+                    continue
+                f.seek(g_at)
+                tensor = onnx.TensorProto.FromString(f.read(g_length))
+                for name in ('raw_data', 'float_data', 'int32_data', 'int64_data', 'double_data', 'uint64_data',
+                             'string_data'):
+                    tensor.ClearField(name)
+                head = tensor.SerializeToString()
+                graph += _key(INITIALIZER_FIELD) + _varint(len(head)) + head
+    return onnx.ModelProto.FromString(bytes(model) + _key(GRAPH_FIELD) + _varint(len(graph)) + bytes(graph))
