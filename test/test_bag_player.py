@@ -61,6 +61,17 @@ def _player(bag, *args):
                             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def _exit_or_dump(proc, grace):
+    """The process's output once it exits; still running after `grace` s: SIGABRT (its faulthandler prints every
+    thread's stack into the output) and fail with that output, so a hang is diagnosable from the CI log."""
+    try:
+        return proc.communicate(timeout=grace)[0]
+    except subprocess.TimeoutExpired:
+        proc.send_signal(6)
+        out = proc.communicate(timeout=30)[0]
+        pytest.fail(f'still running {grace} s after SIGINT; its output and stacks:\n{out}')
+
+
 def _finish(proc, timeout=60):
     out, _ = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, out
@@ -141,8 +152,9 @@ def test_recorder_writes_what_the_player_plays(tmp_path):
     bag = tmp_path / 'bag'
     _write_bag(bag, 'mcap', 'raw', 'JointTrajectory')
     out, ready = tmp_path / 'out', tmp_path / 'ready'
-    recorder = subprocess.Popen(
-        [sys.executable, '-m', 'blockvla_ros.ros.bag_recorder_node', '--out', str(out), '--storage', 'sqlite3',
+    recorder = subprocess.Popen(  # -X faulthandler: a recorder stuck after SIGINT dumps its stacks on SIGABRT
+        [sys.executable, '-X', 'faulthandler', '-m', 'blockvla_ros.ros.bag_recorder_node', '--out', str(out),
+         '--storage', 'sqlite3',
          '--ready-file', str(ready), '/joint_command', '/camera/image_raw', '--ros-args', '-p', 'use_sim_time:=true'],
         env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     player = _player(bag, '--rate', '4', '--wait-for-subscribers', '/joint_command', '/camera/image_raw')
@@ -154,7 +166,7 @@ def test_recorder_writes_what_the_player_plays(tmp_path):
         _finish(player)
     finally:
         recorder.send_signal(2)  # SIGINT: the recorder closes the bag and moves it into place
-        log, _ = recorder.communicate(timeout=30)
+        log = _exit_or_dump(recorder, grace=90)
         player.kill() if player.poll() is None else None
     assert recorder.returncode == 0, log
     with AnyReader([out]) as reader:
