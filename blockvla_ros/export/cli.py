@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--quant-block-size', type=int, metavar='N',
                    help='int8/int4: weights per scale in the backbone\'s MatMulNBits blocks and the text table\'s '
                         f'groups, a power of two >= 16 (default {DEFAULT_BLOCK_SIZE}; larger: a smaller folder, '
-                        'coarser rounding; see export.precision)')
+                        'coarser rounding; the demo\'s small backbone (hidden 128) agrees better at 32: README; see '
+                        'export.precision)')
     p.add_argument('--opset', type=int, default=20, help='ONNX opset (18-20; TensorRT 10.0 parses up to 20)')
     p.add_argument('--inline-limit-mb', type=float, default=INLINE_LIMIT / 2**20,
                    help='a graph with more weight bytes keeps them in one <file>.data (default 1024 MiB; an int8 / '
