@@ -19,9 +19,9 @@ weights at once: 0.86 GB for the 0.43 GB backbone).
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
+
+from ..io.atomic import atomic_file
 
 GRAPH_FIELD = 7  # onnx.proto: ModelProto.graph
 INITIALIZER_FIELD = 5  # GraphProto.initializer
@@ -115,29 +115,21 @@ def write_inline(path: str | Path) -> None:
                                                            for s in sizes)
     del model
 
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=folder)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            f.write(model_below + _key(GRAPH_FIELD) + _varint(graph_size) + graph_below)
-            for (head, external), size in zip(tensors, sizes):
-                t = onnx.TensorProto.FromString(head)
-                if external:
-                    load_external_data_for_tensor(t, str(folder))  # this tensor's bytes only
-                    _as_inline(t)
-                data = t.SerializeToString()
-                del t
-                if len(data) != size:
-                    raise RuntimeError(f'{path}: initializer serialized to {len(data)} bytes, {size} announced')
-                f.write(_key(INITIALIZER_FIELD) + _varint(size))
-                f.write(data)
-                del data
-            f.write(graph_above + model_above)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as f:
+        f.write(model_below + _key(GRAPH_FIELD) + _varint(graph_size) + graph_below)
+        for (head, external), size in zip(tensors, sizes):
+            t = onnx.TensorProto.FromString(head)
+            if external:
+                load_external_data_for_tensor(t, str(folder))  # this tensor's bytes only
+                _as_inline(t)
+            data = t.SerializeToString()
+            del t
+            if len(data) != size:
+                raise RuntimeError(f'{path}: initializer serialized to {len(data)} bytes, {size} announced')
+            f.write(_key(INITIALIZER_FIELD) + _varint(size))
+            f.write(data)
+            del data
+        f.write(graph_above + model_above)
     for location in locations:
         (folder / location).unlink()
 
