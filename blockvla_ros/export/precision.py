@@ -64,24 +64,26 @@ def check_quant_accuracy_level(precision: str, level: Optional[int]) -> Optional
     """MatMulNBits' accuracy_level for an int8/int4 export (None: the default); refused for fp32/fp16."""
     from .quantize import check_accuracy_level
 
-    if level is None:
-        return DEFAULT_ACCURACY_LEVEL if precision in BITS else None
-    if precision not in BITS:
-        raise ValueError(f'a quantization accuracy level ({level!r}) applies to int8/int4 exports only, not '
-                         f'{precision}')
-    return check_accuracy_level(level)
+    return _quant_option(precision, level, 'a quantization accuracy level', DEFAULT_ACCURACY_LEVEL,
+                         check_accuracy_level)
 
 
 def check_quant_block_size(precision: str, block_size: Optional[int]) -> Optional[int]:
     """The quantization block size for an int8/int4 export (None: the default); refused for fp32/fp16."""
     from .quantize import check_block_size
 
-    if block_size is None:
-        return DEFAULT_BLOCK_SIZE if precision in BITS else None
+    return _quant_option(precision, block_size, 'a quantization block size', DEFAULT_BLOCK_SIZE,
+                         lambda b: check_block_size(b, 'the quantization block size (--quant-block-size)'))
+
+
+def _quant_option(precision: str, value: Optional[int], what: str, default: int, check) -> Optional[int]:
+    """An int8/int4-only export option: None -> `default` for int8/int4 (None otherwise); a value given for fp32/fp16
+    is refused naming `what`; else check(value)."""
+    if value is None:
+        return default if precision in BITS else None
     if precision not in BITS:
-        raise ValueError(f'a quantization block size ({block_size!r}) applies to int8/int4 exports only, not '
-                         f'{precision}')
-    return check_block_size(block_size, 'the quantization block size (--quant-block-size)')
+        raise ValueError(f'{what} ({value!r}) applies to int8/int4 exports only, not {precision}')
+    return check(value)
 
 
 def default_tolerance(precision: str, tolerance: Optional[float]) -> Optional[float]:
