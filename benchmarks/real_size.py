@@ -192,11 +192,12 @@ def measure_precision(precision: str, ckpt: str, work: Path, prep: dict, args, b
     load.append(load_average())
     row = {'export_s': ex['seconds'], 'export_cpu_s': ex['cpu_s'], 'export_peak_rss_gb': ex['peak_rss_gb'],
            'export_command': ' '.join(cmd[2:]), 'load': load, 'precision': precision,
-           'quant_block_size': quant_block_size(precision, block_size)}
+           'quant_block_size': block_size}  # as asked (None: the exporter's default); as used, below
     if ex['exit'] != 0:
         row['export_error'] = ex['error']
         print(f'[{label}] export FAILED after {ex["seconds"]:.0f} s: {ex["error"][-600:]}', flush=True)
         return row
+    row['quant_block_size'] = exported_block_size(folder)
     weights = prep['params'] * BYTES_PER_WEIGHT[precision]
     size = folder_bytes(folder)
     row.update(folder_gb=size / 1e9, weight_gb_at_precision=weights / 1e9, folder_over_weights=size / weights,
@@ -224,11 +225,19 @@ def measure_precision(precision: str, ckpt: str, work: Path, prep: dict, args, b
     return row
 
 
-def quant_block_size(precision: str, block_size):
-    """The block size an export used (the exporter's default when none was given); None for fp32 / fp16."""
+def check_block(precision: str, block_size) -> None:
+    """A block size the exporter would refuse fails before the backbone is written."""
     from blockvla_ros.export.precision import check_quant_block_size
 
-    return check_quant_block_size(precision, block_size if precision in ('int8', 'int4') else None)
+    check_quant_block_size(precision, block_size if precision in ('int8', 'int4') else None)
+
+
+def exported_block_size(folder: Path):
+    """The quantization block size the export used (recorded in policy.yaml; its default depends on the backbone's
+    width); None for fp32 / fp16."""
+    import yaml
+
+    return yaml.safe_load((folder / 'policy.yaml').read_text())['export'].get('quant_block_size')
 
 
 def measurements(precisions: list, block_sizes) -> list:
@@ -278,7 +287,7 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     todo = measurements(args.precisions, args.quant_block_sizes)
     for _label, precision, block in todo:  # a bad size fails here, not after the backbone is written
-        quant_block_size(precision, block)
+        check_block(precision, block)
     print(f'shape {args.shape}: preparing the random-weight backbone and checkpoint ...', flush=True)
     prep = run_child('prepare', {'shape': args.shape, 'work': str(work), 'observations': args.observations}, work)
     if 'error' in prep:

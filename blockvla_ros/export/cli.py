@@ -24,7 +24,7 @@ from ..runtime.policy_folder import PolicyFolderError
 from .calibration import DEFAULT_LEVEL, DEFAULT_WINDOWS, CalibrationOptions
 from .onnx_checks import GraphCheckError
 from .onnx_export import INLINE_LIMIT
-from .precision import DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE, PRECISIONS
+from .precision import DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE, MIN_DEFAULT_BLOCK_SIZE, PRECISIONS
 from .quantize import ACCURACY_LEVELS
 from .parity import ExportParityError
 from .policy_writer import CheckpointError, export_policy
@@ -51,9 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
                         f'{DEFAULT_ACCURACY_LEVEL}; see export.quantize)')
     p.add_argument('--quant-block-size', type=int, metavar='N',
                    help='int8/int4: weights per scale in the backbone\'s MatMulNBits blocks and the text table\'s '
-                        f'groups, a power of two >= 16 (default {DEFAULT_BLOCK_SIZE}; larger: a smaller folder, '
-                        'coarser rounding; the demo\'s small backbone (hidden 128) agrees better at 32: README; see '
-                        'export.precision)')
+                        'groups, a power of two >= 16 (default: a quarter of the backbone\'s hidden size within '
+                        f'{MIN_DEFAULT_BLOCK_SIZE}-{DEFAULT_BLOCK_SIZE}, so {DEFAULT_BLOCK_SIZE} from hidden 512 up; '
+                        'larger: a smaller folder, coarser rounding; the demo\'s small backbone (hidden 128) agrees '
+                        'better at 32 than at 128: README; see export.precision)')
     p.add_argument('--opset', type=int, default=20, help='ONNX opset (18-20; TensorRT 10.0 parses up to 20)')
     p.add_argument('--inline-limit-mb', type=float, default=INLINE_LIMIT / 2**20,
                    help='a graph with more weight bytes keeps them in one <file>.data (default 1024 MiB; an int8 / '

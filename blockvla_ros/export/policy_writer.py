@@ -171,7 +171,8 @@ def export_policy(checkpoint: str | Path, out: str | Path, *, name: Optional[str
     quant_accuracy_level: int8/int4 only: MatMulNBits' accuracy_level (export.quantize; None: the default,
     export.precision.DEFAULT_ACCURACY_LEVEL).
     quant_block_size: int8/int4 only: weights per scale, in the backbone's MatMulNBits blocks and the text table's
-    groups (a power of two >= 16; None: export.precision.DEFAULT_BLOCK_SIZE).
+    groups (a power of two >= 16; None: export.precision.default_block_size of the backbone's hidden size; recorded
+    in policy.yaml's export section).
     """
     from tqdm import tqdm
 
@@ -179,11 +180,12 @@ def export_policy(checkpoint: str | Path, out: str | Path, *, name: Optional[str
     checkpoint, out = Path(checkpoint), check_output_dir(out)  # before any work
     check_precision(precision)
     quant_accuracy_level = check_quant_accuracy_level(precision, quant_accuracy_level)
-    quant_block_size = check_quant_block_size(precision, quant_block_size)
+    check_quant_block_size(precision, quant_block_size)  # refused before any work; the default needs the width
     if parity_samples < 0 or (parity_samples == 0 and min_agreement > 0):
         raise ValueError(f'parity_samples must be >= 0 and > 0 when a minimum token agreement ({min_agreement}) is '
                          f'required, got {parity_samples}')
     policy, stats = load_checkpoint(checkpoint)
+    quant_block_size = check_quant_block_size(precision, quant_block_size, policy.hidden_size)
     train_config = _calibration_source(checkpoint) if calibration is not None else None
     config = policy.portable_config()
     config = config.replace(action_kinds=config.kinds)  # written out: absolute where training did not say
@@ -220,6 +222,8 @@ def export_policy(checkpoint: str | Path, out: str | Path, *, name: Optional[str
             tokenizer_files.append('tokenizer.json')
         doc = _policy_doc(policy, config, stats, name, graphs, tokenizer_files, torch_weights, opset, checkpoint)
         doc['precision'] = precision
+        if precision in BITS:  # provenance: the default depends on the backbone's width
+            doc['export'].update(quant_block_size=quant_block_size, quant_accuracy_level=quant_accuracy_level)
         atomic_write_text(tmp / POLICY_FILE, yaml.safe_dump(doc, sort_keys=False))
         write_manifest(tmp)
         tolerance = default_tolerance(precision, tolerance)

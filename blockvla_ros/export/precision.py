@@ -20,7 +20,9 @@ B, the quantization block size (`--quant-block-size`, a power of two >= 16): eac
 bits / 8 + 2 / B (table): at int4, 1.25x / 1.125x the 4-bit bytes at B = 32, 1.125x / 1.06x at 64, 1.06x / 1.03x at
 128. Larger blocks also round more coarsely (one scale spans more weights). The table's group follows B rather than
 having a size of its own: both are the same size / accuracy trade-off, and one number is one thing to choose.
-DEFAULT_BLOCK_SIZE gives the figures it was chosen on.
+The default depends on the backbone's width (default_block_size): DEFAULT_BLOCK_SIZE (128) from hidden 512 up, where
+it was measured, and a quarter of the width below (32 at least), so a narrow backbone's rows keep four scales or more
+(the demo's hidden 128 would otherwise get one scale per row, and measurably worse agreement).
 
 Token agreement is the fraction of equal action tokens when each engine decodes on its own (`export.parity`).
 A random-weight model has near-uniform bin probabilities, so its agreement understates a trained policy's;
@@ -46,8 +48,12 @@ BITS = {'int8': 8, 'int4': 4}
 # Larger blocks round more coarsely (one 896 x 4864 matmul, Gaussian weights: max error 7e-2 at 32, 1.0e-1 at 128,
 # benchmarks/matmul_nbits.py); --quant-block-size 32 keeps the finest rounding. On the one trained policy tried (the
 # demo, hidden 128: a block of 128 is one scale per row) it costs agreement: int4 0.789 at 32 vs 0.705 at 128, int8
-# 0.958 vs 0.936 (README); small backbones should export at 32.
+# 0.958 vs 0.936 (README); so narrower backbones default to smaller blocks (default_block_size).
 DEFAULT_BLOCK_SIZE = 128
+# A default block spans at most this share of a row (hidden / 4), and is never below MIN_DEFAULT_BLOCK_SIZE (ONNX
+# Runtime's quantizer tools stop at 16, but below 32 the scales alone add >= 1 / 8 of the 4-bit bytes per block).
+MIN_SCALES_PER_ROW = 4
+MIN_DEFAULT_BLOCK_SIZE = 32
 # MatMulNBits' accuracy_level (export.quantize): 4 = int8 compute. On this x86 CPU (AVX-512 VNNI) a 0.5B block step
 # takes 45 ms at int8 and 35 ms at int4 against 99 ms in fp32, where the unset level (fp32 compute on dequantized
 # weights) takes 980 ms at int8 and 113 ms at int4 (README, benchmarks/session_memory.py and matmul_nbits.py).
@@ -68,11 +74,24 @@ def check_quant_accuracy_level(precision: str, level: Optional[int]) -> Optional
                          check_accuracy_level)
 
 
-def check_quant_block_size(precision: str, block_size: Optional[int]) -> Optional[int]:
-    """The quantization block size for an int8/int4 export (None: the default); refused for fp32/fp16."""
+def default_block_size(width: int) -> int:
+    """The default quantization block for a backbone of hidden size `width`: the largest power of two <= width / 4
+    (MIN_SCALES_PER_ROW), within [MIN_DEFAULT_BLOCK_SIZE, DEFAULT_BLOCK_SIZE]: 32 at 64-255, 64 at 256-511, 128 from
+    512 (Qwen2.5-0.5B's 896, SmolLM2-360M's 960)."""
+    if width < 1:
+        raise ValueError(f'a backbone width must be >= 1, got {width}')
+    block = 1 << max(0, (width // MIN_SCALES_PER_ROW).bit_length() - 1)
+    return min(DEFAULT_BLOCK_SIZE, max(MIN_DEFAULT_BLOCK_SIZE, block))
+
+
+def check_quant_block_size(precision: str, block_size: Optional[int], width: Optional[int] = None) -> Optional[int]:
+    """The quantization block size for an int8/int4 export: the given one, checked, or (None) the default for a
+    backbone of hidden size `width` (default_block_size; DEFAULT_BLOCK_SIZE when the width is not known yet);
+    refused for fp32/fp16."""
     from .quantize import check_block_size
 
-    return _quant_option(precision, block_size, 'a quantization block size', DEFAULT_BLOCK_SIZE,
+    default = DEFAULT_BLOCK_SIZE if width is None else default_block_size(width)
+    return _quant_option(precision, block_size, 'a quantization block size', default,
                          lambda b: check_block_size(b, 'the quantization block size (--quant-block-size)'))
 
 
