@@ -57,7 +57,8 @@ def test_real_size_reports_every_promised_field(tmp_path):
         assert (block is None) == (row['precision'] in ('fp32', 'fp16'))
         assert block is None or (name.endswith(f'-b{block}') and f'--quant-block-size {block}' in row['export_command'])
         for key in ('ms_per_chunk_1t', 'ms_per_chunk_2t', 'cpu_ms_per_chunk_1t', 'folder_over_weights',
-                    'runner_rss_over_weights', 'process_rss_gb', 'runner_added_rss_over_weights'):
+                    'runner_rss_over_weights', 'process_rss_gb', 'runner_added_rss_over_weights', 'runner_rss_anon_gb',
+                    'runner_rss_file_gb'):
             assert row[key] > 0, (name, key)
         assert 0.0 <= row['token_agreement'] <= 1.0
         assert {'vision.onnx', 'backbone.onnx', 'tables.safetensors', 'policy.yaml'} <= set(row['files'])
@@ -79,3 +80,17 @@ def test_train_memory_measures_a_setting(tmp_path):
     row = json.loads(out.read_text())['settings']['lora-bf16-gc']
     assert row['returncode'] == 0 and row['steps'] == 2 and row['peak_rss_gb'] > 0.1 and row['within_limit']
     assert row['overrides']['train.frozen_dtype'] == 'bf16'
+
+
+def test_runner_memory_reports_every_stage():
+    """benchmarks/runner_memory.py on the shipped demo policy: a row per load stage and chunk, two variants."""
+    cmd = [sys.executable, str(ROOT / 'benchmarks' / 'runner_memory.py'), str(ROOT / 'models' / 'demo'),
+           '--variants', 'default', 'no-arena', '--chunks', '1']
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert 'failed' not in proc.stdout
+    for variant in ('default', 'no-arena'):
+        block = proc.stdout.split(f'variant {variant},')[1].split('peak (VmHWM)')[0]
+        stages = [line[:18].strip() for line in block.strip().splitlines()[2:]]  # the stage column
+        assert stages == ['bare', 'folder', 'tables', 'session vision', 'session backbone', 'engine', 'runner',
+                          'warm-up chunk', 'chunk 1'], stages
