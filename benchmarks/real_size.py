@@ -20,7 +20,9 @@ each heavy one in its own process so its memory is its own (peak = that process'
    exporter's own parity check is off by default (--export-parity-samples 0): step 3 measures token agreement
    through the runtime a robot uses, and the parity check's lock-step decoding is not export time.
 3. run, per precision: PolicyRunner (ONNX Runtime, CPU) in a fresh process -> load_s, runner_rss_gb (after load and
-   warm-up), runner_rss_over_weights (the whole process's RSS / weight bytes at that precision), process_rss_gb (the
+   warm-up; split into runner_rss_anon_gb and runner_rss_file_gb, the file-backed pages: shared libraries and
+   memory-mapped weights, which the kernel can drop and re-read; benchmarks/runner_memory.py breaks it down by stage),
+   runner_rss_over_weights (the whole process's RSS / weight bytes at that precision), process_rss_gb (the
    same process before the policy loads: Python, numpy, ONNX Runtime and the runtime's modules imported) and
    runner_added_rss_over_weights (what loading and warming the policy added / the same weight bytes); ms per chunk
    with 1 and 2 threads (median of --runs, prefill included; cpu_ms_per_chunk_1t/2t: the CPU time those chunks took,
@@ -120,7 +122,8 @@ def child_run(folder: str, observations: int, reference: list, runs: int) -> dic
         load_s = time.perf_counter() - t0
         runner.warmup(n=1, image_shape=(runner.config.image_size, runner.config.image_size))
         if threads == 1:
-            out.update(load_s=load_s, runner_rss_gb=status_gb('VmRSS'))
+            out.update(load_s=load_s, runner_rss_gb=status_gb('VmRSS'), runner_rss_anon_gb=status_gb('RssAnon'),
+                       runner_rss_file_gb=status_gb('RssFile'))  # file-backed: shared libraries, mapped weights
             obs = random_observations(runner.config, runner.spec.stats, observations, seed=0,
                                       tokenizer=runner.preprocessor.text)
             tokens = [runner.predict(*o).tokens for o in obs]
@@ -211,7 +214,8 @@ def measure_precision(precision: str, ckpt: str, work: Path, prep: dict, args, b
     if 'error' in run:
         row['run_error'] = run['error']
         return row
-    row.update({k: run[k] for k in ('load_s', 'runner_rss_gb', 'runner_peak_rss_gb', 'ms_per_chunk_1t',
+    row.update({k: run[k] for k in ('load_s', 'runner_rss_gb', 'runner_rss_anon_gb', 'runner_rss_file_gb',
+                                    'runner_peak_rss_gb', 'ms_per_chunk_1t',
                                     'ms_per_chunk_2t', 'cpu_ms_per_chunk_1t', 'cpu_ms_per_chunk_2t',
                                     'cpu_ms_per_pass_1t', 'cpu_ms_per_pass_2t', 'token_agreement',
                                     'chunks_identical', 'nfe')})
