@@ -92,7 +92,7 @@ def test_cached_decoding_matches_uncached(name, overrides, decoder):
     for (phase_a, toks_a, log_a), (phase_b, toks_b, log_b) in zip(cached.trace, ref.trace):
         assert phase_a == phase_b
         assert np.array_equal(toks_a, toks_b) if toks_a is not None else toks_b is None
-        max_diff = max(max_diff, float(np.abs(log_a - log_b).max()))
+        max_diff = max(max_diff, float(np.abs(log_a - log_b).max(initial=0.0)))
     assert max_diff <= 1e-4, f'{name}/{decoder}: cached vs uncached logits differ by {max_diff}'
     assert np.array_equal(cached.tokens, ref.tokens)
     assert (cached.tokens < config.n_bins).all()
@@ -134,7 +134,7 @@ def _compare(cached, ref, tol=1e-4):
     for (phase_a, toks_a, log_a), (phase_b, toks_b, log_b) in zip(cached.trace, ref.trace):
         assert phase_a == phase_b and (toks_a is None) == (toks_b is None)
         assert toks_a is None or np.array_equal(toks_a, toks_b)
-        assert float(np.abs(log_a - log_b).max()) <= tol
+        assert float(np.abs(log_a - log_b).max(initial=0.0)) <= tol
     assert np.array_equal(cached.tokens, ref.tokens)
 
 

@@ -60,10 +60,33 @@ def test_reading_only_the_filled_cache_slots_equals_reading_them_all(folder, reu
         prefix = pre(image, text, state)
         a, b = (Decoder(spec.config, 'blockdiff')(e, prefix, trace=True) for e in (short, whole))
         assert np.array_equal(a.tokens, b.tokens) and a.nfe == b.nfe
-        assert max(float(np.abs(x[2] - y[2]).max()) for x, y in zip(a.trace, b.trace)) <= 1e-5
+        assert max(float(np.abs(x[2] - y[2]).max(initial=0.0)) for x, y in zip(a.trace, b.trace)) <= 1e-5
     t_max = spec.config.max_seq_len
     assert {key[1] for key in whole._passes} == {t_max}  # (n, past, logit rows)
     assert min(key[1] for key in short._passes) < t_max and short.dynamic_past
+
+
+def test_logits_of_scattered_rows_equal_those_rows_of_every_row(folder):
+    """A refine pass asks for the rows of the tokens still masked (any subset): their logits are those rows of the
+    same pass returning every row, and the K/V it commits are the same."""
+    spec = load_policy_folder(folder)
+    pre = build_preprocessor(spec.config, spec.stats, folder)
+    image, text, state = random_observations(spec.config, spec.stats, 1, seed=2, tokenizer=pre.text)[0]
+    B, engine = spec.config.block_size, OrtEngine(spec, threads=1, reuse_text_kv=False)
+    tokens = np.array([3, spec.config.mask_token_id, 7] * B)[:2 * B]
+    asked = [[1, B + 1], [B - 1], [], slice(1, 2 * B - 1)]
+    logits, caches = [], []
+    for rows in [None] + asked:
+        engine.prefill(pre(image, text, state))
+        logits.append(engine.step(tokens, commit=B, block_size=B, rows=rows))
+        caches.append(engine.cache.buffer.copy())
+    full = logits[0]
+    assert full.shape[0] == 2 * B and logits[3].shape[0] == 0
+    for rows, got, cache in zip(asked, logits[1:], caches[1:]):
+        assert got.shape[0] == len(full[rows]) and np.abs(got - full[rows]).max(initial=0.0) <= 1e-5
+        assert np.array_equal(cache, caches[0])
+    with pytest.raises(ValueError, match='rows must index'):
+        engine.step(tokens, rows=[2 * B])
 
 
 def test_threshold_schedule_and_overrides_match_torch(folder, reference):

@@ -20,9 +20,10 @@ prefill, whatever it is (a refine pass, with or without a carry, or a commit pas
 
 `known` tokens (real-time chunking: actions already sent to the robot while this chunk was computed) are placed
 as already decoded and are never changed; whole known blocks (AR: known tokens) cost no pass of their own: they
-are committed by the next pass. Every pass asks the engine for the logits of the rows it reads only (`rows`): with
-the 'next' shift a refine pass reads the rows from the last committed token to the second-to-last token of the
-block, AR the last row; the engine computes no other row past the last layer's K/V (model.graphs).
+are committed by the next pass. Every pass asks the engine for the logits of the rows it reads only (`rows`): a
+refine pass the rows predicting the block tokens still masked (with the 'next' shift the row before each: a
+block's second pass with 4 of its 8 tokens left asks for <= 4 rows, not 7), AR the last row; the engine computes no
+other row past the last layer's K/V (model.graphs).
 """
 from __future__ import annotations
 
@@ -143,22 +144,27 @@ class Decoder:
                                       commit=commit, block_size=block_size, rows=rows)
         return logits, boundary
 
-    def _rows(self, n: int, k: int) -> slice:
-        """The rows of a pass over [k carried ; n - k block] tokens whose logits it reads: 'same' shift: the block's
-        own; 'next': the last carried token's (the block's first prediction, or, without a carry, the boundary
-        that is already known) up to the block's second-to-last."""
+    def _rows(self, masked: np.ndarray, k: int) -> np.ndarray:
+        """The rows of a pass over [k carried ; block] whose logits it reads: those predicting a block token that is
+        still masked (masked [B] bool), int64 [m]. 'same' shift: token i's own row k + i; 'next': the row before it,
+        k + i - 1 (the last carried token's for i = 0; without a carry that is the boundary, already known)."""
+        idx = np.flatnonzero(masked)
         if self.config.logit_shift == 'same':
-            return slice(k, n)
-        return slice(max(k - 1, 0), n - 1)
+            return idx + k
+        rows = idx + (k - 1)
+        return rows[rows >= 0]
 
-    def _predictions(self, logits: np.ndarray, boundary: Optional[np.ndarray], k: int) -> tuple:
-        """The `_rows` logits of a pass -> (logits predicting each block token [n - k, n_bins], the boundary for
-        the block's later passes): 'next' shift reads position i-1 (the boundary for i = 0)."""
+    def _predictions(self, logits: np.ndarray, boundary: Optional[np.ndarray], first_masked: bool, k: int) -> tuple:
+        """The `_rows` logits of a pass -> (logits predicting each masked block token [m, n_bins], the boundary for
+        the block's later passes): 'next' shift reads position i-1, the boundary for i = 0 (`first_masked`: token 0
+        is masked). A block whose token 0 is decoded needs no boundary any more (None)."""
         if self.config.logit_shift == 'same':
             return logits, boundary
         if k:
-            return logits, logits[0]
-        return np.concatenate([boundary[None], logits], axis=0), boundary  # [n, n_bins]
+            return logits, logits[0] if first_masked else None
+        if first_masked:
+            return np.concatenate([boundary[None], logits], axis=0), boundary  # [m, n_bins]
+        return logits, boundary
 
     def _blockdiff(self, engine, prefix, tokens, fixed, res):
         cfg, B = self.config, self.config.block_size
@@ -191,13 +197,14 @@ class Decoder:
             k = len(carry) if steps == 0 else 0
             tokens_in = np.concatenate([carry, block]) if k else block
             logits, prefilled = self._step(engine, res, 'refine', tokens_in, k, cfg.block_size,
-                                           self._rows(len(tokens_in), k))
+                                           self._rows(masked, k))
             boundary = boundary if prefilled is None else prefilled
-            pred, boundary = self._predictions(logits, boundary, k)
-            count = counts[steps] if steps < len(counts) - 1 else int(masked.sum())  # last pass fills the rest
-            chosen = select_unmask(pred, masked, count, cfg.schedule, cfg.threshold)
-            block[chosen] = pred[chosen].argmax(-1)
-            masked &= ~chosen
+            idx = np.flatnonzero(masked)  # [m]: the block tokens still masked, one prediction each
+            pred, boundary = self._predictions(logits, boundary, bool(masked[0]), k)
+            count = counts[steps] if steps < len(counts) - 1 else len(idx)  # last pass fills the rest
+            chosen = select_unmask(pred, np.ones(len(idx), bool), count, cfg.schedule, cfg.threshold)
+            block[idx[chosen]] = pred[chosen].argmax(-1)
+            masked[idx[chosen]] = False
             steps += 1
         return steps, boundary
 

@@ -19,9 +19,10 @@ and writing committed slots into the cache (`runtime.kv_cache`). The decode loop
                                              the first k are clean (finished blocks of B tokens, block-causal)
                                              and their K/V are written to the cache; the rest are one noisy block
                                              that sees them and itself (the fused commit + refine pass)
-    step(..., rows=slice(lo, hi))         -> logits [hi - lo, n_bins] of those rows only: a graph with a
-                                             `logit_rows` input computes nothing else after the last layer's K/V
-                                             (model.graphs); a prefix pass asks for its last row only
+    step(..., rows=slice(lo, hi))         -> logits [hi - lo, n_bins] of those rows only (or rows=int indices
+                                             [m] -> [m, n_bins]): a graph with a `logit_rows` input computes
+                                             nothing else after the last layer's K/V (model.graphs); a prefix pass
+                                             asks for its last row only
     prefill_step(prefix, tokens, ...)     -> (prefill's logits, step's logits): both in one backbone pass over
                                              [prefix ; tokens] (the decoders fold the prefill into their first
                                              pass: runtime.decoding); the prefix never sees the tokens, the tokens
@@ -111,7 +112,7 @@ class Engine(ABC):
         prefix's K/V and the first `commit` tokens' join the cache. -> (prefill's logits [n_bins], step's logits)"""
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
         n = tokens.shape[0]
-        a_lo, a_hi = _range(rows, n)
+        idx = _row_index(rows, n)
         embeds, positions, attention, valid, lo = self._start_chunk(prefix)
         P = self.layout.length
         n_p = P - lo
@@ -120,26 +121,27 @@ class Engine(ABC):
         pos = np.concatenate([positions[..., lo:], act_pos], axis=-1)  # [n_p + n] / [3, n_p + n]
         mask = self._windowed(prefix_action_mask(attention, valid, lo, past, commit, n, block_size), pos)
         embeds = np.concatenate([embeds[:, lo:], self.tables.actions(tokens).astype(embeds.dtype, copy=False)], 1)
-        rows_ = np.concatenate([[n_p - 1], n_p + np.arange(a_lo, a_hi)]).astype(np.int64)  # the prefix's last row
+        rows_ = np.concatenate([[n_p - 1], n_p + idx]).astype(np.int64)  # the prefix's last row, then the step's
         logits, new_kv = self._backbone(embeds, graph_positions(pos), mask, rows_)
         self.cache.write(lo, new_kv, n_p + commit, np.concatenate([valid[lo:], np.ones(commit, bool)]), _row(pos))
         self.prefix_valid, self.n_committed = valid, commit
-        return logits[0], logits[1:1 + a_hi - a_lo]
+        return logits[0], logits[1:1 + len(idx)]
 
     def step(self, tokens, commit: int = 0, block_size: int = 1, rows: Optional[slice] = None) -> np.ndarray:
         """Evaluate action tokens [n] at the next n action positions; the first `commit` join the cache. -> logits
-        [n, n_bins], or of `rows` only (a slice of range(n); an empty one returns [0, n_bins])."""
+        [n, n_bins], or of `rows` only (a contiguous slice of range(n) or int indices into it; none returns
+        [0, n_bins])."""
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
         n, first = tokens.shape[0], self.n_committed
-        lo, hi = _range(rows, n)
+        idx = _row_index(rows, n)
         positions = self.layout.action_positions(self.prefix_valid, first, n)  # [n] / [3, n]
         mask = self._windowed(action_mask(self.cache.valid, first, commit, n, block_size), positions)
         logits, new_kv = self._backbone(self.tables.actions(tokens), graph_positions(positions), mask,
-                                        _rows(lo, hi, n))
+                                        idx if len(idx) else np.array([n - 1], np.int64))
         if commit:
             self.cache.write(self.layout.length + first, new_kv, commit, positions=_row(positions))
             self.n_committed += commit
-        return logits[:max(hi - lo, 0)]
+        return logits[:len(idx)]
 
     def forget_instruction(self) -> None:
         """Drop the reused instruction K/V (the next prefill recomputes it)."""
@@ -195,7 +197,7 @@ class Engine(ABC):
         past = max(lo, 1) if self.dynamic_past else self.cache.max_len
         mask = self._windowed(prefix_mask(attention, lo, hi, past), positions[..., lo:hi])
         logits, new_kv = self._backbone(embeds[:, lo:hi], graph_positions(positions[..., lo:hi]), mask,
-                                        _rows(hi - lo - 1, hi - lo, hi - lo))
+                                        np.array([hi - lo - 1], np.int64))
         self.cache.write(lo, new_kv, hi - lo, valid[lo:hi], _row(positions[..., lo:hi]))
         return logits
 
@@ -215,10 +217,17 @@ def _range(rows: Optional[slice], n: int) -> tuple:
     return lo, max(hi, lo)
 
 
-def _rows(lo: int, hi: int, n: int) -> np.ndarray:
-    """The logit rows [lo, hi) of an n-token pass as int64 [m]; an empty range computes the last row (m >= 1 keeps
-    every graph shape non-empty) and the caller returns none of it."""
-    return np.arange(lo, hi, dtype=np.int64) if hi > lo else np.array([n - 1], np.int64)
+def _row_index(rows, n: int) -> np.ndarray:
+    """The logit rows a pass over n tokens returns: None (all), a contiguous slice of range(n), or int indices into
+    it -> int64 [m]. (The backbone is never asked for none: `step` computes the last row then, m >= 1 keeping every
+    graph shape non-empty, and returns none of it.)"""
+    if rows is None or isinstance(rows, slice):
+        lo, hi = _range(rows, n)
+        return np.arange(lo, hi, dtype=np.int64)
+    idx = np.asarray(rows, dtype=np.int64).reshape(-1)
+    if idx.size and (idx.min() < 0 or idx.max() >= n):
+        raise ValueError(f'rows must index range({n}), got {idx.tolist()}')
+    return idx
 
 
 def _row(positions: np.ndarray) -> np.ndarray:
