@@ -16,6 +16,8 @@ medians are reported beside it. Measurements (same observations for every folder
     blockdiff, ar       one whole chunk with the policy's decoding settings (one-call prefill included; blockdiff's
                         first refine pass folded into it)
     blockdiff_unfolded  the same chunk with the prefill as its own pass (`Decoder(fold_prefill=False)`)
+    blockdiff_all_rows  the same chunk asking every pass for the logits of all block tokens, not only the masked
+                        ones (`Decoder(masked_rows=False)`: the decoder before that change, same tokens)
 
 Measured in one process, the engine built first ran 5-15 % slower per pass than those built after it on this machine
 (three folders in two orders: whichever came first), so a single run can favour the later folders. `--rotate` runs
@@ -59,7 +61,8 @@ def measurements(engines: dict, config, prefixes: list) -> dict:
            'prefill_reused': lambda i: (lambda: reuse.prefill(prefixes[i % len(prefixes)])),
            'n=1': step(1), f'n={B}': step(B), f'n={2 * B}': step(2 * B), f'prefill+{B}': folded}
     for name, decoder in (('blockdiff', Decoder(config, 'blockdiff')), ('ar', Decoder(config, 'ar')),
-                          ('blockdiff_unfolded', Decoder(config, 'blockdiff', fold_prefill=False))):
+                          ('blockdiff_unfolded', Decoder(config, 'blockdiff', fold_prefill=False)),
+                          ('blockdiff_all_rows', Decoder(config, 'blockdiff', masked_rows=False))):
         out[name] = (lambda d: lambda i: (lambda: d(fresh, prefixes[i % len(prefixes)])))(decoder)
     return out
 

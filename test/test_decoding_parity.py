@@ -158,6 +158,8 @@ def test_fused_commit_equals_the_uncached_reference_and_counts_1_plus_refine_pas
     refined = [b for b, s in enumerate(fused.steps) if s]
     assert np.array_equal(unfused.tokens, fused.tokens)
     assert unfused.nfe == fused.nfe + len(refined) - (1 if refined and refined[0] == 0 else 0)
+    every_row = Decoder(config, 'blockdiff', masked_rows=False)(TorchEngine(policy), prefix, known=known)
+    assert np.array_equal(every_row.tokens, fused.tokens) and every_row.steps == fused.steps  # rows cost, not tokens
 
 
 @pytest.mark.parametrize('reuse', ['one-call', 'instruction-kept'])

@@ -6,7 +6,8 @@
                       block-causal inside the pass). The prefill is folded into the first block's first refine
                       pass: one backbone pass over [prefix ; block 0 masks] (`Engine.prefill_step`). NFE = sum of
                       refine passes (fixed schedule: blocks * steps). `fuse_commit=False` runs the commit as its own
-                      pass (n = B; + blocks - 1 NFE); `fold_prefill=False` the prefill as its own pass (+ 1 NFE).
+                      pass (n = B; + blocks - 1 NFE); `fold_prefill=False` the prefill as its own pass (+ 1 NFE);
+                      `masked_rows=False` asks every pass for the rows of all block tokens (same tokens; for A/Bs).
     ar                one token per pass with the KV cache, each pass committing the previous token: NFE = L (the
                       first token is read off the prefill, so nothing is folded into it).
     fulldiff          the whole chunk is one block refined fulldiff_steps times over the cached prefix (the prefill
@@ -79,11 +80,12 @@ class Decoder:
     """Runs one decoder variant over an Engine; variants are config values checked here, in one place."""
 
     def __init__(self, config: BlockVLAConfig, decoder: Optional[str] = None, fuse_commit: bool = True,
-                 fold_prefill: bool = True):
+                 fold_prefill: bool = True, masked_rows: bool = True):
         self.config = config
         self.decoder = decoder or config.decoder
         self.fuse_commit = bool(fuse_commit)
         self.fold_prefill = bool(fold_prefill)
+        self.masked_rows = bool(masked_rows)
         if self.decoder not in ('blockdiff', 'ar', 'fulldiff', 'fulldiff_nocache'):
             raise ValueError(f'unknown decoder {self.decoder!r}')
 
@@ -196,11 +198,13 @@ class Decoder:
                 boundary = self._call(engine.prefill, res, 'prefill', None, nocache_prefix, nfe=0)
             k = len(carry) if steps == 0 else 0
             tokens_in = np.concatenate([carry, block]) if k else block
+            asked = masked if self.masked_rows else np.ones_like(masked)
             logits, prefilled = self._step(engine, res, 'refine', tokens_in, k, cfg.block_size,
-                                           self._rows(masked, k))
+                                           self._rows(asked, k))
             boundary = boundary if prefilled is None else prefilled
             idx = np.flatnonzero(masked)  # [m]: the block tokens still masked, one prediction each
-            pred, boundary = self._predictions(logits, boundary, bool(masked[0]), k)
+            pred, boundary = self._predictions(logits, boundary, bool(asked[0]), k)
+            pred = pred if self.masked_rows else pred[idx]
             count = counts[steps] if steps < len(counts) - 1 else len(idx)  # last pass fills the rest
             chosen = select_unmask(pred, np.ones(len(idx), bool), count, cfg.schedule, cfg.threshold)
             block[idx[chosen]] = pred[chosen].argmax(-1)
