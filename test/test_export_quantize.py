@@ -189,7 +189,7 @@ def test_export_writes_the_accuracy_level_asked_for(fp32_backbone, tmp_path):
     rc = cli.main(['--checkpoint', str(ckpt), '--out', str(out), '--precision', 'int8', '--quant-accuracy-level', '1',
                    '--parity-samples', '1', '--threads', '1', '--no-calibrate', '-q'])
     assert rc == 0
-    # external data below the default 1 GiB inline limit: ONNX Runtime would hold inline quantized weights twice
+    # external data below the default inline limit: ONNX Runtime would hold inline quantized weights twice
     assert load_policy_folder(out).graphs['backbone'].data == ['backbone.onnx.data']
     model = onnx.load(str(out / 'backbone.onnx'))
     nodes = [n for n in model.graph.node if n.op_type == 'MatMulNBits']

@@ -121,3 +121,27 @@ def test_load_without_weights_reads_the_graph_of_an_inline_file_without_its_weig
     for t in expected.graph.initializer:  # the small ones the exporter kept inline
         t.ClearField('raw_data')
     assert load_without_weights(external_backbone / 'backbone.onnx') == expected
+
+
+@pytest.mark.parametrize('mib, sidecars', [(1, []), (17, ['g.onnx.data'])])
+def test_the_default_inline_limit_keeps_real_size_weights_external(tmp_path, mib, sidecars):
+    """At the default limit (16 MiB) a small graph goes inline and a larger one keeps its one .data file, which ONNX
+    Runtime maps and drops once used (inline weights stay parsed in the heap: README, fp16 on a CPU); both run the
+    same."""
+    from blockvla_ros.export.onnx_export import INLINE_LIMIT, _place_weights
+
+    assert INLINE_LIMIT == 16 << 20
+    side = int(np.sqrt(mib * 2**20 / 4))
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((side, side)).astype(np.float32), 'w')
+    graph = helper.make_graph([helper.make_node('MatMul', ['x', 'w'], ['y'])], 'g',
+                              [helper.make_tensor_value_info('x', TensorProto.FLOAT, [1, side])],
+                              [helper.make_tensor_value_info('y', TensorProto.FLOAT, [1, side])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid('', 17)])
+    model.ir_version = 8
+    onnx.save_model(model, str(tmp_path / 'g.onnx'), save_as_external_data=True, location='g.onnx.data',
+                    size_threshold=1024)
+    x = {'x': np.ones((1, side), np.float32)}
+    before = _run(tmp_path / 'g.onnx', x)[0][0]
+    assert _place_weights(tmp_path / 'g.onnx', INLINE_LIMIT) == sidecars
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(['g.onnx'] + sidecars)
+    assert np.array_equal(_run(tmp_path / 'g.onnx', x)[0][0], before)

@@ -57,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                         'better at 32 than at 128: README; see export.precision)')
     p.add_argument('--opset', type=int, default=20, help='ONNX opset (18-20; TensorRT 10.0 parses up to 20)')
     p.add_argument('--inline-limit-mb', type=float, default=INLINE_LIMIT / 2**20,
-                   help='a graph with more weight bytes keeps them in one <file>.data (default 1024 MiB; an int8 / '
-                        'int4 backbone always does: ONNX Runtime holds inline quantized weights twice)')
+                   help='a graph with more weight bytes keeps them in one <file>.data (default '
+                        f'{INLINE_LIMIT / 2**20:g} MiB; an int8 / int4 backbone always does; ONNX Runtime maps '
+                        'external data and drops it once used, inline weights stay parsed in the heap)')
     weights = p.add_mutually_exclusive_group()
     weights.add_argument('--torch-weights', action='store_true',
                          help="also copy model.safetensors so engine 'torch' can run the folder (a second copy of "

@@ -161,7 +161,7 @@ def export_policy(checkpoint: str | Path, out: str | Path, *, name: Optional[str
 
     precision: fp32 | fp16 | int8 | int4 (see export.precision: what each stores, how parity is judged).
     torch_weights: also copy model.safetensors (engine 'torch'; a second copy of every weight).
-    inline_limit: weight bytes above which a graph keeps its weights in one `<file>.data` (default ~1 GiB; an int8/int4
+    inline_limit: weight bytes above which a graph keeps its weights in one `<file>.data` (default 16 MiB; an int8/int4
     backbone always does: export.precision.quantize_weights).
     tolerance: max lock-step |logits diff| vs the fp32 torch policy (fp32 only); min_agreement: minimum token
     agreement (every precision; 0 = reported only).

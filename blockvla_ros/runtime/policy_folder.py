@@ -5,9 +5,9 @@
                          (names, low, high), graphs (file, sidecar, I/O names/shapes/dtypes; 'n' = token count),
                          tables, precision, calibration (the default decoding chosen on held-out windows)
       stats.json         normalization statistics
-      vision.onnx        vision tower + projector (static shapes)
+      vision.onnx        vision tower + projector (static shapes; + vision.onnx.data above 16 MiB of weights)
       backbone.onnx      the decoder layers + final norm + action head, one graph for every pass (dynamic n)
-      backbone.onnx.data its weights, when they pass ~1 GiB (one external-data file)
+      backbone.onnx.data its weights, when they pass 16 MiB (one external-data file)
       tables.safetensors text / action embeddings, state projection (read by numpy, memory-mapped); the text
                          table quantized at int8 / int4 (runtime.tables describes the layouts and checks them)
       model.safetensors  (optional) the torch weights for engine 'torch' (a second copy of every weight)
