@@ -69,7 +69,8 @@ def main(argv=None) -> int:
     p.add_argument('--checkpoint', type=Path, required=True)
     p.add_argument('--precision', default='fp32')
     p.add_argument('--out', type=Path, help='policy folder to write (default: a temporary one, removed)')
-    p.add_argument('--inline-limit-mb', type=float, default=1024)
+    p.add_argument('--inline-limit-mb', type=float, help='default: the exporter\'s (export.onnx_export.INLINE_LIMIT; '
+                   'the README\'s profiles before it became 16 MiB ran at 1024)')
     p.add_argument('--quant-accuracy-level', type=int)
     p.add_argument('--json', type=Path)
     args = p.parse_args(argv)
@@ -88,7 +89,8 @@ def main(argv=None) -> int:
     out = args.out or Path(tmp.name) / 'policy'
     t0 = time.perf_counter()
     writer.export_policy(args.checkpoint, out, precision=args.precision, parity_samples=0, progress=False,
-                         inline_limit=int(args.inline_limit_mb * 2**20),
+                         inline_limit=writer.INLINE_LIMIT if args.inline_limit_mb is None else
+                         int(args.inline_limit_mb * 2**20),
                          quant_accuracy_level=args.quant_accuracy_level)
     log._close_between()
     total = time.perf_counter() - t0
