@@ -2,13 +2,15 @@
 """Closed-loop Pareto of decoder settings on a trained policy: success rate against passes and time per chunk.
 
     python benchmarks/decoding_pareto.py --policy models/demo --json out/pareto.json [--episodes 20]
+    python benchmarks/decoding_pareto.py --policy models/metaworld_mt10 --suite mt10 --json out/pareto_mt10.json
 
 One engine (the policy folder's, ONNX Runtime by default) serves every setting: the policy's shipped default, AR,
 block diffusion with a fixed 1..k passes per block for every block size the policy was trained with, the threshold
 schedule at a few taus, and full diffusion over the cached prefix. For each setting:
 
-    success   closed loop on the built-in tabletop task (blockvla_ros.tasks, the 'eval' seed stream: the same
-              episodes for every setting), replanning every --execute-steps ticks; +- its binomial standard error
+    success   closed loop on the built-in tabletop task (blockvla_ros.tasks, the 'eval' seed stream) or, with
+              --suite, on Meta-World (blockvla_ros.sim.evaluate, held-out layout seed 1); the same episodes for every
+              setting, replanning every --execute-steps ticks; +- its binomial standard error over all episodes
     NFE       mean forward passes per chunk over those closed-loop chunks (prefill counted)
     ms        median time of one chunk (PolicyRunner.predict: preprocessing, prefill, decoding), wall clock and CPU
               time of the calling thread (the engine's only thread with --threads 1: what the chunk costs even on a
@@ -105,37 +107,64 @@ def within_noise(best: dict, row: dict, z: float = 1.96) -> bool:
     return best['success_rate'] - row['success_rate'] <= z * se + 1e-12
 
 
-def closed_loop(runner, episodes: int, tasks, seed: int, execute_steps: int) -> dict:
-    from blockvla_ros.tasks import evaluate_closed_loop
+@dataclass
+class Episodes:
+    """The closed-loop episodes every setting runs: the built-in tabletop task (suite None) or a Meta-World suite."""
 
-    nfes, calls = [], []
+    suite: str | None
+    tasks: list | None
+    episodes: int
+    seed: int
+    execute_steps: int
+    episode_steps: int | None = None  # Meta-World's episode limit (None: its 500)
+
+    @property
+    def label(self) -> str:
+        return f'Meta-World {self.suite}' if self.suite else 'the tabletop task'
+
+    def run(self, predict_chunk, image_size: int) -> dict:
+        """{'per_task': {task: {'successes', 'episodes', 'success_rate', ...}}, ...} of one closed-loop pass."""
+        if self.suite:
+            from blockvla_ros.sim.evaluate import evaluate_suite
+            return evaluate_suite(predict_chunk, self.suite, self.tasks, self.episodes, self.seed, self.execute_steps,
+                                  self.episode_steps, progress=False, frames=False)
+        from blockvla_ros.tasks import evaluate_closed_loop
+        return evaluate_closed_loop(predict_chunk, tasks=self.tasks, episodes_per_task=self.episodes, seed=self.seed,
+                                    execute_steps=self.execute_steps, image_size=image_size, progress=False)
+
+    def observations(self, n: int) -> list:
+        """(image, instruction, state) of the first observation of the first n episodes, tasks in turn."""
+        if self.suite:
+            from blockvla_ros.sim.env import MetaWorldEnv
+            from blockvla_ros.sim.suites import resolve_suite
+            names = resolve_suite(self.suite, self.tasks)
+            envs = {name: MetaWorldEnv(name, seed=self.seed) for name in names[:n]}
+            obs = [envs[names[i % len(names)]].reset(i // len(names)) for i in range(n)]
+            for env in envs.values():
+                env.close()
+            return [(o.image, o.instruction, o.state) for o in obs]
+        from blockvla_ros.tasks import TabletopEnv, episode_seed
+        from blockvla_ros.tasks.spec import resolve_tasks
+        names = resolve_tasks(self.tasks)
+        obs = [TabletopEnv(names[i % len(names)], episode_seed(self.seed, names[i % len(names)], i, 'eval')).reset()
+               for i in range(n)]
+        return [(o.image, o.instruction, o.state) for o in obs]
+
+
+def closed_loop(runner, episodes: Episodes) -> dict:
+    nfes = []
 
     def predict_chunk(image, instruction, state):
         pred = runner.predict(image, instruction, state=state)
         nfes.append(pred.nfe)
-        calls.append(pred.calls)
         return pred.actions
 
-    res = evaluate_closed_loop(predict_chunk, tasks=tasks, episodes_per_task=episodes, seed=seed,
-                               execute_steps=execute_steps, image_size=runner.config.image_size, progress=False)
-    return {'success_rate': res['success_rate'], 'successes': res['successes'], 'episodes': res['episodes'],
-            'stderr': stderr(res['success_rate'], res['episodes']), 'nfe_mean': float(np.mean(nfes)),
-            'nfe_min': int(np.min(nfes)), 'nfe_max': int(np.max(nfes)), 'chunks': len(nfes),
-            'per_task': {t: r['success_rate'] for t, r in res['per_task'].items()}}
-
-
-def timing_observations(n: int, seed: int, tasks) -> list:
-    """(image, instruction, state) of the first observation of n evaluation episodes."""
-    from blockvla_ros.tasks import TabletopEnv, episode_seed
-    from blockvla_ros.tasks.spec import resolve_tasks
-
-    names = resolve_tasks(tasks)
-    out = []
-    for i in range(n):
-        name = names[i % len(names)]
-        obs = TabletopEnv(name, episode_seed(seed, name, i, 'eval')).reset()
-        out.append((obs.image, obs.instruction, obs.state))
-    return out
+    res = episodes.run(predict_chunk, runner.config.image_size)
+    wins = sum(r['successes'] for r in res['per_task'].values())
+    n = sum(r['episodes'] for r in res['per_task'].values())
+    return {'success_rate': wins / n, 'successes': wins, 'episodes': n, 'stderr': stderr(wins / n, n),
+            'nfe_mean': float(np.mean(nfes)), 'nfe_min': int(np.min(nfes)), 'nfe_max': int(np.max(nfes)),
+            'chunks': len(nfes), 'per_task': {t: r['success_rate'] for t, r in res['per_task'].items()}}
 
 
 def interleaved_ms(runners: dict, observations: list, rounds: int) -> dict:
@@ -155,9 +184,10 @@ def interleaved_ms(runners: dict, observations: list, rounds: int) -> dict:
 
 
 def markdown(rows: list, meta: dict) -> str:
-    lines = [f"Closed loop on the tabletop task: {meta['episodes']} episodes per setting ({meta['episodes_per_task']} "
-             f"per task), engine {meta['engine']}, {meta['threads']} thread(s); ms = median per chunk (CPU time of the "
-             'decoding thread, and wall time), settings interleaved.',
+    lines = [f"Closed loop on {meta['benchmark']}: {meta['episodes']} episodes per setting "
+             f"({meta['episodes_per_task']} per task, seed {meta['seed']}), engine {meta['engine']}, "
+             f"{meta['threads']} thread(s); ms = median per chunk (CPU time of the decoding thread, and wall time), "
+             'settings interleaved.',
              '', '| setting | NFE / chunk | CPU ms / chunk | wall ms / chunk | success | within noise of best |',
              '| --- | ---: | ---: | ---: | ---: | :---: |']
     for r in rows:
@@ -205,8 +235,11 @@ def main(argv=None) -> int:
     p.add_argument('--engine', default='onnxruntime', help='engine for every setting (default onnxruntime)')
     p.add_argument('--threads', type=int, default=1, help='CPU threads (default 1: a shared machine)')
     p.add_argument('--episodes', type=int, default=20, help='closed-loop episodes per task and setting')
-    p.add_argument('--tasks', nargs='+', help='task names (default: all nine)')
-    p.add_argument('--seed', type=int, default=0, help='evaluation seed (the same episodes for every setting)')
+    p.add_argument('--suite', help='a Meta-World suite (mt10; needs the sim extra) instead of the tabletop task')
+    p.add_argument('--tasks', nargs='+', help="task names (default: all of the tabletop task's or the suite's)")
+    p.add_argument('--seed', type=int, help='evaluation seed, the same episodes for every setting (default: 0, the '
+                   "tabletop's 'eval' stream; 1 with --suite: layouts disjoint from the recordings' seed 0)")
+    p.add_argument('--episode-steps', type=int, help="--suite: episode limit (default Meta-World's 500)")
     p.add_argument('--execute-steps', type=int, default=4, help='actions executed per chunk before replanning')
     p.add_argument('--max-steps', type=int, default=4, help='fixed passes per block: 1..this, and the full schedule')
     p.add_argument('--thresholds', type=float, nargs='*', default=list(THRESHOLDS),
@@ -223,7 +256,9 @@ def main(argv=None) -> int:
     from blockvla_ros.runtime.policy_folder import load_policy_folder
     from blockvla_ros.runtime.runner import PolicyRunner
 
-    started = time.perf_counter()
+    started, load_start = time.perf_counter(), os.getloadavg()
+    episodes = Episodes(args.suite, args.tasks, args.episodes, (1 if args.suite else 0) if args.seed is None
+                        else args.seed, args.execute_steps, args.episode_steps)
     spec = load_policy_folder(args.policy)
     config = spec.config
     variants = plan_variants(config, args.max_steps, args.thresholds, args.fulldiff_steps)
@@ -234,28 +269,31 @@ def main(argv=None) -> int:
     for r in runners.values():
         r.warmup(1, image_shape=(config.image_size, config.image_size))
     print(f'policy {spec.name} ({args.policy}): H*D = {config.n_action_tokens}, trained block sizes '
-          f'{config.block_sizes}; {len(variants)} settings x {args.episodes} episodes per task; engine '
+          f'{config.block_sizes}; {len(variants)} settings x {args.episodes} episodes per task of '
+          f'{episodes.label} (seed {episodes.seed}); engine '
           f'{args.engine}, {args.threads} thread(s)', flush=True)
 
     rows = []
     for v in variants:
         t = time.perf_counter()
-        res = closed_loop(runners[v.name], args.episodes, args.tasks, args.seed, args.execute_steps)
+        res = closed_loop(runners[v.name], episodes)
         rows.append({'name': v.name, 'decoder': v.decoder, 'overrides': v.overrides, 'default': v.default, **res})
         print(f"  {v.name:42s} success {100 * res['success_rate']:5.1f} % +- {100 * res['stderr']:.1f}   "
               f"NFE {res['nfe_mean']:5.2f}   ({time.perf_counter() - t:.0f} s)", flush=True)
-    ms = interleaved_ms(runners, timing_observations(8, args.seed, args.tasks), args.timing_rounds)
+    ms = interleaved_ms(runners, episodes.observations(8), args.timing_rounds)
     best = max(rows, key=lambda r: (r['success_rate'], -r['nfe_mean']))
     for r in rows:
         r['ms_p50'], r['cpu_ms_p50'] = ms[r['name']]
         r['best'] = r is best
         r['within_noise'] = within_noise(best, r)
     meta = {'policy': spec.name, 'folder': str(args.policy), 'engine': args.engine, 'threads': args.threads,
+            'benchmark': episodes.label, 'suite': args.suite, 'episode_steps': args.episode_steps,
             'episodes_per_task': args.episodes, 'episodes': rows[0]['episodes'], 'tasks': args.tasks or 'all',
-            'seed': args.seed, 'execute_steps': args.execute_steps, 'timing_rounds': args.timing_rounds,
+            'seed': episodes.seed, 'execute_steps': args.execute_steps, 'timing_rounds': args.timing_rounds,
             'n_action_tokens': config.n_action_tokens, 'block_sizes': config.block_sizes,
             'machine': {'python': sys.version.split()[0], 'platform': platform.platform(),
-                        'cpus': os.cpu_count(), 'load_avg_1m': os.getloadavg()[0]},
+                        'cpus': os.cpu_count(), 'load_avg_1m': os.getloadavg()[0],
+                        'load_avg_start_1_5_15': load_start, 'load_avg_end_1_5_15': os.getloadavg()},
             'seconds': time.perf_counter() - started}
     default = next(r for r in rows if r['default'])
     ar = next((r for r in rows if r['decoder'] == 'ar'), None)
@@ -270,8 +308,8 @@ def main(argv=None) -> int:
     md = args.md or args.json.with_suffix('.md')
     md.write_text(table)
     png = args.png or args.json.with_suffix('.png')
-    plot(rows, png, f"{spec.name}: closed-loop success vs passes and time per chunk ({meta['episodes']} episodes "
-                    'per setting)')
+    plot(rows, png, f"{spec.name}: closed-loop success on {episodes.label} vs passes and time per chunk "
+                    f"({meta['episodes']} episodes per setting)")
     print('\n' + table)
     print(f"default {default['name']}: NFE {default['nfe_mean']:.1f}"
           + (f" ({summary['default_nfe_vs_ar']:.2f}x AR's {ar['nfe_mean']:.0f})" if ar else '')
