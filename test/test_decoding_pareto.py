@@ -1,6 +1,8 @@
-"""benchmarks/decoding_pareto.py on the shipped demo policy with a tiny budget: every promised field, the settings
-plan, the NFE accounting and the noise rule. Success rates and timings are never asserted."""
+"""benchmarks/decoding_pareto.py on the shipped demo policy and (--suite mt10, real MuJoCo) the shipped Meta-World
+policy with a tiny budget: every promised field, the settings plan, the NFE accounting and the noise rule. Success
+rates and timings are never asserted."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -60,4 +62,25 @@ def test_pareto_on_the_demo_policy(tmp_path):
     assert data['summary']['default_nfe_vs_ar'] == pytest.approx(data['settings'][0]['nfe_mean'] / L)
     table = out.with_suffix('.md').read_text()
     assert '(default)**' in table and '| ar |' in table
+    assert out.with_suffix('.png').stat().st_size > 10_000
+
+
+def test_pareto_on_metaworld_runs_end_to_end(tmp_path):
+    """--suite mt10 on the shipped Meta-World policy, real MuJoCo: two tasks, one 12-step episode each."""
+    os.environ.setdefault('MUJOCO_GL', 'egl')    # before mujoco is first imported, as the sim package does
+    pytest.importorskip('metaworld', reason="Meta-World needs the sim extra: pip install '.[sim]' (make setup-sim)")
+    out = tmp_path / 'pareto.json'
+    assert decoding_pareto.main(['--policy', str(ROOT / 'models' / 'metaworld_mt10'), '--suite', 'mt10', '--json',
+                                 str(out), '--tasks', 'reach', 'drawer-close', '--episodes', '1', '--episode-steps',
+                                 '12', '--timing-rounds', '1', '--only', 'ar', '1 passes']) == 0
+    data = json.loads(out.read_text())
+    assert data['suite'] == 'mt10' and data['seed'] == 1 and data['episode_steps'] == 12
+    rows = {r['name']: r for r in data['settings']}
+    assert data['settings'][0]['default']
+    assert set(rows) == {data['settings'][0]['name'], 'ar', 'blockdiff B=4, 1 passes'}
+    assert rows['ar']['nfe_mean'] == data['n_action_tokens']
+    for r in data['settings']:
+        assert r['episodes'] == 2 and set(r['per_task']) == {'reach-v3', 'drawer-close-v3'}
+        assert 2 <= r['chunks'] <= 6 and r['ms_p50'] > 0    # <= 12 steps per episode, 4 executed per chunk
+    assert 'Closed loop on Meta-World mt10' in out.with_suffix('.md').read_text()
     assert out.with_suffix('.png').stat().st_size > 10_000
