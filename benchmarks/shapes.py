@@ -142,8 +142,15 @@ def write_random_backbone(shape: str, folder: Path, seed: int = 0) -> Path:
     return folder
 
 
-def make_policy_checkpoint(backbone: Path, out: Path, **policy_overrides) -> Path:
-    """A policy checkpoint (config.json + model.safetensors + stats.json) on the backbone folder. -> out."""
+def make_policy_checkpoint(backbone: Path, out: Path, seed: int = 0, **policy_overrides) -> Path:
+    """A policy checkpoint (config.json + model.safetensors + stats.json) on the backbone folder. -> out.
+
+    The parts the backbone folder does not hold (vision encoder, projector, action head...) are initialized from torch
+    seeded with `seed`: the same checkpoint every time, so real_size.py's token agreement on random weights compares
+    like with like across runs (unseeded, the SmolLM2-360M int4 agreement moved from 0.944 to 0.062 between two runs of
+    the same code: README)."""
+    import torch
+
     from blockvla_ros.model.action_tokenizer import NormStats
     from blockvla_ros.model.config import BlockVLAConfig
     from blockvla_ros.model.policy import BlockVLAPolicy
@@ -153,7 +160,9 @@ def make_policy_checkpoint(backbone: Path, out: Path, **policy_overrides) -> Pat
         config = BlockVLAConfig(vlm_path=str(backbone), **{**VLM_POLICY, **policy_overrides})
     else:
         config = BlockVLAConfig(backbone_path=str(backbone), **{**POLICY, **policy_overrides})
-    policy = BlockVLAPolicy(config).eval()
+    with torch.random.fork_rng():  # the caller's random state is left as it was
+        torch.manual_seed(seed)
+        policy = BlockVLAPolicy(config).eval()
     policy.save(out)
     if config.is_vlm:  # the checkpoint carries the tokenizer the exporter copies into the policy folder
         (out / 'tokenizer.json').write_bytes((Path(backbone) / 'tokenizer.json').read_bytes())

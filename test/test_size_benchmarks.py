@@ -94,3 +94,12 @@ def test_runner_memory_reports_every_stage():
         stages = [line[:18].strip() for line in block.strip().splitlines()[2:]]  # the stage column
         assert stages == ['bare', 'folder', 'tables', 'session vision', 'session backbone', 'engine', 'runner',
                           'warm-up chunk', 'chunk 1'], stages
+
+
+def test_policy_checkpoint_on_a_random_backbone_is_the_same_every_time(tmp_path):
+    """The parts the backbone folder lacks are seeded, so real_size's agreement compares one policy per shape."""
+    backbone = shapes.write_random_backbone('tiny', tmp_path / 'bb')
+    one, two = (shapes.make_policy_checkpoint(backbone, tmp_path / name) for name in ('one', 'two'))
+    assert (one / 'model.safetensors').read_bytes() == (two / 'model.safetensors').read_bytes()
+    other = shapes.make_policy_checkpoint(backbone, tmp_path / 'other', seed=1)
+    assert (other / 'model.safetensors').read_bytes() != (one / 'model.safetensors').read_bytes()
