@@ -119,6 +119,29 @@ def test_required_token_agreement_is_enforced_and_keeps_no_folder(ckpt, tmp_path
     assert not out.exists()
 
 
+@pytest.mark.parametrize('samples', [0, 2])
+def test_the_fp32_reference_is_reloaded_only_when_parity_is_checked(ckpt, tmp_path, monkeypatch, samples):
+    """An int8 export drops the model before quantizing; it loads the fp32 checkpoint a second time only as the
+    parity reference (a second model at the export's peak otherwise: SmolLM2-360M int4, README), and policy.yaml gets
+    the same kv_shape and prefix either way."""
+    from blockvla_ros.export import policy_writer
+
+    loads = []
+
+    def counted(path):
+        loads.append(path)
+        return load_checkpoint(path)
+
+    monkeypatch.setattr(policy_writer, 'load_checkpoint', counted)  # the real loader, counted
+    out = tmp_path / 'models' / 'int8'
+    report = export_policy(ckpt, out, precision='int8', parity_samples=samples, threads=1, progress=False)
+    assert bool(report.parity) == (samples > 0)
+    policy, _ = load_checkpoint(ckpt)
+    doc = yaml.safe_load((out / 'policy.yaml').read_text())
+    assert doc['kv_shape'] == list(policy.kv_shape) and doc['prefix'] == policy.layout.to_dict()
+    assert len(loads) == 1 + (samples > 0)
+
+
 def test_fp16_stores_half_weights_and_tables_and_runs_on_the_cpu(ckpt, tmp_path):
     """fp16 targets GPUs, but ONNX Runtime's CPU provider runs it too (parity against the fp32 torch policy)."""
     out = tmp_path / 'models' / 'fp16'

@@ -190,6 +190,7 @@ def export_policy(checkpoint: str | Path, out: str | Path, *, name: Optional[str
     config = policy.portable_config()
     config = config.replace(action_kinds=config.kinds)  # written out: absolute where training did not say
     weight_bytes = sum(p.numel() * 4 for p in policy.parameters())
+    shapes = {'kv_shape': list(policy.kv_shape), 'prefix': _plain(policy.layout.to_dict())}  # for policy.yaml
     name = name or out.name
     with atomic_directory(out) as tmp:
         graphs, checks = {}, {}
@@ -207,8 +208,8 @@ def export_policy(checkpoint: str | Path, out: str | Path, *, name: Optional[str
             graphs['backbone'].data = quantize_weights(tmp / graphs['backbone'].file, precision, quant_accuracy_level,
                                                        quant_block_size)
             checks['backbone'] = check_graph_file(tmp / graphs['backbone'].file, tensorrt=False)
-        if precision != 'fp32':
-            policy, _ = load_checkpoint(checkpoint)
+        if precision != 'fp32':  # the fp32 parity reference, only when parity is checked (a second model's peak)
+            policy = load_checkpoint(checkpoint)[0] if parity_samples else None
         stats.save(tmp / STATS_FILE)
         if torch_weights:
             shutil.copyfile(checkpoint / WEIGHTS_FILE, tmp / WEIGHTS_FILE)
@@ -220,7 +221,7 @@ def export_policy(checkpoint: str | Path, out: str | Path, *, name: Optional[str
         if sources and 'tokenizer.json' not in tokenizer_files:
             _write_tokenizer_json(sources[0].parent, tmp)  # the runtime reads tokenizer.json only
             tokenizer_files.append('tokenizer.json')
-        doc = _policy_doc(policy, config, stats, name, graphs, tokenizer_files, torch_weights, opset, checkpoint)
+        doc = _policy_doc(shapes, config, stats, name, graphs, tokenizer_files, torch_weights, opset, checkpoint)
         doc['precision'] = precision
         if precision in BITS:  # provenance: the default depends on the backbone's width
             doc['export'].update(quant_block_size=quant_block_size, quant_accuracy_level=quant_accuracy_level)
@@ -282,7 +283,8 @@ def _write_tables(policy, path: Path, precision: str, block_size: Optional[int])
     save_file(arrays, str(path), metadata=metadata)
 
 
-def _policy_doc(policy, config, stats, name, graphs, tokenizer_files, torch_weights, opset, checkpoint) -> dict:
+def _policy_doc(shapes, config, stats, name, graphs, tokenizer_files, torch_weights, opset, checkpoint) -> dict:
+    """policy.yaml's content; `shapes`: the policy's kv_shape and prefix layout (so no model need be held here)."""
     import onnx
     import torch
     import transformers
@@ -291,9 +293,9 @@ def _policy_doc(policy, config, stats, name, graphs, tokenizer_files, torch_weig
         'format_version': FORMAT_VERSION,
         'name': name,
         'config': _plain(config.to_dict()),
-        'kv_shape': list(policy.kv_shape),
+        'kv_shape': shapes['kv_shape'],
         'image_size': config.image_size,
-        'prefix': _plain(policy.layout.to_dict()),
+        'prefix': shapes['prefix'],
         'actions': {'names': list(config.action_names) or [f'a{i}' for i in range(config.action_dim)],
                     'low': [float(x) for x in stats.action_low], 'high': [float(x) for x in stats.action_high],
                     'limits_source': LIMITS_SOURCE},
