@@ -220,9 +220,15 @@ class Peer:
         raise AssertionError('no matching action was published')
 
     def close(self):
+        """Stop the camera, then the executor, and wait for its spin thread to leave before the node and (the
+        caller's) context go: a spin thread still inside a wait on a shut-down context busy-looped holding the GIL
+        once in CI, starving the test's main thread for good (seen in test_console_script_starts_as_ros2_run_starts_it,
+        py-spy + strace: main thread waiting on the GIL, the spin thread at 100 % CPU)."""
         self._stop.set()
         self._threads[1].join()
         self.executor.shutdown()
+        self._threads[0].join(timeout=10)
+        assert not self._threads[0].is_alive(), 'the peer executor did not stop spinning within 10 s'
         self.node.destroy_node()
 
 
