@@ -6,7 +6,6 @@ hold wrong types (their manifests rebuilt, so only the content is wrong).
 """
 import json
 import shutil
-import threading
 import time
 
 import numpy as np
@@ -21,6 +20,7 @@ from rclpy.parameter import Parameter  # noqa: E402
 
 from blockvla_ros.ros.policy_node import PolicyNode  # noqa: E402
 from blockvla_ros.runtime.policy_folder import write_manifest  # noqa: E402
+from ros_spin import Spinner  # noqa: E402
 from test_ros_policy_node import GOOD, RATE, Peer, _export_alpha, _shifted_copy, policy_action, stamp  # noqa: E402
 
 pytestmark = [pytest.mark.ros, pytest.mark.slow]
@@ -74,7 +74,7 @@ def running(models):
         Parameter('threads', value=1), Parameter('autostart', value=True)])
     executor = SingleThreadedExecutor(context=context)
     executor.add_node(node)
-    threading.Thread(target=executor.spin, daemon=True).start()
+    spinner = Spinner(executor)
     peer = Peer(context)
     assert peer.transition(Transition.TRANSITION_CONFIGURE) and peer.transition(Transition.TRANSITION_ACTIVATE)
     peer.make_frame = peer.good_raw
@@ -82,7 +82,7 @@ def running(models):
     peer.wait_actions(policy_action(-1, 1), timeout=30)
     yield node, peer
     peer.close()
-    executor.shutdown()
+    spinner.stop()
     node.shutdown()
     node.destroy_node()
     rclpy.shutdown(context=context)
@@ -189,7 +189,7 @@ def test_a_chunk_shorter_than_an_inference_is_explained(models):
     executor.add_node(node)
     node.trigger_configure()
     node.trigger_activate()
-    threading.Thread(target=executor.spin, daemon=True).start()
+    spinner = Spinner(executor)
     peer = Peer(context)
     try:
         peer.make_frame = peer.good_raw
@@ -205,7 +205,7 @@ def test_a_chunk_shorter_than_an_inference_is_explained(models):
         assert node.lifecycle_state == 'active'
     finally:
         peer.close()
-        executor.shutdown()
+        spinner.stop()
         node.shutdown()
         node.destroy_node()
         rclpy.shutdown(context=context)

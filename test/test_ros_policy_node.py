@@ -38,6 +38,7 @@ from blockvla_ros.io.images import encode_compressed, rgb8_to_image_fields  # no
 from blockvla_ros.ros.policy_node import PolicyNode  # noqa: E402
 from blockvla_ros.runtime.policy_folder import write_manifest  # noqa: E402
 from image_corpus import bombs  # noqa: E402
+from ros_spin import Spinner  # noqa: E402
 
 pytestmark = [pytest.mark.ros, pytest.mark.slow]
 NAMES = ['j0', 'j1', 'j2']
@@ -142,10 +143,9 @@ class Peer:
         self.executor = SingleThreadedExecutor(context=context)
         self.executor.add_node(n)
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self.executor.spin, daemon=True),
-                         threading.Thread(target=self._camera_loop, daemon=True)]
-        for t in self._threads:
-            t.start()
+        self._spinner = Spinner(self.executor)
+        self._camera = threading.Thread(target=self._camera_loop, daemon=True)
+        self._camera.start()
 
     def _keep(self, store, msg):
         with self.lock:
@@ -221,14 +221,10 @@ class Peer:
 
     def close(self):
         """Stop the camera, then the executor, and wait for its spin thread to leave before the node and (the
-        caller's) context go: a spin thread still inside a wait on a shut-down context busy-looped holding the GIL
-        once in CI, starving the test's main thread for good (seen in test_console_script_starts_as_ros2_run_starts_it,
-        py-spy + strace: main thread waiting on the GIL, the spin thread at 100 % CPU)."""
+        caller's) context go (ros_spin says why)."""
         self._stop.set()
-        self._threads[1].join()
-        self.executor.shutdown()
-        self._threads[0].join(timeout=10)
-        assert not self._threads[0].is_alive(), 'the peer executor did not stop spinning within 10 s'
+        self._camera.join()
+        self._spinner.stop()
         self.node.destroy_node()
 
 
@@ -256,8 +252,7 @@ def running(models):
         Parameter('threads', value=1)])  # no spinning ONNX Runtime pool next to the control thread on 2 cores
     executor = SingleThreadedExecutor(context=context)  # as main() runs it
     executor.add_node(node)
-    spinner = threading.Thread(target=executor.spin, daemon=True)
-    spinner.start()
+    spinner = Spinner(executor)
     peer = Peer(context)
     peer.wait_diag(lambda d: d['lifecycle_state'] == 'unconfigured')
     assert peer.set_param('policy', 'nope').successful  # unconfigured: checked when configure loads it
@@ -272,7 +267,7 @@ def running(models):
     peer.wait_actions(policy_action(-1, 1), timeout=30)
     yield node, peer
     peer.close()
-    executor.shutdown()
+    spinner.stop()
     node.shutdown()
     node.destroy_node()
     rclpy.shutdown(context=context)

@@ -24,6 +24,7 @@ from sensor_msgs.msg import JointState  # noqa: E402
 
 from blockvla_ros.ros.policy_node import PolicyNode  # noqa: E402
 from blockvla_ros.tasks import TabletopEnv  # noqa: E402
+from ros_spin import Spinner  # noqa: E402
 from test_ros_policy_node import Peer, image_msg, is_hold, stamp  # noqa: E402
 
 pytestmark = [pytest.mark.ros, pytest.mark.slow]
@@ -44,7 +45,7 @@ def demo_node():
     node.trigger_configure()
     assert node.lifecycle_state == 'inactive', node.status.get('last_error')
     node.trigger_activate()
-    threading.Thread(target=executor.spin, daemon=True).start()
+    spinner = Spinner(executor)
     peer = Peer(context)
     obs = TabletopEnv('touch_red', seed=5).reset()
     state_pub = peer.node.create_publisher(JointState, 'joint_states', 10)
@@ -52,7 +53,7 @@ def demo_node():
     peer.say(obs.instruction)
     yield node, peer, state_pub, obs
     peer.close()
-    executor.shutdown()
+    spinner.stop()
     node.shutdown()
     node.destroy_node()
     rclpy.shutdown(context=context)

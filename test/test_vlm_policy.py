@@ -133,12 +133,11 @@ def test_checkpoint_config_is_portable_and_a_wrong_family_is_named(vlms, tmp_pat
 @pytest.mark.slow
 def test_the_node_runs_each_family_over_loopback(trained):
     rclpy = pytest.importorskip('rclpy')
-    import threading
-
     from rclpy.executors import SingleThreadedExecutor
     from rclpy.parameter import Parameter
 
     from blockvla_ros.ros.policy_node import PolicyNode
+    from ros_spin import Spinner
     from test_ros_policy_node import Peer, Transition, policy_action
 
     models = str(next(iter(trained.values()))[1].folder.parent)
@@ -151,7 +150,7 @@ def test_the_node_runs_each_family_over_loopback(trained):
         Parameter('threads', value=1)])
     executor = SingleThreadedExecutor(context=context)
     executor.add_node(node)
-    threading.Thread(target=executor.spin, daemon=True).start()
+    spinner = Spinner(executor)
     peer = Peer(context)
     try:
         assert peer.transition(Transition.TRANSITION_CONFIGURE)
@@ -167,7 +166,7 @@ def test_the_node_runs_each_family_over_loopback(trained):
             peer.wait_actions(policy_action(low - 1e-6, high + 1e-6), mark=peer.mark(), timeout=60)
     finally:
         peer.close()
-        executor.shutdown()
+        spinner.stop()
         node.shutdown()
         node.destroy_node()
         rclpy.shutdown(context=context)
