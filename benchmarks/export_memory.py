@@ -3,11 +3,13 @@
 
     nice -n 10 python benchmarks/export_memory.py --checkpoint out/rs_work/checkpoint_qwen2.5-0.5b --precision int4
 
-Runs `export_policy` in this process (parity off, no calibration, like benchmarks/real_size.py) with its phases
-wrapped: load_checkpoint, export_vision, export_backbone, _write_tables, quantize_weights, _check_parity... For each
-phase: RSS before, the peak during it and RSS after. The peak is exact, not sampled: the kernel's high-water mark
-(VmHWM) is reset at each phase boundary (writing 5 to /proc/self/clear_refs, Linux >= 4.0) and read at the next,
-so a C call that holds the GIL cannot hide a spike. Time between phases is its own row ('(between)').
+Runs `export_policy` in this process (no calibration; parity off, like benchmarks/real_size.py, unless
+--parity-samples says otherwise: blockvla-export checks 4 by default, reloading the fp32 reference after an int8 /
+int4 / fp16 export) with its phases wrapped: load_checkpoint, export_vision, export_backbone, _write_tables,
+quantize_weights, _check_parity... For each phase: RSS before, the peak during it and RSS after. The peak is exact,
+not sampled: the kernel's high-water mark (VmHWM) is reset at each phase boundary (writing 5 to /proc/self/clear_refs,
+Linux >= 4.0) and read at the next, so a C call that holds the GIL cannot hide a spike. Time between phases is its own
+row ('(between)').
 """
 from __future__ import annotations
 
@@ -72,6 +74,9 @@ def main(argv=None) -> int:
     p.add_argument('--inline-limit-mb', type=float, help='default: the exporter\'s (export.onnx_export.INLINE_LIMIT; '
                    'the README\'s profiles before it became 16 MiB ran at 1024)')
     p.add_argument('--quant-accuracy-level', type=int)
+    p.add_argument('--parity-samples', type=int, default=0,
+                   help='observations of the exporter\'s parity check (default 0: off; blockvla-export\'s default is '
+                        '4; the peak does not grow with the count: one observation at a time)')
     p.add_argument('--json', type=Path)
     args = p.parse_args(argv)
 
@@ -88,7 +93,8 @@ def main(argv=None) -> int:
     tmp = None if args.out else tempfile.TemporaryDirectory(prefix='blockvla_export_memory_', dir='out')
     out = args.out or Path(tmp.name) / 'policy'
     t0 = time.perf_counter()
-    writer.export_policy(args.checkpoint, out, precision=args.precision, parity_samples=0, progress=False,
+    writer.export_policy(args.checkpoint, out, precision=args.precision, parity_samples=args.parity_samples,
+                         progress=False,
                          inline_limit=writer.INLINE_LIMIT if args.inline_limit_mb is None else
                          int(args.inline_limit_mb * 2**20),
                          quant_accuracy_level=args.quant_accuracy_level)
@@ -103,7 +109,8 @@ def main(argv=None) -> int:
               f'{r["peak_gb"]:8.2f} {r["rss_after_gb"]:10.2f}')
     if args.json:
         args.json.write_text(json.dumps({'checkpoint': str(args.checkpoint), 'precision': args.precision,
-                                         'seconds': total, 'phases': log.rows}, indent=2))
+                                         'parity_samples': args.parity_samples, 'seconds': total,
+                                         'phases': log.rows}, indent=2))
     if tmp is not None:
         tmp.cleanup()
     return 0
