@@ -130,11 +130,15 @@ def _export(module, args, dynamic, inputs, outputs, path: Path, key: str, opset:
 
 
 def _release_weights() -> None:
-    """Drop every exporter IR value's reference to a torch tensor once the file is written.
+    """Drop every exporter IR value's reference to torch memory once the file is written.
 
-    onnxscript's rewrite rules are module-level objects whose pattern matchers keep the last graph they matched, and
-    that graph's input ref-counter keeps values once seen, with their torch parameters: without this every
-    parameter outlived the policy (a 0.5B export's RSS did not fall when the exporter dropped the policy before
+    onnxscript's rewrite rules are module-level objects whose pattern matchers keep the last graph they matched
+    (`SimplePatternMatcher._graph`), and that graph's input ref-counter keeps values once seen. Two kinds of value
+    hold a parameter's memory: the exporter's own, a `TorchTensor` wrapping the parameter, and the optimizer's folded
+    `Transpose` of each Linear weight (always folded, whatever its size), an `ir.Tensor` over `np.transpose` of the
+    weight's numpy view, whose `.base` chain ends at a detached alias of the parameter: numpy arrays are invisible to
+    gc, so the parameter objects die while their storages live on. Without this every parameter (then every 2-D
+    Linear weight) outlived the policy (a 0.5B export's RSS did not fall when the exporter dropped the policy before
     reloading it for parity: 2.64 GB held, peak 6.61 GB in the reload; benchmarks/export_memory.py)."""
     import gc
 
@@ -147,8 +151,20 @@ def _release_weights() -> None:
 
     for obj in gc.get_objects():
         if getattr(type(obj), '__name__', '') in ('SymbolicTensor', 'Value') and \
-                isinstance(getattr(obj, 'const_value', None), TorchTensor):
+                _torch_backed(getattr(obj, 'const_value', None), TorchTensor):
             obj.const_value = None
+
+
+def _torch_backed(tensor, torch_tensor_type) -> bool:
+    """Whether an IR tensor's bytes are a torch tensor's: the exporter's wrapper, or an array viewing one."""
+    import numpy as np
+
+    if isinstance(tensor, torch_tensor_type):
+        return True
+    raw = getattr(tensor, 'raw', None)
+    while isinstance(raw, np.ndarray):  # a folded transpose: view -> the weight's .numpy() -> its torch tensor
+        raw = raw.base
+    return isinstance(raw, torch.Tensor)
 
 
 def _name_dynamic_dims(model) -> None:
