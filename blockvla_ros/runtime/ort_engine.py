@@ -7,7 +7,9 @@ inputs and the logits / new_kv outputs are numpy buffers bound once (an IO bindi
 exported before `logit_rows` existed computes every row; the engine returns the rows asked for). On a graph whose
 cache inputs have a 'past' dim (`dynamic_past`), a prefix pass reads only the `lo` slots before it: their K/V (the
 instruction's, or one masked slot) are copied into a small buffer of that length, so no query scores the empty rest
-of the cache.
+of the cache. On the CPU the backbone's rotary embeddings run as ONNX Runtime's fused RotaryEmbedding op
+(`runtime.ort_rotary`, rewritten in memory when the session is built; the folder keeps the standard graph;
+`fuse_rotary=False` opens it as exported).
 CUDA provider (`device='cuda'`): the cache and `new_kv` live in CUDA memory, bound by pointer; slot writes are
 device-to-device copies (cuda-python); the small inputs and the logits stay on the host. After creating the
 sessions the provider actually in use is logged; with `require_gpu` a fallback to the CPU raises
@@ -23,6 +25,7 @@ import numpy as np
 
 from .engine_factory import GPUUnavailableError
 from .graph_engine import GraphEngine, check_io
+from .ort_rotary import fused_backbone
 from .policy_folder import PolicyFolderError, PolicySpec
 
 log = logging.getLogger(__name__)
@@ -69,7 +72,7 @@ class OrtEngine(GraphEngine):
     name = 'onnxruntime'
 
     def __init__(self, spec: PolicySpec, device: str = 'cpu', threads: Optional[int] = None,
-                 require_gpu: bool = False, reuse_text_kv: bool = True):
+                 require_gpu: bool = False, reuse_text_kv: bool = True, fuse_rotary: bool = True):
         if device not in ('cpu', 'cuda'):
             raise ValueError(f"OrtEngine device must be 'cpu' or 'cuda', got {device!r}")
         self.ort = import_onnxruntime()
@@ -78,6 +81,8 @@ class OrtEngine(GraphEngine):
         self.require_gpu = bool(require_gpu)
         self.provider = None  # the provider actually in use
         self.device_buffers = False
+        self.fuse_rotary = bool(fuse_rotary) and device == 'cpu'  # measured on the CPU provider only
+        self.rotary_fused = 0  # rotary groups the backbone session runs fused
         self.name = 'onnxruntime-cuda' if device == 'cuda' else 'onnxruntime'
         self._passes = {}
         self._heads = {}  # past -> [layers, 2, kv_heads, past, head_dim] copies of the cache's first slots
@@ -107,11 +112,27 @@ class OrtEngine(GraphEngine):
         so.log_severity_level = 3
         return so
 
+    def _open(self, key: str, path):
+        """The session of graph `key`; the backbone with its rotary embeddings fused where that applies (an ONNX
+        Runtime that cannot load the fused graph gets the graph as exported, with a warning)."""
+        fused = None
+        if key == 'backbone' and self.fuse_rotary:
+            fused, self.rotary_fused = fused_backbone(path)
+        if fused is not None:
+            so = self.session_options()  # loaded from bytes: its external data is read from the folder as before
+            so.add_session_config_entry('session.model_external_initializers_file_folder_path', str(path.parent))
+            try:
+                return self.ort.InferenceSession(fused, sess_options=so, providers=self._providers())
+            except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+                log.warning('%s: ONNX Runtime cannot load the graph with fused rotary embeddings (%s); running it as '
+                            'exported', path, e)
+                self.rotary_fused = 0
+        return self.ort.InferenceSession(str(path), sess_options=self.session_options(), providers=self._providers())
+
     def _session(self, key: str):
         path = self.spec.path(key)
         try:
-            sess = self.ort.InferenceSession(str(path), sess_options=self.session_options(),
-                                             providers=self._providers())
+            sess = self._open(key, path)
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise PolicyFolderError(f'{path}: ONNX Runtime cannot load it ({e})') from e
         used = sess.get_providers()
@@ -209,4 +230,5 @@ class OrtEngine(GraphEngine):
     def describe(self) -> dict:
         return {'engine': self.name, 'provider': self.provider, 'device': 'cuda:0' if self.provider ==
                 'CUDAExecutionProvider' else 'cpu', 'threads': self.threads, 'device_buffers': self.device_buffers,
-                'reuse_text_kv': self.reuse_instruction, 'dynamic_past': self.dynamic_past}
+                'reuse_text_kv': self.reuse_instruction, 'dynamic_past': self.dynamic_past,
+                'rotary_fused': self.rotary_fused}
