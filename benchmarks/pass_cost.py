@@ -4,10 +4,12 @@
     python benchmarks/pass_cost.py FOLDER_A FOLDER_B [...] --runs 20 --threads 1 [--json OUT]
 
 Measures one runtime change: export the same checkpoint before and after it (or as two graph variants) and pass
-both folders. Each folder is opened with the ONNX Runtime engine (CPU); run i of every (folder, measurement) comes
-before run i + 1 of any, so load changes on a shared machine hit every folder alike. The figure is the median CPU
-time of the decoding thread (`time.thread_time`, steadier than wall time when other jobs share the cores); wall
-medians are reported beside it. Measurements (same observations for every folder):
+both folders; a change inside the engine: pass one folder twice, once as FOLDER:plain-rotary (the engine opens the
+backbone as exported instead of with its rotary embeddings fused, `OrtEngine(fuse_rotary=False)`). Each folder is
+opened with the ONNX Runtime engine (CPU); run i of every (folder, measurement) comes before run i + 1 of any, so
+load changes on a shared machine hit every folder alike. The figure is the median CPU time of the decoding thread
+(`time.thread_time`, steadier than wall time when other jobs share the cores); wall medians are reported beside it.
+Measurements (same observations for every folder):
 
     prefill             one-call prefill (vision + the whole prefix in one backbone pass)
     prefill_reused      the prefill with the instruction's K/V reused (vision + the observation pass only)
@@ -39,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 INSTRUCTION = 'put the red block on the plate'
+PLAIN_ROTARY = 'plain-rotary'
 
 
 def measurements(engines: dict, config, prefixes: list) -> dict:
@@ -77,7 +80,8 @@ def timed(prepare, i: int) -> tuple:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('folders', nargs='+', type=Path, help='policy folders of the same policy (e.g. two exports)')
+    p.add_argument('folders', nargs='+', help='policy folders of the same policy (e.g. two exports), each as FOLDER or '
+                   'FOLDER:plain-rotary')
     p.add_argument('--runs', type=int, default=20)
     p.add_argument('--warmup', type=int, default=2)
     p.add_argument('--threads', type=int, default=1, help='ONNX Runtime intra-op threads')
@@ -92,17 +96,22 @@ def main(argv=None) -> int:
     from blockvla_ros.runtime.runner import build_preprocessor
 
     plans, configs = {}, {}
-    for folder in args.folders:
+    for entry in args.folders:
+        folder, _, variant = entry.partition(':')
+        folder = Path(folder)
+        if variant not in ('', PLAIN_ROTARY):
+            p.error(f'{entry}: the only variant is FOLDER:{PLAIN_ROTARY}')
+        options = dict(threads=args.threads, fuse_rotary=variant != PLAIN_ROTARY)
         spec = load_policy_folder(folder)
         pre = build_preprocessor(spec.config, spec.stats, folder)
         rng = np.random.default_rng(1)
         s = spec.config.image_size
         prefixes = [pre(rng.integers(0, 256, (s, s, 3), dtype=np.uint8), INSTRUCTION) for _ in range(4)]
-        engines = {'fresh': OrtEngine(spec, threads=args.threads, reuse_text_kv=False),
-                   'reuse': OrtEngine(spec, threads=args.threads, reuse_text_kv=True)}
+        engines = {'fresh': OrtEngine(spec, reuse_text_kv=False, **options),
+                   'reuse': OrtEngine(spec, reuse_text_kv=True, **options)}
         engines['reuse'].prefill(prefixes[0])
-        plans[str(folder)] = measurements(engines, spec.config, prefixes)
-        configs[str(folder)] = engines['fresh'].describe()
+        plans[entry] = measurements(engines, spec.config, prefixes)
+        configs[entry] = engines['fresh'].describe()
     times = {(f, m): ([], []) for f, plan in plans.items() for m in plan}
     for i in range(args.warmup + args.runs):
         for (f, m), (wall, cpu) in times.items():
