@@ -17,8 +17,8 @@ export MUJOCO_GL ?= egl
 DEMO_STEPS ?= 9000
 DEMO_EPISODES ?= 300
 DEMO_TASKS ?=  # empty: all nine tasks
-# Token agreement the export's decoding calibration keeps (README, Decoding Pareto: at 0.65 the demo decodes in blocks
-# of 6 with <= 2 passes, 7.2 NFE, within noise of its best setting; token agreement understates this policy)
+# Token agreement the export's decoding calibration keeps (docs/benchmarks/decoding_pareto.md: at 0.65 the demo decodes
+# in blocks of 6 with <= 2 passes, 7.2 NFE, within noise of its best setting; token agreement understates this policy)
 DEMO_CALIBRATION_LEVEL ?= 0.65
 
 setup: $(STAMP)

@@ -1,8 +1,9 @@
 """Training convergence: closed-loop success against training steps for blockdiff, fulldiff and ar.
+Figures and how they were measured: docs/benchmarks/convergence.md.
 
-    python benchmarks/convergence.py --json out/convergence.json      # four colour tasks (README; ~52 min, 2 cores)
+    python benchmarks/convergence.py --json out/convergence.json      # four colour tasks (~52 min, 2 cores)
     python benchmarks/convergence.py --json out/convergence_red.json --work out/conv_red --tasks touch_red \
-        --steps 3000 --eval-every 250 --episodes 30                     # one task (README; ~18 min)
+        --steps 3000 --eval-every 250 --episodes 30                     # one task (~18 min)
     python benchmarks/convergence.py --suite mt10 --json out/convergence_mt10.json --work out/conv_mt10   # Meta-World
 
 ``--suite mt10`` (needs the sim extra): the Meta-World MT10 recipe (config/train/metaworld_mt10.yaml), 50 expert
@@ -37,7 +38,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 MODES = ('blockdiff', 'fulldiff', 'ar')
-# Per-suite defaults of the options left unset (the tabletop values are the README's four-colour run).
+# Per-suite defaults of the options left unset (tabletop: docs/benchmarks/convergence.md's four-colour run).
 SUITE_DEFAULTS = {
     'tabletop': dict(config=REPO / 'config/train/convergence.yaml', steps=8000, eval_every=1000, episodes=20,
                      tasks=['touch_red', 'touch_green', 'touch_blue', 'touch_yellow'], train_episodes=300),
