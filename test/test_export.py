@@ -274,3 +274,33 @@ def test_the_vision_export_leaves_no_torchscript_state(tmp_path):
     (tokens,) = sess.run(None, {'pixels': pixels.numpy()})  # its weights, written from the torch tensors
     assert tokens.shape == (1, 16, 64)
     np.testing.assert_allclose(tokens, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize('reuse', [True, False], ids=['split-prefill-reused', 'one-call-prefill'])
+def test_a_recorded_reference_gives_the_report_of_the_live_one(exported, reuse):
+    """The exporter records the torch reference's lock-step calls and logits, drops it, then replays them against the
+    ONNX Runtime session: the report (max |diff|, calls, token agreement, mismatches) is the live comparison's."""
+    import torch
+
+    from blockvla_ros.export.parity import compare_engines, compare_recorded, random_observations, record_reference
+    from blockvla_ros.export.policy_writer import load_checkpoint
+    from blockvla_ros.runtime.ort_engine import OrtEngine
+    from blockvla_ros.runtime.runner import policy_preprocessor
+    from blockvla_ros.runtime.torch_engine import TorchEngine
+
+    ckpt, out = exported
+    torch.set_num_threads(1)
+    spec = load_policy_folder(out)
+    pre = policy_preprocessor(spec)
+    obs = random_observations(spec.config, spec.stats, 3, seed=3, tokenizer=pre.text)
+    decoders = ('blockdiff', 'ar', 'fulldiff')
+    policy = load_checkpoint(ckpt)[0]
+    live = compare_engines(spec.config, TorchEngine(policy, reuse_instruction=reuse),
+                           OrtEngine(spec, threads=1, reuse_text_kv=reuse), obs, pre, 'live', decoders)
+    tape = record_reference(spec.config, TorchEngine(policy, reuse_instruction=reuse), obs, pre, decoders)
+    replayed = compare_recorded(spec.config, tape, OrtEngine(spec, threads=1, reuse_text_kv=reuse), obs, pre, 'live',
+                                decoders)
+    assert replayed.to_dict() == live.to_dict()
+    assert live.graph_calls == sum(2 if isinstance(answer, tuple) else 1 for _, answer in tape)  # each call taped
+    assert 0 < live.max_abs_diff <= 1e-3 and live.tokens > 0
+

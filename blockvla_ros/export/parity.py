@@ -8,6 +8,12 @@ Two measurements per decoder and observation:
   model's near-tied confidences can flip one unmasking order without any real difference, so for fp32 it is
   reported; lower precisions are judged by it).
 Instructions repeat across observations, so the reused-instruction-K/V path of the engines is exercised too.
+
+The exporter never holds the torch reference and the new folder's session at once (each is a full copy of the
+weights): `record_reference` runs the reference's side of every lock-step decode first and keeps its calls and
+logits (small: [n, n_bins] per call), the reference is dropped, and `compare_recorded` replays them: a `Playback`
+stands in for the reference in `compare_engines`, so the engine sees exactly the calls, in the order, and is judged
+exactly as it would be against the live reference.
 """
 from __future__ import annotations
 
@@ -86,6 +92,75 @@ class LockStep:
                              self.engine.step(tokens, commit=commit, block_size=block_size, rows=rows))
 
 
+def _copy(x):
+    return x.copy() if isinstance(x, np.ndarray) else x
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and np.array_equal(a, b)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if hasattr(a, '__dict__') and type(a) is type(b):  # PrefixInputs
+        return vars(a).keys() == vars(b).keys() and all(_same(v, vars(b)[k]) for k, v in vars(a).items())
+    return a == b
+
+
+class Recorder:
+    """The reference's side of `LockStep`, taped: answers the decode as LockStep would (the reference's logits) and
+    keeps each call (method, arguments) with the reference's raw answer, for a `Playback` after it is gone."""
+
+    def __init__(self, reference):
+        self.reference, self.tape = reference, []
+
+    def _keep(self, call, out):
+        if isinstance(out, tuple):
+            self.tape.append((call, tuple(np.array(o, copy=True) for o in out)))
+            return tuple(np.asarray(o, np.float64).astype(np.float32) for o in out)
+        self.tape.append((call, np.array(out, copy=True)))
+        return np.asarray(out, np.float64).astype(np.float32)  # what LockStep._compare hands the decoder
+
+    def prefill(self, prefix):
+        return self._keep(('prefill', (prefix,), {}), self.reference.prefill(prefix))
+
+    def prefill_step(self, prefix, tokens, commit=0, block_size=1, rows=None):
+        kw = dict(commit=commit, block_size=block_size, rows=_copy(rows))
+        return self._keep(('prefill_step', (prefix, tokens.copy()), kw),
+                          self.reference.prefill_step(prefix, tokens, commit=commit, block_size=block_size, rows=rows))
+
+    def step(self, tokens, commit=0, block_size=1, rows=None):
+        kw = dict(commit=commit, block_size=block_size, rows=_copy(rows))
+        return self._keep(('step', (tokens.copy(),), kw),
+                          self.reference.step(tokens, commit=commit, block_size=block_size, rows=rows))
+
+
+class Playback:
+    """A recorded reference: answers each call with the taped logits, after checking it is the taped call."""
+
+    def __init__(self, tape):
+        self.tape, self.pos = tape, 0
+
+    def _next(self, method, args, kw):
+        if self.pos >= len(self.tape):
+            raise ExportParityError(f'parity playback: {method} after the {len(self.tape)} recorded calls')
+        (m, a, k), out = self.tape[self.pos]
+        if m != method or not _same(list(a), list(args)) or k.keys() != kw.keys() or \
+                not all(_same(v, kw[n]) for n, v in k.items()):
+            raise ExportParityError(f'parity playback: call {self.pos} is {method}, not the recorded {m} (or other '
+                                    'arguments): the decode is not deterministic')
+        self.pos += 1
+        return out
+
+    def prefill(self, prefix):
+        return self._next('prefill', [prefix], {})
+
+    def prefill_step(self, prefix, tokens, commit=0, block_size=1, rows=None):
+        return self._next('prefill_step', [prefix, tokens], dict(commit=commit, block_size=block_size, rows=rows))
+
+    def step(self, tokens, commit=0, block_size=1, rows=None):
+        return self._next('step', [tokens], dict(commit=commit, block_size=block_size, rows=rows))
+
+
 def random_observations(config, stats, n: int, seed: int = 0, tokenizer=None) -> list:
     """n (image uint8 [S, S, 3], instruction, state | None); each instruction is used by two observations."""
     rng = np.random.default_rng(seed)
@@ -122,6 +197,27 @@ def compare_engines(config, reference, engine, observations, preprocessor, name:
             if not np.array_equal(a, b):
                 report.mismatches.append((i, dec))
     report.max_abs_diff, report.graph_calls = lock.max_abs_diff, lock.calls
+    return report
+
+
+def record_reference(config, reference, observations, preprocessor, decoders=DECODERS) -> list:
+    """The reference's side of `compare_engines` (same observations, decoders, order) -> its tape (for
+    `compare_recorded`); the reference may be released afterwards."""
+    rec = Recorder(reference)
+    for image, text, state in observations:
+        prefix = preprocessor(image, text, state)
+        for dec in decoders:
+            Decoder(config, dec)(rec, prefix)
+    return rec.tape
+
+
+def compare_recorded(config, tape, engine, observations, preprocessor, name: str, decoders=DECODERS) -> ParityReport:
+    """`compare_engines` against a reference recorded by `record_reference` on the same observations and decoders:
+    the same report as against the live reference."""
+    playback = Playback(tape)
+    report = compare_engines(config, playback, engine, observations, preprocessor, name, decoders)
+    if playback.pos != len(tape):
+        raise ExportParityError(f'parity playback: {len(tape) - playback.pos} recorded calls were not replayed')
     return report
 
 
