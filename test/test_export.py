@@ -304,3 +304,59 @@ def test_a_recorded_reference_gives_the_report_of_the_live_one(exported, reuse):
     assert live.graph_calls == sum(2 if isinstance(answer, tuple) else 1 for _, answer in tape)  # each call taped
     assert 0 < live.max_abs_diff <= 1e-3 and live.tokens > 0
 
+
+@pytest.mark.parametrize('precision', ['fp32', 'int8'])
+def test_the_reference_policy_is_gone_before_the_onnxruntime_session_opens(exported, tmp_path, monkeypatch,
+                                                                           precision):
+    """Peak export RSS (issue 14): the fp32 torch reference and the folder's session, each a full copy of the weights,
+    are never alive together; every policy the export loads is dead when the first session is created."""
+    import gc
+    import weakref
+
+    from blockvla_ros.export import policy_writer
+    from blockvla_ros.runtime import ort_engine
+
+    loaded, alive_at_session = [], []
+
+    def load(path):
+        policy, stats = policy_writer_load(path)
+        loaded.append(weakref.ref(policy))
+        return policy, stats
+
+    class Session(ort_engine.OrtEngine):
+        def __init__(self, *args, **kw):
+            gc.collect()
+            alive_at_session.append(sum(ref() is not None for ref in loaded))
+            super().__init__(*args, **kw)
+
+    policy_writer_load = policy_writer.load_checkpoint
+    monkeypatch.setattr(policy_writer, 'load_checkpoint', load)
+    monkeypatch.setattr(ort_engine, 'OrtEngine', Session)
+    report = export_policy(exported[0], tmp_path / 'out', precision=precision, parity_samples=1, threads=1,
+                           progress=False)
+    assert len(report.parity) == 2 and len(loaded) == (1 if precision == 'fp32' else 2)
+    assert alive_at_session == [0, 0]
+
+
+def test_parity_catches_a_tampered_weight_in_the_exported_graph(exported, tmp_path, monkeypatch):
+    """One backbone weight changed in backbone.onnx after the export (before the manifest, so the folder loads):
+    the recorded reference no longer matches and the export is refused."""
+    from blockvla_ros.export import policy_writer
+
+    real = policy_writer.export_backbone
+
+    def tampered(policy, folder, **kw):
+        graph = real(policy, folder, **kw)
+        path = folder / graph.file
+        model = onnx.load(str(path))
+        weight = next(t for t in model.graph.initializer if len(t.dims) == 2 and min(t.dims) >= 32)  # a Linear's
+        array = onnx.numpy_helper.to_array(weight).copy()
+        array[0] += 1.0  # one row of it
+        weight.CopyFrom(onnx.numpy_helper.from_array(array, weight.name))
+        onnx.save(model, str(path))
+        return graph
+
+    monkeypatch.setattr(policy_writer, 'export_backbone', tampered)
+    with pytest.raises(ExportParityError, match='does not match torch'):
+        export_policy(exported[0], tmp_path / 'out', parity_samples=1, threads=1, progress=False)
+    assert not (tmp_path / 'out').exists()

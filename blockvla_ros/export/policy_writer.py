@@ -228,8 +228,10 @@ def export_policy(checkpoint: str | Path, out: str | Path, *, name: Optional[str
         atomic_write_text(tmp / POLICY_FILE, yaml.safe_dump(doc, sort_keys=False))
         write_manifest(tmp)
         tolerance = default_tolerance(precision, tolerance)
-        reports = _check_parity(policy, tmp, parity_samples, tolerance, min_agreement, threads,
-                                sources[0].parent if sources else None)
+        recorded = _record_parity(policy, tmp, parity_samples, threads, sources[0].parent if sources else None)
+        del policy  # the reference's answers are recorded: not held beside the folder's session (a second copy)
+        gc.collect()
+        reports = _check_parity(recorded, tolerance, min_agreement, threads)
         doc['export']['parity'] = {'tolerance': tolerance, 'min_agreement': min_agreement,
                                    'results': [r.to_dict() for r in reports]}
         cal = None
@@ -311,39 +313,58 @@ def _policy_doc(shapes, config, stats, name, graphs, tokenizer_files, torch_weig
     }
 
 
-def _check_parity(policy, folder: Path, samples: int, tolerance: Optional[float], min_agreement: float,
-                  threads: Optional[int], tokenizer_source: Optional[Path] = None) -> list:
-    """ONNX Runtime vs torch on the folder as a runtime sees it (manifest verified), both prefill paths; the
-    runtime's tokenizer vs training's (tokenizer_source) first."""
+def _record_parity(policy, folder: Path, samples: int, threads: Optional[int],
+                   tokenizer_source: Optional[Path] = None) -> Optional[tuple]:
+    """The runtime's tokenizer vs training's (tokenizer_source), then the torch reference's side of the parity check
+    on the folder as a runtime sees it (manifest verified), both prefill paths: (spec, preprocessor, observations,
+    [(label, decoders, tape)]) for `_check_parity`, or None when parity is not checked (samples == 0). Holds no
+    reference to `policy` afterwards, so the caller can drop it before the ONNX Runtime session opens."""
     import torch
 
-    from ..runtime.ort_engine import OrtEngine
+    from ..model.prefix_layout import layout_for
     from ..runtime.runner import policy_preprocessor
     from ..runtime.torch_engine import TorchEngine
-    from .parity import compare_engines, random_observations, require_parity
+    from .parity import random_observations, record_reference
 
     spec = load_policy_folder(folder)
     pre = policy_preprocessor(spec)
     if tokenizer_source is not None:
         check_tokenizer_parity(pre.text, tokenizer_source, spec.config)
     if samples == 0:
-        return []  # not checked (the folder is still loaded and its tokenizer checked); the CLI says so
+        return None  # not checked (the folder is still loaded and its tokenizer checked); the CLI says so
     observations = random_observations(spec.config, spec.stats, samples, seed=0, tokenizer=pre.text)
-    reports = []
+    split = layout_for(spec.config).instruction_len > 0  # OrtEngine.split: the one-call prefill is a second path
+    runs = []
     torch_threads = torch.get_num_threads()
     try:
         if threads:
             torch.set_num_threads(int(threads))
-        for reuse in (True, False):
-            engine = OrtEngine(spec, threads=threads, reuse_text_kv=reuse)
-            if reuse or engine.split:
-                label = 'onnxruntime' if reuse else 'onnxruntime (one-call prefill)'
-                decoders = ('blockdiff', 'ar', 'fulldiff') if reuse else ('blockdiff',)
-                reference = TorchEngine(policy, reuse_instruction=reuse)
-                reports.append(compare_engines(spec.config, reference, engine, observations, pre, label, decoders))
-            del engine
+        for reuse in (True, False) if split else (True,):
+            label = 'onnxruntime' if reuse else 'onnxruntime (one-call prefill)'
+            decoders = ('blockdiff', 'ar', 'fulldiff') if reuse else ('blockdiff',)
+            reference = TorchEngine(policy, reuse_instruction=reuse)
+            runs.append((label, reuse, decoders, record_reference(spec.config, reference, observations, pre,
+                                                                  decoders)))
+            del reference
     finally:
         torch.set_num_threads(torch_threads)
+    return spec, pre, observations, runs
+
+
+def _check_parity(recorded: Optional[tuple], tolerance: Optional[float], min_agreement: float,
+                  threads: Optional[int]) -> list:
+    """ONNX Runtime on the folder vs the torch reference recorded by `_record_parity`, replayed call by call."""
+    from ..runtime.ort_engine import OrtEngine
+    from .parity import compare_recorded, require_parity
+
+    if recorded is None:
+        return []
+    spec, pre, observations, runs = recorded
+    reports = []
+    for label, reuse, decoders, tape in runs:
+        engine = OrtEngine(spec, threads=threads, reuse_text_kv=reuse)
+        reports.append(compare_recorded(spec.config, tape, engine, observations, pre, label, decoders))
+        del engine
     for r in reports:
         require_parity(r, tolerance, min_agreement)
     return reports
