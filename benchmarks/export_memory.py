@@ -6,10 +6,10 @@
 Runs `export_policy` in this process (no calibration; parity off, like benchmarks/real_size.py, unless
 --parity-samples says otherwise: blockvla-export checks 4 by default, reloading the fp32 reference after an int8 /
 int4 / fp16 export) with its phases wrapped: load_checkpoint, export_vision, export_backbone, _write_tables,
-quantize_weights, _check_parity... For each phase: RSS before, the peak during it and RSS after. The peak is exact,
-not sampled: the kernel's high-water mark (VmHWM) is reset at each phase boundary (writing 5 to /proc/self/clear_refs,
-Linux >= 4.0) and read at the next, so a C call that holds the GIL cannot hide a spike. Time between phases is its own
-row ('(between)').
+quantize_weights, _record_parity (the torch reference's side of the parity check), _check_parity (ONNX Runtime's)...
+For each phase: RSS before, the peak during it and RSS after. The peak is exact, not sampled: the kernel's high-water
+mark (VmHWM) is reset at each phase boundary (writing 5 to /proc/self/clear_refs, Linux >= 4.0) and read at the next,
+so a C call that holds the GIL cannot hide a spike. Time between phases is its own row ('(between)').
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from pathlib import Path
 from proc_status import status_gb  # benchmarks/: the script's own folder is on sys.path
 
 PHASES = ('load_checkpoint', 'export_vision', 'export_backbone', '_write_tables', 'quantize_weights', '_policy_doc',
-          'write_manifest', '_check_parity')
+          'write_manifest', '_record_parity', '_check_parity')
 
 
 def reset_peak() -> None:
