@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     p.add_argument('--precision', default='fp32')
     p.add_argument('--out', type=Path, help='policy folder to write (default: a temporary one, removed)')
     p.add_argument('--inline-limit-mb', type=float, help='default: the exporter\'s (export.onnx_export.INLINE_LIMIT; '
-                   'the README\'s profiles before it became 16 MiB ran at 1024)')
+                   'the profiles in docs/benchmarks/real_size.md before it became 16 MiB ran at 1024)')
     p.add_argument('--quant-accuracy-level', type=int)
     p.add_argument('--parity-samples', type=int, default=0,
                    help='observations of the exporter\'s parity check (default 0: off; blockvla-export\'s default is '

@@ -148,7 +148,7 @@ def make_policy_checkpoint(backbone: Path, out: Path, seed: int = 0, **policy_ov
     The parts the backbone folder does not hold (vision encoder, projector, action head...) are initialized from torch
     seeded with `seed`: the same checkpoint every time, so real_size.py's token agreement on random weights compares
     like with like across runs (unseeded, the SmolLM2-360M int4 agreement moved from 0.944 to 0.062 between two runs of
-    the same code: README)."""
+    the same code: docs/benchmarks/real_size.md)."""
     import torch
 
     from blockvla_ros.model.action_tokenizer import NormStats

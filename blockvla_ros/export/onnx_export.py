@@ -17,7 +17,8 @@ below `INLINE_LIMIT` (16 MiB: the demo's graphs, a real backbone's vision graph)
 inline (one file, written one tensor at a time: export.onnx_inline); above it, the graph keeps its single
 `<file>.data`, which is also what lets a graph pass protobuf's 2 GiB limit, and what ONNX Runtime memory-maps and
 drops once it has folded or pre-packed the weights, where an inline graph's weights are parsed into the heap
-(SmolLM2-360M fp16 on a CPU: runner 1.51 vs 1.63 GB, load peak 1.52 vs 2.08 GB; README). Before that,
+(SmolLM2-360M fp16 on a CPU: runner 1.51 vs 1.63 GB, load peak 1.52 vs 2.08 GB; docs/benchmarks/real_size.md).
+Before that,
 `export.onnx_rewrites` folds each Reciprocal -> Mul into a Div (standard ONNX), so ONNX Runtime fuses every RMSNorm
 into one kernel at session load.
 """

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 PRECISIONS = ('fp32', 'fp16', 'int8', 'int4')
 BITS = {'int8': 8, 'int4': 4}
 # Quantization block along the reduction axis (and the text table's group), chosen on the 0.5B shape
-# (benchmarks/real_size.py --quant-block-sizes 32 64 128; README "Real-size export and runtime"): int4 folder 1.23x /
+# (benchmarks/real_size.py --quant-block-sizes 32 64 128; docs/benchmarks/real_size.md): int4 folder 1.23x /
 # 1.12x / 1.07x the 4-bit weights, runner RSS 1.66x / 1.39x / 1.25x, 1.34 / 1.16 / 0.97 CPU-s per chunk, token
 # agreement with the fp32 torch policy 0.26 / 0.35 / 0.32 over 192 tokens (random weights: differences of this size
 # are noise). 128 is the smallest block that meets both the folder (1.15x) and the runner (1.3x) targets, and
@@ -48,7 +48,7 @@ BITS = {'int8': 8, 'int4': 4}
 # Larger blocks round more coarsely (one 896 x 4864 matmul, Gaussian weights: max error 7e-2 at 32, 1.0e-1 at 128,
 # benchmarks/matmul_nbits.py); --quant-block-size 32 keeps the finest rounding. On the one trained policy tried (the
 # demo, hidden 128: a block of 128 is one scale per row) it costs agreement: int4 0.789 at 32 vs 0.705 at 128, int8
-# 0.958 vs 0.936 (README); so narrower backbones default to smaller blocks (default_block_size).
+# 0.958 vs 0.936 (docs/benchmarks/real_size.md); so narrower backbones default to smaller blocks (default_block_size).
 DEFAULT_BLOCK_SIZE = 128
 # A default block spans at most this share of a row (hidden / 4), and is never below MIN_DEFAULT_BLOCK_SIZE (ONNX
 # Runtime's quantizer tools stop at 16, but below 32 the scales alone add >= 1 / 8 of the 4-bit bytes per block).
@@ -56,7 +56,8 @@ MIN_SCALES_PER_ROW = 4
 MIN_DEFAULT_BLOCK_SIZE = 32
 # MatMulNBits' accuracy_level (export.quantize): 4 = int8 compute. On this x86 CPU (AVX-512 VNNI) a 0.5B block step
 # takes 45 ms at int8 and 35 ms at int4 against 99 ms in fp32, where the unset level (fp32 compute on dequantized
-# weights) takes 980 ms at int8 and 113 ms at int4 (README, benchmarks/session_memory.py and matmul_nbits.py).
+# weights) takes 980 ms at int8 and 113 ms at int4 (docs/benchmarks/real_size.md, benchmarks/session_memory.py and
+# matmul_nbits.py).
 DEFAULT_ACCURACY_LEVEL = 4
 
 
@@ -115,7 +116,7 @@ def quantize_weights(path: Path, precision: str, accuracy_level: int = DEFAULT_A
     """Rewrite graph `path` with weight-only int8/int4 MatMulNBits (ONNX Runtime) in blocks of `block_size`, one
     weight at a time (export.quantize). -> its external-data files: always one, whatever the export's inline limit,
     because ONNX Runtime keeps an inline quantized graph's weights about twice in memory (the parsed file and the
-    pre-packed copy: 1.84x the int4 weights at 0.5B, 1.15x from external data; README)."""
+    pre-packed copy: 1.84x the int4 weights at 0.5B, 1.15x from external data; docs/benchmarks/real_size.md)."""
     from .quantize import quantize_graph
 
     return quantize_graph(path, BITS[precision], block_size, accuracy_level)
