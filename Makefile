@@ -49,7 +49,7 @@ $(SIM_STAMP): $(STAMP) setup.py
 	touch $(SIM_STAMP)
 
 test: setup setup-sim
-	$(PY) -m pytest -q -ra test
+	$(PY) -m pytest -q -ra --durations=20 test
 
 # Skips the slow end-to-end tests (marked `slow`).
 test-fast: setup setup-sim
