@@ -90,6 +90,8 @@ def main(argv=None) -> int:
     for name in PHASES:
         if hasattr(writer, name):
             setattr(writer, name, log.wrap(name, getattr(writer, name)))
+    if not args.out:  # a temporary folder under out/ (the disk the exports go to), made on a fresh checkout too
+        Path('out').mkdir(exist_ok=True)
     tmp = None if args.out else tempfile.TemporaryDirectory(prefix='blockvla_export_memory_', dir='out')
     out = args.out or Path(tmp.name) / 'policy'
     t0 = time.perf_counter()
