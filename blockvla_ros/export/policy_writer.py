@@ -321,7 +321,6 @@ def _record_parity(policy, folder: Path, samples: int, threads: Optional[int],
     reference to `policy` afterwards, so the caller can drop it before the ONNX Runtime session opens."""
     import torch
 
-    from ..model.prefix_layout import layout_for
     from ..runtime.runner import policy_preprocessor
     from ..runtime.torch_engine import TorchEngine
     from .parity import random_observations, record_reference
@@ -333,18 +332,18 @@ def _record_parity(policy, folder: Path, samples: int, threads: Optional[int],
     if samples == 0:
         return None  # not checked (the folder is still loaded and its tokenizer checked); the CLI says so
     observations = random_observations(spec.config, spec.stats, samples, seed=0, tokenizer=pre.text)
-    split = layout_for(spec.config).instruction_len > 0  # OrtEngine.split: the one-call prefill is a second path
     runs = []
     torch_threads = torch.get_num_threads()
     try:
         if threads:
             torch.set_num_threads(int(threads))
-        for reuse in (True, False) if split else (True,):
-            label = 'onnxruntime' if reuse else 'onnxruntime (one-call prefill)'
-            decoders = ('blockdiff', 'ar', 'fulldiff') if reuse else ('blockdiff',)
+        for reuse in (True, False):
             reference = TorchEngine(policy, reuse_instruction=reuse)
-            runs.append((label, reuse, decoders, record_reference(spec.config, reference, observations, pre,
-                                                                  decoders)))
+            if reuse or reference.split:  # with an instruction split the one-call prefill is a second path
+                label = 'onnxruntime' if reuse else 'onnxruntime (one-call prefill)'
+                decoders = ('blockdiff', 'ar', 'fulldiff') if reuse else ('blockdiff',)
+                runs.append((label, reuse, decoders, record_reference(spec.config, reference, observations, pre,
+                                                                      decoders)))
             del reference
     finally:
         torch.set_num_threads(torch_threads)
