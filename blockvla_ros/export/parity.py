@@ -61,6 +61,11 @@ class ParityReport:
                 'mismatches': [list(m) for m in self.mismatches]}
 
 
+def _to_decoder(logits):
+    """The reference's logits as a lock-step decode hands them to the decoder (live in LockStep, taped in Recorder)."""
+    return np.asarray(logits, np.float64).astype(np.float32)
+
+
 class LockStep:
     """An engine that forwards every call to `reference` and `engine` and answers with the reference's logits."""
 
@@ -76,7 +81,7 @@ class LockStep:
         if not np.isfinite(b).all():
             self.max_abs_diff = float('inf')
         self.calls += 1
-        return a.astype(np.float32)
+        return _to_decoder(a)
 
     def prefill(self, prefix):
         return self._compare(self.reference.prefill(prefix), self.engine.prefill(prefix))
@@ -116,9 +121,9 @@ class Recorder:
     def _keep(self, call, out):
         if isinstance(out, tuple):
             self.tape.append((call, tuple(np.array(o, copy=True) for o in out)))
-            return tuple(np.asarray(o, np.float64).astype(np.float32) for o in out)
+            return tuple(_to_decoder(o) for o in out)
         self.tape.append((call, np.array(out, copy=True)))
-        return np.asarray(out, np.float64).astype(np.float32)  # what LockStep._compare hands the decoder
+        return _to_decoder(out)
 
     def prefill(self, prefix):
         return self._keep(('prefill', (prefix,), {}), self.reference.prefill(prefix))
