@@ -138,7 +138,7 @@ class TopicRecorder(Node):
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(prog='bag_recorder', description=__doc__.split('\n\n')[0])
+    p = argparse.ArgumentParser(prog='bag_record', description=__doc__.split('\n\n')[0])
     p.add_argument('topics', nargs='+', help='topics to record (types are discovered from their publishers)')
     p.add_argument('--out', required=True, help='bag directory to create (must not exist)')
     p.add_argument('--storage', choices=STORAGES, default='mcap', help='rosbag2 storage (default mcap)')
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     except (ValueError, FileExistsError) as err:
-        print(f'bag_recorder: error: {err}', file=sys.stderr)
+        print(f'bag_record: error: {err}', file=sys.stderr)
         return 2
     finally:
         if recorder is not None:

@@ -1,4 +1,4 @@
-"""`blockvla-sim-bridge`: Meta-World as a robot on ROS 2, for the real policy node to drive over DDS.
+"""`sim_bridge`: Meta-World as a robot on ROS 2, for the real policy node to drive over DDS.
 
 The bridge owns time: it steps the simulator on the 80 Hz grid and publishes /clock (the policy node runs with
 use_sim_time), paced at ``--real-time-factor`` sim seconds per wall second, so the node's inference latency costs
@@ -203,7 +203,7 @@ def main(argv=None) -> int:
 
     argv = sys.argv[1:] if argv is None else list(argv)
     ros_args = argv[argv.index('--ros-args'):] if '--ros-args' in argv else []
-    p = argparse.ArgumentParser(prog='blockvla-sim-bridge', description=__doc__.split('\n\n')[0])
+    p = argparse.ArgumentParser(prog='sim_bridge', description=__doc__.split('\n\n')[0])
     p.add_argument('--tasks', nargs='+', required=True, help='Meta-World tasks (e.g. push-v3)')
     p.add_argument('--episodes', type=int, default=1, help='episodes per task (layouts 0..N-1)')
     p.add_argument('--seed', type=int, default=1, help='layout seed: MT1(task, seed) (default 1)')
