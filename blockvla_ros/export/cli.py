@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                         'groups, a power of two >= 16 (default: a quarter of the backbone\'s hidden size within '
                         f'{MIN_DEFAULT_BLOCK_SIZE}-{DEFAULT_BLOCK_SIZE}, so {DEFAULT_BLOCK_SIZE} from hidden 512 up; '
                         'larger: a smaller folder, coarser rounding; the demo\'s small backbone (hidden 128) agrees '
-                        'better at 32 than at 128: README; see export.precision)')
+                        'better at 32 than at 128: docs/benchmarks/real_size.md; see export.precision)')
     p.add_argument('--opset', type=int, default=20, help='ONNX opset (18-20; TensorRT 10.0 parses up to 20)')
     p.add_argument('--inline-limit-mb', type=float, default=INLINE_LIMIT / 2**20,
                    help='a graph with more weight bytes keeps them in one <file>.data (default '
