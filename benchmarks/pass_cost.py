@@ -4,8 +4,9 @@
     python benchmarks/pass_cost.py FOLDER_A FOLDER_B [...] --runs 20 --threads 1 [--json OUT]
 
 Measures one runtime change: export the same checkpoint before and after it (or as two graph variants) and pass
-both folders; a change inside the engine: pass one folder twice, once as FOLDER:plain-rotary (the engine opens the
-backbone as exported instead of with its rotary embeddings fused, `OrtEngine(fuse_rotary=False)`). Each folder is
+both folders; a change inside the engine: pass one folder twice, once as FOLDER:VARIANT (`plain-rotary`: the engine
+opens the backbone without its rotary embeddings fused, `OrtEngine(fuse_rotary=False)`; `plain-attention`: without
+its attention fused into GroupQueryAttention, `fuse_attention=False`; `plain`: as exported). Each folder is
 opened with the ONNX Runtime engine (CPU); run i of every (folder, measurement) comes before run i + 1 of any, so
 load changes on a shared machine hit every folder alike. The figure is the median CPU time of the decoding thread
 (`time.thread_time`, steadier than wall time when other jobs share the cores); wall medians are reported beside it.
@@ -41,7 +42,8 @@ from pathlib import Path
 import numpy as np
 
 INSTRUCTION = 'put the red block on the plate'
-PLAIN_ROTARY = 'plain-rotary'
+VARIANTS = {'': {}, 'plain-rotary': dict(fuse_rotary=False), 'plain-attention': dict(fuse_attention=False),
+            'plain': dict(fuse_rotary=False, fuse_attention=False)}  # FOLDER:VARIANT -> OrtEngine options
 
 
 def measurements(engines: dict, config, prefixes: list) -> dict:
@@ -81,7 +83,7 @@ def timed(prepare, i: int) -> tuple:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('folders', nargs='+', help='policy folders of the same policy (e.g. two exports), each as FOLDER or '
-                   'FOLDER:plain-rotary')
+                   'FOLDER:VARIANT (' + ', '.join(v for v in VARIANTS if v) + ')')
     p.add_argument('--runs', type=int, default=20)
     p.add_argument('--warmup', type=int, default=2)
     p.add_argument('--threads', type=int, default=1, help='ONNX Runtime intra-op threads')
@@ -99,9 +101,9 @@ def main(argv=None) -> int:
     for entry in args.folders:
         folder, _, variant = entry.partition(':')
         folder = Path(folder)
-        if variant not in ('', PLAIN_ROTARY):
-            p.error(f'{entry}: the only variant is FOLDER:{PLAIN_ROTARY}')
-        options = dict(threads=args.threads, fuse_rotary=variant != PLAIN_ROTARY)
+        if variant not in VARIANTS:
+            p.error(f'{entry}: the variants are ' + ', '.join(f'FOLDER:{v}' for v in VARIANTS if v))
+        options = dict(threads=args.threads, **VARIANTS[variant])
         spec = load_policy_folder(folder)
         pre = build_preprocessor(spec.config, spec.stats, folder)
         rng = np.random.default_rng(1)

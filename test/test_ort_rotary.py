@@ -106,7 +106,7 @@ def test_without_onnx_or_if_onnxruntime_refuses_the_rewrite_the_graph_runs_as_ex
     _same_passes(engine, reference, spec, folder)
     caplog.clear()
     with monkeypatch.context() as m, caplog.at_level(logging.WARNING):
-        m.setattr(ort_engine, 'fused_backbone', lambda path: (b'not a model', 4))
+        m.setattr(ort_engine, 'fused_backbone', lambda path, rotary, attention_past: (b'not a model', 4, 0))
         engine = OrtEngine(spec, threads=1)
     assert engine.rotary_fused == 0 and 'cannot load the graph with fused rotary embeddings' in caplog.text
     _same_passes(engine, reference, spec, folder)

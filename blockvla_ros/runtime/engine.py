@@ -73,7 +73,7 @@ class Engine(ABC):
         self.layout = layout_for(config)
         layers, kv_heads, head_dim = kv_shape
         self.kv_shape = tuple(kv_shape)
-        self.cache = KVCache(self._alloc((layers, 2, kv_heads, config.max_seq_len, head_dim)), config.max_seq_len)
+        self.cache = self._new_cache((layers, 2, kv_heads, config.max_seq_len, head_dim), config.max_seq_len)
         self.tables = tables
         self.split = self.layout.instruction_len  # prefix slots that depend on the instruction only
         self.reuse_instruction = bool(reuse_instruction) and self.split > 0
@@ -87,6 +87,11 @@ class Engine(ABC):
     @abstractmethod
     def _alloc(self, shape: tuple):
         """A zeroed cache buffer of `shape` in the backend's array type and the graph's float type."""
+
+    def _new_cache(self, shape: tuple, max_len: int) -> KVCache:
+        """The KV cache over a buffer of `shape` [layers, 2, kv_heads, T_max, head_dim] (a backend whose kernels write
+        a pass's K/V in place may give it spare slots after T_max, or keep some layers apart)."""
+        return KVCache(self._alloc(shape), max_len)
 
     @abstractmethod
     def _vision(self, pixels: np.ndarray) -> np.ndarray:

@@ -8,8 +8,13 @@ exported before `logit_rows` existed computes every row; the engine returns the 
 cache inputs have a 'past' dim (`dynamic_past`), a prefix pass reads only the `lo` slots before it: their K/V (the
 instruction's, or one masked slot) are copied into a small buffer of that length, so no query scores the empty rest
 of the cache. On the CPU the backbone's rotary embeddings run as ONNX Runtime's fused RotaryEmbedding op
-(`runtime.ort_rotary`, rewritten in memory when the session is built; the folder keeps the standard graph;
-`fuse_rotary=False` opens it as exported).
+(`runtime.ort_rotary`) and each layer's attention core as one GroupQueryAttention (`runtime.ort_attention`), both
+rewritten in memory when the session is built (the folder keeps the standard graph; `fuse_rotary=False` /
+`fuse_attention=False` open it without them). GroupQueryAttention writes a pass's K/V into the slots after the ones
+it reads, in the buffer it reads: the cache then has `spare_slots` slots after its T_max (never committed to), a
+prefix pass's small copy has room for its n tokens, and each fused layer's present output is bound to its past input.
+The layer left as exported (the last: it scores the logit rows only) reads exactly the slots a pass reads, from a
+copy of its own K/V the cache keeps beside the main buffer (`_SpareSlotsCache`).
 CUDA provider (`device='cuda'`): the cache and `new_kv` live in CUDA memory, bound by pointer; slot writes are
 device-to-device copies (cuda-python); the small inputs and the logits stay on the host. After creating the
 sessions the provider actually in use is logged; with `require_gpu` a fallback to the CPU raises
@@ -25,6 +30,8 @@ import numpy as np
 
 from .engine_factory import GPUUnavailableError
 from .graph_engine import GraphEngine, check_io
+from .kv_cache import KVCache
+from .ort_attention import PRESENT, fused_layers, gqa_supported
 from .ort_rotary import fused_backbone
 from .policy_folder import PolicyFolderError, PolicySpec
 
@@ -43,19 +50,48 @@ def import_onnxruntime():
     return ort
 
 
+class _SpareSlotsCache(KVCache):
+    """The cache of an engine with fused attention: `buffer` [layers, 2, kv_heads, T_max + spare, head_dim] (its
+    fused layers' kernels write a pass's K/V into the slots after the ones they read) and `plain` [len(plain_layers),
+    2, kv_heads, T_max, head_dim], the K/V of the layers left as exported (their inputs are exactly the slots a pass
+    reads), written alike."""
+
+    def __init__(self, buffer, max_len: int, plain_layers: list, plain):
+        super().__init__(buffer, max_len)
+        self.plain_layers, self.plain = list(plain_layers), plain
+
+    def _copy(self, start: int, kv, count: int) -> None:
+        super()._copy(start, kv, count)
+        for j, layer in enumerate(self.plain_layers):
+            self.plain[j, :, :, start:start + count] = kv[layer, :, :, :count]
+
+
 class _Pass:
     """The IO binding of one pass shape: n tokens reading `past` cache slots, logits for m of them (a graph without
     `logit_rows`: all n). Input/output buffers are bound once; the cache is bound by reference (past = T_max), or a
-    small copy of its first `past` slots (`OrtEngine.head`)."""
+    small copy of its first `past` slots (`OrtEngine.head`, refreshed before each run: `copy_head`). With the
+    attention fused, each fused layer's present output is bound to its past input (the kernel writes slots [past,
+    past + n)), and the other layers read the cache's `plain` buffer (or a copy of its first `past` slots)."""
 
     def __init__(self, engine: 'OrtEngine', n: int, past: int, m: int):
         spec = engine.spec.graphs['backbone']
         ort = engine.ort
         self.binding = engine.backbone.io_binding()
         self._keep = []
-        source = engine.cache.buffer if past == engine.cache.max_len else engine.head(past)
+        fused, cache, T = engine.gqa_layers, engine.cache, engine.cache.max_len
+        whole = past == T and (not fused or n <= engine.spare_slots)
+        self.head = None if whole else engine.head(past, n)
+        self.plain_head = engine.head(past, plain=True) if fused and past != T else None
+        source = cache.buffer if whole else self.head
+        plain = {layer: j for j, layer in enumerate(cache.plain_layers)} if fused else {}
         for name, layer, kind in engine.past_views():
-            engine.bind_cache(self.binding, name, layer, kind, self._keep, source)
+            if layer in plain:
+                engine.bind_cache(self.binding, name, plain[layer], kind, self._keep,
+                                  cache.plain if self.plain_head is None else self.plain_head)
+                continue
+            value = engine.bind_cache(self.binding, name, layer, kind, self._keep, source)
+            if layer in fused:
+                self.binding.bind_ortvalue_output(PRESENT + name[len('past_'):], value)
         self.inputs = {t.name: np.zeros(t.concrete(n, past, m), np.dtype(t.dtype)) for t in spec.inputs
                        if t.name in ('embeds', 'positions', 'mask', 'logit_rows')}
         self.logits = np.zeros(spec.tensor('logits').concrete(n, past, m), np.dtype(spec.tensor('logits').dtype))
@@ -72,7 +108,8 @@ class OrtEngine(GraphEngine):
     name = 'onnxruntime'
 
     def __init__(self, spec: PolicySpec, device: str = 'cpu', threads: Optional[int] = None,
-                 require_gpu: bool = False, reuse_text_kv: bool = True, fuse_rotary: bool = True):
+                 require_gpu: bool = False, reuse_text_kv: bool = True, fuse_rotary: bool = True,
+                 fuse_attention: bool = True):
         if device not in ('cpu', 'cuda'):
             raise ValueError(f"OrtEngine device must be 'cpu' or 'cuda', got {device!r}")
         self.ort = import_onnxruntime()
@@ -83,9 +120,13 @@ class OrtEngine(GraphEngine):
         self.device_buffers = False
         self.fuse_rotary = bool(fuse_rotary) and device == 'cpu'  # measured on the CPU provider only
         self.rotary_fused = 0  # rotary groups the backbone session runs fused
+        self.fuse_attention = bool(fuse_attention) and device == 'cpu'
+        self.attention_fused = 0  # layers whose attention the backbone session runs as GroupQueryAttention
+        self.spare_slots = 0  # cache slots after T_max (GroupQueryAttention writes a pass's K/V there)
+        self.gqa_layers = set()
         self.name = 'onnxruntime-cuda' if device == 'cuda' else 'onnxruntime'
         self._passes = {}
-        self._heads = {}  # past -> [layers, 2, kv_heads, past, head_dim] copies of the cache's first slots
+        self._heads = {}  # (slots, plain) -> [layers, 2, kv_heads, slots, head_dim]: copies of the cache's first slots
         super().__init__(spec, reuse_text_kv=reuse_text_kv)
 
     # --- sessions ---------------------------------------------------------------------------------------------
@@ -113,21 +154,41 @@ class OrtEngine(GraphEngine):
         return so
 
     def _open(self, key: str, path):
-        """The session of graph `key`; the backbone with its rotary embeddings fused where that applies (an ONNX
-        Runtime that cannot load the fused graph gets the graph as exported, with a warning)."""
-        fused = None
-        if key == 'backbone' and self.fuse_rotary:
-            fused, self.rotary_fused = fused_backbone(path)
-        if fused is not None:
-            so = self.session_options()  # loaded from bytes: its external data is read from the folder as before
-            so.add_session_config_entry('session.model_external_initializers_file_folder_path', str(path.parent))
-            try:
-                return self.ort.InferenceSession(fused, sess_options=so, providers=self._providers())
-            except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
-                log.warning('%s: ONNX Runtime cannot load the graph with fused rotary embeddings (%s); running it as '
-                            'exported', path, e)
-                self.rotary_fused = 0
+        """The session of graph `key`; the backbone with its rotary embeddings and attention fused where that
+        applies (an ONNX Runtime that cannot load a rewritten graph gets the next simpler one, with a warning)."""
+        if key == 'backbone':
+            for rotary, attention in ((self.fuse_rotary, self._attention_fusable()), (self.fuse_rotary, False)):
+                if not (rotary or attention):
+                    break
+                fused, self.rotary_fused, self.attention_fused = fused_backbone(
+                    path, rotary=rotary, attention_past=self.past_names if attention else None)
+                if fused is None:
+                    if attention:
+                        continue
+                    break
+                so = self.session_options()  # loaded from bytes: its external data is read from the folder as before
+                so.add_session_config_entry('session.model_external_initializers_file_folder_path', str(path.parent))
+                try:
+                    return self.ort.InferenceSession(fused, sess_options=so, providers=self._providers())
+                except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+                    log.warning('%s: ONNX Runtime cannot load the graph with fused %s (%s); trying it without', path,
+                                'attention' if self.attention_fused else 'rotary embeddings', e)
+                    self.rotary_fused = self.attention_fused = 0
         return self.ort.InferenceSession(str(path), sess_options=self.session_options(), providers=self._providers())
+
+    def _attention_fusable(self) -> bool:
+        """GroupQueryAttention needs the cache inputs' length dynamic (it is bound to T_max + spare slots), a float32
+        graph and an ONNX Runtime whose kernel takes causal = 0."""
+        if not self.fuse_attention:
+            return False
+        backbone = self.spec.graphs['backbone']
+        if 'past' not in backbone.tensor(self.past_names[0]).symbols or np.dtype(self.spec.float_dtype) != np.float32:
+            return False
+        if not gqa_supported(self.ort):
+            log.info('this ONNX Runtime (%s) has no GroupQueryAttention with causal = 0; attention runs as exported',
+                     self.ort.__version__)
+            return False
+        return True
 
     def _session(self, key: str):
         path = self.spec.path(key)
@@ -144,8 +205,8 @@ class OrtEngine(GraphEngine):
                 raise GPUUnavailableError(msg + "; use engine 'onnxruntime' for the CPU")
             log.warning(msg)
         gspec = self.spec.graphs[key]
-        for io, tensors, listed in (('input', sess.get_inputs(), gspec.inputs),
-                                    ('output', sess.get_outputs(), gspec.outputs)):
+        outputs = [t for t in sess.get_outputs() if not t.name.startswith(PRESENT)]  # ort_attention's, bound in place
+        for io, tensors, listed in (('input', sess.get_inputs(), gspec.inputs), ('output', outputs, gspec.outputs)):
             if [t.name for t in tensors] != [t.name for t in listed]:
                 raise PolicyFolderError(f'{path}: {io}s {[t.name for t in tensors]} differ from policy.yaml '
                                         f'{[t.name for t in listed]}')
@@ -156,6 +217,7 @@ class OrtEngine(GraphEngine):
     def _start(self):
         self.vision, self.provider = self._session('vision')
         self.backbone, _ = self._session('backbone')
+        self.gqa_layers = set(fused_layers(o.name for o in self.backbone.get_outputs()))
         self.dynamic_past = 'past' in self.spec.graphs['backbone'].tensor(self.past_names[0]).symbols
         self.logit_rows = any(t.name == 'logit_rows' for t in self.spec.graphs['backbone'].inputs)
         if self.provider == 'CUDAExecutionProvider':
@@ -178,21 +240,35 @@ class OrtEngine(GraphEngine):
     def _alloc(self, shape):
         return self.new_buffer(shape, np.dtype(self.spec.float_dtype))
 
-    def head(self, past: int):
-        """The buffer a pass reading only the cache's first `past` slots is bound to (`_backbone` fills it)."""
-        if past not in self._heads:
-            layers, kv_heads, head_dim = self.kv_shape
-            self._heads[past] = self._alloc((layers, 2, kv_heads, past, head_dim))
-        return self._heads[past]
+    def _new_cache(self, shape: tuple, max_len: int):
+        if not self.gqa_layers:
+            return super()._new_cache(shape, max_len)
+        cfg = self.spec.config  # room for the widest pass after T_max: L actions and two blocks (a fused commit)
+        self.spare_slots = cfg.n_action_tokens + 2 * max(cfg.block_sizes)
+        plain_layers = [i for i in range(shape[0]) if i not in self.gqa_layers]
+        return _SpareSlotsCache(self._alloc((*shape[:3], shape[3] + self.spare_slots, *shape[4:])), max_len,
+                                plain_layers, self._alloc((len(plain_layers), *shape[1:])))
 
-    def bind_cache(self, binding, name: str, layer: int, kind: int, keep: list, buf=None) -> None:
+    def head(self, past: int, n: int = 0, plain: bool = False):
+        """The buffer a pass reading only the cache's first `past` slots is bound to (`_backbone` fills it): of every
+        layer, with n more slots for the pass's own K/V when the attention is fused; `plain`: of the cache's plain
+        layers, `past` slots."""
+        slots = past + (n if self.gqa_layers and not plain else 0)
+        if (slots, plain) not in self._heads:
+            layers, kv_heads, head_dim = self.kv_shape
+            count = len(self.cache.plain_layers) if plain else layers
+            self._heads[(slots, plain)] = self._alloc((count, 2, kv_heads, slots, head_dim))
+        return self._heads[(slots, plain)]
+
+    def bind_cache(self, binding, name: str, layer: int, kind: int, keep: list, buf=None):
         """Bind input `name` to the slice [layer, kind] of the cache (or of `buf`): [1, kv_heads, slots, head_dim],
-        no copy."""
+        no copy. -> the OrtValue bound (host buffers; None for device buffers)."""
         buf = self.cache.buffer if buf is None else buf
         if isinstance(buf, np.ndarray):
             value = self.ort.OrtValue.ortvalue_from_numpy(buf[layer, kind][None])
             keep.append(value)
             binding.bind_ortvalue_input(name, value)
+            return value
         else:
             per = buf.nbytes // (buf.shape[0] * buf.shape[1])
             binding.bind_input(name, 'cuda', 0, buf.dtype.type, [1, *buf.shape[2:]],
@@ -218,8 +294,10 @@ class OrtEngine(GraphEngine):
         p = self._passes.get((n, past, m))
         if p is None:
             p = self._passes[(n, past, m)] = _Pass(self, n, past, m)
-        if past != self.cache.max_len:  # a prefix pass reading the first `past` slots: their copy (tens of slots)
-            self.head(past)[:, :, :, 0:past] = self.cache.buffer[:, :, :, 0:past]
+        if p.head is not None:  # a prefix pass reading the first `past` slots: their copy (tens of slots)
+            p.head[:, :, :, 0:past] = self.cache.buffer[:, :, :, 0:past]
+        if p.plain_head is not None:
+            p.plain_head[:, :, :, 0:past] = self.cache.plain[:, :, :, 0:past]
         for name, value in (('embeds', embeds), ('positions', positions), ('mask', mask), ('logit_rows', rows)):
             if name in p.inputs:
                 np.copyto(p.inputs[name], value, casting='same_kind')
@@ -231,4 +309,4 @@ class OrtEngine(GraphEngine):
         return {'engine': self.name, 'provider': self.provider, 'device': 'cuda:0' if self.provider ==
                 'CUDAExecutionProvider' else 'cpu', 'threads': self.threads, 'device_buffers': self.device_buffers,
                 'reuse_text_kv': self.reuse_instruction, 'dynamic_past': self.dynamic_past,
-                'rotary_fused': self.rotary_fused}
+                'rotary_fused': self.rotary_fused, 'attention_fused': self.attention_fused}

@@ -237,24 +237,33 @@ def _live(nodes: list, outputs: set) -> list:
         nodes = kept
 
 
-def fused_backbone(path) -> tuple:
-    """The graph at `path` with its rotary groups fused, serialized, for an ONNX Runtime session whose external
-    data folder is path's (the weights are not read here) -> (model bytes or None when nothing was fused, count).
-    Without the onnx package, or without the pattern, None: the caller opens the graph as exported."""
+def fused_backbone(path, rotary: bool = True, attention_past=None) -> tuple:
+    """The graph at `path` with its rotary groups fused and, given the cache input names `attention_past`, its
+    attention cores (`runtime.ort_attention`), serialized, for an ONNX Runtime session whose external data folder is
+    path's (the weights are not read here) -> (model bytes or None when nothing was fused, rotary groups fused,
+    attention layers fused). Without the onnx package, or without the patterns, None: the caller opens the graph as
+    exported."""
     try:
         import onnx
     except ImportError:
-        log.warning('%s: the onnx package is not installed, so the rotary embeddings run as exported (7 nodes per '
-                    'q / k instead of one RotaryEmbedding): pip install onnx', path)
-        return None, 0
+        log.warning('%s: the onnx package is not installed, so the rotary embeddings and attention run as exported '
+                    '(7 nodes per q / k instead of one RotaryEmbedding): pip install onnx', path)
+        return None, 0, 0
     try:
         model = onnx.load(str(path), load_external_data=False)
-        count = fuse_rotary(model)
+        count = fuse_rotary(model) if rotary else 0
+        layers = 0
+        if attention_past:
+            from .ort_attention import fuse_attention
+
+            layers = fuse_attention(model, list(attention_past))
     except Exception as e:  # noqa: BLE001 - whatever onnx cannot read, ONNX Runtime reports on the plain graph
         log.warning('%s: not rewritten (%s: %s); the graph runs as exported', path, type(e).__name__, e)
-        return None, 0
-    if not count:
-        log.info('%s: no rotary embedding in the pattern of HF apply_rotary_pos_emb; the graph runs as exported', path)
-        return None, 0
-    log.info('%s: %d rotary embeddings run as com.microsoft.RotaryEmbedding', path, count)
-    return model.SerializeToString(), count
+        return None, 0, 0
+    if rotary and not count:
+        log.info('%s: no rotary embedding in the pattern of HF apply_rotary_pos_emb; they run as exported', path)
+    if not count and not layers:
+        return None, 0, 0
+    log.info('%s: %d rotary embeddings run as com.microsoft.RotaryEmbedding, %d attention layers as '
+             'com.microsoft.GroupQueryAttention', path, count, layers)
+    return model.SerializeToString(), count, layers
