@@ -157,7 +157,8 @@ class OrtEngine(GraphEngine):
         """The session of graph `key`; the backbone with its rotary embeddings and attention fused where that
         applies (an ONNX Runtime that cannot load a rewritten graph gets the next simpler one, with a warning)."""
         if key == 'backbone':
-            for rotary, attention in ((self.fuse_rotary, self._attention_fusable()), (self.fuse_rotary, False)):
+            fusable = self._attention_fusable()  # then, if that graph is refused, without the attention fused
+            for rotary, attention in [(self.fuse_rotary, fusable)] + [(self.fuse_rotary, False)] * fusable:
                 if not (rotary or attention):
                     break
                 fused, self.rotary_fused, self.attention_fused = fused_backbone(
