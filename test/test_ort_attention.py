@@ -50,7 +50,22 @@ def test_the_rewrite_replaces_every_layers_attention_by_one_node(folder):
     assert all(a.i == 0 for n in model.graph.node if n.op_type == 'GroupQueryAttention' for a in n.attribute
                if a.name == 'causal')
     onnx.checker.check_model(model)
-    assert fuse_rotary(model) == 2 * layers  # independent of the rotary rewrite (the engine runs both)
+    assert fuse_rotary(model) == 2 * layers  # independent of the rotary rewrite
+
+
+def test_after_the_rotary_rewrite_q_is_rotated_in_the_layout_the_attention_reads(folder):
+    model = onnx.load(str(folder / 'backbone.onnx'))
+    layers = load_policy_folder(folder).kv_shape[0]
+    assert fuse_rotary(model) == 2 * layers  # what the engine does first
+    transposes = [n.op_type for n in model.graph.node].count('Transpose')
+    assert fuse_attention(model, _past_names(model)) == layers - 1
+    rotary = [n for n in model.graph.node if n.op_type == 'RotaryEmbedding']
+    heads = [a.i for n in rotary for a in n.attribute if a.name == 'num_heads']
+    assert len(rotary) == 2 * layers and len(heads) == layers - 1  # the fused layers' q: 3-D, [1, n, heads * d]
+    # per fused layer: q's Transpose before its rotary goes; k gets one (to [1, n, kv_heads * d]), which cancels
+    # the one of its past-score MatMul that went with the old core
+    assert [n.op_type for n in model.graph.node].count('Transpose') <= transposes - (layers - 1)
+    onnx.checker.check_model(model)
 
 
 def _engines(folder, **kw):
