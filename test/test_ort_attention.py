@@ -1,8 +1,8 @@
-"""The ONNX Runtime engine's fused attention (runtime.ort_attention): every layer's attention core but the last becomes one
-GroupQueryAttention on exported backbones, the engine decodes the same tokens with logits within 1e-4 of the graph as
-exported (lock-step, every decoder) and leaves the same cache (the last layer, scoring the logit rows only, stays as
-exported, reading a copy of its K/V); graphs outside the pattern (softcaps, sliding windows)
-and ONNX Runtimes without a bidirectional kernel run without it."""
+"""The ONNX Runtime engine's fused attention (runtime.ort_attention): every layer's attention core but the last
+becomes one GroupQueryAttention on exported backbones, the engine decodes the same tokens with logits within 1e-4 of
+the graph as exported (lock-step, every decoder) and leaves the same cache (the last layer, scoring the logit rows
+only, stays as exported, reading a copy of its K/V); graphs outside the pattern (softcaps, sliding windows) and ONNX
+Runtimes without a bidirectional kernel run without it."""
 import logging
 
 import numpy as np
