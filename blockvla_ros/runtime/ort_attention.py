@@ -22,7 +22,7 @@ output scattered back), stays as it is: GroupQueryAttention would score every qu
 1), and its past inputs keep their own length (the engine binds them to a cache of T_max slots, `OrtEngine`).
 
 Exact up to float rounding (the kernel adds the bias before its softmax; a masked score is fill + s, which
-underflows exp like fill does). All-or-nothing: a graph where any layer is not in this pattern (softcaps, sliding
+underflows exp like fill does). All-or-nothing: a graph where any other layer is not in this pattern (softcaps, sliding
 windows' per-layer masks, a float16 graph, a layer reading another layer's cache) is left as it is, and so is any
 graph when the ONNX Runtime's GroupQueryAttention has no `causal` attribute (older kernels are causal only, which
 would be wrong here, silently). The CPU provider only (measured there; see docs/benchmarks/decode_latency.md).
