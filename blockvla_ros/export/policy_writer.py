@@ -317,7 +317,7 @@ def _record_parity(policy, folder: Path, samples: int, threads: Optional[int],
                    tokenizer_source: Optional[Path] = None) -> Optional[tuple]:
     """The runtime's tokenizer vs training's (tokenizer_source), then the torch reference's side of the parity check
     on the folder as a runtime sees it (manifest verified), both prefill paths: (spec, preprocessor, observations,
-    [(label, decoders, tape)]) for `_check_parity`, or None when parity is not checked (samples == 0). Holds no
+    [(label, reuse, decoders, tape)]) for `_check_parity`, or None when parity is not checked (samples == 0). Holds no
     reference to `policy` afterwards, so the caller can drop it before the ONNX Runtime session opens."""
     import torch
 

@@ -33,7 +33,7 @@ import logging
 
 import numpy as np
 
-from .ort_rotary import DOMAIN, _STD, _Graph, _attr, _reads
+from .ort_rotary import DOMAIN, _STD, _Graph, _attr, _live, _reads
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +237,7 @@ def fuse_attention(model, past_names: list) -> int:
     if ordered is None:
         return 0
     del model.graph.node[:]
-    model.graph.node.extend(_read(ordered, {o.name for o in model.graph.output} | {
+    model.graph.node.extend(_live(ordered, {o.name for o in model.graph.output} | {
         f'{PRESENT}{kind}_{i}' for i in found for kind in ('key', 'value')}))
     for i, m in found.items():
         for kind in ('key', 'value'):
@@ -287,17 +287,6 @@ def _bsh(g: _Graph, model, nodes: list, x: str, out: str, width: int) -> str:
     nodes.append(helper.make_node('Transpose', [x], [f'{out}_t'], perm=[0, 2, 1, 3]))
     nodes.append(helper.make_node('Reshape', [f'{out}_t', f'{out}_shape'], [out]))
     return out
-
-
-def _read(nodes: list, outputs: set) -> list:
-    """nodes without those (of any domain: the old q rotary of a fused layer too) whose outputs nothing reads and
-    that are no graph output, repeatedly."""
-    while True:
-        read = {name for n in nodes for name in _reads(n)} | outputs
-        kept = [n for n in nodes if any(o in read for o in n.output if o)]
-        if len(kept) == len(nodes):
-            return nodes
-        nodes = kept
 
 
 def _topological(nodes: list, available: set):

@@ -69,7 +69,7 @@ class _SpareSlotsCache(KVCache):
 class _Pass:
     """The IO binding of one pass shape: n tokens reading `past` cache slots, logits for m of them (a graph without
     `logit_rows`: all n). Input/output buffers are bound once; the cache is bound by reference (past = T_max), or a
-    small copy of its first `past` slots (`OrtEngine.head`, refreshed before each run: `copy_head`). With the
+    small copy of its first `past` slots (`OrtEngine.head`, refreshed before each run: `self.head`). With the
     attention fused, each fused layer's present output is bound to its past input (the kernel writes slots [past,
     past + n)), and the other layers read the cache's `plain` buffer (or a copy of its first `past` slots)."""
 
@@ -121,9 +121,8 @@ class OrtEngine(GraphEngine):
         self.fuse_rotary = bool(fuse_rotary) and device == 'cpu'  # measured on the CPU provider only
         self.rotary_fused = 0  # rotary groups the backbone session runs fused
         self.fuse_attention = bool(fuse_attention) and device == 'cpu'
-        self.attention_fused = 0  # layers whose attention the backbone session runs as GroupQueryAttention
         self.spare_slots = 0  # cache slots after T_max (GroupQueryAttention writes a pass's K/V there)
-        self.gqa_layers = set()
+        self.gqa_layers = set()  # layers whose attention the backbone session runs as GroupQueryAttention
         self.name = 'onnxruntime-cuda' if device == 'cuda' else 'onnxruntime'
         self._passes = {}
         self._heads = {}  # (slots, plain) -> [layers, 2, kv_heads, slots, head_dim]: copies of the cache's first slots
@@ -161,7 +160,7 @@ class OrtEngine(GraphEngine):
             for rotary, attention in [(self.fuse_rotary, fusable)] + [(self.fuse_rotary, False)] * fusable:
                 if not (rotary or attention):
                     break
-                fused, self.rotary_fused, self.attention_fused = fused_backbone(
+                fused, self.rotary_fused, layers = fused_backbone(
                     path, rotary=rotary, attention_past=self.past_names if attention else None)
                 if fused is None:
                     if attention:
@@ -173,9 +172,14 @@ class OrtEngine(GraphEngine):
                     return self.ort.InferenceSession(fused, sess_options=so, providers=self._providers())
                 except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
                     log.warning('%s: ONNX Runtime cannot load the graph with fused %s (%s); trying it without', path,
-                                'attention' if self.attention_fused else 'rotary embeddings', e)
-                    self.rotary_fused = self.attention_fused = 0
+                                'attention' if layers else 'rotary embeddings', e)
+                    self.rotary_fused = 0
         return self.ort.InferenceSession(str(path), sess_options=self.session_options(), providers=self._providers())
+
+    @property
+    def attention_fused(self) -> int:
+        """How many layers' attention the backbone session runs as GroupQueryAttention (read off its outputs)."""
+        return len(self.gqa_layers)
 
     def _attention_fusable(self) -> bool:
         """GroupQueryAttention needs the cache inputs' length dynamic (it is bound to T_max + spare slots), a float32

@@ -227,11 +227,12 @@ def _fresh_prefix(g: _Graph) -> str:
 
 
 def _live(nodes: list, outputs: set) -> list:
-    """nodes without the ones the rewrite left unread (the per-layer Unsqueeze of cos / sin): default-domain nodes
-    none of whose outputs is read or is a graph output, repeatedly."""
+    """nodes without the ones a rewrite left unread (here the per-layer Unsqueeze of cos / sin; in ort_attention the
+    old attention cores and a fused layer's 4-D q rotary): nodes, of any domain, none of whose outputs is read or is a
+    graph output, repeatedly."""
     while True:
         read = {name for n in nodes for name in _reads(n)} | outputs
-        kept = [n for n in nodes if n.domain not in _STD or any(o in read for o in n.output if o)]
+        kept = [n for n in nodes if any(o in read for o in n.output if o)]
         if len(kept) == len(nodes):
             return nodes
         nodes = kept
