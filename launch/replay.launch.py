@@ -34,6 +34,8 @@ ARGUMENTS = [
     ('image_topic', '/camera/image_raw', 'Bag camera topic the node reads (Image, or CompressedImage when it ends '
      'in /compressed); player:=blockvla waits until the node subscribes to it.'),
     ('instruction_topic', '/instruction', 'Bag instruction topic (std_msgs/String) the node reads.'),
+    ('instruction_qos', 'auto', "The node's instruction_qos: auto (transient_local when the bag's recorded "
+     'publisher offered it, else volatile: bags from other tools often record none), transient_local or volatile.'),
     ('state_topic', '/joint_states', 'Bag proprioception topic (JointState), read by policies with a state.'),
 ]
 
@@ -48,9 +50,14 @@ def _absolute(topic: str, namespace: str) -> str:
 def _setup(context):
     get = {name: LaunchConfiguration(name).perform(context) for name, _, _ in ARGUMENTS}
     dirs = [d for d in get['policy_dirs'].split(',') if d]
+    instruction_qos = get['instruction_qos']
+    if instruction_qos == 'auto':  # a volatile publisher never matches the node's default transient-local one
+        from blockvla_ros.evaluation.live import recorded_instruction_qos
+
+        instruction_qos = recorded_instruction_qos(get['bag'], get['instruction_topic'])
     params = {'policy': get['policy'], 'engine': get['engine'], 'use_sim_time': True, 'autostart': True,
               'camera_topic': get['image_topic'], 'instruction_topic': get['instruction_topic'],
-              'joint_states_topic': get['state_topic']}
+              'joint_states_topic': get['state_topic'], 'instruction_qos': instruction_qos}
     if dirs:  # else the node's default: the package's models/
         params['policy_dirs'] = dirs
     if get['control_rate_hz'].strip():  # else the policy's trained rate
@@ -63,7 +70,8 @@ def _setup(context):
         output='screen')
     if get['player'] == 'blockvla':
         player = Node(package='blockvla_ros', executable='bag_play', name='bag_player', output='screen',
-                      arguments=[get['bag'], '--rate', get['rate'], '--wait-for-subscribers', get['image_topic']])
+                      arguments=[get['bag'], '--rate', get['rate'], '--wait-for-subscribers', get['image_topic'],
+                                 get['instruction_topic']])
     elif get['player'] == 'ros2':
         player = ExecuteProcess(cmd=['ros2', 'bag', 'play', get['bag'], '--clock', '--rate', get['rate'],
                                      '--delay', get['start_delay_s']], output='screen')

@@ -14,8 +14,9 @@ def test_replay_launch_arguments_are_described():
                    if isinstance(node, ast.Assign) and getattr(node.targets[0], 'id', '') == 'ARGUMENTS']
     names = [name for name, _, _ in arguments]
     assert len(names) == len(set(names))
-    assert {'bag', 'policy', 'out', 'rate', 'player', 'record_topics'} <= set(names)
+    assert {'bag', 'policy', 'out', 'rate', 'player', 'record_topics', 'instruction_qos'} <= set(names)
     assert all(isinstance(desc, str) and len(desc) > 15 for _, _, desc in arguments)
     for needle in ("'ros2', 'bag', 'record', '--use-sim-time'", "'ros2', 'bag', 'play'", "'--clock'",
-                   "executable='policy_node'", "executable='bag_play'", "'use_sim_time': True", 'Shutdown('):
+                   "executable='policy_node'", "executable='bag_play'", "'use_sim_time': True", 'Shutdown(',
+                   "'instruction_qos': instruction_qos", 'recorded_instruction_qos('):
         assert needle in source, needle

@@ -325,6 +325,39 @@ def test_live_path_fails_fast_when_the_node_cannot_configure(bags, policy_dir, t
     assert 'configure failed' in str(info.value) and not (tmp_path / 'live').exists()
 
 
+FOREIGN = {'/camera/image_raw/compressed': '/cam_front/color/image_raw/compressed',
+           '/instruction': '/task_description'}
+
+
+def _as_recorded_elsewhere(src, dst):
+    """The bag under other topic names and without recorded QoS, as bags written by other tools come."""
+    typestore = get_typestore(Stores.LATEST)
+    with Reader(src) as reader, Writer(dst, version=9) as writer:
+        conns = {c.id: writer.add_connection(FOREIGN.get(c.topic, c.topic), c.msgtype, typestore=typestore)
+                 for c in reader.connections}
+        for c, t, raw in reader.messages():
+            writer.write(conns[c.id], t, raw)
+
+
+@pytest.mark.ros
+def test_live_replay_cli_plays_a_bag_recorded_elsewhere(bags, policy_dir, tmp_path, capsys):
+    """blockvla-live-replay takes the bag's topic names, and its node matches the bag's volatile instruction
+    publisher: with the node's default transient-local subscription the instruction never arrived and the node held
+    for the whole bag (0 actions)."""
+    from blockvla_ros.evaluation import live
+
+    bag = tmp_path / 'elsewhere'
+    _as_recorded_elsewhere(bags[('sqlite3', 'jpeg', 'JointState')], bag)
+    assert live.recorded_instruction_qos(bag, '/task_description') == 'volatile'
+    assert live.recorded_instruction_qos(bags[('sqlite3', 'jpeg', 'JointState')], '/instruction') == 'transient_local'
+    code = live.main(['--bag', str(bag), '--policy', 'tiny', '--policy-dir', str(policy_dir), '--out',
+                      str(tmp_path / 'live'), '--control-rate-hz', '10', '--settle-s', '1',
+                      '--image-topic', '/cam_front/color/image_raw', '--instruction-topic', '/task_description'])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert ' /action ' in out.out and ' /action 0,' not in out.out and '/action_chunk 0' not in out.out, out.out
+
+
 def test_real_time_chunking_feeds_the_previous_plan(bags, policy_dir):
     """--known-steps K: each new chunk starts with the K actions the previous chunk planned for its ticks."""
     from blockvla_ros.evaluation.replay import ReplaySettings, load_bags, replay_variant

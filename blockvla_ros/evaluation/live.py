@@ -2,9 +2,10 @@
 
 What launch/replay.launch.py does on a ROS 2 install, for machines with only the pip ROS wheels:
 1. the recorder (blockvla_ros.ros.bag_recorder_node) subscribes to the node's outputs on sim time;
-2. the policy node starts with use_sim_time and autostart (configure + activate);
+2. the policy node starts with use_sim_time and autostart (configure + activate), its instruction QoS
+   matching the bag's recorded publisher (recorded_instruction_qos);
 3. once the recorder sees the node's publishers, the player (blockvla_ros.ros.bag_player_node)
-   waits for the node's camera subscription and plays the bag with /clock;
+   waits for the node's camera and instruction subscriptions and plays the bag with /clock;
 4. after the player ends and ``settle_s`` passed, node and recorder get SIGINT; the recorder
    closes the output bag.
 All processes run on this machine, so DDS discovery stays on localhost. This module starts
@@ -119,6 +120,28 @@ def _publishes_chunks(policy: str, policy_dirs: list[str], extra_params: dict | 
         return True
 
 
+def recorded_instruction_qos(bag: str | Path, topic: str) -> str:
+    """The node's `instruction_qos` that matches how the bag's player will offer `topic`: 'transient_local' when the
+    recorded publisher offered it, else 'volatile'. The player offers the recorded QoS (reliable / volatile when the
+    bag has none, as bags written by other tools often do), and a volatile publisher never matches the node's default
+    transient-local subscription: the node would hold for the whole bag ('no instruction'). A directory of bags:
+    'transient_local' only when every bag's publisher offered it."""
+    from rosbags.interfaces import QosDurability
+
+    from blockvla_ros.io.bag_reader import iter_bag_paths, open_bag
+
+    profiles = []
+    for path in iter_bag_paths(bag):  # a bag, or each bag of a directory of bags
+        reader = open_bag(path)
+        try:
+            profiles += [p for c in reader.connections if c.topic == topic
+                         for p in (getattr(getattr(c, 'ext', None), 'offered_qos_profiles', None) or [])[:1]]
+        finally:
+            reader.close()
+    durable = profiles and all(p.durability == QosDurability.TRANSIENT_LOCAL for p in profiles)
+    return 'transient_local' if durable else 'volatile'
+
+
 def run_live(bag: str | Path, policy: str, out: str | Path, *, policy_dirs: list[str] | None = None,
              engine: str = 'onnxruntime', control_rate_hz: float | None = None, rate: float = 1.0, namespace: str = '',
              decoder: str | None = None, record_topics: tuple[str, ...] = DEFAULT_RECORD_TOPICS,
@@ -139,7 +162,11 @@ def run_live(bag: str | Path, policy: str, out: str | Path, *, policy_dirs: list
     if image_topic not in topics_in_bag and f'{image_topic}/compressed' in topics_in_bag:
         image_topic = f'{image_topic}/compressed'
     if image_topic not in topics_in_bag:
-        raise ValueError(f'{bag}: no image topic {image_topic!r}; the bag has {sorted(topics_in_bag)}')
+        raise ValueError(f'{bag}: no image topic {image_topic!r} (--image-topic); the bag has '
+                         f'{sorted(topics_in_bag)}')
+    if instruction_topic not in topics_in_bag:
+        raise ValueError(f'{bag}: no instruction topic {instruction_topic!r} (--instruction-topic); the bag has '
+                         f'{sorted(topics_in_bag)}')
     env = dict(os.environ, ROS_AUTOMATIC_DISCOVERY_RANGE='LOCALHOST', PYTHONUNBUFFERED='1')
     if domain_id is not None:
         env['ROS_DOMAIN_ID'] = str(domain_id)
@@ -155,7 +182,8 @@ def run_live(bag: str | Path, policy: str, out: str | Path, *, policy_dirs: list
                                          '--ros-args', '-p', 'use_sim_time:=true'], env, log_dir)
         procs.append(recorder)
         inputs = {'camera_topic': image_topic, 'instruction_topic': instruction_topic,
-                  'joint_states_topic': state_topic}
+                  'joint_states_topic': state_topic,
+                  'instruction_qos': recorded_instruction_qos(bag, instruction_topic)}
         node = _Process('policy_node', _node_cmd(policy, list(policy_dirs or []), engine, control_rate_hz, namespace,
                                                  decoder, inputs, extra_params), env, log_dir)
         procs.append(node)
@@ -169,7 +197,7 @@ def run_live(bag: str | Path, policy: str, out: str | Path, *, policy_dirs: list
                 raise node.fail(f'its publishers {record} did not appear within {startup_timeout_s:g} s')
             time.sleep(0.1)
         player = _Process('player', [sys.executable, '-m', 'blockvla_ros.ros.bag_player_node', str(bag),
-                                     '--rate', str(rate), '--wait-for-subscribers', image_topic,
+                                     '--rate', str(rate), '--wait-for-subscribers', image_topic, instruction_topic,
                                      '--wait-timeout', str(startup_timeout_s)], env, log_dir)
         procs.append(player)
         while player.proc.poll() is None:
@@ -219,12 +247,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--namespace', default='', help='namespace of the policy node')
     p.add_argument('--storage', choices=('mcap', 'sqlite3'), default='mcap', help='output bag storage')
     p.add_argument('--settle-s', type=float, default=2.0, help='seconds to run on after playback ends')
+    p.add_argument('--image-topic', default='/camera/image_raw',
+                   help="the bag's camera topic (Image, or CompressedImage when it ends in /compressed; "
+                        "'<topic>/compressed' is used when only that is recorded)")
+    p.add_argument('--instruction-topic', default='/instruction', help="the bag's std_msgs/String instruction topic")
+    p.add_argument('--state-topic', default='/joint_states',
+                   help="the bag's JointState topic (read by policies with a state)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(message)s')
     try:
         result = run_live(args.bag, args.policy, args.out, policy_dirs=args.policy_dir, engine=args.engine,
                           control_rate_hz=args.control_rate_hz, rate=args.rate, namespace=args.namespace,
-                          decoder=args.decoder, storage=args.storage, settle_s=args.settle_s)
+                          decoder=args.decoder, storage=args.storage, settle_s=args.settle_s,
+                          image_topic=args.image_topic, instruction_topic=args.instruction_topic,
+                          state_topic=args.state_topic)
     except (LiveReplayError, ValueError, FileExistsError) as err:
         print(f'blockvla-live-replay: error: {err}', file=sys.stderr)
         return 2
