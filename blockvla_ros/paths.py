@@ -45,3 +45,20 @@ def package_data_dir(name: str) -> Optional[Path]:
 def searched(name: str) -> list:
     """Every place ``package_data_dir`` looks (for error messages)."""
     return [str(p) for p in _candidates(name)]
+
+
+def pretrained_folder(path, key: str) -> Path:
+    """`path` checked as a local HF model folder in the save_pretrained layout (config.json beside the weights);
+    errors name `key` (the config key) and, for the hub cache's repo folder (models--org--name, with snapshots/),
+    the snapshot folder to give instead."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f'{key} is not a folder: {path}')
+    if (path / 'config.json').is_file():
+        return path
+    snapshots = sorted(str(p) for p in (path / 'snapshots').glob('*') if p.is_dir())
+    if snapshots:
+        raise FileNotFoundError(f'{key} {path} is a Hugging Face hub cache folder, not a model folder: give one of '
+                                f'its snapshots ({", ".join(snapshots)})')
+    raise FileNotFoundError(f'{key} {path} has no config.json: it must be a local model folder in the save_pretrained '
+                            'layout (config.json, weights, tokenizer files), e.g. a hub download\'s snapshot folder')

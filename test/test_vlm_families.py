@@ -190,6 +190,29 @@ def test_unsupported_model_type_is_named(tmp_path):
         load_vlm(tmp_path / 'missing', slot_len=4, state=False)
 
 
+def test_a_hub_cache_folder_or_a_folder_without_config_json_is_named(tmp_path):
+    """The hub cache's repo folder (models--org--name, what ~/.cache/huggingface/hub holds) is the folder users
+    point at; transformers answered 'Unrecognized model ... Should have a `model_type` key in its config.json'
+    about a config.json that is not there. Both model paths say what is missing and where the snapshot is."""
+    from blockvla_ros.model.policy import build_backbone
+
+    from tiny import tiny_config
+
+    repo = tmp_path / 'models--HuggingFaceTB--SmolVLM2-256M-Video-Instruct'
+    (repo / 'snapshots' / ('0' * 40)).mkdir(parents=True)
+    (repo / 'blobs').mkdir()
+    snapshot = str(repo / 'snapshots' / ('0' * 40))
+    with pytest.raises(FileNotFoundError, match='hub cache') as info:
+        load_vlm(repo, slot_len=4, state=False)
+    assert 'model.vlm_path' in str(info.value) and snapshot in str(info.value)
+    with pytest.raises(FileNotFoundError, match='hub cache') as info:
+        build_backbone(tiny_config(backbone_path=str(repo)))
+    assert 'model.backbone_path' in str(info.value) and snapshot in str(info.value)
+    with pytest.raises(FileNotFoundError, match='no config.json') as info:
+        load_vlm(tmp_path, slot_len=4, state=False)
+    assert 'save_pretrained' in str(info.value)
+
+
 @pytest.mark.parametrize('shape', ['paligemma-tiny', 'smolvlm-tiny', 'qwen2_vl-tiny'])
 def test_slot_tokenizer_is_the_hf_tokenizer_without_transformers(folders, shape):
     from transformers import AutoTokenizer

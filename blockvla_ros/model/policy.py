@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..paths import pretrained_folder
 from .attention_windows import for_layers, mask_windows
 from .config import ATTN_IMPLEMENTATIONS, BlockVLAConfig
 from .masks import windowed
@@ -35,9 +36,7 @@ def build_backbone(config: BlockVLAConfig):
     attn = config.attn_implementation
     try:
         if config.backbone_path:
-            path = Path(config.backbone_path)
-            if not path.is_dir():
-                raise FileNotFoundError(f'backbone_path is not a folder: {path}')
+            path = pretrained_folder(config.backbone_path, 'model.backbone_path')
             lm = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, attn_implementation=attn,
                                                       dtype=torch.float32)
         else:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from ...paths import pretrained_folder
 from .families import Family, _size_list, family_of
 from .layout import PromptLayout, Segment
 
@@ -58,8 +59,7 @@ def _hf_model(path: Optional[Path], spec: Optional[dict], attn_implementation: s
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     if path is not None:
-        if not path.is_dir():
-            raise FileNotFoundError(f'model.vlm_path is not a folder: {path}')
+        path = pretrained_folder(path, 'model.vlm_path')
         config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
         family = family_of(config.model_type)
         model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True, trust_remote_code=False,
