@@ -5,7 +5,11 @@ and ``beta`` (test_ros_policy_node's tiny policy and its shifted copy) and folde
 hold wrong types (their manifests rebuilt, so only the content is wrong).
 """
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -21,7 +25,8 @@ from rclpy.parameter import Parameter  # noqa: E402
 from blockvla_ros.ros.policy_node import PolicyNode  # noqa: E402
 from blockvla_ros.runtime.policy_folder import write_manifest  # noqa: E402
 from ros_spin import Spinner  # noqa: E402
-from test_ros_policy_node import GOOD, RATE, Peer, _export_alpha, _shifted_copy, policy_action, stamp  # noqa: E402
+from test_ros_policy_node import (GOOD, RATE, Peer, _export_alpha, _shifted_copy, acting,  # noqa: E402
+                                  hold_ends_the_streams, policy_action, stamp)
 
 pytestmark = [pytest.mark.ros, pytest.mark.slow]
 
@@ -222,3 +227,66 @@ def test_unconfigured_node_with_missing_policy_answers_and_recovers(running):
     assert peer.set_param('policy', 'alpha').successful
     assert peer.transition(Transition.TRANSITION_CONFIGURE) and peer.transition(Transition.TRANSITION_ACTIVATE)
     alive_at_rate(node, peer)
+
+
+def test_shutdown_transition_while_active_ends_with_a_hold(models):
+    """The lifecycle shutdown transition straight from active (no deactivate first) stops the node as deactivate
+    does: a final hold on action and action_chunk."""
+    domain = 100 + (os.getpid() + 61) % 100  # its own domain: the module's running node is on the default one
+    context = rclpy.Context()
+    rclpy.init(context=context, domain_id=domain)
+    node = PolicyNode(context=context, parameter_overrides=[
+        Parameter('policy', value='alpha'), Parameter('policy_dirs', value=[str(models)]),
+        Parameter('diagnostics_period_s', value=0.2), Parameter('warmup_runs', value=1),
+        Parameter('threads', value=1)])
+    executor = SingleThreadedExecutor(context=context)
+    executor.add_node(node)
+    spinner = Spinner(executor)
+    peer = Peer(context)
+    try:
+        assert peer.transition(Transition.TRANSITION_CONFIGURE) and peer.transition(Transition.TRANSITION_ACTIVATE)
+        peer.make_frame = peer.good_raw
+        peer.say(GOOD)
+        peer.wait_actions(policy_action(-1, 1), timeout=30)
+        mark = acting(peer)
+        stopped = time.time()
+        assert peer.transition(Transition.TRANSITION_ACTIVE_SHUTDOWN)
+        assert node.lifecycle_state == 'finalized'
+        hold_ends_the_streams(peer, mark, stopped)
+    finally:
+        peer.close()
+        spinner.stop()
+        node.shutdown()
+        node.destroy_node()
+        rclpy.shutdown(context=context)
+
+
+def test_sigterm_while_acting_ends_with_a_hold_and_a_clean_exit(models):
+    """systemd, docker stop and ros2 launch's escalation send SIGTERM: the node publishes its final hold before the
+    context goes, and exits 0 without a traceback (Ctrl-C: test_ros_policy_node's process test)."""
+    domain = 100 + (os.getpid() + 67) % 100
+    env = dict(os.environ, ROS_DOMAIN_ID=str(domain), ROS_AUTOMATIC_DISCOVERY_RANGE='LOCALHOST')
+    proc = subprocess.Popen(
+        [sys.executable, '-m', 'blockvla_ros.ros.policy_node', '--ros-args', '-p', 'autostart:=true',
+         '-p', 'policy:=alpha', '-p', f'policy_dirs:=["{models}"]', '-p', 'warmup_runs:=1', '-p', 'threads:=1'],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    context = rclpy.Context()
+    rclpy.init(context=context, domain_id=domain)
+    peer = Peer(context)
+    try:
+        peer.make_frame = peer.good_raw
+        peer.say(GOOD)
+        peer.wait_actions(policy_action(-1, 1), timeout=60)
+        mark = acting(peer)
+        stopped = time.time()
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        hold_ends_the_streams(peer, mark, stopped)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            out, _ = proc.communicate()
+        peer.close()
+        rclpy.shutdown(context=context)
+    assert proc.returncode == 0, out
+    assert 'Traceback' not in out, out

@@ -240,6 +240,33 @@ def policy_action(low, high):
     return lambda m: not is_hold(m) and all(low <= v <= high for v in m.position)
 
 
+def acting(peer, ticks=10):
+    """Wait until the last ``ticks`` actions were all the policy's (steady acting, no hold); where they start."""
+    end = time.monotonic() + 15
+    while time.monotonic() < end:
+        mark = peer.mark() - ticks
+        if mark >= 0 and all(not is_hold(m) for m in peer.since(mark)):
+            return mark
+        time.sleep(0.02)
+    raise AssertionError(f'the node did not act for {ticks} ticks in a row')
+
+
+def hold_ends_the_streams(peer, mark, stopped):
+    """After the node was stopped at wall time ``stopped`` (its clock): its last action is a hold (velocity zeros)
+    published by the stop itself, and its last action_chunk a one-point hold trajectory, so a
+    joint_trajectory_controller stops instead of running out the rest of the last plan."""
+    time.sleep(0.5)  # the final messages in flight
+    after = peer.since(mark)
+    assert after and not is_hold(after[0]), 'the node was not acting when it was stopped'
+    assert is_hold(after[-1]) and stamp(after[-1]) >= stopped, \
+        f'no hold after the stop at {stopped:.3f}; the last action: {after[-1]}'
+    with peer.lock:
+        last_chunk = peer.chunks[-1][1]
+    assert len(last_chunk.points) == 1 and list(last_chunk.points[0].velocities) == [0.0] * 3, last_chunk
+    assert stamp(last_chunk) == stamp(after[-1])
+    assert list(last_chunk.points[0].positions) == pytest.approx(list(after[-1].position))
+
+
 @pytest.fixture(scope='module')
 def running(models):
     """The node (configured + activated through the lifecycle service) and the peer, with good inputs."""
@@ -525,10 +552,16 @@ def test_node_process_compressed_images_and_ctrl_c(models):
         assert peak_mb < 1500, f'peak RSS {peak_mb:.0f} MB: a bomb was decoded'
         peer.make_frame = lambda s: compressed_msg(rgb, s, 'jpeg')
         peer.wait_actions(policy_action(-1, 1), mark=peer.mark())
+        mark = acting(peer)
+        stopped = time.time()
+        proc.send_signal(signal.SIGINT)  # Ctrl-C while acting: a final hold, then a clean exit
+        out, _ = proc.communicate(timeout=30)
+        hold_ends_the_streams(peer, mark, stopped)
     finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            out, _ = proc.communicate(timeout=30)
         peer.close()
         rclpy.shutdown(context=context)
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
     assert 'Traceback' not in out, out

@@ -9,7 +9,8 @@
     inference worker thread: request_chunk (PolicyRunner.predict; with real_time_chunking, off by default, the old
         plan's actions for the ticks up to the chunk's arrival as known actions) -> postprocess_chunk (the robot's
         action limits) -> ActionQueue.push_chunk
-configure = load + verify + warm up; activate = start the control thread; deactivate = stop and publish a hold.
+configure = load + verify + warm up; activate = start the control thread; deactivate = stop and publish a hold (so
+do shutdown, Ctrl-C and SIGTERM while active).
 The control rate defaults to the policy's trained rate. Stale camera, no instruction, no joint state or no plan ->
 hold and say why in /diagnostics. Setting ``policy`` validates in the set-callback and swaps in the background
 between chunks; every other parameter except the live knobs is read-only after start-up.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 import sys
 import time
 from typing import Optional
@@ -25,9 +27,11 @@ from typing import Optional
 import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
+from rclpy.duration import Duration
 from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from rclpy.signals import SignalHandlerOptions
 from sensor_msgs.msg import CompressedImage, Image, JointState
 from std_msgs.msg import String
 from trajectory_msgs.msg import JointTrajectory
@@ -225,15 +229,28 @@ class PolicyNode(PolicyParameters, LifecycleNode):
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
         try:
-            if self._loop is not None:
-                self._loop.stop()
-                self._loop = None
-            self.queue.clear()
-            self._publish_hold(self.get_clock().now().nanoseconds, 'deactivated')
+            self._stop_ticking('deactivated')
         except Exception as e:
             self._fail('deactivate', e)
         self.status.set(lifecycle_state='inactive')
         return super().on_deactivate(state)
+
+    def _stop_ticking(self, reason: str, wait_s: float = 0.0) -> None:
+        """Stop the control thread; if it was running, drop the plan and publish a final hold (on action and
+        action_chunk: a trajectory controller stops instead of running out the last plan). ``wait_s``: how long to
+        wait for reliable subscribers to acknowledge it (when the node goes away right after)."""
+        loop, self._loop = self._loop, None
+        if loop is None:
+            return
+        loop.stop()
+        if self.queue is not None:
+            self.queue.clear()
+        if not self.context.ok():
+            return
+        self._publish_hold(self.get_clock().now().nanoseconds, reason)
+        for pub in (self._action_pub, self._chunk_pub):
+            if pub is not None and wait_s > 0:
+                pub.wait_for_all_acked(Duration(seconds=wait_s))
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._teardown()
@@ -251,9 +268,10 @@ class PolicyNode(PolicyParameters, LifecycleNode):
     def _teardown(self) -> None:
         """Stop threads and drop everything configure created (safe to call twice, never raises)."""
         try:
-            if self._loop is not None:
-                self._loop.stop()
-                self._loop = None
+            self._stop_ticking('shutting down', wait_s=0.5)  # shutdown or Ctrl-C straight from active
+        except Exception as e:
+            self._fail('final hold', e)
+        try:
             if self._worker is not None:
                 self._worker.stop(timeout=10.0)
                 self._worker = None
@@ -491,9 +509,19 @@ class _RosLogHandler(logging.Handler):
             self._logger.info(text)
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def main(args=None) -> None:
-    """``ros2 run blockvla_ros policy_node [--ros-args ...]``; Ctrl-C shuts down cleanly."""
-    rclpy.init(args=args)
+    """``ros2 run blockvla_ros policy_node [--ros-args ...]``; Ctrl-C and SIGTERM shut down cleanly, ending with a
+    hold when the node was acting."""
+    # rclpy's own SIGINT/SIGTERM handlers shut the context down inside the handler, before the node could publish
+    # its final hold (the last action_chunk would run out on the robot): here both signals only interrupt the spin,
+    # and the context goes after the node's shutdown.
+    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _interrupt)
     try:
         node = PolicyNode()
     except Exception as e:  # e.g. a parameter given with the wrong type on the command line
@@ -514,7 +542,8 @@ def main(args=None) -> None:
     try:
         if node.get_parameter('autostart').value and node.trigger_configure() == SUCCESS:
             node.trigger_activate()
-        executor.spin()
+        while rclpy.ok():
+            executor.spin_once(timeout_sec=0.1)  # returns to Python often enough for a signal to interrupt it
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
