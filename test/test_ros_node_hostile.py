@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -19,6 +20,7 @@ import yaml
 rclpy = pytest.importorskip('rclpy')
 from lifecycle_msgs.msg import Transition  # noqa: E402
 from rclpy.executors import SingleThreadedExecutor  # noqa: E402
+from rclpy.lifecycle import TransitionCallbackReturn  # noqa: E402
 from rcl_interfaces.srv import SetParameters  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 
@@ -290,3 +292,33 @@ def test_sigterm_while_acting_ends_with_a_hold_and_a_clean_exit(models):
         rclpy.shutdown(context=context)
     assert proc.returncode == 0, out
     assert 'Traceback' not in out, out
+
+
+def control_threads():
+    return [t for t in threading.enumerate() if t.name == 'blockvla-control' and t.is_alive()]
+
+
+def test_a_control_period_of_millennia_keeps_the_control_thread_alive_and_stoppable(models):
+    """control_rate_hz 1e-12 (a careless parameter, or what a policy.yaml's config.control_rate_hz may carry): one
+    period outlasts what time.sleep takes. The control thread waits on (it once died of OverflowError at activate,
+    leaving an 'active' node that never ticked) and deactivate still stops it at once."""
+    domain = 100 + (os.getpid() + 71) % 100
+    context = rclpy.Context()
+    rclpy.init(context=context, domain_id=domain)
+    node = PolicyNode(context=context, parameter_overrides=[
+        Parameter('policy', value='alpha'), Parameter('policy_dirs', value=[str(models)]),
+        Parameter('control_rate_hz', value=1e-12), Parameter('warmup_runs', value=0), Parameter('threads', value=1)])
+    try:
+        assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS, node.status.get('last_error')
+        before = set(control_threads())
+        assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS, node.status.get('last_error')
+        time.sleep(0.3)
+        ours = set(control_threads()) - before
+        assert len(ours) == 1, 'the control thread died'
+        assert node.status.get('last_error') == ''
+        assert node.trigger_deactivate() == TransitionCallbackReturn.SUCCESS
+        assert not ours.pop().is_alive(), 'deactivate did not end the control thread'
+    finally:
+        node.shutdown()
+        node.destroy_node()
+        rclpy.shutdown(context=context)

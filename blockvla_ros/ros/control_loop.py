@@ -15,6 +15,8 @@ import time
 from typing import Callable
 
 log = logging.getLogger(__name__)
+MAX_SLEEP_S = 0.1  # longest single sleep: a long period (1e-12 Hz passes every range) neither overflows time.sleep
+#                   nor keeps stop() from ending the thread within it
 
 
 class ControlLoop:
@@ -66,8 +68,8 @@ class ControlLoop:
                 return False
             if self._clock.ros_time_is_active:  # sim time runs at any speed: poll it
                 time.sleep(min(0.001, (target_ns - now) * 1e-9))
-            else:  # system time: sleep the rest in one go (precise to ~0.1 ms on Linux)
-                time.sleep((target_ns - now) * 1e-9)
+            else:  # system time: sleep the rest in one go (precise to ~0.1 ms on Linux), up to MAX_SLEEP_S
+                time.sleep(min(MAX_SLEEP_S, (target_ns - now) * 1e-9))
         return False
 
     def _set_priority(self) -> None:
