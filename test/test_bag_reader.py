@@ -355,8 +355,9 @@ def test_mapped_topic_problems(tmp_path):
     missing = r"state topic '/joint_states' is not in the bag.*/instruction \[std_msgs/msg/String\]"
     with pytest.raises(BagError, match=missing):
         read_episodes(bag, STATE_MAP)
-    with pytest.raises(BagError, match=r"image topic '/cam' is not in the bag"):
+    with pytest.raises(BagError, match=r"image topic '/cam' is not in the bag") as info:
         read_episodes(bag, TopicMap(image='/cam'))
+    assert 'data.topics.image' in str(info.value) and '--image-topic' in str(info.value)  # where to map it
     with pytest.raises(BagError, match=r"action topic '/instruction' has type std_msgs/msg/String"):
         read_episodes(bag, TopicMap(action='/instruction'))
     with pytest.raises(BagError, match=f"{bag}: action topic '/joint_command' has width 3, expected 7"):

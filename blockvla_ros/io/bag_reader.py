@@ -201,8 +201,8 @@ def _resolve_topics(path: Path, topics: dict[str, str], counts: dict[str, int], 
                     require_actions: bool) -> dict[str, str]:
     """{role: topic} for the roles present in this bag, after checking names and types."""
     def missing(role: str, topic: str) -> BagError:
-        return BagError(f'{path}: mapped {role} topic {topic!r} is not in the bag; '
-                        f'the bag has: {_describe(topics)}')
+        return BagError(f'{path}: mapped {role} topic {topic!r} is not in the bag (map it with data.topics.{role} '
+                        f'in training, --{role}-topic in blockvla-replay); the bag has: {_describe(topics)}')
 
     roles: dict[str, str] = {}
     image = topic_map.image
