@@ -251,7 +251,7 @@ def test_bag_without_actions_still_predicts_and_says_why(bags, policy_dir, tmp_p
     assert 'error_vs_horizon.png' not in report['plots']
 
 
-def test_bad_input_gives_a_clear_error(bags, policy_dir, tmp_path, capsys):
+def test_bad_input_gives_a_clear_error(bags, policy_dir, tmp_path, capsys, monkeypatch):
     bag = bags[('mcap', 'raw', 'JointTrajectory')]
     base = ['--policy', 'tiny', '--policy-dir', policy_dir, '--out', tmp_path / 'out', '--warmup', 0]
     code, _, err = _run(capsys, '--bag', bag, '--image-topic', '/front_camera', *base)
@@ -268,6 +268,12 @@ def test_bad_input_gives_a_clear_error(bags, policy_dir, tmp_path, capsys):
     assert code == 2 and 'missing' in err and 'does not exist' in err
     code, _, err = _run(capsys, '--bag', bag, '--policy', 'nope', '--policy-dir', policy_dir, '--out', tmp_path / 'o')
     assert code == 2 and "'nope' not found" in err
+    export_here = tmp_path / 'cwd' / 'models' / 'mine'  # blockvla-export --out models/mine, outside the checkout
+    export_here.mkdir(parents=True)
+    (export_here / 'policy.yaml').write_text('{}')
+    monkeypatch.chdir(tmp_path / 'cwd')
+    code, _, err = _run(capsys, '--bag', bag, '--policy', 'mine', '--out', tmp_path / 'o')
+    assert code == 2 and "'mine' not found" in err and '--policy models/mine or --policy-dir models' in err, err
     code, _, err = _run(capsys, '--bag', bag, *base, '--execute-steps', H + 1)
     assert code == 2 and 'execute_steps' in err
     assert not (tmp_path / 'out').exists()

@@ -82,7 +82,7 @@ def _variants(args) -> list[tuple[str, str | None, str]]:
 
 
 def _load_runner(policy: str, decoder: str | None, args):
-    from blockvla_ros.runtime.policy_folder import resolve_policy
+    from blockvla_ros.runtime.policy_folder import PolicyFolderError, resolve_policy
     from blockvla_ros.runtime.runner import PolicyRunner
 
     dirs = [Path(d) for d in (args.policy_dir or [DEFAULT_POLICY_DIR])]
@@ -90,7 +90,14 @@ def _load_runner(policy: str, decoder: str | None, args):
     if given.is_dir() and not args.policy_dir:
         dirs.append(given.resolve().parent)  # an explicit folder path is allowed from the command line
         policy = str(given.resolve())
-    folder = resolve_policy(policy, dirs)
+    try:
+        folder = resolve_policy(policy, dirs)
+    except PolicyFolderError as err:
+        here = Path('models') / policy  # `blockvla-export --out models/NAME` run here, outside the source checkout
+        if args.policy_dir or not (here / 'policy.yaml').is_file():
+            raise
+        raise PolicyFolderError(f'{err}; ./{here} is a policy folder: give --policy {here} or --policy-dir models') \
+            from None
     runner = PolicyRunner.load(folder, engine=args.engine, decoder=decoder, threads=args.threads or None)
     if args.warmup > 0:
         runner.warmup(args.warmup)  # first calls allocate arenas; keep them out of the latency figures
