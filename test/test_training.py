@@ -2,6 +2,7 @@
 import json
 import logging
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -235,6 +236,36 @@ def test_time_budget_stops_with_a_checkpoint(tmp_path, bags):
     result = train(make_config(tmp_path / 'tb', [bags / 'mcap_raw'], steps=1000, time_budget_s=1e-3))
     assert result.stopped == 'time_budget' and result.step == 1
     assert [s for s, _ in list_checkpoints(tmp_path / 'tb')] == [1]
+
+
+def test_relative_bag_paths_are_recorded_absolute_so_export_finds_them_from_anywhere(tmp_path, bags, monkeypatch):
+    """README trains with data.bags=[bags/] from one directory; blockvla-export's calibration reads the run's
+    validation split from the checkpoint (train_config.yaml, val_split.json). Those held the relative paths, so an
+    export from another directory stopped with 'bags: does not exist'. A moved run says which flags help."""
+    from blockvla_ros.model.config import BlockVLAConfig
+    from blockvla_ros.model.text_tokenizer import ByteTokenizer
+    from blockvla_ros.training.validation import SPLIT_FILE, held_out_windows
+
+    monkeypatch.chdir(bags)
+    result = train(make_config(tmp_path / 'rel', ['mcap_raw'], steps=1, time_budget_s=1e-3))
+    ckpt = Path(result.checkpoint)
+    saved = load_train_config(ckpt / 'train_config.yaml')
+    assert saved.data.bags == [str(bags / 'mcap_raw')]
+    recorded = [e['bag'] for e in json.loads((ckpt / SPLIT_FILE).read_text())['episodes']]
+    assert recorded and all(b.startswith(str(bags / 'mcap_raw') + '/') for b in recorded), recorded
+    monkeypatch.chdir(tmp_path)
+    config = BlockVLAConfig.load(ckpt / 'config.json')
+    tokenizers = (ByteTokenizer(config.max_text_tokens, config.backbone['vocab_size']),
+                  ActionTokenizer(NormStats.load(ckpt / 'stats.json'), config.n_bins))
+    windows, source = held_out_windows(ckpt / 'train_config.yaml', config, *tokenizers, max_windows=2)
+    assert len(windows) == 2 and 'as recorded in' in source
+
+    moved = tmp_path / 'moved'  # a run whose bags are not where it recorded them (a copied run, an old one)
+    moved.mkdir()
+    saved.replace({'data.bags': ['bags/']}).save(moved / 'train_config.yaml')
+    with pytest.raises(ValueError, match='--calibration-bags') as info:
+        held_out_windows(moved / 'train_config.yaml', config, *tokenizers)
+    assert "['bags/']" in str(info.value) and '--no-calibrate' in str(info.value)
 
 
 def test_sigterm_stops_after_the_step_with_a_checkpoint(tmp_path, bags):

@@ -114,6 +114,8 @@ def train(config: TrainConfig, episodes: Optional[Sequence] = None) -> TrainResu
     from .train_state import Saver, load_optimizer, load_trainable
     from .validation import decode_error, validation_loss
 
+    if config.data.bags:  # recorded in train_config.yaml and val_split.json: export reads them from any directory
+        config = config.replace({'data.bags': [str(Path(b).expanduser().absolute()) for b in config.data.bags]})
     opts = config.train
     accelerator = make_accelerator(opts, find_unused=config.model.get('vision', {}).get('type') == 'hf')
     main, rank, world, device = (accelerator.is_main_process, accelerator.process_index, accelerator.num_processes,

@@ -140,6 +140,11 @@ def held_out_windows(train_config, config, text_tokenizer, action_tokenizer, bag
         source = (f'validation split of {", ".join(str(b) for b in tc.data.bags)} ({len(episodes)} episodes, '
                   f'as recorded in {SPLIT_FILE})')
     else:
+        missing = [str(b) for b in tc.data.bags if not Path(b).expanduser().exists()]
+        if missing:
+            raise ValueError(f'the run\'s bags {missing} (data.bags of {train_config}) are not found from '
+                             f'{Path.cwd()} (a relative path is relative to where training ran): give the held-out '
+                             'bags (blockvla-export --calibration-bags) or keep the training decoding (--no-calibrate)')
         _train, episodes, _cfg, _report = read_and_split(tc, progress=progress)
         if not episodes:
             raise ValueError(f'the run has no validation split (data.val_fraction {tc.data.val_fraction}); '
