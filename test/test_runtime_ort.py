@@ -1,4 +1,5 @@
 """ONNX Runtime engine vs torch on the same weights; IO binding; instruction K/V reuse; no torch import; GPU paths."""
+import importlib.util
 import subprocess
 import sys
 
@@ -225,11 +226,22 @@ def test_tensorrt_without_gpu_fails_at_once(folder):
     assert 'GPU' in str(e.value) and "'onnxruntime'" in str(e.value)
 
 
+TRT_MISSING = [name for module, name in (('tensorrt', 'TensorRT'), ('cuda', 'cuda-python'))
+               if importlib.util.find_spec(module) is None]
+
+
+def _ort_cuda_missing() -> bool:
+    import onnxruntime
+
+    return 'CUDAExecutionProvider' not in onnxruntime.get_available_providers()
+
+
+# these skip at collection, before their fixtures export and load a policy (gpu_check.sh's time budget)
 @pytest.mark.requires_cuda
+@pytest.mark.skipif(bool(TRT_MISSING), reason=f'{" and ".join(TRT_MISSING)} not installed (the TensorRT engine '
+                    'needs both)')
 @pytest.mark.parametrize('cuda_graphs', [False, True])
 def test_tensorrt_matches_torch_on_20_observations(folder, reference, tmp_path, cuda_graphs):
-    pytest.importorskip('tensorrt', reason='TensorRT is not installed (a GPU machine with torch only)')
-    pytest.importorskip('cuda', reason='cuda-python is not installed (the TensorRT engine needs it)')
     from blockvla_ros.runtime.trt_engine import TrtEngine
 
     spec = load_policy_folder(folder)
@@ -243,11 +255,9 @@ def test_tensorrt_matches_torch_on_20_observations(folder, reference, tmp_path, 
 
 
 @pytest.mark.requires_cuda
+@pytest.mark.skipif(_ort_cuda_missing(), reason='this onnxruntime has no CUDA provider (onnxruntime-gpu is not '
+                    'installed)')
 def test_onnxruntime_cuda_matches_torch(folder, reference):
-    import onnxruntime
-
-    if 'CUDAExecutionProvider' not in onnxruntime.get_available_providers():
-        pytest.skip('this onnxruntime has no CUDA provider (onnxruntime-gpu is not installed)')
     spec = load_policy_folder(folder)
     pre = build_preprocessor(spec.config, spec.stats, folder)
     obs = random_observations(spec.config, spec.stats, 20, seed=7, tokenizer=pre.text)
