@@ -27,8 +27,19 @@ def one_thread():
     torch.set_num_threads(old)
 
 
+# gpu_check.sh --dry-run-cpu sets this: the requires_cuda tests then run their whole bodies on the CPU (capture off,
+# no GPU memory figures), so their code has run before the one GPU session that can check them
+GPU_TESTS_ON_CPU = os.environ.get('BLOCKVLA_GPU_TESTS_ON_CPU') == '1'
+
+
+@pytest.fixture(scope='session')
+def gpu_device():
+    """The device of the requires_cuda tests: 'cuda', or 'cpu' in gpu_check.sh's dry run."""
+    return 'cuda' if _cuda_available() else 'cpu'
+
+
 def pytest_collection_modifyitems(config, items):
-    if _cuda_available():
+    if _cuda_available() or GPU_TESTS_ON_CPU:
         return
     skip = pytest.mark.skip(reason='needs an NVIDIA GPU and a CUDA build of torch (torch.cuda.is_available() is '
                             'False here)')
