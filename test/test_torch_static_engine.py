@@ -5,6 +5,10 @@ Runtime, and the region a CUDA graph records must neither synchronize with the h
 outputs. The `requires_cuda` tests (benchmarks/gpu_check.sh runs them) check replay against eager, bf16 token
 agreement and memory across chunks on a GPU.
 """
+import sys
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -136,6 +140,36 @@ def test_the_captured_region_never_syncs_and_writes_only_its_outputs(folder):
     assert set(token_counts(spec.config)) <= widths
     assert 'aten.matmul' in ops.names or 'aten.mm' in ops.names or 'aten.bmm' in ops.names  # it saw the graph
     assert not ops.names & HOST_SYNC_OPS, sorted(ops.names & HOST_SYNC_OPS)
+
+
+class _Queued(StaticTorchEngine):
+    """The GPU engine, marking where a GPU would still hold queued work: a call returns its logits (read back) but
+    its cache write may still be running, until `synchronize`."""
+
+    queued = False
+
+    def _backbone(self, *args):
+        out = super()._backbone(*args)
+        self.queued = True  # the commit's index_copy_ comes after the logits were read
+        return out
+
+    def synchronize(self) -> None:
+        super().synchronize()
+        self.queued = False
+
+
+def test_benchmark_timers_are_read_after_the_engine_synchronizes(folder, monkeypatch):
+    """decode_latency's timers (bench_all, per_pass, the prefill share; gpu_latency uses them) read the clock only
+    once the engine's device work is done."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
+    import decode_latency as dl
+
+    spec, pre, obs = observations(folder, 1)
+    engine, reads, clock = _Queued(fresh_policy(folder)), [], time.perf_counter
+    monkeypatch.setattr(time, 'perf_counter', lambda: reads.append(engine.queued) or clock())
+    dl.bench_all({'torch': engine}, spec.config, [pre(*obs[0])], 1, 0, ('blockdiff', 'ar', 'blockdiff_unfolded'))
+    dl.per_pass(engine, spec.config, pre(*obs[0]), 1)
+    assert len(reads) > 10 and not any(reads), reads
 
 
 def bf16_agreement(folder, device, request) -> float:

@@ -152,6 +152,10 @@ class Engine(ABC):
         """Drop the reused instruction K/V (the next prefill recomputes it)."""
         self._instruction = None
 
+    def synchronize(self) -> None:
+        """Wait until the work this engine queued on a device is done (a benchmark reads its timer after this). The
+        calls return host logits, but a GPU engine may still be writing the committed slots into its cache."""
+
     def describe(self) -> dict:
         """What this engine runs on (reported in diagnostics)."""
         return {'engine': self.name, 'reuse_text_kv': self.reuse_instruction}

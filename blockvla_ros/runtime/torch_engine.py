@@ -39,5 +39,9 @@ class TorchEngine(Engine):
                                            self._past)
         return logits[0].float().cpu().numpy(), new_kv
 
+    def synchronize(self) -> None:
+        if self.device.type == 'cuda':
+            self._torch.cuda.synchronize(self.device)
+
     def describe(self) -> dict:
         return {'engine': self.name, 'device': str(self.device), 'reuse_text_kv': self.reuse_instruction}

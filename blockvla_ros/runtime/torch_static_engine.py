@@ -195,6 +195,10 @@ class StaticTorchEngine(Engine):
                         p.embeds.shape[1], e)
             p.graph = None
 
+    def synchronize(self) -> None:
+        if self.device.type == 'cuda':
+            self.torch.cuda.synchronize(self.device)
+
     def describe(self) -> dict:
         graphs = sorted(n for n, p in self._passes.items() if p.graph is not None)
         return {'engine': self.name, 'device': str(self.device), 'dtype': str(self.dtype).replace('torch.', ''),
