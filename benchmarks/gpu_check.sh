@@ -28,6 +28,7 @@ DRY=0
 [ "${1:-}" = --dry-run-cpu ] && DRY=1
 if [ "$DRY" = 1 ]; then
     DEVICE=cpu; SMALL=tiny; BIG=tiny; RUNS_SMALL=1; RUNS_BIG=1; RUNS_DL=1; THREADS=1
+    export BLOCKVLA_GPU_TESTS_ON_CPU=1  # the requires_cuda tests run their bodies on the CPU (test/conftest.py)
 else
     DEVICE=cuda; SMALL=small; BIG=qwen2.5-0.5b; RUNS_SMALL=20; RUNS_BIG=10; RUNS_DL=5
     THREADS=$(( $(nproc) > 8 ? 8 : $(nproc) ))
@@ -47,12 +48,17 @@ step() {  # step NAME MAX_SECONDS COMMAND... : runs with min(MAX, what is left),
     [ "$rc" = 0 ] && say "OK $name" || { say "FAIL $name (exit $rc$([ "$rc" = 124 ] && echo ', timed out'))"; FAILED+=("$name"); }
 }
 
-# --- the interpreter: $PYTHON, else this checkout's .venv if its torch sees a GPU (any torch: dry run), else python3 --
+# --- the interpreter: $PYTHON, else the first of this checkout's .venv, python3 and /opt/torch/.venv (the GPU
+# machine's image) whose torch sees a GPU (any torch: dry run), else python3 (the env step then says what is wrong) --
 PY=${PYTHON:-}
 if [ -z "$PY" ]; then
     PY=python3
-    if [ -x .venv/bin/python ] && .venv/bin/python -c "import torch, sys; sys.exit(not ($DRY or torch.cuda.is_available()))" \
-        2>/dev/null; then PY=.venv/bin/python; fi
+    for cand in .venv/bin/python python3 /opt/torch/.venv/bin/python3; do
+        command -v "$cand" >/dev/null 2>&1 || continue
+        if "$cand" -c "import torch, sys; sys.exit(not ($DRY or torch.cuda.is_available()))" 2>/dev/null; then
+            PY=$cand; break
+        fi
+    done
 fi
 : > "$LOG"
 say "python: $PY; output: $DEST; budget ${BUDGET}s; dry run: $DRY"
