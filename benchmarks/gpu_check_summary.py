@@ -33,6 +33,12 @@ def tests_section(path: Path) -> list:
             ''] + lines
 
 
+def engine_line(name: str, e: dict) -> str:
+    """What an engine ran as: a capture that failed (a warning in the log) shows as a missing shape and eager passes."""
+    return (f'{name}: {e.get("device")} {e.get("dtype")}, CUDA graphs {"on" if e.get("cuda_graphs") else "off"}, '
+            f'captured shapes {e.get("captured_shapes")}, eager passes {e.get("eager_passes")}.')
+
+
 def latency_section(path: Path) -> list:
     if not path.is_file():
         return [f'{path.name}: missing']
@@ -50,6 +56,7 @@ def latency_section(path: Path) -> list:
         cells += [f'{r["blockdiff_vs_ar_speedup"]:.2f}x',
                   f'{r["blockdiff_vs_fulldiff_cached_speedup"]:.2f}x / {r["blockdiff_vs_fulldiff_speedup"]:.2f}x']
         lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
+    lines += [''] + [engine_line(name, e) for name, e in d['engines'].items()]
     a = d['bf16_vs_fp32']
     lines += ['', f'bf16 vs fp32 on the same device: token agreement {a["token_agreement"]:.3f} ({a["tokens"]} '
               f'tokens), lock-step max |logit diff| {a["max_abs_logit_diff"]:.4f}.']
@@ -77,7 +84,7 @@ def decode_latency_section(path: Path) -> list:
              '| engine | ' + ' | '.join(DECODERS) + ' |', '| --- |' + ' ---: |' * len(DECODERS)]
     for e, ms in rows.items():
         lines.append(f'| {e} | ' + ' | '.join(f'{ms[k]:.2f}' for k in DECODERS) + ' |')
-    return lines
+    return lines + (['', engine_line('torch', t)] if t else [])
 
 
 def main(argv=None) -> int:
