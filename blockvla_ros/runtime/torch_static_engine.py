@@ -179,7 +179,9 @@ class StaticTorchEngine(Engine):
         """Warm up on a side stream, then record one `_forward` of pass `p` into a CUDA graph (replayed by `_run`)."""
         torch = self.torch
         p.capture = False
+        stream = None
         try:
+            stream = torch.cuda.current_stream(self.device)
             side = torch.cuda.Stream(device=self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
@@ -191,6 +193,8 @@ class StaticTorchEngine(Engine):
                 self._forward(p)
             p.graph = graph
         except Exception as e:  # noqa: BLE001 - capture is an optimization; eager gives the same result
+            if stream is not None:  # torch.cuda.graph's __exit__ leaves its capture stream current when capture_end
+                torch.cuda.set_stream(stream)  # raises (torch 2.11 .. 2.13): the eager passes go back to this one
             log.warning('CUDA graph capture failed for %d tokens (%s); that pass shape runs eagerly',
                         p.embeds.shape[1], e)
             p.graph = None
