@@ -23,7 +23,7 @@ from blockvla_ros.runtime.policy_folder import load_policy_folder
 from blockvla_ros.runtime.runner import PolicyRunner, build_preprocessor
 from blockvla_ros.runtime.tensorrt_profiles import token_counts
 from blockvla_ros.runtime.torch_engine import TorchEngine
-from blockvla_ros.runtime.torch_static_engine import StaticTorchEngine
+from blockvla_ros.runtime.torch_static_engine import StaticTorchEngine, _Pass
 
 from tiny_policy import export_tiny
 
@@ -110,23 +110,29 @@ def test_passes_reuse_their_buffers_and_the_cache_is_written_in_place(folder):
 
 
 class _Ops(TorchDispatchMode):
-    """Records the name of every aten op run inside it."""
+    """Records the name of every aten op run inside it, and the dtypes of its tensor arguments."""
 
     def __init__(self):
         super().__init__()
-        self.names = set()
+        self.names, self.dtypes = set(), {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.add(str(func.overloadpacket))
+        name = str(func.overloadpacket)
+        self.names.add(name)
+        self.dtypes.setdefault(name, set()).update(a.dtype for a in args if isinstance(a, torch.Tensor))
         return func(*args, **(kwargs or {}))
 
 
 def test_the_captured_region_never_syncs_and_writes_only_its_outputs(folder):
     """What a CUDA graph records (`_forward`) on every pass shape: no op reads a value back to the host or has a
-    data-dependent shape (either makes a capture fail), and the cache is only read (commits happen outside)."""
+    data-dependent shape (either makes a capture fail), and the cache is only read (commits happen outside). The
+    same passes in bf16 on the 'meta' device (no data, not the CPU): a value read on the host (.item(), .tolist(),
+    .numpy(), a Python branch on a tensor), a tensor made without the device (on the CPU beside a GPU engine's) or
+    sent to the CPU fails there as it would on cuda, and the softmax must run in float32."""
     spec, pre, obs = observations(folder, 1)
     engine = StaticTorchEngine(fresh_policy(folder))
-    ops, widths, forward = _Ops(), set(), engine._forward
+    meta = StaticTorchEngine(fresh_policy(folder), device='meta', dtype='bfloat16')
+    ops, meta_ops, widths, forward = _Ops(), _Ops(), set(), engine._forward
 
     def recorded(p):
         before = engine.cache.buffer.clone()
@@ -134,12 +140,18 @@ def test_the_captured_region_never_syncs_and_writes_only_its_outputs(folder):
             forward(p)
         widths.add(p.embeds.shape[1])
         assert torch.equal(before, engine.cache.buffer), 'the pass wrote into the cache'
+        twin = meta._passes.setdefault(p.embeds.shape[1], _Pass(meta, p.embeds, p.positions, p.mask, capture=False))
+        with torch.inference_mode(), meta_ops:
+            meta._forward(twin)
 
     engine._forward = recorded
     decode_with_carries(spec.config, engine, pre(*obs[0]))
-    assert set(token_counts(spec.config)) <= widths
+    assert set(token_counts(spec.config)) <= widths and set(meta._passes) == widths
     assert 'aten.matmul' in ops.names or 'aten.mm' in ops.names or 'aten.bmm' in ops.names  # it saw the graph
     assert not ops.names & HOST_SYNC_OPS, sorted(ops.names & HOST_SYNC_OPS)
+    dtypes = lambda *names: set().union(*(meta_ops.dtypes.get(n, set()) for n in names))  # noqa: E731
+    assert dtypes('aten.softmax', 'aten._softmax') == {torch.float32}, meta_ops.dtypes
+    assert dtypes('aten.matmul', 'aten.mm', 'aten.bmm', 'aten.linear') == {torch.bfloat16}, meta_ops.dtypes
 
 
 class _Queued(StaticTorchEngine):
