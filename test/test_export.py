@@ -191,6 +191,13 @@ def test_bad_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert rc == 1 and 'stats.json' in capsys.readouterr().err
     rc = cli.main(['--checkpoint', str(tmp_path / 'nowhere'), '--out', str(tmp_path / 'out'), '-q'])
     assert rc == 1 and 'nowhere' in capsys.readouterr().err
+    run = tmp_path / 'runs' / 'pick'  # the run folder instead of one of its checkpoints: name the newest
+    for step in ('step_00000010', 'step_00000020'):
+        (run / 'checkpoints' / step).mkdir(parents=True)
+    for given in (run, run / 'checkpoints'):
+        rc = cli.main(['--checkpoint', str(given), '--out', str(tmp_path / 'out'), '-q'])
+        err = capsys.readouterr().err
+        assert rc == 1 and 'training run folder' in err and str(run / 'checkpoints' / 'step_00000020') in err, err
 
 
 def test_llama_with_state_and_image_first_exports_without_split(tmp_path):

@@ -74,6 +74,10 @@ def load_checkpoint(folder: str | Path):
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f'checkpoint folder not found: {folder}')
+    steps = sorted((folder if folder.name == 'checkpoints' else folder / 'checkpoints').glob('step_*'))
+    if steps and not (folder / 'config.json').is_file():  # blockvla-train's out_dir (or its checkpoints/)
+        raise CheckpointError(f'{folder} is a training run folder, not a checkpoint: give one of its checkpoints, '
+                              f'e.g. the newest, {steps[-1]}')
     for name in ('config.json', WEIGHTS_FILE, STATS_FILE):
         if not (folder / name).is_file():
             raise CheckpointError(f'{folder}: {name} is missing (a checkpoint holds config.json, '
