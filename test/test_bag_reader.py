@@ -413,6 +413,11 @@ def test_iter_bag_paths(tmp_path, caplog):
     (tmp_path / 'void').mkdir()
     with pytest.raises(BagError, match='no rosbag2 recordings found'):
         list(iter_bag_paths(tmp_path / 'void'))
+    (tmp_path / 'void' / 'lab.bag').write_bytes(b'#ROSBAG V2.0\n')  # ROS 1 recordings: say how to convert them
+    for path in (tmp_path / 'void', tmp_path / 'void' / 'lab.bag'):
+        with pytest.raises(BagError, match='ROS 1') as info:
+            list(iter_bag_paths(path))
+        assert 'rosbags-convert --src' in str(info.value) and 'lab.bag' in str(info.value)
 
 
 def test_importing_io_loads_no_rclpy():

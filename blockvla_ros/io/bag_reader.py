@@ -102,7 +102,9 @@ def iter_bag_paths(path_or_dir: str | Path) -> Iterator[Path]:
             found += 1
             yield child
     if not found:
-        raise BagError(f'{root}: no rosbag2 recordings found (a bag is a directory with metadata.yaml or a .mcap file)')
+        ros1 = sorted(root.rglob('*.bag'))
+        raise BagError(f'{root}: no rosbag2 recordings found (a bag is a directory with metadata.yaml or a .mcap file)'
+                       + (f'; {_ROS1_HINT.format(ros1[0])}' if ros1 else ''))
 
 
 def _iter_nested(directory: Path) -> Iterator[Path]:
@@ -124,9 +126,15 @@ def _check_bag_path(path: Path) -> Path:
                            'run `ros2 bag reindex` on it)')
         raise BagError(f'{path}: not a rosbag2 bag (no metadata.yaml): pass a bag directory (with metadata.yaml) '
                        'or a .mcap/.db3 file; blockvla-bag-play and blockvla-replay also take a directory of bags')
+    if path.suffix == '.bag':
+        raise BagError(f'{path}: not a rosbag2 bag; {_ROS1_HINT.format(path)}')
     if path.suffix not in BAG_FILE_SUFFIXES:
         raise BagError(f'{path}: not a rosbag2 bag (expected a bag directory or a {"/".join(BAG_FILE_SUFFIXES)} file)')
     return path
+
+
+_ROS1_HINT = ('ROS 1 .bag files ({}) are read once converted to rosbag2: rosbags-convert --src X.bag --dst X '
+              '(rosbags-convert comes with the rosbags package)')
 
 
 def _mcap_files(path: Path) -> tuple[list[Path], dict[str, int]] | None:
