@@ -4,9 +4,10 @@ Memory is cuda-python (cudaMalloc'd DeviceArray buffers, one stream), not torch.
 optimization profiles of `runtime.tensorrt_profiles`; each profile gets its own execution context (all sharing one
 scratch buffer), so a pass never switches profiles. Every `past_*` input is bound to its layer's slice of the one
 device KV cache; per token count n, the embeds / positions / mask / logits / new_kv buffers are allocated once and
-bound with `set_tensor_address`; calls use `execute_async_v3`. A pass shape is captured into a CUDA graph on its
-second call and replayed from then on (`cuda_graphs=False` turns it off; a failed capture falls back to plain
-execution with a warning). Without a GPU the constructor fails at once.
+bound with `set_tensor_address`; calls use `execute_async_v3`. A pass shape with its own (exact) profile is
+captured into a CUDA graph on its second call and replayed from then on; the range profile's widths run plainly
+(`cuda_graphs=False` turns capture off; a failed capture falls back to plain execution with a warning). Without a
+GPU the constructor fails at once.
 """
 from __future__ import annotations
 
@@ -41,7 +42,11 @@ class _Pass:
             self.buffers['logit_rows'].copy_from_host(np.arange(n, dtype=np.int64))
         self.logits_host = np.empty(self.buffers['logits'].shape, self.buffers['logits'].dtype)
         self.graph_exec, self.runs = None, 0
-        self.use_graph = owner.cuda_graphs
+        # only a pass with its own (exact) profile is captured: the range profile's context is re-bound to another
+        # shape whenever its n changes, and a capture right after a re-bind would record TensorRT's first run at the
+        # new shapes (TensorRT wants one plain enqueue after a shape change before a capture); those passes are the
+        # real-time-chunking carries, which the torch engine also runs eagerly
+        self.use_graph = owner.cuda_graphs and owner.profiles[self.index].exact
 
     def bind(self, owner: 'TrtEngine') -> None:
         for name, buf in self.buffers.items():
