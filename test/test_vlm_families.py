@@ -213,6 +213,27 @@ def test_a_hub_cache_folder_or_a_folder_without_config_json_is_named(tmp_path):
     assert 'save_pretrained' in str(info.value)
 
 
+def test_a_vlm_as_backbone_path_or_a_text_lm_as_vlm_path_names_the_other_key(folders, tmp_path):
+    """The two README commands differ in one key; swapping them gave transformers' 'Unrecognized configuration class
+    ... for AutoModelForCausalLM' followed by a list of 200 config classes, or 'VLM model_type qwen2 is not
+    supported'."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from blockvla_ros.model.policy import build_backbone
+
+    from tiny import QWEN2, tiny_config
+
+    with pytest.raises(ValueError, match='model.vlm_path') as info:
+        build_backbone(tiny_config(backbone_path=str(folders['smolvlm-tiny'])))
+    assert 'vision-language' in str(info.value) and len(str(info.value)) < 400
+    spec = dict(QWEN2)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(spec.pop('model_type'), **spec)).save_pretrained(
+        tmp_path / 'lm')
+    with pytest.raises(ValueError, match='model.backbone_path') as info:
+        load_vlm(tmp_path / 'lm', slot_len=4, state=False)
+    assert 'no vision tower' in str(info.value)
+
+
 @pytest.mark.parametrize('shape', ['paligemma-tiny', 'smolvlm-tiny', 'qwen2_vl-tiny'])
 def test_slot_tokenizer_is_the_hf_tokenizer_without_transformers(folders, shape):
     from transformers import AutoTokenizer

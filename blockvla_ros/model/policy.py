@@ -37,6 +37,11 @@ def build_backbone(config: BlockVLAConfig):
     try:
         if config.backbone_path:
             path = pretrained_folder(config.backbone_path, 'model.backbone_path')
+            hf_cfg = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+            if getattr(hf_cfg, 'vision_config', None) is not None:
+                raise ValueError(f'model.backbone_path {path} holds a {hf_cfg.model_type} vision-language model: '
+                                 'give a VLM as model.vlm_path (README "Start from your VLM"); backbone_path takes a '
+                                 'text-only causal LM')
             lm = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, attn_implementation=attn,
                                                       dtype=torch.float32)
         else:

@@ -61,6 +61,9 @@ def _hf_model(path: Optional[Path], spec: Optional[dict], attn_implementation: s
     if path is not None:
         path = pretrained_folder(path, 'model.vlm_path')
         config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        if getattr(config, 'vision_config', None) is None:
+            raise ValueError(f'model.vlm_path {path} holds a {config.model_type} model with no vision tower: give a '
+                             'text-only language model as model.backbone_path (with the built-in vision encoder)')
         family = family_of(config.model_type)
         model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True, trust_remote_code=False,
                                                             dtype=torch.float32,
