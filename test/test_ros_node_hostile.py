@@ -121,10 +121,13 @@ def test_folders_with_wrong_types_are_refused_with_an_answer(running):
 
 
 def test_policy_dirs_and_other_parameters_are_read_only(running, models):
-    """Issue 13 item 5: deactivate, cleanup, point policy_dirs at / -> refused; an outside folder never loads."""
+    """Issue 13 item 5: deactivate, cleanup, point policy_dirs at / -> refused; an outside folder never loads.
+    use_sim_time (rclpy's own parameter) too: set live, it froze the node's clock (no action, not even a hold), and
+    whoever publishes /clock then sets the rate of the ticks."""
     node, peer = running
     for name, value in (('policy_dirs', ['/']), ('action_topic', '/arm/command'), ('action_limits.upper', [9.0] * 3),
-                        ('trajectory_joints', ['j0=shoulder']), ('control_rate_hz', 500.0), ('engine', 'torch')):
+                        ('trajectory_joints', ['j0=shoulder']), ('control_rate_hz', 500.0), ('engine', 'torch'),
+                        ('use_sim_time', True)):
         result = peer.set_param(name, value)
         assert not result.successful and 'read-only' in result.reason, (name, result.reason)
     assert peer.transition(Transition.TRANSITION_DEACTIVATE) and peer.transition(Transition.TRANSITION_CLEANUP)

@@ -2,8 +2,9 @@
 
 Parameters marked ``live`` may change while the node runs (``policy`` triggers a background swap). Every other
 parameter is read-only after start-up (set it on the command line, in the parameters file or as a launch argument;
-restart the node to change it): whoever reaches the parameter service can swap policies inside ``policy_dirs`` and
-tune the live knobs, but cannot point the node at other folders, topics, limits or joints.
+restart the node to change it), and so is rclpy's own ``use_sim_time``: whoever reaches the parameter service can
+swap policies inside ``policy_dirs`` and tune the live knobs, but cannot point the node at other folders, topics,
+limits, joints or clocks.
 """
 from __future__ import annotations
 

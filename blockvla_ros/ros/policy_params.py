@@ -2,9 +2,10 @@
 
 The set-callback only validates (values; for ``policy``: resolve inside the policy directories, verify the folder,
 compare the action space with the running policy). Everything but ``policy`` and the live knobs is read-only after
-start-up (rclpy refuses those sets from the descriptor). The post-set callback hands the new ``policy`` to the
-PolicyManager's swap state machine; a load that fails sets the parameter back to the running policy (on the
-executor, through a guard condition) and says why in the log and /diagnostics.
+start-up (rclpy refuses those sets from the descriptor; the set-callback refuses rclpy's own ``use_sim_time``). The
+post-set callback hands the new ``policy`` to the PolicyManager's swap state machine; a load that fails sets the
+parameter back to the running policy (on the executor, through a guard condition) and says why in the log and
+/diagnostics.
 
 No exception may leave these callbacks: one escaping a parameter callback ends rclpy's executor (the node dies and
 the caller never gets an answer), so each callback catches everything at its boundary, counts it and answers.
@@ -40,7 +41,9 @@ class PolicyParameters:
         policies = self.policies
         for param in parameters:
             spec = P.SPEC_BY_NAME.get(param.name)
-            if spec is not None and not spec.live:  # rclpy refuses these from the descriptor; this is the fallback
+            # rclpy refuses our read-only ones from the descriptor (this is the fallback); not its own use_sim_time,
+            # which set live would freeze the node's clock and hand the tick rate to whoever publishes /clock
+            if spec is None or not spec.live:
                 return f'{param.name} is read-only after start-up (restart the node to change it)'
             reason = P.check_value(param.name, param.value)
             if reason:
