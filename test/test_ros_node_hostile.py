@@ -28,7 +28,7 @@ from blockvla_ros.ros.policy_node import PolicyNode  # noqa: E402
 from blockvla_ros.runtime.policy_folder import write_manifest  # noqa: E402
 from ros_spin import Spinner  # noqa: E402
 from test_ros_policy_node import (GOOD, RATE, Peer, _export_alpha, _shifted_copy, acting,  # noqa: E402
-                                  hold_ends_the_streams, policy_action, stamp)
+                                  hold_ends_the_streams, is_hold, policy_action, stamp)
 
 pytestmark = [pytest.mark.ros, pytest.mark.slow]
 
@@ -231,6 +231,25 @@ def test_unconfigured_node_with_missing_policy_answers_and_recovers(running):
         peer.wait_diag(lambda d: 'configure failed' in d['last_error'])
     assert peer.set_param('policy', 'alpha').successful
     assert peer.transition(Transition.TRANSITION_CONFIGURE) and peer.transition(Transition.TRANSITION_ACTIVATE)
+    alive_at_rate(node, peer)
+
+
+def test_reactivation_does_not_hold_the_target_of_the_last_activation(running):
+    """Deactivate, then the robot is moved by hand or teleop, then activate with no usable camera: the node has
+    commanded nothing in this activation, so it holds no absolute target (as at the first start); holding the last
+    activation's target would drive the arm back to where it was before the pause."""
+    node, peer = running
+    alive_at_rate(node, peer, seconds=0.2)
+    peer.make_frame = None  # the camera stops: holds of the running activation's target
+    peer.wait_actions(is_hold, mark=peer.mark(), timeout=10)
+    assert peer.transition(Transition.TRANSITION_DEACTIVATE)
+    peer.wait_diag(lambda d: d['lifecycle_state'] == 'inactive')
+    mark, activated = peer.mark(), time.time()
+    assert peer.transition(Transition.TRANSITION_ACTIVATE)
+    peer.wait_diag(lambda d: d['lifecycle_state'] == 'active' and 'camera stale' in d['hold_reason']
+                   and int(d['ticks']) >= 10)
+    stale = [m for m in peer.since(mark) if stamp(m) >= activated]
+    assert not stale, f'{len(stale)} holds of the previous activation\'s target after activate: {stale[0].position}'
     alive_at_rate(node, peer)
 
 

@@ -216,6 +216,8 @@ class PolicyNode(PolicyParameters, LifecycleNode):
             self.ticks = TickMonitor(self.dt, window=5000)
             self._last_chunk_id, self._chunks_at_hold = 0, self.queue.stats.chunks_pushed
             self._chunk_instruction = None
+            self._last_action = None  # no target to hold until this activation commands one (the robot may have
+            #                           been moved while the node was inactive)
             self.status.retry_now()
             self._loop = ControlLoop(self.get_clock(), self.dt, self._tick, self._on_tick_error,
                                      priority=self.params['control_thread_priority'])
@@ -399,7 +401,7 @@ class PolicyNode(PolicyParameters, LifecycleNode):
 
     def _publish_hold(self, now_ns: int, reason: str) -> None:
         """A true hold: 0 for delta dimensions, the last target for absolute ones (nothing before the first
-        action unless every dimension is a delta)."""
+        action of this activation unless every dimension is a delta)."""
         previous = self.status.change_hold(reason)
         if previous is None or reason.split(':', 1)[0] != previous.split(':', 1)[0]:  # log changes only
             self.get_logger().info(f'holding: {reason}')
