@@ -29,9 +29,10 @@ DRY=0
 if [ "$DRY" = 1 ]; then
     DEVICE=cpu; SMALL=tiny; BIG=tiny; RUNS_SMALL=1; RUNS_BIG=1; RUNS_DL=1; THREADS=1
     export BLOCKVLA_GPU_TESTS_ON_CPU=1  # the requires_cuda tests run their bodies on the CPU (test/conftest.py)
+    VARIANTS=--gpu-variants  # gpu_latency times the cuda engine set (and computes its speedups) on the CPU
 else
     DEVICE=cuda; SMALL=small; BIG=qwen2.5-0.5b; RUNS_SMALL=20; RUNS_BIG=10; RUNS_DL=5
-    THREADS=$(( $(nproc) > 8 ? 8 : $(nproc) ))
+    THREADS=$(( $(nproc) > 8 ? 8 : $(nproc) )); VARIANTS=
 fi
 
 say() { echo "[gpu_check $(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
@@ -84,9 +85,9 @@ if [ "${PIPESTATUS[0]}" != 0 ]; then say "stopped: no usable torch/GPU (see abov
 step requires_cuda_tests 170 "$PY" -m pytest -q -rA -p no:cacheprovider -m requires_cuda \
     test/test_torch_static_engine.py test/test_runtime_ort.py --junitxml "$DEST/requires_cuda.xml"
 step "gpu_latency $SMALL" 80 "$PY" benchmarks/gpu_latency.py --device "$DEVICE" --shape "$SMALL" --runs "$RUNS_SMALL" \
-    --threads "$THREADS" --json "$DEST/gpu_latency_small.json"
+    --threads "$THREADS" $VARIANTS --json "$DEST/gpu_latency_small.json"
 step "gpu_latency $BIG" 170 "$PY" benchmarks/gpu_latency.py --device "$DEVICE" --shape "$BIG" --runs "$RUNS_BIG" \
-    --threads "$THREADS" --json "$DEST/gpu_latency_qwen2.5-0.5b.json"
+    --threads "$THREADS" $VARIANTS --json "$DEST/gpu_latency_qwen2.5-0.5b.json"
 step "decode_latency $SMALL" 130 "$PY" benchmarks/decode_latency.py --device "$DEVICE" --dtype bfloat16 --no-peers \
     --small-config "$SMALL" --runs "$RUNS_DL" --warmup 1 --memory-predictions 0 --threads "$THREADS" \
     --json "$DEST/decode_latency_small_cuda.json"

@@ -48,9 +48,9 @@ def policy_config(shape: str):
     return BlockVLAConfig(**kw)
 
 
-def variants(device: str) -> dict:
-    """{engine name: (dtype, cuda_graphs)} timed on `device`."""
-    if device.startswith('cuda'):
+def variants(device: str, gpu_variants: bool = False) -> dict:
+    """{engine name: (dtype, cuda_graphs)} timed on `device` (`gpu_variants`: the cuda set on any device)."""
+    if device.startswith('cuda') or gpu_variants:
         return {'fp32_graphs': ('float32', True), 'fp32_eager': ('float32', False), 'bf16_graphs': ('bfloat16', True)}
     return {'fp32': ('float32', False), 'bf16': ('bfloat16', False)}
 
@@ -97,7 +97,7 @@ def build(args, torch):
           f'{config.prefix_len} tokens, H*D = {config.n_action_tokens}, B = {config.block_size}, '
           f'{config.steps_per_block} steps/block, full diffusion {config.fulldiff_steps} passes', flush=True)
     engines = {}
-    for name, (dtype, graphs) in variants(args.device).items():
+    for name, (dtype, graphs) in variants(args.device, args.gpu_variants).items():
         engines[name] = StaticTorchEngine(copy.deepcopy(policy), device=args.device, dtype=dtype, cuda_graphs=graphs)
     del policy
     stats = NormStats.from_data(np.random.default_rng(0).normal(size=(500, config.action_dim)))
@@ -117,6 +117,8 @@ def main(argv=None) -> int:
     p.add_argument('--warmup', type=int, default=2, help='untimed decodes first (the CUDA graphs are captured here)')
     p.add_argument('--agreement-observations', type=int, default=4, help='observations for the bf16 agreement')
     p.add_argument('--threads', type=int, default=min(4, os.cpu_count() or 1), help='CPU threads of torch')
+    p.add_argument('--gpu-variants', action='store_true', help='time the cuda engine set (fp32 graphs, fp32 eager, '
+                   'bf16 graphs) on any device: gpu_check.sh --dry-run-cpu runs that path on the CPU (no capture)')
     args = p.parse_args(argv)
 
     import torch
