@@ -62,7 +62,7 @@ if [ -z "$PY" ]; then
     done
 fi
 : > "$LOG"
-say "python: $PY; output: $DEST; budget ${BUDGET}s; dry run: $DRY"
+say "python: $PY ($(command -v "$PY" 2>/dev/null || echo not found)); output: $DEST; budget ${BUDGET}s; dry run: $DRY"
 "$PY" - "$DEST/env.json" "$DEVICE" <<'EOF' 2>&1 | tee -a "$LOG"
 import importlib, json, platform, sys
 env = {'python': sys.version.split()[0], 'machine': platform.machine(), 'missing': []}
