@@ -75,8 +75,16 @@ for name in ('torch', 'transformers', 'safetensors', 'yaml', 'numpy', 'pytest', 
 import torch
 env['cuda'] = torch.version.cuda
 env['gpus'] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+try:
+    import onnxruntime
+    env['onnxruntime_providers'] = onnxruntime.get_available_providers()
+except Exception:  # noqa: BLE001
+    env['onnxruntime_providers'] = []
 json.dump(env, open(sys.argv[1], 'w'), indent=1)
 print(json.dumps(env))
+print('TensorRT: ' + env.get('tensorrt', 'not installed: its tests skip, nothing of it is checked'))
+print('onnxruntime CUDA provider: ' + ('present' if 'CUDAExecutionProvider' in env['onnxruntime_providers'] else
+                                       'absent (no onnxruntime-gpu): its test skips'))
 if sys.argv[2] == 'cuda' and not torch.cuda.is_available():
     sys.exit('this torch sees no CUDA GPU: nothing to check (bash benchmarks/gpu_check.sh --dry-run-cpu checks the script)')
 EOF
