@@ -52,12 +52,33 @@ def test_joint_state_selected_by_name_or_prefix():
     assert 'no usable joint state' in named.hold_reason(1.0, 0.5)
     assert named.set_joint_state(['wrist', 'base', 'elbow'], [0.3, 0.1, 0.2]) is None
     assert np.allclose(named.snapshot().state, [0.2, 0.3])
-    assert 'lacks the policy state inputs' in named.set_joint_state(['base'], [0.1])
-    assert named.snapshot() is None and 'elbow' in named.hold_reason(1.0, 0.5)
     assert 'NaN' in named.set_joint_state(['elbow', 'wrist'], [0.1, float('nan')])
+    assert named.snapshot() is None and 'NaN' in named.hold_reason(1.0, 0.5)
+    assert named.set_joint_state(['elbow', 'wrist'], [0.2, 0.3]) is None
+    assert 'names but' in named.set_joint_state(['elbow', 'wrist'], [0.1])
     unnamed = InputStore(state_dim=2)
     assert unnamed.set_joint_state([], [1.0, 2.0, 3.0]) is None
     assert 'needs 2' in unnamed.set_joint_state([], [1.0])
+
+
+def test_joint_states_from_several_publishers_are_merged_by_name():
+    """/joint_states commonly carries several publishers (arm driver, gripper driver, a base): each message holds
+    only its own joints. A message without the policy's joints left the state empty, so the node held whenever the
+    gripper's message was the newest."""
+    store = InputStore(state_dim=3, state_names=['elbow', 'wrist', 'finger'])
+    store.set_image(RGB, 1.0, received=1.0)
+    store.set_instruction('go')
+    assert store.set_joint_state(['elbow', 'wrist'], [0.2, 0.3]) is None  # the arm first: the finger not yet seen
+    assert store.snapshot() is None and "['finger']" in store.hold_reason(1.0, 0.5)
+    assert store.counters.joint_states_rejected == 0
+    assert store.set_joint_state(['finger'], [0.04]) is None
+    assert np.allclose(store.snapshot().state, [0.2, 0.3, 0.04])
+    assert store.set_joint_state(['wheel_left', 'wheel_right'], [5.0, 6.0]) is None  # none of the policy's joints
+    assert store.set_joint_state(['wrist', 'elbow'], [0.5, 0.6]) is None
+    assert np.allclose(store.snapshot().state, [0.6, 0.5, 0.04]) and store.hold_reason(1.0, 0.5) is None
+    assert 'NaN' in store.set_joint_state(['finger'], [float('inf')])  # a bad value still holds until replaced
+    assert store.snapshot() is None and 'finger' in store.hold_reason(1.0, 0.5)
+    assert store.set_joint_state(['finger'], [0.01]) is None and np.allclose(store.snapshot().state, [0.6, 0.5, 0.01])
 
 
 def test_worker_runs_one_job_at_a_time_and_survives_errors():

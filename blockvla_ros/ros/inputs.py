@@ -55,6 +55,7 @@ class InputStore:
         self._instruction: Optional[str] = None
         self._state: Optional[np.ndarray] = None
         self._state_error = 'no joint state received yet'
+        self._joints: dict[str, float] = {}  # policy state name -> latest position (merged over messages)
 
     # --- writers (executor thread) --------------------------------------------------------------------------
     def set_image(self, rgb: np.ndarray, stamp: Optional[float], received: float) -> None:
@@ -96,35 +97,52 @@ class InputStore:
         return reason
 
     def set_joint_state(self, names: Sequence[str], positions: Sequence[float]) -> Optional[str]:
-        """Select the policy's state from a JointState (by name when the policy names its state inputs)."""
+        """Select the policy's state from a JointState: by name when the policy names its state inputs, merged over
+        messages (several publishers share /joint_states, each with its own joints; a message with none of the
+        policy's joints changes nothing), else the first state_dim positions. A malformed message or a NaN / inf
+        value clears the state (the node holds) until good values replace it."""
         if self.state_dim == 0:
             return None
         positions = np.asarray(positions, dtype=np.float32).reshape(-1)
         names = list(names)
-        reason = None
-        state = None
-        if self.state_names:
-            missing = [n for n in self.state_names if n not in names]
-            if missing:
-                reason = f'joint state lacks the policy state inputs {missing} (got names {names[:10]})'
-            elif len(positions) != len(names):
-                reason = f'joint state has {len(names)} names but {len(positions)} positions'
-            else:
-                state = positions[[names.index(n) for n in self.state_names]]
-        elif len(positions) < self.state_dim:
-            reason = f'joint state has {len(positions)} positions, the policy needs {self.state_dim}'
-        else:
-            state = positions[:self.state_dim]
+        if not self.state_names:
+            if len(positions) < self.state_dim:
+                return self._refuse(f'joint state has {len(positions)} positions, the policy needs {self.state_dim}')
+            return self._accept(positions[:self.state_dim], {})
+        if len(positions) != len(names):
+            return self._refuse(f'joint state has {len(names)} names but {len(positions)} positions')
+        wanted = set(self.state_names)
+        got = {n: float(v) for n, v in zip(names, positions) if n in wanted}
+        if not got:
+            return None  # another publisher's joints (a gripper, a base)
+        bad = sorted(n for n, v in got.items() if not np.isfinite(v))
+        if bad:
+            with self._lock:
+                for n in bad:
+                    self._joints.pop(n, None)
+            return self._refuse(f'joint state positions of {bad} are NaN or inf')
+        return self._accept(None, got)
+
+    def _accept(self, state: Optional[np.ndarray], joints: dict) -> Optional[str]:
         if state is not None and not np.all(np.isfinite(state)):
-            state, reason = None, 'joint state positions contain NaN or inf'
+            return self._refuse('joint state positions contain NaN or inf')
         with self._lock:
-            if reason:
-                self.counters.joint_states_rejected += 1
-                self.counters.last_joint_state_error = reason
-                self._state, self._state_error = None, reason
-            else:
-                self.counters.joint_states += 1
-                self._state, self._state_error = state, ''
+            self.counters.joint_states += 1
+            if state is None:
+                self._joints.update(joints)
+                missing = [n for n in self.state_names if n not in self._joints]
+                if missing:
+                    self._state, self._state_error = None, f'joint states so far lack the policy state inputs {missing}'
+                    return None
+                state = np.array([self._joints[n] for n in self.state_names], np.float32)
+            self._state, self._state_error = state, ''
+        return None
+
+    def _refuse(self, reason: str) -> str:
+        with self._lock:
+            self.counters.joint_states_rejected += 1
+            self.counters.last_joint_state_error = reason
+            self._state, self._state_error = None, reason
         return reason
 
     # --- readers (control tick, worker, diagnostics) --------------------------------------------------------
