@@ -7,12 +7,14 @@
 #   3. benchmarks/decode_latency.py --device cuda --dtype bfloat16 --no-peers on the small shape (the torch engine on
 #      the GPU beside ONNX Runtime on the CPU, same exported weights)
 #   4. summary.md: the tables README's "GPU and Jetson" section takes
-# Needs: an NVIDIA GPU, python3 with a CUDA build of torch, transformers, safetensors, pyyaml, numpy, pytest (and
-# onnx, onnxscript, onnxruntime for the export in 1 and 3). No TensorRT, no onnxruntime-gpu, no network: nothing is
-# installed or downloaded; the package runs from this checkout (PYTHONPATH).
+# Needs: an NVIDIA GPU, a python ($PYTHON, else the first of .venv/bin/python, python3, /opt/torch/.venv/bin/python3
+# whose torch sees a GPU) with a CUDA build of torch, transformers, safetensors, pyyaml, numpy, pytest (and onnx,
+# onnxscript, onnxruntime for the export in 1 and 3). No TensorRT, no onnxruntime-gpu, no ROS, no network: nothing
+# is installed or downloaded; the package runs from this checkout (PYTHONPATH). Writes 7 files.
 #
 #   bash benchmarks/gpu_check.sh                  # writes into $OUT (if set) or out/gpu_check/
-#   bash benchmarks/gpu_check.sh --dry-run-cpu    # the same steps on the CPU at toy sizes (checks the script)
+#   bash benchmarks/gpu_check.sh --dry-run-cpu    # the same steps on the CPU at toy sizes (checks the script; the
+#                                                 # requires_cuda test bodies and the cuda engine set run on the CPU)
 set -u
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
