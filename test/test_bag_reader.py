@@ -367,6 +367,26 @@ def test_mapped_topic_problems(tmp_path):
         TopicMap(action_field='effort')
 
 
+def test_joint_states_of_several_publishers_are_merged_by_name(tmp_path):
+    """An arm driver and a gripper driver both publishing /joint_states, each its own joints (the node merges them by
+    name too); the bag was refused ('state names change within the bag')."""
+    records = lockstep_records(state=False)
+    for k in range(10):
+        stamp = T0 + k * 100 * MS
+        records.append(vector_record(stamp - 30 * MS, [-k], 'position', names=['finger'], topic='/joint_states'))
+        records.append(vector_record(stamp - 5 * MS, [k, 2 * k], 'position', names=['j0', 'j1'],
+                                     topic='/joint_states'))
+    bag = write_bag(tmp_path / 'bag', 'mcap', records)
+    episodes = read_episodes(bag, STATE_MAP)
+    assert [len(ep) for ep in episodes] == [6, 4] and episodes[0].state_names == ['finger', 'j0', 'j1']
+    states = np.concatenate([ep.states for ep in episodes])
+    np.testing.assert_array_equal(states, [[-k, k, 2 * k] for k in range(10)])
+    records.append(vector_record(T0 + 420 * MS, [1.0, 2.0], 'position', names=['finger'], topic='/joint_states'))
+    bag = write_bag(tmp_path / 'bad', 'mcap', records)  # a JointState whose names and positions differ in length
+    with pytest.raises(BagError, match='2 positions for 1 names'):
+        read_episodes(bag, STATE_MAP)
+
+
 def test_action_width_change_within_bag(tmp_path):
     records = lockstep_records('raw', 'float32', state=False)
     records.append(vector_record(T0 + 450 * MS, [1.0, 2.0, 3.0, 4.0], 'float32'))

@@ -267,6 +267,7 @@ def _read_streams(reader: Any, path: Path, roles: dict[str, str], topic_map: Top
     streams = {role: _Stream() for role in roles}
     widths: dict[str, tuple[int, list[str], int]] = {}
     empty_actions = 0
+    joint_states: list = []  # (stamp, bag_time, positions, names) of a JointState state topic
     messages = reader.messages(connections=connections)
     total = sum(c.msgcount for c in connections)
     quiet = None if progress is None else not progress
@@ -293,6 +294,12 @@ def _read_streams(reader: Any, path: Path, roles: dict[str, str], topic_map: Top
                 if vector is None:
                     empty_actions += role == 'action'
                     continue
+                if role == 'state' and connection.msgtype == vec.JOINT_STATE:
+                    if len(names) != vector.size:
+                        raise BagError(f'{path}: {connection.topic} at stamp {stamp} ns: {vector.size} positions for '
+                                       f'{len(names)} names')
+                    joint_states.append((stamp, bag_time, vector, names))  # merged by name below
+                    continue
                 if role not in widths:
                     widths[role] = (vector.size, names, stamp)
                 width, first_names, first_stamp = widths[role]
@@ -307,6 +314,8 @@ def _read_streams(reader: Any, path: Path, roles: dict[str, str], topic_map: Top
             stream.stamps.append(stamp)
             stream.bag_times.append(bag_time)
             stream.items.append(payload)
+    if joint_states:
+        _merge_joint_states(path, roles['state'], joint_states, streams['state'])
     if empty_actions:
         logger.warning('%s: %d action messages on %s hold no values (no points / empty %s); ignored',
                        path, empty_actions, roles['action'], topic_map.action_field)
@@ -314,6 +323,29 @@ def _read_streams(reader: Any, path: Path, roles: dict[str, str], topic_map: Top
         if role in streams and not streams[role].stamps:
             raise BagError(f'{path}: {role} topic {roles[role]!r} has messages but none holds values')
     return streams
+
+
+def _merge_joint_states(path: Path, topic: str, messages: list, stream: _Stream) -> None:
+    """JointStates -> state vectors over every joint name the topic carries (first-seen order). Several publishers
+    (an arm driver, a gripper driver) commonly share /joint_states, each with its own joints: the state at a message
+    is the latest position of each name, from the first message at which every name has been seen (as the node
+    merges them)."""
+    order = list(dict.fromkeys(n for _, _, _, names in messages for n in names))
+    if all(names == order for _, _, _, names in messages):
+        for stamp, bag_time, vector, names in messages:
+            stream.stamps.append(stamp)
+            stream.bag_times.append(bag_time)
+            stream.items.append((vector, names))
+        return
+    logger.info('%s: %s holds JointStates with different names (several publishers?): merged by name into %s',
+                path, topic, order)
+    latest: dict[str, float] = {}
+    for stamp, bag_time, vector, names in messages:
+        latest.update(zip(names, vector.tolist()))
+        if len(latest) == len(order):
+            stream.stamps.append(stamp)
+            stream.bag_times.append(bag_time)
+            stream.items.append((np.array([latest[n] for n in order], np.float32), order))
 
 
 def _warn_on_clock_mismatch(path: Path, image: _Stream) -> None:
