@@ -364,6 +364,39 @@ def test_live_replay_cli_plays_a_bag_recorded_elsewhere(bags, policy_dir, tmp_pa
     assert ' /action ' in out.out and ' /action 0,' not in out.out and '/action_chunk 0' not in out.out, out.out
 
 
+def _reversed_joint_states(src, dst):
+    """The bag with its JointState states and actions listing their joints in the opposite order."""
+    typestore = get_typestore(Stores.LATEST)
+    with Reader(src) as reader, Writer(dst, version=9) as writer:
+        conns = {c.id: writer.add_connection(c.topic, c.msgtype, typestore=typestore) for c in reader.connections}
+        for c, t, raw in reader.messages():
+            if c.msgtype == 'sensor_msgs/msg/JointState':
+                m = typestore.deserialize_cdr(raw, c.msgtype)
+                m.name, m.position, m.velocity = m.name[::-1], m.position[::-1].copy(), m.velocity[::-1].copy()
+                m.effort = m.effort[::-1].copy()
+                raw = typestore.serialize_cdr(m, c.msgtype)
+            writer.write(conns[c.id], t, raw)
+
+
+def test_states_and_actions_are_matched_to_the_policy_by_name(bags, policy_dir, tmp_path):
+    """A robot whose driver lists the joints in another order than the training recordings: the node reads
+    joint_states by name, replay took the columns by position (other predictions, errors against the wrong
+    dimension). The same bag with its joints listed the other way round replays to the same chunks and errors."""
+    from blockvla_ros.evaluation.replay import ReplaySettings, load_bags, replay_variant
+    from blockvla_ros.io.bag_reader import TopicMap
+    from blockvla_ros.runtime.runner import PolicyRunner
+
+    src = bags[('sqlite3', 'jpeg', 'JointState')]
+    _reversed_joint_states(src, tmp_path / 'reversed')
+    runner = PolicyRunner.load(policy_dir / 'tiny')
+    topics = TopicMap(state='/joint_states')
+    runs = [replay_variant(runner, load_bags([path], topics, 10.0, progress=False),
+                           ReplaySettings(10.0, EXECUTE, 1), progress=False).episodes[0]
+            for path in (src, tmp_path / 'reversed')]
+    np.testing.assert_allclose(runs[1].chunks, runs[0].chunks, atol=1e-6)
+    np.testing.assert_allclose(runs[1].recorded, runs[0].recorded)
+
+
 def test_real_time_chunking_feeds_the_previous_plan(bags, policy_dir):
     """--known-steps K: each new chunk starts with the K actions the previous chunk planned for its ticks."""
     from blockvla_ros.evaluation.replay import ReplaySettings, load_bags, replay_variant

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from blockvla_ros.evaluation import metrics
 from blockvla_ros.runtime.action_output import ActionLimits, postprocess_chunk
+from blockvla_ros.io.actions import generic_names
 from blockvla_ros.io.bag_reader import BagError, Episode, TopicMap, iter_bag_paths, list_topics, read_episodes
 
 logger = logging.getLogger(__name__)
@@ -151,6 +152,28 @@ def _ticks(episode: Episode, execute_steps: int) -> list[int]:
     return list(range(0, len(episode), execute_steps))
 
 
+def _in_policy_order(episode: Episode, cfg: Any, policy: str) -> Episode:
+    """The episode's state and action columns in the policy's order of names, as the node reads joint states by name
+    (a driver may list the joints in another order, or more of them). Unnamed columns (MultiArray: dim_i) or a
+    policy without names stay as they are."""
+    import dataclasses
+
+    changes = {}
+    for attr, names_attr, want in (('states', 'state_names', list(getattr(cfg, 'state_names', []) or [])),
+                                   ('actions', 'action_names', list(getattr(cfg, 'action_names', []) or []))):
+        values, got = getattr(episode, attr), list(getattr(episode, names_attr))
+        if values is None or not want or not got or got == want or got == generic_names(len(got)) \
+                or want == generic_names(len(want)):
+            continue
+        missing = [n for n in want if n not in got]
+        if missing:
+            raise BagError(f'{episode.bag_path}: policy {policy!r} reads {attr} {want}; the bag\'s {names_attr} '
+                           f'{got} lack {missing}')
+        changes[attr] = np.ascontiguousarray(values[:, [got.index(n) for n in want]])  # [T, len(want)]
+        changes[names_attr] = want
+    return dataclasses.replace(episode, **changes) if changes else episode
+
+
 def replay_episode(runner: Any, episode: Episode, settings: ReplaySettings, episode_index: int = 0,
                    on_chunk=None) -> EpisodeReplay:
     """Predict a chunk every ``execute_steps`` ticks of ``episode`` and compare with its actions."""
@@ -161,6 +184,7 @@ def replay_episode(runner: Any, episode: Episode, settings: ReplaySettings, epis
     if needs_state and episode.states is None:
         raise BagError(f'{episode.bag_path}: policy {runner.name!r} needs a {cfg.state_dim}-dim state but the '
                        f'episode has none (map a state topic)')
+    episode = _in_policy_order(episode, cfg, runner.name)
     if episode.actions is not None and episode.actions.shape[1] != dim:
         raise BagError(f'{episode.bag_path}: recorded actions have {episode.actions.shape[1]} dims, '
                        f'policy {runner.name!r} predicts {dim}')
