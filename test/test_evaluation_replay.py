@@ -221,6 +221,21 @@ def test_two_policies_side_by_side(bags, policy_dir, tmp_path, capsys):
     assert '| figure | tiny | tiny_copy |' in (out / 'report.md').read_text()
 
 
+def test_a_second_replay_into_the_same_folder_leaves_no_plots_of_the_first(bags, policy_dir, tmp_path, capsys):
+    """The folder held the first run's trajectory plots of bags the second report does not cover; files the first
+    report did not write (the user's own) stay."""
+    out = tmp_path / 'again'
+    base = ['--policy', 'tiny', '--policy-dir', policy_dir, '--out', out, '--warmup', 0]
+    two = [a for path in list(bags.values())[:2] for a in ('--bag', path)]
+    assert _run(capsys, *two, *base)[0] == 0
+    first = set(json.loads((out / 'report.json').read_text())['plots'])
+    (out / 'notes.txt').write_text('mine')
+    assert _run(capsys, *two[:2], *base)[0] == 0
+    second = set(json.loads((out / 'report.json').read_text())['plots'])
+    assert first - second, 'the second run should cover fewer episodes'
+    assert {p.name for p in out.iterdir()} == second | {'report.json', 'report.md', 'notes.txt'}
+
+
 def _without_topic(src, dst, topic):
     """Copy a bag without one topic (rosbags Reader -> Writer, same storage)."""
     typestore = get_typestore(Stores.LATEST)

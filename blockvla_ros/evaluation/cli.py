@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import logging
 import sys
 from pathlib import Path
@@ -161,10 +162,23 @@ def run(args) -> dict:
     summaries = [v['overall'] for v in report['variants']]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    previous = _previous_plots(out)
     report['plots'] = plots.write_plots(results, summaries, settings.rate_hz, out, max_episodes=args.max_plots,
                                         progress=progress)
     write_report(report, out)
+    for name in previous - set(report['plots']):  # a former report's plots of episodes this one does not cover
+        (out / name).unlink(missing_ok=True)
     return report
+
+
+def _previous_plots(out: Path) -> set:
+    """The plot files a report already in `out` lists (only plain names of .png files in `out` itself)."""
+    try:
+        listed = json.loads((out / 'report.json').read_text()).get('plots') or []
+    except (OSError, ValueError, AttributeError):
+        return set()
+    return {n for n in listed if isinstance(n, str) and n.endswith('.png') and Path(n).name == n
+            and not n.startswith('.')}
 
 
 def _print_summary(report: dict, out: str) -> None:
