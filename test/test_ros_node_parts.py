@@ -81,6 +81,27 @@ def test_joint_states_from_several_publishers_are_merged_by_name():
     assert store.set_joint_state(['finger'], [0.01]) is None and np.allclose(store.snapshot().state, [0.6, 0.5, 0.01])
 
 
+def test_a_joint_state_publisher_that_stops_makes_the_node_hold():
+    """A gripper driver that dies leaves its last value behind: without an age check the policy would act on it
+    forever. The joint whose publisher went quiet is named; fresh values release the hold."""
+    store = InputStore(state_dim=3, state_names=['elbow', 'wrist', 'finger'])
+    store.set_image(RGB, 2.0, received=2.0)
+    store.set_instruction('go')
+    assert store.set_joint_state(['elbow', 'wrist'], [0.2, 0.3], received=1.9) is None
+    assert store.set_joint_state(['finger'], [0.04], received=1.4) is None
+    assert store.hold_reason(2.0, 0.5, 0.7) is None and store.joint_state_age(2.0) == pytest.approx(0.6)
+    assert store.hold_reason(2.0, 0.5) is None  # 0: no age check
+    why = store.hold_reason(2.0, 0.5, 0.55)
+    assert 'joint state stale (finger)' in why and '0.60 s' in why and 'max_joint_state_age_s 0.55' in why
+    assert store.set_joint_state(['finger'], [0.05], received=2.0) is None
+    assert store.hold_reason(2.0, 0.5, 0.55) is None
+    unnamed = InputStore(state_dim=2)
+    unnamed.set_image(RGB, 3.0, received=3.0)
+    unnamed.set_instruction('go')
+    assert unnamed.set_joint_state([], [1.0, 2.0], received=2.0) is None
+    assert 'joint state stale: last received 1.00 s ago' in unnamed.hold_reason(3.0, 0.5, 0.5)
+
+
 def test_worker_runs_one_job_at_a_time_and_survives_errors():
     errors = []
     worker = InferenceWorker(on_error=errors.append)

@@ -80,6 +80,7 @@ def _inputs(inputs, now: float, max_age: Optional[float], values: dict) -> None:
     values['last_instruction_error'] = c.last_instruction_error
     values['joint_states'] = c.joint_states
     values['joint_states_rejected'] = c.joint_states_rejected
+    values['joint_state_age_s'] = inputs.joint_state_age(now)
     values['last_joint_state_error'] = c.last_joint_state_error
 
 

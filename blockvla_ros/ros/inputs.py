@@ -56,6 +56,7 @@ class InputStore:
         self._state: Optional[np.ndarray] = None
         self._state_error = 'no joint state received yet'
         self._joints: dict[str, float] = {}  # policy state name -> latest position (merged over messages)
+        self._joint_times: dict[str, float] = {}  # policy state name (or '' for unnamed state) -> receive time
 
     # --- writers (executor thread) --------------------------------------------------------------------------
     def set_image(self, rgb: np.ndarray, stamp: Optional[float], received: float) -> None:
@@ -96,11 +97,13 @@ class InputStore:
                 self.counters.instructions += 1
         return reason
 
-    def set_joint_state(self, names: Sequence[str], positions: Sequence[float]) -> Optional[str]:
+    def set_joint_state(self, names: Sequence[str], positions: Sequence[float],
+                        received: Optional[float] = None) -> Optional[str]:
         """Select the policy's state from a JointState: by name when the policy names its state inputs, merged over
         messages (several publishers share /joint_states, each with its own joints; a message with none of the
         policy's joints changes nothing), else the first state_dim positions. A malformed message or a NaN / inf
-        value clears the state (the node holds) until good values replace it."""
+        value clears the state (the node holds) until good values replace it. ``received`` (node clock) dates the
+        joints it carries, for :meth:`hold_reason`'s staleness check."""
         if self.state_dim == 0:
             return None
         positions = np.asarray(positions, dtype=np.float32).reshape(-1)
@@ -108,7 +111,7 @@ class InputStore:
         if not self.state_names:
             if len(positions) < self.state_dim:
                 return self._refuse(f'joint state has {len(positions)} positions, the policy needs {self.state_dim}')
-            return self._accept(positions[:self.state_dim], {})
+            return self._accept(positions[:self.state_dim], {}, received)
         if len(positions) != len(names):
             return self._refuse(f'joint state has {len(names)} names but {len(positions)} positions')
         wanted = set(self.state_names)
@@ -121,13 +124,16 @@ class InputStore:
                 for n in bad:
                     self._joints.pop(n, None)
             return self._refuse(f'joint state positions of {bad} are NaN or inf')
-        return self._accept(None, got)
+        return self._accept(None, got, received)
 
-    def _accept(self, state: Optional[np.ndarray], joints: dict) -> Optional[str]:
+    def _accept(self, state: Optional[np.ndarray], joints: dict, received: Optional[float]) -> Optional[str]:
         if state is not None and not np.all(np.isfinite(state)):
             return self._refuse('joint state positions contain NaN or inf')
         with self._lock:
             self.counters.joint_states += 1
+            if received is not None:
+                for name in (joints or ('',)):
+                    self._joint_times[name] = float(received)
             if state is None:
                 self._joints.update(joints)
                 missing = [n for n in self.state_names if n not in self._joints]
@@ -155,8 +161,23 @@ class InputStore:
         with self._lock:
             return self._instruction
 
-    def hold_reason(self, now: float, max_image_age_s: float) -> Optional[str]:
-        """Why the node must hold now (None when the inputs are usable)."""
+    def joint_state_age(self, now: float) -> Optional[float]:
+        """Seconds since the policy's oldest state input was last received (None: no dated state yet)."""
+        with self._lock:
+            return self._joint_state_age(now)[0]
+
+    def _joint_state_age(self, now: float) -> tuple:
+        keys = self.state_names or ['']
+        times = [self._joint_times.get(k) for k in keys]
+        if not self.state_dim or any(t is None for t in times):
+            return None, []
+        oldest = min(times)
+        return now - oldest, [k for k, t in zip(keys, times) if t == oldest and k]
+
+    def hold_reason(self, now: float, max_image_age_s: float,
+                    max_joint_state_age_s: float = 0.0) -> Optional[str]:
+        """Why the node must hold now (None when the inputs are usable). ``max_joint_state_age_s`` > 0 also holds
+        when a state input was last received longer ago (its publisher stopped: a driver died)."""
         with self._lock:
             if self._image_stamp is None:
                 why = 'no camera image received yet'
@@ -177,6 +198,12 @@ class InputStore:
                                             if self.counters.last_instruction_error else ''))
             if self.state_dim and self._state is None:
                 return f'no usable joint state: {self._state_error}'
+            if self.state_dim and max_joint_state_age_s > 0:
+                age, names = self._joint_state_age(now)
+                if age is not None and age > max_joint_state_age_s:
+                    which = f' ({", ".join(names)})' if names else ''
+                    return (f'joint state stale{which}: last received {age:.2f} s ago > max_joint_state_age_s '
+                            f'{max_joint_state_age_s:g}')
             return None
 
     def snapshot(self) -> Optional[Observation]:

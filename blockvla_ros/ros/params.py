@@ -96,6 +96,8 @@ SPECS = [
          '(trajectory_msgs/JointTrajectory; absolute targets only, see trajectory_joints).'),
     Spec('max_image_age_s', 0.5, 'Hold when the newest image (header stamp vs node clock) is older.',
          low=0.001, high=3600.0, live=True),
+    Spec('max_joint_state_age_s', 0.5, 'Hold when a state input of the policy was last received on '
+         'joint_states_topic longer ago (node clock; 0: never).', low=0.0, high=3600.0, live=True),
     Spec('max_image_pixels', 4096 * 4096, 'Larger images are refused before decoding.', low=1, high=1 << 31),
     Spec('max_instruction_chars', 1000, 'Longer instructions are refused (and the node holds).',
          low=1, high=1 << 20),

@@ -117,6 +117,7 @@ class PolicyNode(PolicyParameters, LifecycleNode):
 
     def _apply_live(self, live: dict) -> None:
         self.max_image_age_s = float(live['max_image_age_s'])
+        self.max_joint_state_age_s = float(live['max_joint_state_age_s'])
         self._chunk_threshold = float(live['chunk_threshold'])
         rtc = bool(live['real_time_chunking'])
         if rtc and not self._rtc:
@@ -332,7 +333,7 @@ class PolicyNode(PolicyParameters, LifecycleNode):
         if inputs is None:
             return
         try:
-            reason = inputs.set_joint_state(msg.name, msg.position)
+            reason = inputs.set_joint_state(msg.name, msg.position, self.now_seconds())
         except Exception as e:
             reason = f'{type(e).__name__}: {e}'
         if reason:
@@ -349,7 +350,7 @@ class PolicyNode(PolicyParameters, LifecycleNode):
     def _tick(self, now_ns: int) -> None:
         now = now_ns * 1e-9
         self.ticks.tick(now)
-        reason = self.inputs.hold_reason(now, self.max_image_age_s)
+        reason = self.inputs.hold_reason(now, self.max_image_age_s, self.max_joint_state_age_s)
         if reason:
             self.queue.clear()
             self._chunks_at_hold = self.queue.stats.chunks_pushed
