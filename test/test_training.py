@@ -268,6 +268,28 @@ def test_relative_bag_paths_are_recorded_absolute_so_export_finds_them_from_anyw
     assert "['bags/']" in str(info.value) and '--no-calibrate' in str(info.value)
 
 
+def test_an_fsdp_config_naming_another_backbones_layer_class_names_this_ones():
+    """config/train/accelerate_fsdp.yaml wraps Qwen2DecoderLayer; a Llama-based backbone (SmolVLM's, Llama's) got
+    accelerate's 'Could not find the transformer layer class Qwen2DecoderLayer in the model.' and no way forward.
+    The error accelerate raises for this policy, then what training says instead."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+
+    from blockvla_ros.training.distributed import fsdp_wrap_error
+
+    from tiny import LLAMA, tiny_config
+
+    policy = BlockVLAPolicy(tiny_config(LLAMA))
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy='transformer_based_wrap',
+                                            transformer_cls_names_to_wrap=['Qwen2DecoderLayer'])
+    with pytest.raises(ValueError) as info:
+        fsdp2_prepare_auto_wrap_policy(plugin, policy)
+    message = str(fsdp_wrap_error(info.value, policy))
+    assert 'Qwen2DecoderLayer' in message and message.endswith('decoder layer class: LlamaDecoderLayer'), message
+    other = ValueError('something else')
+    assert fsdp_wrap_error(other, policy) is other
+
+
 def test_sigterm_stops_after_the_step_with_a_checkpoint(tmp_path, bags):
     import os
     import signal

@@ -52,3 +52,15 @@ def _fsdp_on_cpu(accelerator) -> None:
     accelerator.state.distributed_type = DistributedType.FSDP
     accelerator.state.fsdp_plugin = plugin
     log.info('FSDP2 on CPU over gloo: %d processes', accelerator.num_processes)
+
+
+def fsdp_wrap_error(error: ValueError, model) -> ValueError:
+    """accelerate's 'Could not find the transformer layer class X' (the FSDP config names another backbone's decoder
+    layer, e.g. the shipped Qwen2DecoderLayer for a Llama-based SmolVLM) with the classes this model has; other
+    errors as they are."""
+    if 'Could not find the transformer layer class' not in str(error):
+        return error
+    layers = sorted({type(m).__name__ for m in model.modules() if type(m).__name__.endswith('DecoderLayer')})
+    return ValueError(f'{error} Set fsdp_transformer_layer_cls_to_wrap in the accelerate config (or accelerate launch '
+                      f'--fsdp_transformer_layer_cls_to_wrap NAME) to this backbone\'s decoder layer class: '
+                      f'{", ".join(layers) or "none found"}')

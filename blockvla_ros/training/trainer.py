@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 from ..io.atomic import check_output_dir
 from ..io.file_lock import FileLock
 from .config import TrainConfig
-from .distributed import make_accelerator
+from .distributed import fsdp_wrap_error, make_accelerator
 from .sampler import mix_seed
 
 log = logging.getLogger(__name__)
@@ -153,7 +153,10 @@ def train(config: TrainConfig, episodes: Optional[Sequence] = None) -> TrainResu
         if not fsdp:
             module.to(device)
         optimizer, names = build_optimizer(policy, opts)
-        module, optimizer = accelerator.prepare(module, optimizer)
+        try:
+            module, optimizer = accelerator.prepare(module, optimizer)
+        except ValueError as e:
+            raise fsdp_wrap_error(e, policy) from None
         if opt_tensors:
             load_optimizer(module, optimizer, opt_tensors, state['optimizer_groups'], names, fsdp)
 
