@@ -344,3 +344,43 @@ def test_a_control_period_of_millennia_keeps_the_control_thread_alive_and_stoppa
         node.shutdown()
         node.destroy_node()
         rclpy.shutdown(context=context)
+
+
+def test_policy_files_overwritten_in_place_under_the_running_node(models, tmp_path):
+    """`cp -r new_export/* models/<running policy>/` truncates and rewrites the running policy's files in place. The
+    text table was memory-mapped: the next lookup of a truncated map killed the process with SIGBUS. Now the node
+    lives on, holds and says why (the file changed on disk) for as long as the running policy's files differ from
+    what it loaded."""
+    dirs = tmp_path / 'models'
+    shutil.copytree(models / 'alpha', dirs / 'alpha')
+    domain = 100 + (os.getpid() + 73) % 100
+    env = dict(os.environ, ROS_DOMAIN_ID=str(domain), ROS_AUTOMATIC_DISCOVERY_RANGE='LOCALHOST')
+    proc = subprocess.Popen(
+        [sys.executable, '-m', 'blockvla_ros.ros.policy_node', '--ros-args', '-p', 'autostart:=true',
+         '-p', 'policy:=alpha', '-p', f'policy_dirs:=["{dirs}"]', '-p', 'warmup_runs:=1', '-p', 'threads:=1',
+         '-p', 'diagnostics_period_s:=0.2'],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    context = rclpy.Context()
+    rclpy.init(context=context, domain_id=domain)
+    peer = Peer(context)
+    try:
+        peer.make_frame = peer.good_raw
+        peer.say(GOOD)
+        peer.wait_actions(policy_action(-1, 1), timeout=60)
+        tables = dirs / 'alpha' / 'tables.safetensors'
+        data = tables.read_bytes()
+        tables.write_bytes(data[:len(data) // 3])  # cp has truncated it and written a third
+        peer.say('pick up the blue block')  # a new instruction: its words are looked up in the text table
+        diag = peer.wait_diag(lambda d: 'changed on disk' in d['hold_reason'], timeout=30)  # once the queue is out
+        assert 'tables.safetensors' in diag['last_inference_error'] and 'inference failed' in diag['hold_reason']
+        tables.write_bytes(data)  # the copy is complete: still not what the running policy loaded
+        ticks = int(peer.wait_diag(lambda d: True)['ticks'])
+        peer.wait_diag(lambda d: int(d['ticks']) > ticks + 20 and 'changed on disk' in d['hold_reason'])
+        assert proc.poll() is None, 'the node died'
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+        peer.close()
+        rclpy.shutdown(context=context)
+    assert proc.returncode == 0, out[-3000:]

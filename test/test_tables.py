@@ -1,16 +1,16 @@
-"""The runtime's safetensors reader (numpy, memory-mapped) and the table lookups."""
+"""The runtime's safetensors reader (numpy; the text table read row by row from disk) and the table lookups."""
 import numpy as np
 import pytest
 import torch
 from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import save_file
 
-from blockvla_ros.runtime.tables import Tables, TablesError, quantize_text, read_safetensors
+from blockvla_ros.runtime.tables import FileRows, Tables, TablesError, quantize_text, read_safetensors
 
 from quantized_table import dequantize_reference
 
 
-def test_reader_matches_safetensors_and_memory_maps(tmp_path):
+def test_reader_matches_safetensors_and_keeps_the_text_table_on_disk(tmp_path):
     g = torch.Generator().manual_seed(0)
     data = {'text_embed': torch.randn(50, 8, generator=g), 'action_embed': torch.randn(9, 8, generator=g),
             'state_proj.weight': torch.randn(8, 3, generator=g), 'state_proj.bias': torch.randn(8, generator=g),
@@ -18,7 +18,7 @@ def test_reader_matches_safetensors_and_memory_maps(tmp_path):
             'ids': torch.arange(5)}
     save_file(data, str(tmp_path / 't.safetensors'))
     got = read_safetensors(tmp_path / 't.safetensors')
-    assert isinstance(got['text_embed'], np.memmap) and not got['text_embed'].flags.writeable
+    assert isinstance(got['text_embed'], FileRows) and not got['action_embed'].flags.writeable
     for k, v in data.items():
         assert np.array_equal(got[k], v.float().numpy() if k == 'bf' else v.numpy()), k
     t = Tables(got)
@@ -54,7 +54,7 @@ def test_offsets_outside_the_file_are_refused(tmp_path):
 
 @pytest.mark.parametrize('bits,hidden,group', [(8, 64, 32), (8, 45, 32), (4, 64, 32), (4, 45, 32), (4, 200, 64),
                                                (8, 200, 128), (4, 45, 64)])
-def test_quantized_text_rows_equal_a_numpy_reference_and_stay_memory_mapped(tmp_path, bits, hidden, group):
+def test_quantized_text_rows_equal_a_numpy_reference_and_stay_on_disk(tmp_path, bits, hidden, group):
     """int8 / int4 text tables (runtime.tables' layout): stored dtype and bytes, the group size recorded in the file
     and read back, each looked-up row equal to an element-by-element dequantization, within half a step of the float
     table; a row width that is not a multiple of the group (45, 200: a short last group, and an odd count of
@@ -70,7 +70,7 @@ def test_quantized_text_rows_equal_a_numpy_reference_and_stay_memory_mapped(tmp_
     save_numpy({**arrays, 'action_embed': np.ones((9, hidden), np.float32)}, str(tmp_path / 't.safetensors'),
                metadata=metadata)
     t = Tables.open(tmp_path / 't.safetensors')
-    assert t.text_layout == f'int{bits}' and isinstance(t.text_embed, np.memmap)  # read from the map, row by row
+    assert t.text_layout == f'int{bits}' and isinstance(t.text_embed, FileRows)  # read from the file, row by row
     assert t.text_group == group
     ids = np.array([0, 7, 123, 299, 123])
     got = t.text(ids)

@@ -8,8 +8,8 @@
       vision.onnx        vision tower + projector (static shapes; + vision.onnx.data above 16 MiB of weights)
       backbone.onnx      the decoder layers + final norm + action head, one graph for every pass (dynamic n)
       backbone.onnx.data its weights, when they pass 16 MiB (one external-data file)
-      tables.safetensors text / action embeddings, state projection (read by numpy, memory-mapped); the text
-                         table quantized at int8 / int4 (runtime.tables describes the layouts and checks them)
+      tables.safetensors text / action embeddings, state projection (read by numpy; the text table row by row
+                         from disk), the text table quantized at int8 / int4 (runtime.tables: layouts, checks)
       model.safetensors  (optional) the torch weights for engine 'torch' (a second copy of every weight)
       tokenizer files    (optional)
       manifest.json      sha256 of every other file; verified on load
@@ -329,8 +329,8 @@ def load_policy_folder(folder: str | os.PathLike) -> PolicySpec:
 
 
 def check_tables(path: Path, config: BlockVLAConfig, hidden: int) -> None:
-    """tables.safetensors reads (header, memory maps: nothing paged in), its text table has one of the layouts of
-    runtime.tables, and its sizes fit the config and the backbone's embeds width."""
+    """tables.safetensors reads (header and the small tables; the text table stays on disk), its text table has one
+    of the layouts of runtime.tables, and its sizes fit the config and the backbone's embeds width."""
     try:
         Tables.open(path).check(config.n_bins, config.state_dim, hidden, str(path))
     except (TablesError, OSError) as e:

@@ -1,9 +1,9 @@
 """The small tables the runtime applies in numpy: text and action embeddings, the state projection.
 
 They are stored once, in the policy folder's `tables.safetensors` (written by the exporter from
-`model.graphs.tables`), and read here with a ~30-line safetensors reader over a memory map: no torch, no
-safetensors package, and only the rows a prediction touches are paged in (a 150k-word embedding table costs its
-size on disk, not in RAM).
+`model.graphs.tables`), and read here with a ~30-line safetensors reader: no torch, no safetensors package. The
+text table stays on disk and only the rows a prediction touches are read (`FileRows`: a 150k-word embedding table
+costs its size on disk, not in RAM); the small tables are read into memory.
 
     text_embed    [vocab, hidden]       instruction ids (and fixed template ids) -> embeddings
     action_embed  [n_bins + 1, hidden]  action tokens and [MASK] (id n_bins) -> embeddings
@@ -27,7 +27,7 @@ it quantized; this docstring is the one description of that layout (`quantize_te
                                                              before the group was recorded)
 
 Symmetric groups of G along the row, like the backbone's MatMulNBits blocks (same size: export.precision). A lookup
-dequantizes only the rows it reads, so the memory map stays (runner RSS does not grow with the vocabulary). The
+dequantizes only the rows it reads, so the table stays on disk (runner RSS does not grow with the vocabulary). The
 width of a row comes from action_embed, which (like state_proj) stays in the graph's float type: both are small.
 Exactly one text layout per file; anything else (a wrong dtype, a scale shape that does not fit, a group that is not
 a power of two >= 16, a group recorded for a float table) is a TablesError naming the tensor or key.
@@ -37,6 +37,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import weakref
 from pathlib import Path
 from typing import Optional
 
@@ -82,13 +83,67 @@ def read_header(f, path, size: int, metadata: Optional[dict] = None) -> tuple:
     return header, 8 + n
 
 
+class _Descriptor:
+    """A file opened for reading once; closed when the last FileRows using it goes."""
+
+    def __init__(self, path: Path):
+        self.fd = os.open(path, os.O_RDONLY)
+        st = os.fstat(self.fd)
+        self.identity = (st.st_size, st.st_mtime_ns)  # the file as it was read: a change means it was rewritten
+        weakref.finalize(self, os.close, self.fd)
+
+
+class FileRows:
+    """A [rows, ...] tensor of a file whose rows are read on demand with os.pread (``np.take(rows, ids, axis=0)``).
+
+    Not a memory map: a mapped file truncated under a running policy (``cp`` over its folder rewrites files in place)
+    killed the process with SIGBUS at the next lookup. Here a lookup checks that the file is still the one that was
+    opened (size and mtime) and raises TablesError naming it otherwise; a file replaced by rename is never seen (the
+    descriptor keeps the one that was opened)."""
+
+    def __init__(self, path: Path, descriptor: _Descriptor, offset: int, dtype, shape: tuple):
+        self.path, self._file, self._offset = path, descriptor, offset
+        self.dtype, self.shape, self.ndim = np.dtype(dtype), tuple(shape), len(shape)
+        self._row = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize  # bytes per row
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def take(self, ids, axis=0, out=None, mode='raise') -> np.ndarray:
+        """Rows ``ids`` -> a new array [n, ...] (what np.take calls; ids checked by the caller)."""
+        if axis != 0 or out is not None:
+            raise NotImplementedError('FileRows.take reads whole rows (axis 0) into a new array')
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        st = os.fstat(self._file.fd)
+        if (st.st_size, st.st_mtime_ns) != self._file.identity:
+            raise TablesError(f'{self.path}: changed on disk since the policy was loaded (rewritten in place, e.g. '
+                              'copied over); load the policy again')
+        buf = bytearray(len(ids) * self._row)
+        for k, i in enumerate(ids.tolist()):
+            row = os.pread(self._file.fd, self._row, self._offset + i * self._row)
+            if len(row) != self._row:
+                raise TablesError(f'{self.path}: row {i} is beyond the end of the file (changed on disk)')
+            buf[k * self._row:(k + 1) * self._row] = row
+        return np.frombuffer(buf, self.dtype).reshape((len(ids),) + self.shape[1:])  # [n * row] -> [n, ...]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        """Every row (tests and small tables; a lookup reads only its rows)."""
+        rows = self.take(np.arange(self.shape[0]))
+        return rows if dtype is None else rows.astype(dtype)
+
+
+ON_DISK = frozenset((TEXT, SCALE, *QUANTIZED.values()))  # the text table's tensors: read row by row (FileRows)
+
+
 def read_safetensors(path: str | os.PathLike, metadata: Optional[dict] = None) -> dict:
-    """{name: read-only numpy array memory-mapped from `path`} (BF16 tensors are converted to float32); the file's
-    __metadata__ is copied into `metadata` when one is given."""
+    """{name: numpy array} of the file at `path`: the text table's tensors as FileRows (read row by row, see there),
+    the others read into memory (BF16 converted to float32); the file's __metadata__ is copied into `metadata` when
+    one is given."""
     path = Path(path)
     size = path.stat().st_size
     with open(path, 'rb') as f:
         header, start = read_header(f, path, size, metadata)
+    descriptor = _Descriptor(path)
     out = {}
     for name, info in header.items():
         try:
@@ -100,8 +155,13 @@ def read_safetensors(path: str | os.PathLike, metadata: Optional[dict] = None) -
         count = int(np.prod(shape, dtype=np.int64))
         if end - begin != count * dtype.itemsize or not 0 <= begin <= end <= size - start:
             raise TablesError(f'{path}: tensor {name!r} does not fit the file (offsets {begin}..{end})')
-        arr = np.memmap(path, dtype=dtype, mode='r', offset=start + begin, shape=shape) if count else \
-            np.zeros(shape, dtype)
+        if count and name in ON_DISK and len(shape) >= 1 and info['dtype'] != 'BF16':
+            out[name] = FileRows(path, descriptor, start + begin, dtype, shape)
+            continue
+        data = os.pread(descriptor.fd, end - begin, start + begin) if count else b''
+        if len(data) != end - begin:
+            raise TablesError(f'{path}: tensor {name!r} is cut short (the file changed while it was read)')
+        arr = np.frombuffer(data, dtype).reshape(shape) if count else np.zeros(shape, dtype)
         if info['dtype'] == 'BF16':
             arr = (arr.astype(np.uint32) << 16).view(np.float32)
         out[name] = arr
