@@ -23,6 +23,9 @@ from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.lifecycle import TransitionCallbackReturn  # noqa: E402
 from rcl_interfaces.srv import SetParameters  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy  # noqa: E402
+from sensor_msgs.msg import JointState  # noqa: E402
+from trajectory_msgs.msg import JointTrajectory  # noqa: E402
 
 from blockvla_ros.ros.policy_node import PolicyNode  # noqa: E402
 from blockvla_ros.runtime.policy_folder import write_manifest  # noqa: E402
@@ -231,6 +234,24 @@ def test_unconfigured_node_with_missing_policy_answers_and_recovers(running):
         peer.wait_diag(lambda d: 'configure failed' in d['last_error'])
     assert peer.set_param('policy', 'alpha').successful
     assert peer.transition(Transition.TRANSITION_CONFIGURE) and peer.transition(Transition.TRANSITION_ACTIVATE)
+    alive_at_rate(node, peer)
+
+
+def test_a_controller_that_cannot_receive_the_actions_is_reported(running):
+    """A controller subscribing to action or action_chunk with a QoS the node does not offer (transient-local: the
+    node's outputs are volatile) never receives a command. rclpy only logged that; /diagnostics now counts it and
+    names the topic, as for the node's own subscriptions."""
+    node, peer = running
+    latched = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+    for msg_type, topic in ((JointState, 'action'), (JointTrajectory, 'action_chunk')):
+        events = int(peer.wait_diag(lambda d: True)['qos_incompatible_events'])
+        sub = peer.node.create_subscription(msg_type, topic, lambda m: None, latched)
+        try:
+            diag = peer.wait_diag(lambda d: int(d['qos_incompatible_events']) > events
+                                  and f'incompatible QoS on {topic} ' in d['last_error'])
+            assert 'subscriber' in diag['last_error'], diag['last_error']
+        finally:
+            peer.node.destroy_subscription(sub)
     alive_at_rate(node, peer)
 
 

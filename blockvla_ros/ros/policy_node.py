@@ -28,7 +28,7 @@ import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.duration import Duration
-from rclpy.event_handler import SubscriptionEventCallbacks
+from rclpy.event_handler import PublisherEventCallbacks, SubscriptionEventCallbacks
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.signals import SignalHandlerOptions
@@ -191,6 +191,10 @@ class PolicyNode(PolicyParameters, LifecycleNode):
         def events(topic):
             return SubscriptionEventCallbacks(incompatible_qos=lambda event: self._on_incompatible_qos(topic, event))
 
+        def output_events(topic):  # a consumer (a controller) that requests more than the outputs offer gets nothing
+            return PublisherEventCallbacks(incompatible_qos=lambda event: self._on_incompatible_qos(topic, event,
+                                                                                                    output=True))
+
         image_type = CompressedImage if p.compressed else Image
         self._camera_topic = p['camera_topic']
         self._max_pixels = int(p['max_image_pixels'])
@@ -205,10 +209,12 @@ class PolicyNode(PolicyParameters, LifecycleNode):
         if state_dim:
             self._subs.append(self.create_subscription(JointState, p['joint_states_topic'], self._on_joint_state,
                                                        P.image_qos('sensor_data', 1)))
-        self._action_pub = self.create_lifecycle_publisher(JointState, p['action_topic'], P.output_qos())
+        self._action_pub = self.create_lifecycle_publisher(JointState, p['action_topic'], P.output_qos(),
+                                                           event_callbacks=output_events(p['action_topic']))
         if self._trajectory.enabled:
             self._chunk_pub = self.create_lifecycle_publisher(JointTrajectory, p['action_chunk_topic'],
-                                                              P.output_qos())
+                                                              P.output_qos(),
+                                                              event_callbacks=output_events(p['action_chunk_topic']))
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         try:
@@ -339,10 +345,14 @@ class PolicyNode(PolicyParameters, LifecycleNode):
         if reason:
             self.get_logger().warning(f'joint state refused: {reason}', throttle_duration_sec=5.0)
 
-    def _on_incompatible_qos(self, topic: str, event) -> None:
+    def _on_incompatible_qos(self, topic: str, event, output: bool = False) -> None:
         self.status.add('qos_incompatible')
-        message = (f'incompatible QoS on {topic} (policy id {event.last_policy_kind}): a publisher '
-                   'offers what this subscription cannot match; see the *_qos parameters')
+        if output:
+            message = (f'incompatible QoS on {topic} (policy id {event.last_policy_kind}): a subscriber requests '
+                       'more than this output offers (reliable, volatile, keep last 10), so it receives nothing')
+        else:
+            message = (f'incompatible QoS on {topic} (policy id {event.last_policy_kind}): a publisher '
+                       'offers what this subscription cannot match; see the *_qos parameters')
         self.status.set(last_error=message)
         self.get_logger().error(message, throttle_duration_sec=5.0)
 
