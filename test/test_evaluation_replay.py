@@ -380,20 +380,22 @@ def test_live_replay_cli_plays_a_bag_recorded_elsewhere(bags, policy_dir, tmp_pa
 
 
 def _reversed_joint_states(src, dst):
-    """The bag with its JointState states and actions listing their joints in the opposite order."""
+    """The bag with its JointState states and actions listing their joints in the opposite order, after one more
+    joint (a pan-tilt unit's)."""
     typestore = get_typestore(Stores.LATEST)
     with Reader(src) as reader, Writer(dst, version=9) as writer:
         conns = {c.id: writer.add_connection(c.topic, c.msgtype, typestore=typestore) for c in reader.connections}
         for c, t, raw in reader.messages():
             if c.msgtype == 'sensor_msgs/msg/JointState':
                 m = typestore.deserialize_cdr(raw, c.msgtype)
-                m.name, m.position, m.velocity = m.name[::-1], m.position[::-1].copy(), m.velocity[::-1].copy()
-                m.effort = m.effort[::-1].copy()
+                m.name = m.name[::-1] + ['pan']
+                m.position, m.velocity = np.append(m.position[::-1], 0.5), np.append(m.velocity[::-1], 0.0)
+                m.effort = np.zeros(len(m.name))
                 raw = typestore.serialize_cdr(m, c.msgtype)
             writer.write(conns[c.id], t, raw)
 
 
-def test_states_and_actions_are_matched_to_the_policy_by_name(bags, policy_dir, tmp_path):
+def test_states_and_actions_are_matched_to_the_policy_by_name(bags, policy_dir, tmp_path, capsys):
     """A robot whose driver lists the joints in another order than the training recordings: the node reads
     joint_states by name, replay took the columns by position (other predictions, errors against the wrong
     dimension). The same bag with its joints listed the other way round replays to the same chunks and errors."""
@@ -410,6 +412,13 @@ def test_states_and_actions_are_matched_to_the_policy_by_name(bags, policy_dir, 
             for path in (src, tmp_path / 'reversed')]
     np.testing.assert_allclose(runs[1].chunks, runs[0].chunks, atol=1e-6)
     np.testing.assert_allclose(runs[1].recorded, runs[0].recorded)
+    reports = []
+    for name, path in (('same', src), ('reversed', tmp_path / 'reversed')):  # the CLI reads bags with more joints
+        code, _, err = _run(capsys, '--bag', path, '--policy', 'tiny', '--policy-dir', policy_dir, '--warmup', 0,
+                            '--out', tmp_path / name, '--action-topic', '/joint_command')
+        assert code == 0, err
+        reports.append(json.loads((tmp_path / name / 'report.json').read_text())['variants'][0]['overall'])
+    assert reports[1]['errors'] == reports[0]['errors'] and reports[0]['errors']['pairs'] > 0
 
 
 def test_real_time_chunking_feeds_the_previous_plan(bags, policy_dir):

@@ -155,8 +155,13 @@ def run(args) -> dict:
 
     topic_map = TopicMap(image=args.image_topic, instruction=args.instruction_topic, action=args.action_topic,
                          state=args.state_topic if state_dims else None, action_field=args.action_field)
-    run = replay_bags(runners, args.bag, topic_map, settings, action_dim=dims.pop(),
-                      state_dim=state_dims.pop() if state_dims else None, progress=progress)
+    # inputs the policies name are matched by name in each episode (replay._in_policy_order), as the node reads
+    # joint states: a bag may list more joints; only unnamed ones must have the policy's width here
+    action_dim = None if all(_named(r.config.action_names) for r, _ in runners) else dims.pop()
+    state_dim = None if all(_named(r.config.state_names) for r, _ in runners) else \
+        (state_dims.pop() if state_dims else None)
+    run = replay_bags(runners, args.bag, topic_map, settings, action_dim=action_dim, state_dim=state_dim,
+                      progress=progress)
     results = run.variants
     report = build_report(results, run.bags, settings, run.read_s, wall_s=run.wall_s)
     summaries = [v['overall'] for v in report['variants']]
@@ -169,6 +174,12 @@ def run(args) -> dict:
     for name in previous - set(report['plots']):  # a former report's plots of episodes this one does not cover
         (out / name).unlink(missing_ok=True)
     return report
+
+
+def _named(names) -> bool:
+    from blockvla_ros.io.actions import generic_names
+
+    return bool(names) and list(names) != generic_names(len(names))
 
 
 def _previous_plots(out: Path) -> set:

@@ -185,6 +185,9 @@ def replay_episode(runner: Any, episode: Episode, settings: ReplaySettings, epis
         raise BagError(f'{episode.bag_path}: policy {runner.name!r} needs a {cfg.state_dim}-dim state but the '
                        f'episode has none (map a state topic)')
     episode = _in_policy_order(episode, cfg, runner.name)
+    if needs_state and episode.states.shape[1] != cfg.state_dim:
+        raise BagError(f'{episode.bag_path}: recorded states have {episode.states.shape[1]} dims, '
+                       f'policy {runner.name!r} reads {cfg.state_dim}')
     if episode.actions is not None and episode.actions.shape[1] != dim:
         raise BagError(f'{episode.bag_path}: recorded actions have {episode.actions.shape[1]} dims, '
                        f'policy {runner.name!r} predicts {dim}')
