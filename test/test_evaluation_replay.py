@@ -379,6 +379,21 @@ def test_live_replay_cli_plays_a_bag_recorded_elsewhere(bags, policy_dir, tmp_pa
     assert ' /action ' in out.out and ' /action 0,' not in out.out and '/action_chunk 0' not in out.out, out.out
 
 
+@pytest.mark.ros
+def test_live_replay_of_a_bag_the_node_cannot_act_on_says_why(bags, policy_dir, tmp_path, capsys):
+    """The policy reads joint states and the bag has none: the node holds throughout. The run reported only the
+    topics it recorded ('/diagnostics 9') and exit code 0; now the hold reason from the node's diagnostics."""
+    from blockvla_ros.evaluation import live
+
+    bag = tmp_path / 'no_state'
+    _without_topic(bags[('sqlite3', 'jpeg', 'JointState')], bag, '/joint_states')
+    code = live.main(['--bag', str(bag), '--policy', 'tiny', '--policy-dir', str(policy_dir), '--out',
+                      str(tmp_path / 'live'), '--control-rate-hz', '10', '--settle-s', '0.5'])
+    err = capsys.readouterr().err
+    assert code == 1 and 'published no action' in err and 'no usable joint state' in err, err
+    assert 'shutting down' not in err  # the harness's own stop is no reason
+
+
 def _reversed_joint_states(src, dst):
     """The bag with its JointState states and actions listing their joints in the opposite order, after one more
     joint (a pan-tilt unit's)."""

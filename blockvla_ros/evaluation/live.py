@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -265,7 +266,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f'blockvla-live-replay: error: {err}', file=sys.stderr)
         return 2
     print(f'wrote {result.output_bag}: ' + ', '.join(f'{t} {n}' for t, n in sorted(result.counts.items())))
+    if not result.counts.get(_absolute('action', args.namespace)):
+        reasons = hold_reasons(result.logs.get('policy_node', ''))
+        print('blockvla-live-replay: error: the node published no action: it held for the whole bag ('
+              + ('; '.join(reasons) if reasons else 'it logged no reason') + ')', file=sys.stderr)
+        return 1
     return 0
+
+
+def hold_reasons(node_log: str) -> list:
+    """The node's last distinct hold reasons (it logs 'holding: <why>' at each change), oldest first."""
+    found = [r.strip() for r in re.findall(r'\]: holding: (.*)$', node_log, flags=re.MULTILINE)
+             if r.strip() != 'shutting down']  # the final hold when this harness stops the node (policy_node)
+    last = list(dict.fromkeys(reversed(found)))[:3]  # most recent first, distinct
+    return last[::-1]
 
 
 if __name__ == '__main__':
