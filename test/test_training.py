@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from blockvla_ros.io.bag_reader import BagError, Episode
 from blockvla_ros.model.action_tokenizer import ActionTokenizer, NormStats
@@ -437,6 +438,45 @@ def test_yaml_config_overrides_and_print(tmp_path, capsys):
         load_train_config(path, ['model.train_mode=ar'])
     assert cli.main(['--config', str(path), 'train.steps=7', '--print-config']) == 0
     assert 'steps: 7' in capsys.readouterr().out
+
+
+
+@pytest.mark.parametrize('override, message', [
+    ('train.lr=null', 'train.lr must be a finite number, got None'),
+    ('train.lr=.inf', 'train.lr must be a finite number'),
+    ('data.rate_hz=true', 'data.rate_hz must be a finite number'),
+    ('train.warmup_steps=abc', 'train.warmup_steps must be an integer'),
+    ('train.keep_checkpoints=abc', 'train.keep_checkpoints must be an integer'),
+    ('data.val_max_windows=abc', 'data.val_max_windows must be an integer'),
+    ('train.progress=maybe', 'train.progress must be true or false'),
+    ('train.lora.enabled=maybe', 'train.lora.enabled must be true or false'),
+    ('train.lora=5', 'train.lora must be a mapping'),
+    ('train.lora.target_modules=q_proj', 'train.lora.target_modules must be a list'),
+    ('train.betas=[a,b]', r'train.betas must be two numbers in \[0, 1\)'),
+    ('train.betas=[2,3]', r'train.betas must be two numbers in \[0, 1\)'),
+    ('train.seed=-1', 'train.seed must be an int >= 0'),
+    ('train.out_dir=null', 'train.out_dir must be a non-empty string'),
+    ('data.topics.image=5', 'data.topics.image must be a topic name'),
+    ('data.bags=[1]', 'data.bags must be a list of paths'),
+    ('model=5', 'model must be a mapping'),
+    ('train=5', 'train must be a mapping'),
+])
+def test_a_wrong_type_in_any_key_is_an_error_naming_the_key(tmp_path, override, message):
+    """These reached a TypeError / AttributeError traceback from a comparison (or, train.seed=-1, numpy's
+    'expected non-negative integer' after the bags were read)."""
+    path = tmp_path / 'c.yaml'
+    make_config(tmp_path / 'o', ['x']).save(path)
+    with pytest.raises(ValueError, match=message):
+        load_train_config(path, [override])
+
+
+def test_cli_path_flags_stay_strings(tmp_path, capsys):
+    """--out 2024 was parsed as YAML (an int), --resume 'a: b' as a mapping."""
+    path = tmp_path / 'c.yaml'
+    make_config(tmp_path / 'o', ['x']).save(path)
+    assert cli.main(['--config', str(path), '--out', '2024', '--resume', 'runs/a: b', '--print-config']) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)['train']
+    assert printed['out_dir'] == '2024' and printed['resume'] == 'runs/a: b'
 
 
 def test_the_shipped_configs_are_valid():

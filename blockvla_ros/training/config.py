@@ -10,6 +10,7 @@ Relative paths are resolved against the current directory. A documented example:
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,9 @@ class DataConfig:
     val_max_windows: int = 256  # cap on validation windows (evenly spaced over the validation set)
 
     def validate(self):
+        check_types(self, 'data')
+        _need(all(isinstance(b, str) and b for b in self.bags),
+              f'data.bags must be a list of paths, got {self.bags!r:.80}')
         _need(self.rate_hz > 0, f'data.rate_hz must be > 0, got {self.rate_hz}')
         _need(0.0 <= self.val_fraction < 1.0, f'data.val_fraction must be in [0, 1), got {self.val_fraction}')
         _need(self.tail in TAILS, f'data.tail must be one of {TAILS}, got {self.tail!r}')
@@ -54,6 +58,8 @@ class DataConfig:
         known = {f.name for f in dataclasses.fields(TopicMap)}
         unknown = sorted(set(self.topics) - known)
         _need(not unknown, f'data.topics: unknown keys {unknown}; known: {sorted(known)}')
+        for key, topic in self.topics.items():
+            _need(topic is None or isinstance(topic, str), f'data.topics.{key} must be a topic name, got {topic!r:.60}')
 
     def topic_map(self):
         from ..io.bag_reader import TopicMap
@@ -73,6 +79,9 @@ class LoraConfig:
                                                           'gate_proj', 'up_proj', 'down_proj'])
 
     def validate(self):
+        check_types(self, 'train.lora')
+        _need(all(isinstance(m, str) and m for m in self.target_modules),
+              f'train.lora.target_modules must be a list of module names, got {self.target_modules!r:.80}')
         _need(isinstance(self.r, int) and self.r > 0, f'train.lora.r must be a positive int, got {self.r!r}')
         _need(self.alpha > 0, 'train.lora.alpha must be > 0')
         _need(0.0 <= self.dropout < 1.0, 'train.lora.dropout must be in [0, 1)')
@@ -111,6 +120,7 @@ class TrainOptions:
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     def validate(self):
+        check_types(self, 'train')
         _need(self.mode in TRAIN_MODES, f'train.mode must be one of {TRAIN_MODES}, got {self.mode!r}')
         for name in ('steps', 'batch_size', 'grad_accum', 'log_interval', 'eval_interval', 'save_interval'):
             value = getattr(self, name)
@@ -119,7 +129,9 @@ class TrainOptions:
               f'train.batch_size {self.batch_size} must be divisible by train.grad_accum {self.grad_accum}')
         _need(self.lr > 0 and self.weight_decay >= 0 and self.grad_clip >= 0, 'train.lr must be > 0, '
               'weight_decay and grad_clip >= 0')
-        _need(isinstance(self.betas, (list, tuple)) and len(self.betas) == 2, 'train.betas must be two numbers')
+        _need(len(self.betas) == 2 and all(_is_number(b) and 0.0 <= b < 1.0 for b in self.betas),
+              f'train.betas must be two numbers in [0, 1), got {self.betas!r:.60}')
+        _need(self.seed >= 0, f'train.seed must be an int >= 0, got {self.seed}')
         _need(self.warmup_steps >= 0 and 0.0 <= self.min_lr_ratio <= 1.0, 'train.warmup_steps must be >= 0 and '
               'train.min_lr_ratio in [0, 1]')
         _need(self.precision in PRECISIONS, f'train.precision must be one of {PRECISIONS}, got {self.precision!r}')
@@ -150,6 +162,8 @@ class TrainConfig:
         if isinstance(self.train, dict):
             raw = dict(self.train)
             lora = raw.pop('lora', None) or {}
+            _need(isinstance(lora, (dict, LoraConfig)),
+                  f'train.lora must be a mapping of LoRA settings, got {lora!r:.60}')
             self.train = _build(TrainOptions, raw, 'train')
             self.train.lora = _build(LoraConfig, lora, 'train.lora') if isinstance(lora, dict) else lora
         _need(isinstance(self.model, dict), 'model must be a mapping of BlockVLAConfig fields')
@@ -190,6 +204,10 @@ class TrainConfig:
         unknown = sorted(set(data) - {'model', 'data', 'train'})
         if unknown:
             raise ValueError(f'unknown top-level config sections {unknown}; expected model, data, train')
+        for name in ('model', 'data', 'train'):
+            section = data.get(name)
+            if section is not None and not isinstance(section, dict):
+                raise ValueError(f'{name} must be a mapping of settings, got {section!r:.60}')
         return cls(model=dict(data.get('model') or {}), data=dict(data.get('data') or {}),
                    train=dict(data.get('train') or {}))
 
@@ -273,6 +291,31 @@ def coerce_floats(cls, values: dict, section: str) -> dict:
             except ValueError:
                 raise ValueError(f'{section}.{f.name} must be a number, got {value!r}') from None
     return out
+
+
+_TYPES = {'int': 'an integer', 'float': 'a finite number', 'bool': 'true or false', 'str': 'a non-empty string',
+          'list': 'a list', 'dict': 'a mapping'}
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_types(obj, section: str) -> None:
+    """Each field holds a value of its annotated type (null only where Optional), named in the error: the range
+    checks that follow, and the trainer, then never meet a string or a null."""
+    for f in dataclasses.fields(obj):
+        kind, value = str(f.type), getattr(obj, f.name)
+        if kind.startswith('Optional['):
+            if value is None:
+                continue
+            kind = kind[len('Optional['):-1]
+        if kind not in _TYPES:
+            continue
+        ok = {'int': lambda v: isinstance(v, int) and not isinstance(v, bool), 'float': _is_number,
+              'bool': lambda v: isinstance(v, bool), 'str': lambda v: isinstance(v, str) and v != '',
+              'list': lambda v: isinstance(v, list), 'dict': lambda v: isinstance(v, dict)}[kind](value)
+        _need(ok, f'{section}.{f.name} must be {_TYPES[kind]}, got {value!r:.60}')
 
 
 def _need(cond: bool, msg: str) -> None:
