@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 
@@ -43,8 +44,8 @@ def main(argv=None) -> int:
     extra = list(args.overrides)
     for flag, key in ((args.max_steps, 'train.max_steps'), (args.time_budget, 'train.time_budget_s'),
                       (args.resume, 'train.resume'), (args.out, 'train.out_dir')):
-        if flag is not None:
-            extra.append(f'{key}={flag}')
+        if flag is not None:  # JSON is YAML: a path stays a string ('--out 2024', '--resume a: b')
+            extra.append(f'{key}={json.dumps(flag)}')
     if args.no_progress:
         extra.append('train.progress=false')
     try:
