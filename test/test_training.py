@@ -408,6 +408,14 @@ def test_nan_actions_are_skipped_counted_and_reported(tmp_path, caplog):
     assert 'skipped 3 ticks with NaN/inf actions' in caplog.text
 
 
+def test_a_batch_larger_than_the_training_set_is_refused_before_the_first_step(tmp_path, bags):
+    """train.batch_size=100000 on 38 windows built a 100000-window batch: the process was killed for memory without a
+    word (the sampler repeats windows to fill a batch)."""
+    with pytest.raises(ValueError, match=r'train.batch_size 100000 is larger than the training set \(\d+ windows'):
+        train(make_config(tmp_path / 'big', [bags / 'mcap_raw'], batch_size=100000))
+    assert not (tmp_path / 'big' / 'checkpoints').exists()
+
+
 def test_cli_reports_bad_input_without_a_traceback(tmp_path, bags, capsys):
     cfg = tmp_path / 'train.yaml'
     make_config(tmp_path / 'run', [bags / 'mcap_raw']).save(cfg)
@@ -438,7 +446,6 @@ def test_yaml_config_overrides_and_print(tmp_path, capsys):
         load_train_config(path, ['model.train_mode=ar'])
     assert cli.main(['--config', str(path), 'train.steps=7', '--print-config']) == 0
     assert 'steps: 7' in capsys.readouterr().out
-
 
 
 @pytest.mark.parametrize('override, message', [
