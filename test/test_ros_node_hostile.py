@@ -123,6 +123,21 @@ def test_folders_with_wrong_types_are_refused_with_an_answer(running):
     alive_at_rate(node, peer)
 
 
+def test_a_policy_yaml_of_megabytes_is_refused_by_its_size(running, models):
+    """policy.yaml is ~15 kB (~0.5 MB with a full calibration table). A 3 MB one of small values (1.5 M list items)
+    took the set-callback ~35 s of YAML parsing before its value count refused it (14 MB: 162 s), with the executor,
+    so /diagnostics, images and the lifecycle service (deactivate), held all that time; its size refuses it now."""
+    node, peer = running
+    folder = shutil.copytree(models / 'alpha', models / 'yaml_3mb')
+    with open(folder / 'policy.yaml', 'a') as f:
+        f.write('padding: [' + ','.join(['1'] * 1_500_000) + ']\n')
+    write_manifest(folder)
+    result = peer.set_param('policy', 'yaml_3mb')
+    assert not result.successful and 'bytes; policy.yaml is at most' in result.reason, result.reason[:300]
+    assert peer.get_param('policy') == 'alpha'
+    alive_at_rate(node, peer)
+
+
 def test_policy_dirs_and_other_parameters_are_read_only(running, models):
     """Issue 13 item 5: deactivate, cleanup, point policy_dirs at / -> refused; an outside folder never loads.
     use_sim_time (rclpy's own parameter) too: set live, it froze the node's clock (no action, not even a hold), and

@@ -21,7 +21,9 @@ from pathlib import PurePosixPath
 from typing import Any
 
 MAX_ABS_VALUE = 1e6
-MAX_DESCRIPTION_BYTES = 16 << 20  # policy.yaml, stats.json, manifest.json: kB in practice
+MAX_DESCRIPTION_BYTES = 16 << 20  # stats.json, manifest.json (JSON, parsed in C): kB in practice
+MAX_POLICY_BYTES = 2 << 20  # policy.yaml: ~15 kB, ~0.5 MB with a full calibration table. YAML is slow to parse
+#                              (a 14 MB list of small values took 162 s, in a node's parameter callback)
 MAX_DOCUMENT_NODES = 1 << 20  # values in a parsed document, YAML aliases expanded (a "billion laughs" is refused)
 MAX_TENSOR_ELEMENTS = 1 << 30
 MAX_DIMS = 8
