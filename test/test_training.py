@@ -233,6 +233,28 @@ def test_stopped_and_resumed_run_continues_the_same_loss_curve(tmp_path, bags):
     assert again.stopped == 'nothing_to_do' and again.step == 12
 
 
+@pytest.mark.parametrize('damaged', ['trainable.safetensors', 'optimizer.safetensors'])
+def test_a_damaged_checkpoint_is_refused_naming_the_file(tmp_path, damaged):
+    """A truncated training-state file (a partial copy, a failing disk) raised safetensors' own SafetensorError:
+    blockvla-train printed a traceback instead of its error line."""
+    from safetensors.torch import save_file
+
+    from blockvla_ros.training.checkpoint import STATE_DIR, load_training_state
+
+    ckpt = tmp_path / 'step_00000010'
+    (ckpt / STATE_DIR).mkdir(parents=True)
+    for name in ('config.json', 'stats.json'):
+        (ckpt / name).write_text('{}')
+    save_file({'w': torch.zeros(4)}, str(ckpt / 'model.safetensors'))
+    (ckpt / STATE_DIR / 'state.json').write_text(json.dumps({'format': 1, 'step': 10}))
+    for name in ('trainable.safetensors', 'optimizer.safetensors'):
+        save_file({'w': torch.zeros(4)}, str(ckpt / STATE_DIR / name))
+    assert load_training_state(ckpt)[2]['step'] == 10
+    (ckpt / STATE_DIR / damaged).write_bytes((ckpt / STATE_DIR / damaged).read_bytes()[:20])
+    with pytest.raises(ValueError, match=f'{damaged}: not a readable safetensors file.*--resume never'):
+        load_training_state(ckpt)
+
+
 def test_time_budget_stops_with_a_checkpoint(tmp_path, bags):
     result = train(make_config(tmp_path / 'tb', [bags / 'mcap_raw'], steps=1000, time_budget_s=1e-3))
     assert result.stopped == 'time_budget' and result.step == 1

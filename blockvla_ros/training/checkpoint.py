@@ -151,5 +151,14 @@ def load_training_state(path: str | Path) -> tuple[dict, dict, dict]:
     if state.get('format') != FORMAT:
         raise ValueError(f'{sdir / "state.json"}: unknown checkpoint format {state.get("format")!r}')
     opt_file = sdir / 'optimizer.safetensors'
-    optimizer = load_file(str(opt_file)) if opt_file.is_file() else {}
-    return load_file(str(sdir / 'trainable.safetensors')), optimizer, state
+    optimizer = _load_tensors(load_file, opt_file) if opt_file.is_file() else {}
+    return _load_tensors(load_file, sdir / 'trainable.safetensors'), optimizer, state
+
+
+def _load_tensors(load_file, path: Path) -> dict:
+    """A damaged file (copied in part, a failing disk) is a ValueError naming it, not safetensors' own error."""
+    try:
+        return load_file(str(path))
+    except Exception as e:  # SafetensorError, OSError: safetensors has no common base class to catch
+        raise ValueError(f'{path}: not a readable safetensors file ({e}); the checkpoint is damaged: resume from '
+                         f'another one (--resume <checkpoint>) or start over (--resume never)') from None
