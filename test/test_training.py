@@ -255,6 +255,22 @@ def test_a_damaged_checkpoint_is_refused_naming_the_file(tmp_path, damaged):
         load_training_state(ckpt)
 
 
+def test_a_run_never_writes_into_a_folder_holding_a_later_run(tmp_path, bags):
+    """train.resume=never (or an older checkpoint) on a folder holding checkpoints: the saver kept the old step_N
+    where the new run reached N, pruning deleted others and metrics.jsonl was restarted: two runs mixed silently."""
+    out = tmp_path / 'run'
+    first = train(make_config(out, [bags / 'mcap_raw'], steps=4, save_interval=2, eval_interval=100,
+                              eval_decode_samples=0))
+    before = {p.name: (p / 'model.safetensors').read_bytes() for _, p in list_checkpoints(out)}
+    metrics = (out / 'metrics.jsonl').read_text()
+    with pytest.raises(ValueError, match=r'already holds checkpoints of another run \(steps \[2, 4\]\): resume it'):
+        train(make_config(out, [bags / 'mcap_raw'], steps=4, lr=1e-3, resume='never'))
+    with pytest.raises(ValueError, match=r'steps \[4\]\) past step 2 of .*step_00000002: this run would mix'):
+        train(make_config(out, [bags / 'mcap_raw'], steps=4, resume=str(out / 'checkpoints' / 'step_00000002')))
+    assert {p.name: (p / 'model.safetensors').read_bytes() for _, p in list_checkpoints(out)} == before
+    assert (out / 'metrics.jsonl').read_text() == metrics and first.step == 4
+
+
 def test_time_budget_stops_with_a_checkpoint(tmp_path, bags):
     result = train(make_config(tmp_path / 'tb', [bags / 'mcap_raw'], steps=1000, time_budget_s=1e-3))
     assert result.stopped == 'time_budget' and result.step == 1

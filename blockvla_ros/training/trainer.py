@@ -138,6 +138,8 @@ def train(config: TrainConfig, episodes: Optional[Sequence] = None) -> TrainResu
             trainable, opt_tensors, state = load_training_state(resume)
             saved_stats = NormStats.load(resume / 'stats.json')
             log.info('resuming from %s (step %d)', resume, state['step'])
+        if main:
+            _refuse_mixing_runs(out_dir, resume, int(state.get('step', 0)))
 
         train_eps, val_eps, model_cfg, report = assemble.read_and_split(config, episodes, main and opts.progress)
         stats = assemble.resolve_stats(train_eps, model_cfg, saved_stats)
@@ -270,6 +272,22 @@ def train(config: TrainConfig, episodes: Optional[Sequence] = None) -> TrainResu
         _release(accelerator)
         if lock is not None:
             lock.release()
+
+
+def _refuse_mixing_runs(out_dir: Path, resume: Optional[Path], start: int) -> None:
+    """A run never writes into a folder holding checkpoints past its starting step: the saver keeps an existing
+    step_N (so the folder would mix two runs' weights), pruning deletes the old ones and metrics.jsonl is restarted."""
+    from .checkpoint import list_checkpoints
+
+    later = [step for step, _ in list_checkpoints(out_dir) if step > start]
+    if not later:
+        return
+    steps = f'{later[:3]}{"..." * (len(later) > 3)}'
+    held = f'train.out_dir {out_dir} already holds checkpoints of another run (steps {steps})'
+    if resume is None:
+        raise ValueError(f'{held}: resume it (train.resume=auto), or pick another train.out_dir; nothing was changed')
+    raise ValueError(f'{held} past step {start} of {resume}: this run would mix with them; pick another '
+                     'train.out_dir (or move those checkpoints away); nothing was changed')
 
 
 def _check_resume(state: dict, config: TrainConfig, data, world: int) -> None:
