@@ -186,6 +186,31 @@ def test_swap_flood_ends_with_the_parameter_naming_the_running_policy(running):
     peer.wait_diag(lambda d: d['pending_policy'] == '' and d['policy'] == 'alpha', timeout=60)
 
 
+def test_a_failed_swap_does_not_undo_a_newer_set(running, models):
+    """Set a folder that fails to load, then at once one that is fine but slow to validate (a 1 GB listed file to
+    hash): the failure lands while the second set is being validated. The revert of the failed swap used to set the
+    parameter back to the running policy after that newer, accepted set, so the operator's choice was silently
+    dropped; now only the failed set is undone and the newer one loads."""
+    node, peer = running
+    broken = shutil.copytree(models / 'alpha', models / 'broken_graph')
+    (broken / 'backbone.onnx').write_bytes(b'not an onnx graph')
+    write_manifest(broken)
+    slow = shutil.copytree(models / 'beta', models / 'beta_slow')
+    with open(slow / 'pad.bin', 'wb') as f:
+        f.truncate(1 << 30)  # sparse: nothing written, but hashed at every validation
+    write_manifest(slow)
+    assert peer.set_param('policy', 'broken_graph').successful
+    result = peer.set_param('policy', 'beta_slow')
+    assert result.successful, result.reason
+    peer.wait_diag(lambda d: 'broken_graph' in d['last_swap_error'], timeout=60)
+    peer.wait_diag(lambda d: d['pending_policy'] == '' and d['requested_policy'] == 'beta_slow'
+                   and d['policy'] == 'beta', timeout=60)  # beta_slow is beta's copy: its policy.yaml names beta
+    assert peer.get_param('policy') == 'beta_slow'
+    alive_at_rate(node, peer, 9.0, 11.0)
+    assert peer.set_param('policy', 'alpha').successful
+    peer.wait_diag(lambda d: d['pending_policy'] == '' and d['policy'] == 'alpha', timeout=60)
+
+
 def test_a_new_instruction_starts_a_fresh_chunk(running):
     """Issue 13 item 10: with real-time chunking on, a changed instruction is not a continuation of the old chunk."""
     node, peer = running

@@ -83,7 +83,10 @@ class PolicyParameters:
     def _apply_revert(self) -> None:
         try:
             name, self._revert_policy = self._revert_policy, None
-            if name is not None:
+            policies = self.policies
+            # only while the manager still asks for it: a set accepted since the failure (validated while the load
+            # failed) is the operator's newer choice, and is loading now
+            if name is not None and (policies is None or policies.requested == name):
                 self.set_parameters([Parameter('policy', value=name)])
         except Exception as e:
             self.status.add('callback_errors')
