@@ -4,8 +4,8 @@ The set-callback only validates (values; for ``policy``: resolve inside the poli
 compare the action space with the running policy). Everything but ``policy`` and the live knobs is read-only after
 start-up (rclpy refuses those sets from the descriptor; the set-callback refuses rclpy's own ``use_sim_time``). The
 post-set callback hands the new ``policy`` to the PolicyManager's swap state machine; a load that fails sets the
-parameter back to the running policy (on the executor, through a guard condition) and says why in the log and
-/diagnostics.
+parameter back to the running policy (on the executor, through a guard condition, unless a newer set was accepted
+meanwhile) and says why in the log and /diagnostics.
 
 No exception may leave these callbacks: one escaping a parameter callback ends rclpy's executor (the node dies and
 the caller never gets an answer), so each callback catches everything at its boundary, counts it and answers.
