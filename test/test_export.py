@@ -2,6 +2,7 @@
 import hashlib
 import json
 import os
+import re
 
 import numpy as np
 import onnx
@@ -171,6 +172,22 @@ def test_parity_samples_zero_says_not_checked_and_refuses_a_required_agreement(e
     rc = cli.main(['--checkpoint', str(ckpt), '--out', str(tmp_path / 'refused'), '--parity-samples', '0',
                    '--min-agreement', '0.9', '--no-calibrate', '-q'])
     assert rc == 1 and 'parity_samples' in capsys.readouterr().err and not (tmp_path / 'refused').exists()
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--tolerance', '-1'], r'--tolerance\) must be a positive number, got -1'),
+    (['--tolerance', 'nan'], r'--tolerance\) must be a positive number, got nan'),
+    (['--min-agreement', '5'], r'--min-agreement\) must be in \[0, 1\], got 5'),
+    (['--threads', '-2'], r'--threads\) must be >= 0'),
+    (['--inline-limit-mb', '-1'], r'--inline-limit-mb\) must be >= 0'),
+    (['--fp16'], '--fp16 makes FP16 TensorRT engines and needs --trt'),
+])
+def test_bad_export_options_are_refused_before_any_work(exported, tmp_path, capsys, flags, message):
+    """--tolerance -1 / --min-agreement 5 ran the whole export and then failed parity with figures that matched
+    (max diff 9.5e-07, agreement 1.000); --fp16 without --trt was silently ignored (an fp32 folder)."""
+    ckpt, _ = exported
+    assert cli.main(['--checkpoint', str(ckpt), '--out', str(tmp_path / 'out'), '--no-calibrate', '-q', *flags]) == 1
+    assert re.search(message, capsys.readouterr().err) and not (tmp_path / 'out').exists()
 
 
 @pytest.mark.skipif(cuda_device_count()[0] > 0, reason='this machine has a GPU')

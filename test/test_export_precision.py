@@ -115,7 +115,7 @@ def node_k_n(node, block: int) -> int:
 def test_required_token_agreement_is_enforced_and_keeps_no_folder(ckpt, tmp_path):
     out = tmp_path / 'models' / 'int4'
     with pytest.raises(ExportParityError, match='token agreement'):
-        _export(ckpt, out, 'int4', min_agreement=1.01)  # no decoding can agree on 101 % of its tokens
+        _export(ckpt, out, 'int4', min_agreement=1.0)  # int4 rounding changes some of the tiny policy's tokens
     assert not out.exists()
 
 

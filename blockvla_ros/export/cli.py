@@ -89,6 +89,9 @@ def main(argv=None) -> int:
                         format='%(asctime)s %(levelname)s %(name)s: %(message)s')
     try:
         check_output_dir(args.out)  # before any work
+        if args.fp16 and not args.trt:
+            raise ValueError('--fp16 makes FP16 TensorRT engines and needs --trt; an fp16 policy folder is '
+                             '--precision fp16')
         if args.trt:
             require_cuda_device('blockvla-export --trt')  # before any work
         if args.opset is not None and not 18 <= args.opset <= 20:

@@ -21,6 +21,7 @@ import datetime
 import gc
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -188,6 +189,7 @@ def export_policy(checkpoint: str | Path, out: str | Path, *, name: Optional[str
     if parity_samples < 0 or (parity_samples == 0 and min_agreement > 0):
         raise ValueError(f'parity_samples must be >= 0 and > 0 when a minimum token agreement ({min_agreement}) is '
                          f'required, got {parity_samples}')
+    _check_parity_options(tolerance, min_agreement, threads, inline_limit)
     policy, stats = load_checkpoint(checkpoint)
     quant_block_size = check_quant_block_size(precision, quant_block_size, policy.hidden_size)
     train_config = _calibration_source(checkpoint) if calibration is not None else None
@@ -315,6 +317,19 @@ def _policy_doc(shapes, config, stats, name, graphs, tokenizer_files, torch_weig
                    'created_utc': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
                    'checkpoint': str(checkpoint.resolve())},
     }
+
+
+def _check_parity_options(tolerance: float, min_agreement: float, threads: Optional[int], inline_limit: int) -> None:
+    """Refused before any work: a negative tolerance or an agreement above 1 let the whole export run and then
+    failed its parity check with a figure that matched."""
+    if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance > 0):
+        raise ValueError(f'the parity tolerance (--tolerance) must be a positive number, got {tolerance}')
+    if not (isinstance(min_agreement, (int, float)) and 0.0 <= min_agreement <= 1.0):
+        raise ValueError(f'the minimum token agreement (--min-agreement) must be in [0, 1], got {min_agreement}')
+    if threads is not None and threads < 0:
+        raise ValueError(f'threads (--threads) must be >= 0 (0: the libraries\' defaults), got {threads}')
+    if inline_limit < 0:
+        raise ValueError(f'the inline limit (--inline-limit-mb) must be >= 0, got {inline_limit / 2**20:g} MiB')
 
 
 def _record_parity(policy, folder: Path, samples: int, threads: Optional[int],
