@@ -387,6 +387,23 @@ def test_joint_states_of_several_publishers_are_merged_by_name(tmp_path):
         read_episodes(bag, STATE_MAP)
 
 
+def test_state_names_pick_joints_of_the_joint_states_by_name(tmp_path):
+    """A policy reading 2 of the 3 joints two publishers share on /joint_states, in its own order: the state waits
+    only for those joints, and a name the topic lacks is an error naming the joints it has."""
+    records = lockstep_records(state=False)
+    for k in range(10):
+        stamp = T0 + k * 100 * MS
+        records.append(vector_record(stamp - 30 * MS, [-k], 'position', names=['finger'], topic='/joint_states'))
+        records.append(vector_record(stamp - 5 * MS, [k, 2 * k], 'position', names=['j0', 'j1'],
+                                     topic='/joint_states'))
+    bag = write_bag(tmp_path / 'bag', 'mcap', records)
+    episodes = read_episodes(bag, STATE_MAP, state_names=['j1', 'j0'])
+    assert episodes[0].state_names == ['j1', 'j0']
+    np.testing.assert_array_equal(np.concatenate([ep.states for ep in episodes]), [[2 * k, k] for k in range(10)])
+    with pytest.raises(BagError, match=r"\['wrist'\].*'/joint_states'.*\['finger', 'j0', 'j1'\]"):
+        read_episodes(bag, STATE_MAP, state_names=['j0', 'wrist'])
+
+
 def test_action_width_change_within_bag(tmp_path):
     records = lockstep_records('raw', 'float32', state=False)
     records.append(vector_record(T0 + 450 * MS, [1.0, 2.0, 3.0, 4.0], 'float32'))

@@ -12,7 +12,7 @@ ends half a period after the last image, state or action of the segment.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Any
@@ -260,7 +260,8 @@ class _Stream:
 
 
 def _read_streams(reader: Any, path: Path, roles: dict[str, str], topic_map: TopicMap,
-                  use_header_stamps: bool, progress: bool | None) -> dict[str, _Stream]:
+                  use_header_stamps: bool, progress: bool | None,
+                  state_names: Sequence[str] | None = None) -> dict[str, _Stream]:
     """Deserialize the mapped topics once; images stay messages until picked by a tick."""
     by_topic = {topic: role for role, topic in roles.items()}
     connections = [c for c in reader.connections if c.topic in by_topic]
@@ -315,7 +316,7 @@ def _read_streams(reader: Any, path: Path, roles: dict[str, str], topic_map: Top
             stream.bag_times.append(bag_time)
             stream.items.append(payload)
     if joint_states:
-        _merge_joint_states(path, roles['state'], joint_states, streams['state'])
+        _merge_joint_states(path, roles['state'], joint_states, streams['state'], state_names)
     if empty_actions:
         logger.warning('%s: %d action messages on %s hold no values (no points / empty %s); ignored',
                        path, empty_actions, roles['action'], topic_map.action_field)
@@ -325,23 +326,32 @@ def _read_streams(reader: Any, path: Path, roles: dict[str, str], topic_map: Top
     return streams
 
 
-def _merge_joint_states(path: Path, topic: str, messages: list, stream: _Stream) -> None:
-    """JointStates -> state vectors over every joint name the topic carries (first-seen order). Several publishers
-    (an arm driver, a gripper driver) commonly share /joint_states, each with its own joints: the state at a message
-    is the latest position of each name, from the first message at which every name has been seen (as the node
-    merges them)."""
-    order = list(dict.fromkeys(n for _, _, _, names in messages for n in names))
-    if all(names == order for _, _, _, names in messages):
-        for stamp, bag_time, vector, names in messages:
+def _merge_joint_states(path: Path, topic: str, messages: list, stream: _Stream,
+                        select: Sequence[str] | None = None) -> None:
+    """JointStates -> state vectors over every joint name the topic carries (first-seen order), or over the joints
+    ``select`` names, in that order (a policy reading some of the robot's joints). Several publishers (an arm driver,
+    a gripper driver) commonly share /joint_states, each with its own joints: the state at a message is the latest
+    position of each name, from the first message at which every name has been seen (as the node merges them)."""
+    found = list(dict.fromkeys(n for _, _, _, names in messages for n in names))
+    order = list(select) if select else found
+    missing = [n for n in order if n not in found]
+    if missing:
+        raise BagError(f'{path}: state names {missing} are not among the joints of {topic!r}: {found}')
+    if all(names == found for _, _, _, names in messages):
+        index = [found.index(n) for n in order]
+        for stamp, bag_time, vector, _ in messages:
             stream.stamps.append(stamp)
             stream.bag_times.append(bag_time)
-            stream.items.append((vector, names))
+            stream.items.append((vector[index] if select else vector, order))
         return
     logger.info('%s: %s holds JointStates with different names (several publishers?): merged by name into %s',
                 path, topic, order)
+    wanted = set(order)
     latest: dict[str, float] = {}
     for stamp, bag_time, vector, names in messages:
-        latest.update(zip(names, vector.tolist()))
+        if wanted.isdisjoint(names):
+            continue  # another publisher's joints only: the state does not change
+        latest.update((n, v) for n, v in zip(names, vector.tolist()) if n in wanted)
         if len(latest) == len(order):
             stream.stamps.append(stamp)
             stream.bag_times.append(bag_time)
@@ -372,7 +382,8 @@ def read_episodes(path: str | Path, topic_map: TopicMap | None = None, rate_hz: 
                   require_actions: bool = True, action_dim: int | None = None, state_dim: int | None = None,
                   use_header_stamps: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS,
                   value_max: float | None = None, progress: bool | None = None,
-                  max_image_age_s: float = MAX_IMAGE_AGE_S) -> list[Episode]:
+                  max_image_age_s: float = MAX_IMAGE_AGE_S,
+                  state_names: Sequence[str] | None = None) -> list[Episode]:
     """Read one bag into episodes (one per instruction segment), aligned at ``rate_hz``.
 
     require_actions=False accepts a bag without the action topic (actions=None). action_dim /
@@ -380,7 +391,8 @@ def read_episodes(path: str | Path, topic_map: TopicMap | None = None, rate_hz: 
     dropped, counted in ``Episode.stats`` and logged. ``max_pixels`` and ``value_max`` go to
     the image conversion; ``progress`` shows a bar (None: only on a terminal). A segment ends at a
     gap longer than ``max_image_age_s`` in the camera stream (the dropped ticks are counted and
-    warned about) instead of repeating the last image and action across the gap.
+    warned about) instead of repeating the last image and action across the gap. ``state_names`` picks those joints,
+    in that order, from a JointState state topic that carries more (unnamed MultiArray states are read whole).
     """
     path = Path(path)
     topic_map = topic_map or TopicMap()
@@ -394,7 +406,7 @@ def read_episodes(path: str | Path, topic_map: TopicMap | None = None, rate_hz: 
         if not sum(counts.values()):
             raise BagError(f'{path}: bag is empty (no messages; topics: {_describe(topics)})')
         roles = _resolve_topics(path, topics, counts, topic_map, require_actions)
-        streams = _read_streams(reader, path, roles, topic_map, use_header_stamps, progress)
+        streams = _read_streams(reader, path, roles, topic_map, use_header_stamps, progress, state_names)
     finally:
         reader.close()
 
