@@ -433,6 +433,26 @@ def test_empty_and_corrupt_bags_are_errors_or_skipped_with_a_warning(tmp_path, b
         load_episodes(_data([tmp_path / 'nothing']).data, model, progress=False)
 
 
+def test_model_state_names_pick_the_policys_joints_from_a_wider_joint_state(tmp_path):
+    """A robot's /joint_states carries more joints (arm + fingers) than the policy reads: model.state_names picks them
+    by name, in that order (training required the state width to equal every joint of the message)."""
+    from blockvla_ros.training.assemble import read_and_split
+
+    _write_bag(tmp_path / 'bag', np.zeros((12, 3), np.float32))  # JointState names x, y; x = 0.1 k, y = 0
+    config = _data([tmp_path / 'bag'])
+    config.model.update(state_dim=1, state_names=['x'])
+    episodes, _ = load_episodes(config.data, config.model_config(), progress=False)
+    np.testing.assert_allclose(np.concatenate([ep.states for ep in episodes])[:, 0], 0.1 * np.arange(12), atol=1e-6)
+    assert episodes[0].state_names == ['x']
+    assert read_and_split(config, progress=False)[2].state_names == ['x']  # what policy.yaml names as state inputs
+    config.model.update(state_dim=2, state_names=['y', 'x'])
+    episodes, _ = load_episodes(config.data, config.model_config(), progress=False)
+    assert episodes[0].state_names == ['y', 'x'] and np.all(episodes[0].states[:, 0] == 0)
+    config.model.update(state_dim=1, state_names=['wrist'])
+    with pytest.raises(BagError, match=r"\['wrist'\].*'/joint_states'.*\['x', 'y'\]"):
+        load_episodes(config.data, config.model_config(), progress=False)
+
+
 def test_nan_actions_are_skipped_counted_and_reported(tmp_path, caplog):
     actions = np.tile(np.array([[0.1, -0.2, 0.0]], np.float32), (12, 1))
     actions[[3, 7], 1] = np.nan
