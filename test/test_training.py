@@ -353,7 +353,7 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint(tmp_path, bags):
 
 
 # --- bad input -------------------------------------------------------------------------------------------------------
-def _write_bag(path, actions, storage='mcap', with_messages=True, width=None):
+def _write_bag(path, actions, storage='mcap', with_messages=True, width=None, instruction=True):
     """A bag written with rosbags directly (RecordingWriter refuses NaN): 32x32 images, state, Float32 actions."""
     from rosbags.rosbag2 import StoragePlugin, Writer
     from rosbags.typesys import Stores, get_typestore
@@ -365,7 +365,7 @@ def _write_bag(path, actions, storage='mcap', with_messages=True, width=None):
         conns = {name: w.add_connection(topic, t, typestore=ts) for name, topic, t in (
             ('image', '/camera/image_raw', 'sensor_msgs/msg/Image'), ('text', '/instruction', 'std_msgs/msg/String'),
             ('state', '/joint_states', 'sensor_msgs/msg/JointState'),
-            ('action', '/joint_command', 'std_msgs/msg/Float32MultiArray'))}
+            ('action', '/joint_command', 'std_msgs/msg/Float32MultiArray')) if instruction or name != 'text'}
         if not with_messages:
             return path
         t0 = 1_700_000_000 * 10**9
@@ -382,7 +382,7 @@ def _write_bag(path, actions, storage='mcap', with_messages=True, width=None):
                     'action': T['std_msgs/msg/Float32MultiArray'](
                         layout=T['std_msgs/msg/MultiArrayLayout'](dim=[], data_offset=0),
                         data=np.asarray(action, np.float32))}
-            if k == 0:
+            if k == 0 and instruction:
                 msgs['text'] = T['std_msgs/msg/String'](data='touch the red block')
             for name, msg in msgs.items():
                 w.write(conns[name], t, ts.serialize_cdr(msg, msg.__msgtype__))
@@ -451,6 +451,21 @@ def test_model_state_names_pick_the_policys_joints_from_a_wider_joint_state(tmp_
     config.model.update(state_dim=1, state_names=['wrist'])
     with pytest.raises(BagError, match=r"\['wrist'\].*'/joint_states'.*\['x', 'y'\]"):
         load_episodes(config.data, config.model_config(), progress=False)
+
+
+def test_a_bag_without_an_instruction_topic_trains_on_data_instruction(tmp_path, bags):
+    """Recordings of one task often carry no instruction topic: data.instruction gives the text; a bag that has the
+    topic as well, or neither, is an error saying which."""
+    _write_bag(tmp_path / 'bag', np.zeros((12, 3), np.float32), instruction=False)
+    config = _data([tmp_path / 'bag'], instruction='pick up the cube')
+    episodes, _ = load_episodes(config.data, config.model_config(), progress=False)
+    assert [(ep.instruction, len(ep)) for ep in episodes] == [('pick up the cube', 12)]
+    with pytest.raises(BagError, match=r"'/instruction' is not in the bag.*train with data.instruction"):
+        load_episodes(_data([tmp_path / 'bag']).data, config.model_config(), progress=False)
+    with pytest.raises(BagError, match=r"mcap_raw.*has instruction topic '/instruction' and data.instruction"):
+        load_episodes(_data([bags / 'mcap_raw'], instruction='pick').data, config.model_config(), progress=False)
+    with pytest.raises(ValueError, match='data.instruction'):
+        _data([tmp_path / 'bag'], instruction=' ')
 
 
 def test_nan_actions_are_skipped_counted_and_reported(tmp_path, caplog):

@@ -206,7 +206,7 @@ def _describe(topics: dict[str, str]) -> str:
 
 
 def _resolve_topics(path: Path, topics: dict[str, str], counts: dict[str, int], topic_map: TopicMap,
-                    require_actions: bool) -> dict[str, str]:
+                    require_actions: bool, instruction: str | None = None) -> dict[str, str]:
     """{role: topic} for the roles present in this bag, after checking names and types."""
     def missing(role: str, topic: str) -> BagError:
         return BagError(f'{path}: mapped {role} topic {topic!r} is not in the bag (map it with data.topics.{role} '
@@ -220,9 +220,15 @@ def _resolve_topics(path: Path, topics: dict[str, str], counts: dict[str, int], 
     if image not in topics:
         raise missing('image', topic_map.image)
     roles['image'] = image
-    if topic_map.instruction not in topics:
-        raise missing('instruction', topic_map.instruction)
-    roles['instruction'] = topic_map.instruction
+    if instruction is not None:
+        if counts.get(topic_map.instruction, 0):
+            raise BagError(f'{path}: has instruction topic {topic_map.instruction!r} and data.instruction is '
+                           f'{instruction!r}: use one (drop data.instruction to read the topic)')
+    elif topic_map.instruction not in topics:
+        err = missing('instruction', topic_map.instruction)
+        raise BagError(f'{err}; bags without an instruction topic train with data.instruction (the task text)')
+    else:
+        roles['instruction'] = topic_map.instruction
     if topic_map.state is not None:
         if topic_map.state not in topics:
             raise missing('state', topic_map.state)
@@ -383,7 +389,7 @@ def read_episodes(path: str | Path, topic_map: TopicMap | None = None, rate_hz: 
                   use_header_stamps: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS,
                   value_max: float | None = None, progress: bool | None = None,
                   max_image_age_s: float = MAX_IMAGE_AGE_S,
-                  state_names: Sequence[str] | None = None) -> list[Episode]:
+                  state_names: Sequence[str] | None = None, instruction: str | None = None) -> list[Episode]:
     """Read one bag into episodes (one per instruction segment), aligned at ``rate_hz``.
 
     require_actions=False accepts a bag without the action topic (actions=None). action_dim /
@@ -393,6 +399,8 @@ def read_episodes(path: str | Path, topic_map: TopicMap | None = None, rate_hz: 
     gap longer than ``max_image_age_s`` in the camera stream (the dropped ticks are counted and
     warned about) instead of repeating the last image and action across the gap. ``state_names`` picks those joints,
     in that order, from a JointState state topic that carries more (unnamed MultiArray states are read whole).
+    ``instruction`` is the text of a bag without an instruction topic: one episode over the whole bag (a bag with
+    the topic is then an error).
     """
     path = Path(path)
     topic_map = topic_map or TopicMap()
@@ -405,7 +413,7 @@ def read_episodes(path: str | Path, topic_map: TopicMap | None = None, rate_hz: 
             counts[c.topic] = counts.get(c.topic, 0) + c.msgcount
         if not sum(counts.values()):
             raise BagError(f'{path}: bag is empty (no messages; topics: {_describe(topics)})')
-        roles = _resolve_topics(path, topics, counts, topic_map, require_actions)
+        roles = _resolve_topics(path, topics, counts, topic_map, require_actions, instruction)
         streams = _read_streams(reader, path, roles, topic_map, use_header_stamps, progress, state_names)
     finally:
         reader.close()
@@ -429,7 +437,9 @@ def read_episodes(path: str | Path, topic_map: TopicMap | None = None, rate_hz: 
     images = _ImageDecoder(path, roles['image'], image_stamps, image_msgs, max_pixels, value_max)
 
     episodes = []
-    for start, end, text in _segments(streams['instruction']):
+    segments = _segments(streams['instruction']) if 'instruction' in streams else \
+        [(int(image_stamps[0]), None, instruction.strip())]
+    for start, end, text in segments:
         seg = align_segment(start, end, rate_hz, first_seen, last_obs, image_stamps, vectors,
                             int(max_image_age_s * 1e9))
         if seg.stats.get('dropped_stale_image'):

@@ -68,7 +68,8 @@ def load_episodes(data: DataConfig, model: BlockVLAConfig, progress: bool = True
         report.bags += 1
         try:
             found = read_episodes(path, topic_map, data.rate_hz, use_header_stamps=data.use_header_stamps,
-                                  progress=False, state_names=model.state_names or None)
+                                  progress=False, state_names=model.state_names or None,
+                                  instruction=data.instruction)
             found = [_check_widths(ep, model, topic_map, names, report) for ep in found]
         except BagError as err:
             if data.on_bad_bag == 'error':

@@ -33,6 +33,7 @@ class DataConfig:
 
     bags: list = field(default_factory=list)  # bag dirs, .mcap/.db3 files or directories of bags (one dataset)
     topics: dict = field(default_factory=dict)  # TopicMap fields: image, instruction, action, state, action_field
+    instruction: Optional[str] = None  # fixed instruction text for bags without an instruction topic
     rate_hz: float = 10.0  # control rate: ticks are aligned on header stamps at this rate
     val_fraction: float = 0.1  # share of episodes held out (split by episode, never by window)
     tail: str = 'repeat'  # windows near the episode end: 'repeat' the last action to fill H, or 'drop' them
@@ -45,6 +46,8 @@ class DataConfig:
         check_types(self, 'data')
         _need(all(isinstance(b, str) and b for b in self.bags),
               f'data.bags must be a list of paths, got {self.bags!r:.80}')
+        _need(self.instruction is None or self.instruction.strip() != '',
+              'data.instruction must be the task text or null (read the instruction topic)')
         _need(self.rate_hz > 0, f'data.rate_hz must be > 0, got {self.rate_hz}')
         _need(0.0 <= self.val_fraction < 1.0, f'data.val_fraction must be in [0, 1), got {self.val_fraction}')
         _need(self.tail in TAILS, f'data.tail must be one of {TAILS}, got {self.tail!r}')
