@@ -1,6 +1,7 @@
 """Training subpackage: real rosbag2 recordings (mcap + sqlite3, raw + compressed), tiny models, a few dozen steps."""
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -269,6 +270,28 @@ def test_a_run_never_writes_into_a_folder_holding_a_later_run(tmp_path, bags):
         train(make_config(out, [bags / 'mcap_raw'], steps=4, resume=str(out / 'checkpoints' / 'step_00000002')))
     assert {p.name: (p / 'model.safetensors').read_bytes() for _, p in list_checkpoints(out)} == before
     assert (out / 'metrics.jsonl').read_text() == metrics and first.step == 4
+
+
+def test_a_checkpoint_that_cannot_be_written_is_an_error_line_and_leaves_no_partial_folder(tmp_path, bags, capsys):
+    """A full disk (here: a real EFBIG from RLIMIT_FSIZE, as ENOSPC on a full disk) made blockvla-train end in a
+    SafetensorError traceback."""
+    import resource
+    import signal
+
+    cfg = tmp_path / 'c.yaml'
+    make_config(tmp_path / 'run', [bags / 'mcap_raw'], steps=2, save_interval=1, eval_interval=100,
+                eval_decode_samples=0).save(cfg)
+    limits, old_handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, limits[1]))  # the tiny policy's weights are ~0.7 MB
+    try:
+        rc = cli.main(['--config', str(cfg), '--no-progress'])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, old_handler)
+    err = capsys.readouterr().err
+    assert rc == 2 and 'blockvla-train: error: cannot write the checkpoint' in err and 'step_00000001' in err, err
+    assert 'no checkpoint was saved' in err and 'Traceback' not in err
+    assert os.listdir(tmp_path / 'run' / 'checkpoints') == []  # the temporary folder is gone
 
 
 def test_time_budget_stops_with_a_checkpoint(tmp_path, bags):

@@ -118,6 +118,25 @@ def save_checkpoint(path: Path, *, policy_config, policy_state: dict, stats, tra
     """Write one checkpoint directory atomically (see the module docstring for the layout)."""
     from safetensors.torch import save_file
 
+    try:
+        _write_checkpoint(path, policy_config, policy_state, stats, train_config, trainable, optimizer_tensors, state,
+                          extra_files, save_file)
+    except Exception as e:  # a full disk, a read-only folder: OSError, or safetensors' own error type
+        if not isinstance(e, OSError) and type(e).__name__ != 'SafetensorError':
+            raise
+        kept = latest_checkpoint(path.parent.parent)
+        raise CheckpointWriteError(f'cannot write the checkpoint {path} ({e}); nothing was replaced: '
+                                   f'{"the newest checkpoint is " + str(kept) if kept else "no checkpoint was saved"}'
+                                   ) from None
+    return path
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, no permission); the ones before it are untouched."""
+
+
+def _write_checkpoint(path, policy_config, policy_state, stats, train_config, trainable, optimizer_tensors, state,
+                      extra_files, save_file) -> None:
     with atomic_directory(path) as tmp:
         policy_config.save(tmp / 'config.json')
         save_file({k: v.detach().contiguous().cpu() for k, v in policy_state.items()}, str(tmp / 'model.safetensors'))
@@ -130,7 +149,6 @@ def save_checkpoint(path: Path, *, policy_config, policy_state: dict, stats, tra
         save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(sdir / 'trainable.safetensors'))
         save_file(optimizer_tensors, str(sdir / 'optimizer.safetensors'))
         atomic_write_text(sdir / 'state.json', json.dumps({'format': FORMAT, **state}, indent=2))
-    return path
 
 
 def load_training_state(path: str | Path) -> tuple[dict, dict, dict]:

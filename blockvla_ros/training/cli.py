@@ -62,7 +62,7 @@ def main(argv=None) -> int:
 
     try:
         result = train(config)
-    except (BagError, LockedError, ValueError, FileNotFoundError, NotADirectoryError, ImportError) as e:
+    except (BagError, LockedError, ValueError, OSError, ImportError) as e:  # OSError: disk full, no permission
         print(f'blockvla-train: error: {e}', file=sys.stderr)
         return 2
     if result is not None and _is_main():
