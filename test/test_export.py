@@ -190,6 +190,28 @@ def test_bad_export_options_are_refused_before_any_work(exported, tmp_path, caps
     assert re.search(message, capsys.readouterr().err) and not (tmp_path / 'out').exists()
 
 
+def test_a_folder_that_cannot_be_written_is_an_error_line_and_keeps_the_old_one(exported, tmp_path, capsys):
+    """A full disk (a real EFBIG from RLIMIT_FSIZE here) ended the export in onnx_ir's OSError traceback."""
+    import resource
+    import signal
+
+    ckpt, _ = exported
+    out = tmp_path / 'models' / 'pick'
+    out.mkdir(parents=True)
+    (out / 'old.txt').write_text('previous export')
+    limits, old_handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, limits[1]))  # the tiny policy's graphs are ~0.7 MB
+    try:
+        rc = cli.main(['--checkpoint', str(ckpt), '--out', str(out), '--threads', '1', '--parity-samples', '1',
+                       '--no-calibrate', '-q', '--inline-limit-mb', '0'])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, old_handler)
+    err = capsys.readouterr().err
+    assert rc == 1 and 'blockvla-export: error: cannot write the policy folder' in err and 'Traceback' not in err, err
+    assert os.listdir(out) == ['old.txt'] and os.listdir(tmp_path / 'models') == ['pick']
+
+
 @pytest.mark.skipif(cuda_device_count()[0] > 0, reason='this machine has a GPU')
 def test_trt_without_gpu_fails_at_once_naming_onnxruntime(exported, tmp_path, capsys):
     ckpt, _ = exported

@@ -114,6 +114,10 @@ def main(argv=None) -> int:
             PolicyFolderError, ValueError, FileNotFoundError, NotADirectoryError, ImportError) as e:
         print(f'blockvla-export: error: {e}', file=sys.stderr)
         return 2 if isinstance(e, GPUUnavailableError) else 1
+    except OSError as e:  # a full disk or a folder without write permission, while writing the folder
+        print(f'blockvla-export: error: cannot write the policy folder {args.out} ({e}: disk full or no permission?); '
+              'the folder was not replaced', file=sys.stderr)
+        return 1
     print(f'policy folder: {report.folder}  ({report.seconds:.1f} s)')
     print(f'{"graph":<10} {"file":<16} opset  ops')
     for key, file in report.graphs.items():
