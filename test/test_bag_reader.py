@@ -367,15 +367,22 @@ def test_mapped_topic_problems(tmp_path):
         TopicMap(action_field='effort')
 
 
-def test_joint_states_of_several_publishers_are_merged_by_name(tmp_path):
-    """An arm driver and a gripper driver both publishing /joint_states, each its own joints (the node merges them by
-    name too); the bag was refused ('state names change within the bag')."""
+def two_joint_state_publishers() -> list:
+    """Lock-step records without a state, plus /joint_states from two publishers each tick: a gripper's 'finger'
+    (= -k) 30 ms before an arm's 'j0', 'j1' (= k, 2k)."""
     records = lockstep_records(state=False)
     for k in range(10):
         stamp = T0 + k * 100 * MS
         records.append(vector_record(stamp - 30 * MS, [-k], 'position', names=['finger'], topic='/joint_states'))
         records.append(vector_record(stamp - 5 * MS, [k, 2 * k], 'position', names=['j0', 'j1'],
                                      topic='/joint_states'))
+    return records
+
+
+def test_joint_states_of_several_publishers_are_merged_by_name(tmp_path):
+    """An arm driver and a gripper driver both publishing /joint_states, each its own joints (the node merges them by
+    name too); the bag was refused ('state names change within the bag')."""
+    records = two_joint_state_publishers()
     bag = write_bag(tmp_path / 'bag', 'mcap', records)
     episodes = read_episodes(bag, STATE_MAP)
     assert [len(ep) for ep in episodes] == [6, 4] and episodes[0].state_names == ['finger', 'j0', 'j1']
@@ -390,12 +397,7 @@ def test_joint_states_of_several_publishers_are_merged_by_name(tmp_path):
 def test_state_names_pick_joints_of_the_joint_states_by_name(tmp_path):
     """A policy reading 2 of the 3 joints two publishers share on /joint_states, in its own order: the state waits
     only for those joints, and a name the topic lacks is an error naming the joints it has."""
-    records = lockstep_records(state=False)
-    for k in range(10):
-        stamp = T0 + k * 100 * MS
-        records.append(vector_record(stamp - 30 * MS, [-k], 'position', names=['finger'], topic='/joint_states'))
-        records.append(vector_record(stamp - 5 * MS, [k, 2 * k], 'position', names=['j0', 'j1'],
-                                     topic='/joint_states'))
+    records = two_joint_state_publishers()
     bag = write_bag(tmp_path / 'bag', 'mcap', records)
     episodes = read_episodes(bag, STATE_MAP, state_names=['j1', 'j0'])
     assert episodes[0].state_names == ['j1', 'j0']

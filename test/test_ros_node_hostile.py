@@ -348,18 +348,25 @@ def test_shutdown_transition_while_active_ends_with_a_hold(models):
         rclpy.shutdown(context=context)
 
 
+def node_process(policy_dir, salt: int, *params: str):
+    """The policy node as its own process (policy alpha from ``policy_dir``, autostart) on a domain of its own, and a
+    peer in this process on that domain: (process, context, peer)."""
+    domain = 100 + (os.getpid() + salt) % 100
+    env = dict(os.environ, ROS_DOMAIN_ID=str(domain), ROS_AUTOMATIC_DISCOVERY_RANGE='LOCALHOST')
+    args = ['autostart:=true', 'policy:=alpha', f'policy_dirs:=["{policy_dir}"]', 'warmup_runs:=1', 'threads:=1',
+            *params]
+    proc = subprocess.Popen([sys.executable, '-m', 'blockvla_ros.ros.policy_node', '--ros-args',
+                             *[x for a in args for x in ('-p', a)]],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    context = rclpy.Context()
+    rclpy.init(context=context, domain_id=domain)
+    return proc, context, Peer(context)
+
+
 def test_sigterm_while_acting_ends_with_a_hold_and_a_clean_exit(models):
     """systemd, docker stop and ros2 launch's escalation send SIGTERM: the node publishes its final hold before the
     context goes, and exits 0 without a traceback (Ctrl-C: test_ros_policy_node's process test)."""
-    domain = 100 + (os.getpid() + 67) % 100
-    env = dict(os.environ, ROS_DOMAIN_ID=str(domain), ROS_AUTOMATIC_DISCOVERY_RANGE='LOCALHOST')
-    proc = subprocess.Popen(
-        [sys.executable, '-m', 'blockvla_ros.ros.policy_node', '--ros-args', '-p', 'autostart:=true',
-         '-p', 'policy:=alpha', '-p', f'policy_dirs:=["{models}"]', '-p', 'warmup_runs:=1', '-p', 'threads:=1'],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    context = rclpy.Context()
-    rclpy.init(context=context, domain_id=domain)
-    peer = Peer(context)
+    proc, context, peer = node_process(models, 67)
     try:
         peer.make_frame = peer.good_raw
         peer.say(GOOD)
@@ -416,16 +423,7 @@ def test_policy_files_overwritten_in_place_under_the_running_node(models, tmp_pa
     what it loaded."""
     dirs = tmp_path / 'models'
     shutil.copytree(models / 'alpha', dirs / 'alpha')
-    domain = 100 + (os.getpid() + 73) % 100
-    env = dict(os.environ, ROS_DOMAIN_ID=str(domain), ROS_AUTOMATIC_DISCOVERY_RANGE='LOCALHOST')
-    proc = subprocess.Popen(
-        [sys.executable, '-m', 'blockvla_ros.ros.policy_node', '--ros-args', '-p', 'autostart:=true',
-         '-p', 'policy:=alpha', '-p', f'policy_dirs:=["{dirs}"]', '-p', 'warmup_runs:=1', '-p', 'threads:=1',
-         '-p', 'diagnostics_period_s:=0.2'],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    context = rclpy.Context()
-    rclpy.init(context=context, domain_id=domain)
-    peer = Peer(context)
+    proc, context, peer = node_process(dirs, 73, 'diagnostics_period_s:=0.2')
     try:
         peer.make_frame = peer.good_raw
         peer.say(GOOD)
