@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+from blockvla_ros.io.actions import generic_names
 from blockvla_ros.io.bag_reader import BagError, Episode
 from blockvla_ros.model.action_tokenizer import ActionTokenizer, NormStats
 from blockvla_ros.model.policy import BlockVLAPolicy
@@ -473,6 +474,27 @@ def test_model_state_names_pick_the_policys_joints_from_a_wider_joint_state(tmp_
     assert episodes[0].state_names == ['y', 'x'] and np.all(episodes[0].states[:, 0] == 0)
     config.model.update(state_dim=1, state_names=['wrist'])
     with pytest.raises(BagError, match=r"\['wrist'\].*'/joint_states'.*\['x', 'y'\]"):
+        load_episodes(config.data, config.model_config(), progress=False)
+
+
+def test_model_action_names_order_the_bags_columns_by_name(bags):
+    """model.action_names in another order than a JointTrajectory's joint_names: the columns follow the names (they
+    kept the bag's order under the given labels, so the node would publish each action under another joint's name);
+    a name the bag lacks is an error naming model.action_names."""
+    from blockvla_ros.training.assemble import read_and_split
+
+    config = _data([bags / 'mcap_raw'])
+    plain, _ = load_episodes(config.data, config.model_config(), progress=False)
+    bag_names = plain[0].action_names
+    assert len(bag_names) == 3 and bag_names != generic_names(3)
+    given = bag_names[::-1]
+    config.model.update(action_names=given)
+    episodes, report = load_episodes(config.data, config.model_config(), progress=False)
+    assert episodes[0].action_names == given and report.reordered_bags
+    np.testing.assert_array_equal(episodes[0].actions, plain[0].actions[:, ::-1])
+    assert read_and_split(config, progress=False)[2].action_names == given
+    config.model.update(action_names=[*bag_names[:2], 'wrist'])
+    with pytest.raises(BagError, match=r"action names .* differ from .*'wrist'\] \(model.action_names\)"):
         load_episodes(config.data, config.model_config(), progress=False)
 
 

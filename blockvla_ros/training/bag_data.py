@@ -62,7 +62,7 @@ def load_episodes(data: DataConfig, model: BlockVLAConfig, progress: bool = True
                          'to the width of that topic, or remove data.topics.state')
     report = LoadReport()
     episodes: list[Episode] = []
-    names: dict = {}
+    names: dict = {'action': list(model.action_names)} if model.action_names else {}  # given names lead
     paths = bag_paths(data)
     for path in tqdm(paths, desc='reading bags', unit='bag', disable=not progress):
         report.bags += 1
@@ -95,7 +95,9 @@ def load_episodes(data: DataConfig, model: BlockVLAConfig, progress: bool = True
 
 
 def _check_widths(ep: Episode, model: BlockVLAConfig, topic_map, names: dict, report: LoadReport) -> Episode:
-    """Action/state widths must match the policy; names must match the first bag (reordered if only permuted)."""
+    """Action/state widths must match the policy; names must match model.action_names when given, else the first
+    bag's (columns reordered when only permuted: the policy's names label its columns, so a bag's names in another
+    order must not relabel them)."""
     checks = [('action', 'actions', 'action_names', model.action_dim, topic_map.action, 'model.action_dim')]
     if model.state_dim:
         checks.append(('state', 'states', 'state_names', model.state_dim, topic_map.state, 'model.state_dim'))
@@ -114,7 +116,9 @@ def _check_widths(ep: Episode, model: BlockVLAConfig, topic_map, names: dict, re
         if got == want or got == generic_names(width):
             continue  # equal, or this bag has no names (MultiArray): columns match by position
         if sorted(got) != sorted(want):
-            raise BagError(f'{ep.bag_path}: {role} names {got} differ from {want} (first bag of the dataset)')
+            source = (f'model.{name_attr}' if want == list(getattr(model, name_attr) or [])
+                      else 'first bag of the dataset')
+            raise BagError(f'{ep.bag_path}: {role} names {got} differ from {want} ({source})')
         order = [got.index(n) for n in want]
         setattr(ep, attr, np.ascontiguousarray(values[:, order]))  # [T, D] columns in the dataset's order
         setattr(ep, name_attr, list(want))
