@@ -2,6 +2,7 @@
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -526,12 +527,13 @@ def test_nan_actions_are_skipped_counted_and_reported(tmp_path, caplog):
     assert 'skipped 3 ticks with NaN/inf actions' in caplog.text
 
 
-def test_a_batch_larger_than_the_training_set_is_refused_before_the_first_step(tmp_path, bags):
-    """train.batch_size=100000 on 38 windows built a 100000-window batch: the process was killed for memory without a
-    word (the sampler repeats windows to fill a batch)."""
-    with pytest.raises(ValueError, match=r'train.batch_size 100000 is larger than the training set \(\d+ windows'):
-        train(make_config(tmp_path / 'big', [bags / 'mcap_raw'], batch_size=100000))
-    assert not (tmp_path / 'big' / 'checkpoints').exists()
+def test_a_batch_larger_than_the_training_set_is_named_in_a_warning(tmp_path, bags, caplog):
+    """The sampler repeats windows to fill a batch larger than the training set: it trains (smoke runs and overfit
+    checks do this: benchmarks/convergence.py's test) and says so, naming the key."""
+    with caplog.at_level(logging.WARNING):
+        train(make_config(tmp_path / 'big', [bags / 'mcap_raw'], batch_size=64, steps=1, eval_interval=10,
+                          save_interval=10))
+    assert re.search(r'train.batch_size 64 is larger than the training set \(\d+ windows', caplog.text)
 
 
 def test_cli_reports_bad_input_without_a_traceback(tmp_path, bags, capsys):

@@ -138,10 +138,11 @@ def build_data(config: TrainConfig, policy, train_eps, val_eps, stats: NormStats
     if len(train) == 0:
         raise ValueError(f'no training windows: every training episode is shorter than chunk_len {cfg.chunk_len} '
                          "and data.tail is 'drop' (use data.tail=repeat or a smaller model.chunk_len)")
-    if config.train.batch_size > len(train):  # every batch would repeat windows; a huge one dies of memory silently
-        raise ValueError(f'train.batch_size {config.train.batch_size} is larger than the training set '
-                         f'({len(train)} windows from {len(train_eps)} episodes): lower train.batch_size or record '
-                         'more episodes')
+    if config.train.batch_size > len(train):  # the sampler repeats windows to fill a batch: legal (a smoke run, an
+        # overfit check) but rarely meant, and a huge batch costs memory whatever the data
+        log.warning('train.batch_size %d is larger than the training set (%d windows from %d episodes): every batch '
+                    'repeats windows; lower train.batch_size or record more episodes', config.train.batch_size,
+                    len(train), len(train_eps))
     summary = {**report.to_dict(), 'episodes_train': len(train_eps), 'episodes_val': len(val_eps),
                'windows_train': len(train), 'windows_val': len(val) if val is not None else 0,
                'windows_padded': train.padded_windows + (val.padded_windows if val is not None else 0),
