@@ -481,7 +481,7 @@ def test_model_state_names_pick_the_policys_joints_from_a_wider_joint_state(tmp_
 def test_model_action_names_order_the_bags_columns_by_name(bags):
     """model.action_names in another order than a JointTrajectory's joint_names: the columns follow the names (they
     kept the bag's order under the given labels, so the node would publish each action under another joint's name);
-    a name the bag lacks is an error naming model.action_names."""
+    names partly the bag's are an error naming model.action_names; names none of the bag's relabel by position."""
     from blockvla_ros.training.assemble import read_and_split
 
     config = _data([bags / 'mcap_raw'])
@@ -494,9 +494,13 @@ def test_model_action_names_order_the_bags_columns_by_name(bags):
     assert episodes[0].action_names == given and report.reordered_bags
     np.testing.assert_array_equal(episodes[0].actions, plain[0].actions[:, ::-1])
     assert read_and_split(config, progress=False)[2].action_names == given
-    config.model.update(action_names=[*bag_names[:2], 'wrist'])
-    with pytest.raises(BagError, match=r"action names .* differ from .*'wrist'\] \(model.action_names\)"):
+    config.model.update(action_names=[bag_names[1], bag_names[0], 'wrist'])  # some of the bag's names, swapped
+    with pytest.raises(BagError, match=r"action names .* differ from .*'wrist'\] \(model.action_names; names given"):
         load_episodes(config.data, config.model_config(), progress=False)
+    config.model.update(action_names=['j0', 'j1', 'j2'])  # none of the bag's: the policy's own labels, by position
+    episodes, _ = load_episodes(config.data, config.model_config(), progress=False)
+    np.testing.assert_array_equal(episodes[0].actions, plain[0].actions)
+    assert read_and_split(config, progress=False)[2].action_names == ['j0', 'j1', 'j2']
 
 
 def test_a_bag_without_an_instruction_topic_trains_on_data_instruction(tmp_path, bags):

@@ -97,7 +97,7 @@ def load_episodes(data: DataConfig, model: BlockVLAConfig, progress: bool = True
 def _check_widths(ep: Episode, model: BlockVLAConfig, topic_map, names: dict, report: LoadReport) -> Episode:
     """Action/state widths must match the policy; names must match model.action_names when given, else the first
     bag's (columns reordered when only permuted: the policy's names label its columns, so a bag's names in another
-    order must not relabel them)."""
+    order must not relabel them). Given names that share none with a bag's relabel its columns by position."""
     checks = [('action', 'actions', 'action_names', model.action_dim, topic_map.action, 'model.action_dim')]
     if model.state_dim:
         checks.append(('state', 'states', 'state_names', model.state_dim, topic_map.state, 'model.state_dim'))
@@ -115,9 +115,12 @@ def _check_widths(ep: Episode, model: BlockVLAConfig, topic_map, names: dict, re
             continue
         if got == want or got == generic_names(width):
             continue  # equal, or this bag has no names (MultiArray): columns match by position
+        given = want == list(getattr(model, name_attr) or [])
+        if given and not set(got) & set(want):
+            continue  # the policy's own names for the bag's columns, by position (no name in common)
         if sorted(got) != sorted(want):
-            source = (f'model.{name_attr}' if want == list(getattr(model, name_attr) or [])
-                      else 'first bag of the dataset')
+            source = (f"model.{name_attr}; names given in the config must be the bag's names in any order, or share "
+                      'none to relabel by position') if given else 'first bag of the dataset'
             raise BagError(f'{ep.bag_path}: {role} names {got} differ from {want} ({source})')
         order = [got.index(n) for n in want]
         setattr(ep, attr, np.ascontiguousarray(values[:, order]))  # [T, D] columns in the dataset's order
