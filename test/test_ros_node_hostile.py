@@ -253,10 +253,9 @@ def test_a_chunk_shorter_than_an_inference_is_explained(models):
         assert '1000 Hz' in diag['hold_reason'] and 'trained at 50 Hz' in diag['hold_reason']
         assert 'differs from the 50 Hz' in diag['rate_warning'] and diag['_level'] == b'\x01'
         ticks = int(diag['ticks'])
-        time.sleep(2.0)
-        later = peer.wait_diag(lambda d: int(d['ticks']) > ticks)
-        # still ticking (a loaded 2-core machine does not keep 1 kHz: the count is a liveness check, not a rate)
-        assert int(later['ticks']) - ticks >= 100, 'the control thread stopped ticking'
+        # still ticking: 100 more ticks within 30 s (a liveness check, not a rate: on the loaded 2-core machine the
+        # node and this peer, each handling 1000 holds a second, once counted 32 ticks in the 2 s of a fixed sleep)
+        peer.wait_diag(lambda d: int(d['ticks']) - ticks >= 100, timeout=30)
         assert node.lifecycle_state == 'active'
     finally:
         peer.close()
